@@ -1,0 +1,42 @@
+"""Atomic checkpoints: write to a temp file in the same folder, fsync, rename.
+
+A crash mid-write, a full disk or a permission error leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def save(obj, path: str | os.PathLike) -> None:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint {path}: {e}") from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write checkpoint {path}: {e}; the previous checkpoint is intact") from e
+
+
+def load(path: str | os.PathLike, map_location=None):
+    return torch.load(path, map_location=map_location, weights_only=False)

@@ -1,0 +1,187 @@
+"""Datasets as in-memory tensors, and a deterministic batch iterator over them.
+
+Everything is loaded once into (N, C, H, W) float tensors, normalised with the training set's
+per-channel statistics. Batches are cut from a seeded permutation per epoch and augmented with a
+seeded generator, so a batch is a pure function of (seed, epoch, step): the single-process and the
+distributed trainers see the same data in the same order without sharing any state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .config import ConfigError, DataConfig
+from .rng import generator
+
+
+@dataclass
+class Split:
+    x: torch.Tensor  # (N, C, H, W) or (N, F), float32, normalised
+    y: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class Data:
+    name: str
+    train: Split
+    test: Split
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor
+    y: torch.Tensor
+    ids: torch.Tensor  # sample indices into the split: lets later stages track samples
+    step: int  # index of the batch within its epoch
+
+
+# ---------------------------------------------------------------------------- loaders
+
+def _digits(cfg: DataConfig, seed: int):
+    # scikit-learn ships the 1797 8x8 UCI digits inside the package: real data, no download.
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target, dtype=torch.int64)
+    # fixed seeded 80/20 split (seed 0 always, so the test set never depends on the job seed)
+    perm = torch.randperm(len(y), generator=generator(0, "digits-split"))
+    n_test = len(y) // 5
+    te, tr = perm[:n_test].sort().values, perm[n_test:].sort().values
+    return x[tr], y[tr], x[te], y[te], 10
+
+
+def _torchvision(cls_name: str):
+    def load(cfg: DataConfig, seed: int):
+        import torchvision
+        cls = getattr(torchvision.datasets, cls_name)
+        try:
+            tr = cls(root=cfg.root, train=True, download=cfg.download)
+            te = cls(root=cfg.root, train=False, download=cfg.download)
+        except RuntimeError as e:  # torchvision: "Dataset not found. You can use download=True ..."
+            raise ConfigError(f"data.root={cfg.root!r} has no {cls_name} dataset ({e}); point data.root "
+                              "at the folder that holds it or set data.download=true") from None
+
+        def tensors(ds):
+            x = torch.as_tensor(np.asarray(ds.data))
+            x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # HWC -> CHW
+            return x.float() / 255.0, torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
+
+        (xtr, ytr), (xte, yte) = tensors(tr), tensors(te)
+        return xtr, ytr, xte, yte, len(tr.classes)
+    return load
+
+
+def _imagefolder(cfg: DataConfig, seed: int):
+    import torchvision
+    from torchvision.transforms import functional as TF
+    root = Path(cfg.root)
+    test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    if not (root / "train").is_dir() or test_dir is None:
+        raise ConfigError(f"data.root={cfg.root!r} must hold train/ and test/ (or val/) folders of "
+                          "class sub-folders for data.name='imagefolder'")
+
+    def tensors(folder):
+        ds = torchvision.datasets.ImageFolder(str(folder))
+        xs = [TF.pil_to_tensor(ds.loader(p)) for p, _ in ds.samples]
+        shapes = {tuple(t.shape) for t in xs}
+        if len(shapes) != 1:
+            raise ConfigError(f"data.root={cfg.root!r}: images have different sizes {sorted(shapes)[:3]}; "
+                              "resize them to one size first")
+        return torch.stack(xs).float() / 255.0, torch.tensor([c for _, c in ds.samples]), ds.classes
+
+    xtr, ytr, classes = tensors(root / "train")
+    xte, yte, test_classes = tensors(test_dir)
+    if test_classes != classes:
+        raise ConfigError(f"data.root={cfg.root!r}: train/ and {test_dir.name}/ have different classes")
+    return xtr, ytr, xte, yte, len(classes)
+
+
+def _synthetic(cfg: DataConfig, seed: int):
+    # Gaussian blobs around one random prototype per class: learnable, any shape, no files.
+    shape, c = tuple(cfg.synthetic_shape), cfg.synthetic_classes
+    g = generator(seed, "synthetic")
+    protos = torch.randn((c, *shape), generator=g)
+
+    def draw(n):
+        y = torch.randint(0, c, (n,), generator=g)
+        return protos[y] + 1.5 * torch.randn((n, *shape), generator=g), y
+
+    (xtr, ytr), (xte, yte) = draw(cfg.synthetic_train), draw(cfg.synthetic_test)
+    return xtr, ytr, xte, yte, c
+
+
+LOADERS = {
+    "digits": _digits,
+    "mnist": _torchvision("MNIST"),
+    "fashion-mnist": _torchvision("FashionMNIST"),
+    "cifar10": _torchvision("CIFAR10"),
+    "cifar100": _torchvision("CIFAR100"),
+    "imagefolder": _imagefolder,
+    "synthetic": _synthetic,
+}
+
+
+def _subset(x, y, limit: int, seed: int, name: str):
+    if not limit or limit >= len(y):
+        return x, y
+    idx = torch.randperm(len(y), generator=generator(seed, "subset", name))[:limit].sort().values
+    return x[idx], y[idx]
+
+
+def build_data(cfg: DataConfig, seed: int) -> Data:
+    xtr, ytr, xte, yte, num_classes = LOADERS[cfg.name](cfg, seed)
+    xtr, ytr = _subset(xtr, ytr, cfg.limit_train, seed, "train")
+    xte, yte = _subset(xte, yte, cfg.limit_test, seed, "test")
+    for split, y in (("train", ytr), ("test", yte)):
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            raise ConfigError(f"data.name={cfg.name!r}: {split} labels outside [0, {num_classes}); "
+                              "the dataset is corrupt or its classes do not match")
+    # normalise with the training set's per-channel statistics
+    dims = [0] + list(range(2, xtr.ndim))
+    mean, std = xtr.mean(dims, keepdim=True), xtr.std(dims, keepdim=True).clamp_min(1e-6)
+    xtr, xte = ((xtr - mean) / std).contiguous(), ((xte - mean) / std).contiguous()
+    return Data(cfg.name, Split(xtr, ytr), Split(xte, yte), tuple(xtr.shape[1:]), num_classes)
+
+
+# ---------------------------------------------------------------------------- batches
+
+def augment_batch(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Standard CIFAR augmentation: zero-padded random crop and random horizontal flip."""
+    if x.ndim != 4:
+        return x
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    flip = torch.rand(n, generator=g) < 0.5
+    out = torch.empty_like(x)
+    for i in range(n):
+        crop = padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
+        out[i] = crop.flip(-1) if flip[i] else crop
+    return out
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    return (n + batch_size - 1) // batch_size
+
+
+def batches(split: Split, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True,
+            augment: bool = False) -> Iterator[Batch]:
+    n = len(split)
+    order = torch.randperm(n, generator=generator(seed, "order", epoch)) if shuffle else torch.arange(n)
+    g = generator(seed, "augment", epoch)
+    for step, start in enumerate(range(0, n, batch_size)):
+        ids = order[start:start + batch_size]
+        x = split.x[ids]
+        if augment:
+            x = augment_batch(x, g)
+        yield Batch(x, split.y[ids], ids, step)

@@ -1,0 +1,66 @@
+"""The state a training loop works on, and what hangs off it: metrics, evaluation, checkpoints.
+
+The loops (e2e.py, sequential.py, simultaneous.py) only decide the order of work; they call
+`log_step` and `end_epoch` here and never touch files themselves.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint
+from ..config import JobConfig
+from ..data import Data
+from ..metrics import Recorder, progress
+from .evaluate import evaluate
+from .stage import Stage
+
+
+@dataclass
+class Run:
+    cfg: JobConfig
+    data: Data
+    stages: list[Stage]
+    device: torch.device
+    out: Path | None
+    recorder: Recorder
+    rank: int = 0
+    last_eval: dict = field(default_factory=dict)
+    eval_fresh: bool = False  # last_eval still describes the current weights
+
+    def to_device(self, *tensors):
+        return [t.to(self.device, non_blocking=True) for t in tensors]
+
+    def progress(self, total: int, desc: str):
+        return progress(total, desc)
+
+    def log_step(self, epoch: int, stage: Stage, res, y: torch.Tensor) -> None:
+        self.eval_fresh = False
+        if stage.steps % self.cfg.train.log_every == 0:
+            self.recorder.log(kind="step", epoch=epoch, block=stage.index, step=stage.steps,
+                              loss=float(res.loss.detach()), train_acc=float((res.pred == y).float().mean()),
+                              samples=stage.samples)
+
+    def evaluate(self) -> dict:
+        if not self.eval_fresh:
+            self.last_eval = evaluate(self.stages, self.data.test, self.cfg.data.eval_batch_size, self.device)
+            self.eval_fresh = True
+        return self.last_eval
+
+    def end_epoch(self, epoch: int, block: int | None = None) -> None:
+        """Evaluate, log and checkpoint after `epoch` (0-based; of `block` in sequential mode)."""
+        every = self.cfg.train.eval_every
+        if every and (epoch + 1) % every == 0:
+            ev = self.evaluate()
+            self.recorder.log(kind="epoch", epoch=epoch, block=block, test_acc=ev["layer_acc"],
+                              ensemble_test_acc=ev["ensemble_acc"],
+                              train_samples=[s.samples for s in self.stages],
+                              lr=[s.optimizer.param_groups[0]["lr"] for s in self.stages])
+        if self.cfg.train.checkpoint and self.out is not None:
+            self.save_checkpoint(epoch)
+
+    def save_checkpoint(self, epoch: int, extra: dict | None = None) -> None:
+        state = {"epoch": epoch, "stages": [s.state_dict() for s in self.stages], **(extra or {})}
+        checkpoint.save(state, self.out / "checkpoints" / f"rank{self.rank}.pt")

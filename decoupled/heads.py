@@ -1,0 +1,114 @@
+"""Auxiliary heads: the small classifier each block trains through.
+
+Every head takes a block's output shape, (C, H, W) for conv blocks or (F,) for dense blocks,
+and returns class logits. The objective picks the head; `objective.head` overrides it.
+"""
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+
+def _is_image(shape) -> bool:
+    return len(shape) == 3
+
+
+class KHiddenHead(nn.Module):
+    """Belilovsky et al. 2019: k-1 auxiliary 3x3 convs of constant width, spatial average to 2x2,
+    linear. k=1 is average + linear (a 1-hidden-layer problem for the block). On dense features the
+    convs become linear layers."""
+
+    def __init__(self, in_shape, num_classes: int, k: int = 1, width: int = 128, batchnorm: bool = True):
+        super().__init__()
+        layers: list[nn.Module] = []
+        if _is_image(in_shape):
+            c, h, w = in_shape
+            for _ in range(k - 1):
+                layers += [nn.Conv2d(c, width, 3, padding=1, bias=not batchnorm)]
+                layers += [nn.BatchNorm2d(width)] if batchnorm else []
+                layers += [nn.ReLU()]
+                c = width
+            pooled = (min(2, h), min(2, w))  # the paper's A: average over the four quadrants
+            layers += [nn.AdaptiveAvgPool2d(pooled), nn.Flatten(), nn.Linear(c * pooled[0] * pooled[1], num_classes)]
+        else:
+            f = math.prod(in_shape)
+            layers += [nn.Flatten()]
+            for _ in range(k - 1):
+                layers += [nn.Linear(f, width), nn.ReLU()]
+                f = width
+            layers += [nn.Linear(f, num_classes)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, h):
+        return self.net(h)
+
+
+class MLPSRHead(nn.Module):
+    """Belilovsky et al. 2020 (DGL) MLP-SR: reduce the spatial resolution first (average to 2x2),
+    then an MLP of k-1 hidden 1x1 convs, then linear: cheap even on early, wide feature maps."""
+
+    def __init__(self, in_shape, num_classes: int, k: int = 1, width: int = 128, batchnorm: bool = True):
+        super().__init__()
+        if not _is_image(in_shape):
+            self.net = KHiddenHead(in_shape, num_classes, k, width, batchnorm).net
+            return
+        c, h, w = in_shape
+        pooled = (min(2, h), min(2, w))
+        layers: list[nn.Module] = [nn.AdaptiveAvgPool2d(pooled)]
+        for _ in range(k - 1):
+            layers += [nn.Conv2d(c, width, 1, bias=not batchnorm)]
+            layers += [nn.BatchNorm2d(width)] if batchnorm else []
+            layers += [nn.ReLU()]
+            c = width
+        layers += [nn.Flatten(), nn.Linear(c * pooled[0] * pooled[1], num_classes)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, h):
+        return self.net(h)
+
+
+class DenseHead(nn.Module):
+    """Marquez et al. 2018 cascade "output block": flatten -> n -> n/2 -> classes, ReLU between.
+    (The paper uses n between 64 and 512 depending on the input size.)"""
+
+    def __init__(self, in_shape, num_classes: int, k: int = 1, width: int = 128, batchnorm: bool = True):
+        super().__init__()
+        f = math.prod(in_shape)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(f, width), nn.ReLU(),
+                                 nn.Linear(width, width // 2), nn.ReLU(), nn.Linear(width // 2, num_classes))
+
+    def forward(self, h):
+        return self.net(h)
+
+
+class PredSimHead(nn.Module):
+    """Nokland & Eidnes 2019 (used by Ma 2020): a prediction branch (average-pool to at most ~2048
+    features, then linear) and a similarity branch (a 3x3 conv, or a linear layer on dense features,
+    whose output similarity matrix is matched to the labels' one)."""
+
+    MAX_FEATURES = 2048
+
+    def __init__(self, in_shape, num_classes: int, k: int = 1, width: int = 128, batchnorm: bool = True):
+        super().__init__()
+        if _is_image(in_shape):
+            c, h, w = in_shape
+            s = 1  # largest output side that keeps c*s*s under the cap
+            while (s + 1) ** 2 * c <= self.MAX_FEATURES and s < min(h, w):
+                s += 1
+            self.sim = nn.Conv2d(c, c, 3, padding=1, bias=False)
+            self.pred = nn.Sequential(nn.AdaptiveAvgPool2d(s), nn.Flatten(), nn.Linear(c * s * s, num_classes))
+        else:
+            f = math.prod(in_shape)
+            self.sim = nn.Sequential(nn.Flatten(), nn.Linear(f, f, bias=False))
+            self.pred = nn.Sequential(nn.Flatten(), nn.Linear(f, num_classes))
+
+    def forward(self, h):
+        return self.pred(h)
+
+
+HEADS = {"khidden": KHiddenHead, "mlpsr": MLPSRHead, "dense": DenseHead, "predsim": PredSimHead}
+
+
+def build_head(name: str, in_shape, num_classes: int, k: int, width: int, batchnorm: bool) -> nn.Module:
+    return HEADS[name](tuple(in_shape), num_classes, k=k, width=width, batchnorm=batchnorm)

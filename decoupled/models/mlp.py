@@ -1,0 +1,22 @@
+"""MLP (QuickNet / cascade MNIST setting: 3 hidden layers of 150). Unit = one hidden layer."""
+import math
+
+from torch import nn
+
+from . import Features, ModelError, check_dropout
+
+
+def build_mlp(cfg, input_shape, num_classes):
+    widths = [int(w) for w in cfg.widths]
+    if not widths or any(w <= 0 for w in widths):
+        raise ModelError(f"model.widths={widths} must be a non-empty list of positive hidden widths")
+    p = check_dropout(cfg)
+    units, fan_in = [], math.prod(input_shape)
+    for i, w in enumerate(widths):
+        # Flatten in the first unit so (C,H,W) image data works unchanged.
+        layers = ([nn.Flatten()] if i == 0 else []) + [nn.Linear(fan_in, w), nn.ReLU()]
+        if p > 0:
+            layers.append(nn.Dropout(p))
+        units.append(nn.Sequential(*layers))
+        fan_in = w
+    return Features(units), units

@@ -1,0 +1,6 @@
+"""Belilovsky et al. 2019: cross-entropy through a k-hidden-layer auxiliary CNN."""
+from .base import Objective
+
+
+class KHidden(Objective):
+    default_head = "khidden"

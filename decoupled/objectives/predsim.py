@@ -1,0 +1,30 @@
+"""Nokland & Eidnes 2019 "predsim", the local loss Ma et al. 2020 train with:
+(1 - beta) * cross-entropy(prediction) + beta * MSE(similarity(features), similarity(one-hot labels))."""
+import torch
+import torch.nn.functional as F
+
+from .base import Objective, masked_mean
+
+
+def similarity_matrix(x: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity between the samples of a batch. Conv features are first reduced to the
+    per-channel standard deviation over space, as in the reference implementation."""
+    if x.dim() == 4 and x.size(1) > 3 and x.size(2) * x.size(3) > 1:
+        x = x.flatten(2).std(dim=2)
+    x = x.flatten(1)
+    xc = x - x.mean(dim=1, keepdim=True)
+    xn = xc / (1e-8 + xc.norm(dim=1, keepdim=True))
+    return (xn @ xn.t()).clamp(-1, 1)
+
+
+class PredSim(Objective):
+    default_head = "predsim"
+
+    def loss(self, h, logits, y, mask):
+        pred_loss = masked_mean(F.cross_entropy(logits, y, reduction="none"), mask)
+        if mask is not None:
+            h, y = h[mask], y[mask]
+        onehot = F.one_hot(y, self.num_classes).to(h.dtype)
+        sim_loss = F.mse_loss(similarity_matrix(self.head.sim(h)), similarity_matrix(onehot))
+        beta = self.cfg.predsim_beta
+        return (1 - beta) * pred_loss + beta * sim_loss
