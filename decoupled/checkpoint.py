@@ -40,3 +40,23 @@ def save(obj, path: str | os.PathLike) -> None:
 
 def load(path: str | os.PathLike, map_location=None):
     return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def path(run_dir: str | os.PathLike, rank: int, epoch: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"rank{rank}-epoch{epoch}.pt"
+
+
+def epochs(run_dir: str | os.PathLike, rank: int) -> list[int]:
+    """Epochs (0-based) for which `rank` has a complete checkpoint, ascending."""
+    folder = Path(run_dir) / "checkpoints"
+    prefix = f"rank{rank}-epoch"
+    found = [int(p.name[len(prefix):-3]) for p in folder.glob(f"{prefix}*.pt")] if folder.is_dir() else []
+    return sorted(found)
+
+
+def prune(run_dir: str | os.PathLike, rank: int, keep: int) -> None:
+    """Keep the newest `keep` checkpoints of a rank (0 = keep all): enough for ranks of an async run
+    to find an epoch they all completed."""
+    if keep:
+        for e in epochs(run_dir, rank)[:-keep]:
+            path(run_dir, rank, e).unlink(missing_ok=True)

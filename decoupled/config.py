@@ -5,6 +5,7 @@ valid names, and `validate` checks every value before any process starts trainin
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import tomllib
@@ -21,7 +22,10 @@ DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefol
 MODELS = ("mlp", "vgg", "resnet", "simcnn", "allcnn")
 OBJECTIVES = ("khidden", "cascade", "quicknet", "predsim")
 HEADS = ("", "khidden", "mlpsr", "dense", "predsim")
-MODES = ("e2e", "sequential", "simultaneous")
+MODES = ("e2e", "sequential", "simultaneous", "sync", "async")
+DISTRIBUTED_MODES = ("sync", "async")
+BACKENDS = ("auto", "gloo", "nccl")
+POLICIES = ("fifo", "random", "priority-lifo")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
@@ -84,7 +88,8 @@ class TrainConfig:
     probe_epochs: int = 1  # e2e: epochs to fit each intermediate head on frozen features
     log_every: int = 50  # steps between metrics.jsonl lines
     eval_every: int = 1  # epochs between test evaluations (0 = only at the end)
-    checkpoint: bool = True
+    checkpoint: bool = True  # per-rank checkpoint at every epoch end
+    keep_checkpoints: int = 3  # newest epochs kept per rank (0 = all)
 
 
 @dataclass
@@ -101,12 +106,29 @@ class OptimConfig:
 
 
 @dataclass
+class DistConfig:
+    backend: str = "auto"  # auto = nccl with cuda:LOCAL_RANK when CUDA is available, else gloo
+    timeout_s: float = 300.0  # collective and point-to-point timeout
+    placement: list[int] = field(default_factory=list)  # blocks per rank, contiguous; empty = even split
+    max_inflight: int = 2  # isends a rank may have outstanding (2 = double buffering)
+
+
+@dataclass
+class ReplayConfig:
+    capacity: int = 4  # async: batches a rank keeps from its upstream
+    policy: str = "fifo"  # fifo | random | priority-lifo
+    max_reuse: int = 4  # a batch is trained on at most this many times
+
+
+@dataclass
 class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -153,8 +175,10 @@ def _parse_value(text: str):
         return text
 
 
-def load(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> JobConfig:
-    cfg = JobConfig()
+def load(path: str | os.PathLike | None = None, overrides: list[str] = (), base: JobConfig | None = None,
+         validate_now: bool = True) -> JobConfig:
+    """Defaults (or a copy of `base`), then the TOML file, then the `--set` overrides, then validation."""
+    cfg = copy.deepcopy(base) if base is not None else JobConfig()
     if path:
         p = Path(path)
         if not p.is_file():
@@ -175,7 +199,8 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Jo
         if not eq or not dot:
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set train.epochs=3")
         _apply(cfg, section, key, _parse_value(text.strip()), "--set")
-    validate(cfg)
+    if validate_now:
+        validate(cfg)
     return cfg
 
 
@@ -242,9 +267,6 @@ def validate(cfg: JobConfig) -> None:
     if not 0.0 <= o.predsim_beta <= 1.0:
         raise ConfigError(f"objective.predsim_beta={o.predsim_beta} must be in [0, 1]")
 
-    if t.mode in ("sync", "async"):
-        raise ConfigError(f"train.mode={t.mode!r} needs the distributed engine, which this build does "
-                          f"not have yet; choose one of: {', '.join(MODES)}")
     _choice("train.mode", t.mode, MODES)
     _positive("train.epochs", t.epochs)
     _choice("train.device", t.device, DEVICES)
@@ -252,6 +274,7 @@ def validate(cfg: JobConfig) -> None:
     _positive("train.probe_epochs", t.probe_epochs, allow_zero=True)
     _positive("train.log_every", t.log_every)
     _positive("train.eval_every", t.eval_every, allow_zero=True)
+    _positive("train.keep_checkpoints", t.keep_checkpoints, allow_zero=True)
     if d.augment and t.cache in ("memory", "disk"):
         raise ConfigError(f"train.cache={t.cache!r} freezes one augmented view of the data; with "
                           "data.augment=true use train.cache='recompute' (or 'auto')")
@@ -264,6 +287,15 @@ def validate(cfg: JobConfig) -> None:
     _positive("optim.step_epochs", op.step_epochs)
     _positive("optim.gamma", op.gamma)
     _positive("optim.block_lr_decay", op.block_lr_decay)
+
+    _choice("dist.backend", cfg.dist.backend, BACKENDS)
+    _positive("dist.timeout_s", cfg.dist.timeout_s)
+    if cfg.dist.placement and min(cfg.dist.placement) <= 0:
+        raise ConfigError(f"dist.placement={cfg.dist.placement} must hold a positive block count per rank")
+    _positive("dist.max_inflight", cfg.dist.max_inflight)
+    _positive("replay.capacity", cfg.replay.capacity)
+    _choice("replay.policy", cfg.replay.policy, POLICIES)
+    _positive("replay.max_reuse", cfg.replay.max_reuse)
 
 
 # ---------------------------------------------------------------------------- output

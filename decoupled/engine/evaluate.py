@@ -1,4 +1,8 @@
-"""Test accuracy of every block's head, and the head ensemble of Belilovsky et al. 2019."""
+"""Test accuracy of every block's head, and the head ensemble of Belilovsky et al. 2019.
+
+`eval_stages` is the per-batch step shared by the single-process evaluation below and the
+distributed one (pipeline.py), so both compute the very same floats in the same order.
+"""
 from __future__ import annotations
 
 import torch
@@ -7,19 +11,26 @@ from ..data import Split, batches
 
 
 @torch.no_grad()
+def eval_stages(stages, h: torch.Tensor, y: torch.Tensor, z, correct: dict):
+    """Forward a test batch through `stages`, count each head's correct answers into `correct`
+    (block index -> count), and add each head's vote to the ensemble Z = sum_j 2^j softmax(z_j)
+    (j = 1..J). Returns the last output and the running ensemble."""
+    for s in stages:
+        h = s.forward(h)
+        logits = s.logits(h).float()
+        correct[s.index] = correct.get(s.index, 0) + int((logits.argmax(-1) == y).sum())
+        z = z + 2.0 ** (s.index + 1) * logits.softmax(-1)
+    return h, z
+
+
+@torch.no_grad()
 def evaluate(stages, split: Split, batch_size: int, device: torch.device) -> dict:
-    """Pass every test sample through every block; score each head and the 2^j-weighted
-    ensemble Z = sum_j 2^j softmax(z_j) (j = 1..J)."""
-    correct = [0] * len(stages)
+    """Pass every test sample through every block; score each head and the ensemble."""
+    correct: dict[int, int] = {}
     ens_correct, n = 0, 0
     for b in batches(split, batch_size, shuffle=False):
-        h, y = b.x.to(device), b.y.to(device)
-        z = 0.0
-        for j, s in enumerate(stages):
-            h = s.forward(h)
-            logits = s.logits(h).float()
-            correct[j] += int((logits.argmax(-1) == y).sum())
-            z = z + 2.0 ** (j + 1) * logits.softmax(-1)
+        y = b.y.to(device)
+        _, z = eval_stages(stages, b.x.to(device), y, 0.0, correct)
         ens_correct += int((z.argmax(-1) == y).sum())
         n += len(y)
-    return {"layer_acc": [c / max(n, 1) for c in correct], "ensemble_acc": ens_correct / max(n, 1)}
+    return {"layer_acc": [correct[s.index] / max(n, 1) for s in stages], "ensemble_acc": ens_correct / max(n, 1)}

@@ -21,7 +21,7 @@ from .stage import Stage
 @dataclass
 class Run:
     cfg: JobConfig
-    data: Data
+    data: Data | None  # only rank 0 reads the dataset
     stages: list[Stage]
     device: torch.device
     out: Path | None
@@ -61,6 +61,12 @@ class Run:
         if self.cfg.train.checkpoint and self.out is not None:
             self.save_checkpoint(epoch)
 
-    def save_checkpoint(self, epoch: int, extra: dict | None = None) -> None:
-        state = {"epoch": epoch, "stages": [s.state_dict() for s in self.stages], **(extra or {})}
-        checkpoint.save(state, self.out / "checkpoints" / f"rank{self.rank}.pt")
+    def save_checkpoint(self, epoch: int) -> None:
+        state = {"epoch": epoch, "rank": self.rank, "stages": [s.state_dict() for s in self.stages]}
+        checkpoint.save(state, checkpoint.path(self.out, self.rank, epoch))
+        checkpoint.prune(self.out, self.rank, keep=self.cfg.train.keep_checkpoints)
+
+    def load_checkpoint(self, epoch: int) -> None:
+        state = checkpoint.load(checkpoint.path(self.out, self.rank, epoch), map_location=self.device)
+        for s, sd in zip(self.stages, state["stages"], strict=True):
+            s.load_state_dict(sd)

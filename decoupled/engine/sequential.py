@@ -21,6 +21,7 @@ def train_sequential(run: Run, start_epoch: int = 0) -> None:
     mode = cache_mode(run)
     steps = num_batches(len(run.data.train), cfg.data.batch_size)
     cache: PseudoInputs | None = None  # inputs of the current block; None = raw data
+    done = 0  # epochs of all blocks so far: names the checkpoints
     for s in stages:
         for epoch in range(s.epochs):
             with run.progress(steps, f"block {s.index} epoch {epoch + 1}/{s.epochs}") as bar:
@@ -37,7 +38,8 @@ def train_sequential(run: Run, start_epoch: int = 0) -> None:
                     run.log_step(epoch, s, res, y)
                     bar.update()
             s.end_epoch()
-            run.end_epoch(epoch, block=s.index)
+            run.end_epoch(done, block=s.index)
+            done += 1
         if mode != "recompute" and s is not stages[-1]:
             path = run.out / "cache" / f"block{s.index}.npy" if run.out else None
             source = cache if cache is not None else run.data.train.x

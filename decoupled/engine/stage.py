@@ -121,17 +121,17 @@ class Stage:
 
 
 def build_stages(cfg: JobConfig, input_shape, num_classes: int, device: torch.device,
-                 indices: list[int] | None = None) -> list[Stage]:
-    """Build the network, cut it into blocks and wrap the blocks in `indices` (default: all) as
-    stages, each initialised from its own seed."""
+                 select=None) -> list[Stage]:
+    """Build the network, cut it into blocks and wrap the blocks that `select(num_blocks)` picks
+    (default: all) as stages, each initialised from its own seed. Blocks not picked are freed."""
     built = build_model(cfg.model, tuple(input_shape), num_classes)
-    indices = range(len(built.blocks)) if indices is None else indices
+    indices = range(len(built.blocks)) if select is None else select(len(built.blocks))
     stages = []
     for j in indices:
         block = built.blocks[j]
         init_module(block, derive_seed(cfg.train.seed, "block", j))
         objective = build_objective(cfg.objective, built.shapes[j], num_classes)
         init_module(objective, derive_seed(cfg.train.seed, "head", j))
-        epochs = objective.epochs_for(j, cfg.train)
+        epochs = objective.epochs_for(cfg.objective, j, cfg.train)
         stages.append(Stage(j, block, objective, built.shapes[j], epochs, cfg, device))
     return stages

@@ -52,6 +52,8 @@ class Objective(nn.Module):
             conf, pred = logits.detach().softmax(-1).max(-1)
         return LocalOutput(loss, logits, pred, conf)
 
-    def epochs_for(self, block: int, train: TrainConfig) -> int:
-        """How many epochs block `block` (0-based) trains; the same for every block by default."""
+    @classmethod
+    def epochs_for(cls, cfg: ObjectiveConfig, block: int, train: TrainConfig) -> int:
+        """How many epochs block `block` (0-based) trains; the same for every block by default.
+        A classmethod: every rank knows every block's budget without building its head."""
         return train.epochs

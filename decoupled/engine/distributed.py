@@ -1,0 +1,105 @@
+"""Process groups, block placement and the end-of-run gather for the decoupled engine.
+
+Backend auto: NCCL with device cuda:LOCAL_RANK when CUDA is available, gloo on CPU. Object
+collectives (metadata, errors, the summary) always go over a gloo group, so they work and time out
+the same way whatever carries the activations.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ..config import ConfigError, JobConfig
+
+
+@dataclass
+class World:
+    rank: int
+    size: int
+    backend: str
+    device: torch.device
+    ctrl: object  # gloo group for object collectives
+    links: list  # links[j]: the two-rank group of edge (j-1 -> j); links[0] is None
+
+
+def placement(cfg: JobConfig, num_blocks: int, world: int) -> list[list[int]]:
+    """Consecutive blocks per rank: dist.placement if given, else an even split (earlier ranks take
+    the remainder). Raises ConfigError before anything trains."""
+    if world > num_blocks:
+        raise ConfigError(f"world size {world} > {num_blocks} blocks: every rank needs a block; launch at most "
+                          f"{num_blocks} ranks (--nproc-per-node) or split the model finer (model.blocks)")
+    counts = list(cfg.dist.placement)
+    if counts:
+        if len(counts) != world or sum(counts) != num_blocks:
+            raise ConfigError(f"dist.placement={counts} must list one block count per rank ({world} ranks) "
+                              f"summing to the {num_blocks} blocks")
+    else:
+        q, r = divmod(num_blocks, world)
+        counts = [q + (i < r) for i in range(world)]
+    starts = [sum(counts[:i]) for i in range(world)]
+    return [list(range(s, s + c)) for s, c in zip(starts, counts)]
+
+
+def resolve_backend(cfg: JobConfig) -> tuple[str, torch.device]:
+    backend = cfg.dist.backend
+    cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise ConfigError("dist.backend='nccl' needs CUDA, which is not available; use dist.backend='gloo' or 'auto'")
+        if cfg.train.device == "cpu":
+            raise ConfigError("dist.backend='nccl' cannot carry train.device='cpu' tensors; use dist.backend='gloo'")
+        return backend, torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if cfg.train.device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device='cuda' but no CUDA device is visible; use 'cpu' or 'auto'")
+        raise ConfigError("train.device='cuda' with dist.backend='gloo' is not supported; use dist.backend='nccl' "
+                          "(or 'auto')")
+    return backend, torch.device("cpu")
+
+
+def init(cfg: JobConfig) -> World:
+    backend, device = resolve_backend(cfg)
+    timeout = timedelta(seconds=cfg.dist.timeout_s)
+    if "WORLD_SIZE" in os.environ:  # launched by torchrun (env:// rendezvous)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+    else:  # plain `decoupled train` with mode sync/async: a world of one, no network
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    rank, size = dist.get_rank(), dist.get_world_size()
+    ctrl = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+    # one group per edge, created by every rank in the same order
+    links = [None] + [dist.new_group([j - 1, j], timeout=timeout) for j in range(1, size)]
+    return World(rank, size, backend, device, ctrl, links)
+
+
+def broadcast_from_0(obj, world: World):
+    """Rank 0's object (or the ConfigError it raised) on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=world.ctrl)
+    if isinstance(box[0], ConfigError):
+        raise ConfigError(str(box[0]))
+    return box[0]
+
+
+def gather_to_0(obj, world: World) -> list | None:
+    out = [None] * world.size if world.rank == 0 else None
+    dist.gather_object(obj, out, dst=0, group=world.ctrl)
+    return out
+
+
+def all_gather(obj, world: World) -> list:
+    out = [None] * world.size
+    dist.all_gather_object(out, obj, group=world.ctrl)
+    return out
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

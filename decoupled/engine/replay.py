@@ -1,0 +1,119 @@
+"""The bounded replay buffer of Decoupled Greedy Learning (Belilovsky et al. 2020), one per rank.
+
+Batches from upstream go in as they arrive; the rank trains by sampling it, so a fast rank keeps
+stepping (re-using batches up to `max_reuse` times) instead of idling, and a slow rank never blocks
+its upstream (when full, the oldest batch is evicted; unused evictions count as dropped).
+
+Policies pick among entries that may still be used:
+- fifo: the oldest of the least-used entries (fresh data in arrival order, then replays in order);
+- random: uniformly at random (seeded);
+- priority-lifo: the newest of the least-used entries (freshest activations first).
+"""
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Entry:
+    x: torch.Tensor
+    y: torch.Tensor
+    ids: torch.Tensor
+    epoch: int  # upstream's epoch tag
+    step: int  # upstream's step when it produced the batch
+    seq: int = 0  # arrival order
+    uses: int = 0
+
+
+@dataclass
+class ReplayStats:
+    received: int = 0
+    dropped: int = 0  # evicted before ever being trained on
+    evicted: int = 0
+    samples: int = 0  # draws
+    reuse_hist: dict = field(default_factory=dict)  # uses at eviction -> count
+    occupancy_sum: int = 0
+    occupancy_max: int = 0
+    staleness_sum: int = 0
+    staleness_max: int = 0
+
+    def as_dict(self) -> dict:
+        n = max(self.samples, 1)
+        return {"received": self.received, "dropped": self.dropped, "evicted": self.evicted,
+                "draws": self.samples, "reuse_at_eviction": {str(k): v for k, v in sorted(self.reuse_hist.items())},
+                "occupancy_mean": self.occupancy_sum / n, "occupancy_max": self.occupancy_max,
+                "staleness_mean": self.staleness_sum / n, "staleness_max": self.staleness_max}
+
+
+class ReplayBuffer:
+    """Thread-safe: the receiver thread puts, the training loop samples."""
+
+    def __init__(self, capacity: int, policy: str, max_reuse: int, seed: int):
+        self.capacity, self.policy, self.max_reuse = capacity, policy, max_reuse
+        self.entries: list[Entry] = []
+        self.g = torch.Generator().manual_seed(seed)
+        self.cond = threading.Condition()
+        self.stats = ReplayStats()
+        self.latest_step = 0  # newest upstream step seen
+        self.pending_by_epoch: dict[int, int] = {}  # entries of each epoch not yet used or dropped
+        self.control: collections.deque = collections.deque()  # non-train messages, in arrival order
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def put(self, e: Entry) -> None:
+        with self.cond:
+            e.seq = self._seq
+            self._seq += 1
+            if len(self.entries) >= self.capacity:
+                self._evict(min(self.entries, key=lambda x: x.seq))
+            self.entries.append(e)
+            self.stats.received += 1
+            self.latest_step = max(self.latest_step, e.step)
+            self.pending_by_epoch[e.epoch] = self.pending_by_epoch.get(e.epoch, 0) + 1
+            self.stats.occupancy_max = max(self.stats.occupancy_max, len(self.entries))
+            self.cond.notify_all()
+
+    def _evict(self, e: Entry) -> None:
+        self.entries.remove(e)
+        self.stats.evicted += 1
+        self.stats.reuse_hist[e.uses] = self.stats.reuse_hist.get(e.uses, 0) + 1
+        if e.uses == 0:
+            self.stats.dropped += 1
+            self.pending_by_epoch[e.epoch] -= 1
+
+    def pick(self) -> Entry | None:
+        """Choose an entry by policy and count the draw; None when nothing may be used."""
+        with self.cond:
+            if not self.entries:
+                return None
+            least = min(e.uses for e in self.entries)
+            cands = [e for e in self.entries if e.uses == least]
+            if self.policy == "fifo":
+                e = min(cands, key=lambda x: x.seq)
+            elif self.policy == "priority-lifo":
+                e = max(cands, key=lambda x: x.seq)
+            else:
+                e = self.entries[int(torch.randint(len(self.entries), (1,), generator=self.g))]
+            if e.uses == 0:
+                self.pending_by_epoch[e.epoch] -= 1
+            e.uses += 1
+            st = self.stats
+            st.samples += 1
+            st.occupancy_sum += len(self.entries)
+            stale = self.latest_step - e.step
+            st.staleness_sum += stale
+            st.staleness_max = max(st.staleness_max, stale)
+            if e.uses >= self.max_reuse:
+                self._evict(e)
+            return e
+
+    def epoch_done(self, epoch: int) -> bool:
+        """Every batch of `epoch` (and earlier) has been trained on at least once or dropped."""
+        with self.cond:
+            return all(n == 0 for ep, n in self.pending_by_epoch.items() if ep <= epoch)

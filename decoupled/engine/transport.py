@@ -1,0 +1,136 @@
+"""Point-to-point messages between neighbouring ranks.
+
+A message is a small int64 header followed, for data messages, by the activations and an int64
+(2, n) tensor of labels and sample ids, and optionally an auxiliary float tensor (the running head
+ensemble during evaluation). The header says what follows, so shapes may change from message to
+message (last batch, sample subsets) and every rank knows when an epoch ends.
+
+Each link (rank j-1 -> rank j) has its own two-rank process group: the sender uses it only from
+its main thread and the receiver only from its receiver thread, so no process group is ever driven
+from two threads at once. The same code runs over gloo (CPU) and NCCL (CUDA).
+"""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+HEADER_LEN = 12
+MAX_DIMS = 5
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+class Kind(enum.IntEnum):
+    TRAIN = 1
+    EVAL = 2
+    END_EPOCH = 3  # every message of the epoch has been sent
+    END_EVAL = 4  # every eval message of this evaluation has been sent
+    STOP = 5  # training is over; nothing follows
+
+
+class PeerError(RuntimeError):
+    """A neighbouring rank failed, went silent, or sent something we cannot read."""
+
+
+@dataclass
+class Message:
+    kind: Kind
+    epoch: int = 0
+    step: int = 0  # the producer's step counter (staleness = consumer's view of it minus this)
+    x: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+    ids: torch.Tensor | None = None
+    aux: torch.Tensor | None = None
+
+    @property
+    def count(self) -> int:
+        return 0 if self.x is None else len(self.x)
+
+
+def encode_header(m: Message) -> torch.Tensor:
+    h = torch.zeros(HEADER_LEN, dtype=torch.int64)
+    h[0], h[1], h[2], h[3] = int(m.kind), m.epoch, m.step, m.count
+    if m.x is not None:
+        dims = m.x.shape[1:]
+        if len(dims) > MAX_DIMS:
+            raise ValueError(f"activations with {len(dims)} feature dims; the wire format carries {MAX_DIMS}")
+        h[4] = len(dims)
+        h[5:5 + len(dims)] = torch.tensor(dims)
+        h[10] = DTYPES.index(m.x.dtype)
+        h[11] = 0 if m.aux is None else m.aux.shape[1]
+    return h
+
+
+class Link:
+    """One direction of one edge of the pipeline, seen from one end."""
+
+    def __init__(self, group, peer: int, device: torch.device, timeout_s: float, max_inflight: int = 2):
+        self.group, self.peer, self.device = group, peer, device
+        self.timeout = timedelta(seconds=timeout_s)
+        self.max_inflight = max_inflight
+        self.inflight: list[tuple[list, list[torch.Tensor]]] = []  # (works, tensors kept alive)
+        self.bytes = 0
+        self.blocked_s = 0.0  # time spent waiting on this link
+
+    # ------------------------------------------------------------------ sending (main thread)
+    def send(self, m: Message) -> None:
+        tensors = [encode_header(m).to(self.device)]
+        if m.x is not None:
+            tensors += [m.x.contiguous(), torch.stack([m.y, m.ids]).to(torch.int64)]
+            if m.aux is not None:
+                tensors.append(m.aux.float().contiguous())
+        # Never touch (or free) a tensor before its isend completes: keep them until wait().
+        works = [dist.isend(t, group=self.group, group_dst=self.peer_in_group()) for t in tensors]
+        self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+        self.inflight.append((works, tensors))
+        while len(self.inflight) > self.max_inflight:
+            self._wait_oldest()
+
+    def flush(self) -> None:
+        while self.inflight:
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        works, _ = self.inflight.pop(0)
+        t0 = time.perf_counter()
+        for w in works:
+            self._wait(w, "send to")
+        self.blocked_s += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ receiving (receiver thread)
+    def recv(self) -> Message:
+        header = self._recv(torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)).cpu()
+        kind = Kind(int(header[0]))
+        m = Message(kind, epoch=int(header[1]), step=int(header[2]))
+        if kind in (Kind.TRAIN, Kind.EVAL):
+            n, ndim = int(header[3]), int(header[4])
+            dims = [int(d) for d in header[5:5 + ndim]]
+            m.x = self._recv(torch.empty((n, *dims), dtype=DTYPES[int(header[10])], device=self.device))
+            m.y, m.ids = self._recv(torch.empty((2, n), dtype=torch.int64, device=self.device))
+            if int(header[11]):
+                m.aux = self._recv(torch.empty((n, int(header[11])), dtype=torch.float32, device=self.device))
+        return m
+
+    def _recv(self, t: torch.Tensor) -> torch.Tensor:
+        self._wait(dist.irecv(t, group=self.group, group_src=self.peer_in_group()), "receive from")
+        self.bytes += t.numel() * t.element_size()
+        return t
+
+    # ------------------------------------------------------------------ helpers
+    def peer_in_group(self) -> int:
+        # two-rank groups hold (lower, higher) global ranks as group ranks 0 and 1
+        return 0 if self.peer < dist.get_rank() else 1
+
+    def _wait(self, work, what: str) -> None:
+        try:
+            ok = work.wait(self.timeout)
+        except RuntimeError as e:
+            raise PeerError(f"rank {dist.get_rank()}: {what} rank {self.peer} failed or timed out after "
+                            f"{self.timeout.total_seconds():.0f}s (dist.timeout_s): {e}") from e
+        if ok is False:
+            raise PeerError(f"rank {dist.get_rank()}: {what} rank {self.peer} timed out after "
+                            f"{self.timeout.total_seconds():.0f}s (dist.timeout_s)")
