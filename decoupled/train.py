@@ -51,6 +51,23 @@ def total_epochs(cfg: JobConfig, num_blocks: int) -> int:
     return max(cls.epochs_for(cfg.objective, j, cfg.train) for j in range(num_blocks))
 
 
+def cascade_handoffs(cfg: JobConfig, plan: list[list[int]], start: int) -> list[int | None]:
+    """Per rank: the epoch whose upstream outputs it caches in async mode, or None.
+
+    Every block upstream of rank r is frozen from epoch U_r = max budget of those blocks on; if
+    epochs remain after U_r, rank r caches epoch U_r and its upstream neighbour stops after it.
+    Sync mode recomputes instead: its results must equal the single-process trainer bit for bit."""
+    cls = OBJECTIVES[cfg.objective.name]
+    budgets = [cls.epochs_for(cfg.objective, j, cfg.train) for blocks in plan for j in blocks]
+    last = max(budgets) - 1
+    out: list[int | None] = [None]
+    for r in range(1, len(plan)):
+        frozen_from = max(max(budgets[: plan[r][0]]), start)
+        use = cfg.train.mode == "async" and cfg.train.cache != "recompute" and frozen_from < last
+        out.append(frozen_from if use else None)
+    return out
+
+
 def _stages(cfg, input_shape, num_classes, device, select=None) -> list[Stage]:
     try:
         return build_stages(cfg, input_shape, num_classes, device, select)
@@ -147,10 +164,10 @@ def _train_rank(cfg: JobConfig, out: Path, resume: bool, world: distributed.Worl
         _prepare_run_dir(cfg, out, resume)  # before the broadcast below, which the others wait on
         try:
             data = build_data(cfg.data, cfg.train.seed)
-            meta = (data.input_shape, data.num_classes)
+            meta = (data.input_shape, data.num_classes, len(data.train), len(data.test))
         except ConfigError as e:
             meta = e
-    input_shape, num_classes = distributed.broadcast_from_0(meta, world)
+    input_shape, num_classes, n_train, n_test = distributed.broadcast_from_0(meta, world)
 
     plan: list[list[int]] = []
 
@@ -173,7 +190,10 @@ def _train_rank(cfg: JobConfig, out: Path, resume: bool, world: distributed.Worl
     t = cfg.dist
     recv = Link(world.links[rank], rank - 1, device, t.timeout_s, t.max_inflight) if rank > 0 else None
     send = Link(world.links[rank + 1], rank + 1, device, t.timeout_s, t.max_inflight) if rank < world.size - 1 else None
-    pipe = Pipeline(run, world.size, epochs, recv, send, start_epoch=start)
+    handoff = cascade_handoffs(cfg, plan, start)
+    pipe = Pipeline(run, world.size, epochs, recv, send, start_epoch=start, cache_epoch=handoff[rank],
+                    stop_after=handoff[rank + 1] if rank + 1 < world.size else None,
+                    sizes=(n_train, n_test, num_classes))
     memory = PeakMemory(device)
 
     t0 = time.perf_counter()

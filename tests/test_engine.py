@@ -1,6 +1,7 @@
 """The decoupled engine on real torchrun jobs (gloo, CPU, 2-3 ranks, tiny models, timeouts)."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +149,30 @@ def test_nccl_sync_equals_simultaneous_on_gpu(tmp_path):
     # same device kind, same kernels: accuracies agree (bitwise equality is only promised on CPU)
     for a, b in zip(ref["layers"], got["layers"]):
         assert abs(a["test_acc"] - b["test_acc"]) < 0.05
+
+
+def test_cascade_handoff_plan():
+    from decoupled.train import cascade_handoffs
+    cfg = load(None, ["train.mode=async", "objective.name=cascade", "objective.cascade_initial_epochs=1",
+                      "objective.cascade_epoch_increment=2"])  # budgets 1, 3, 5
+    assert cascade_handoffs(cfg, [[0], [1], [2]], start=0) == [None, 1, 3]
+    assert cascade_handoffs(cfg, [[0, 1], [2]], start=0) == [None, 3]
+    assert cascade_handoffs(cfg, [[0], [1], [2]], start=4) == [None, None, None]  # resumed late: nothing left
+    cfg.train.mode = "sync"  # sync recomputes: it must equal the single-process trainer bit for bit
+    assert cascade_handoffs(cfg, [[0], [1], [2]], start=0) == [None, None, None]
+
+
+def test_async_cascade_serves_cached_pseudo_inputs(tmp_path):
+    """Layer l trains 1 + 2l epochs; once upstream is frozen a rank caches its outputs and the
+    upstream ranks stop."""
+    cfg = {**MLP, "train.mode": "async", "objective.name": "cascade", "objective.cascade_epoch_increment": 2,
+           "train.cache": "disk"}
+    check(torchrun(3, ["--out", str(tmp_path / "ac"), *sets(cfg)]))
+    s = summary(tmp_path / "ac")
+    assert [l["epochs"] for l in s["layers"]] == [1, 3, 5]
+    lines = [json.loads(x) for x in (tmp_path / "ac" / "metrics.jsonl").read_text().splitlines()]
+    caches = sorted((m["rank"], m["epoch"], m["train"]) for m in lines if m["kind"] == "cache")
+    assert caches == [(1, 1, 300), (2, 3, 300)]
+    assert (tmp_path / "ac" / "cache" / "rank2-train.npy").exists()
+    last_epoch = {r: max(m["epoch"] for m in lines if m["kind"] == "epoch_end" and m["rank"] == r) for r in range(3)}
+    assert last_epoch == {0: 1, 1: 3, 2: 4}  # upstream ranks stop after the epoch downstream cached

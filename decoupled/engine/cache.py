@@ -19,27 +19,35 @@ class PseudoInputs:
     def get(self, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(self.store, torch.Tensor):
             return self.store[ids.to(self.store.device)]
-        return torch.from_numpy(np.ascontiguousarray(self.store[ids.numpy()])).to(self.device)
+        return torch.from_numpy(np.ascontiguousarray(self.store[ids.cpu().numpy()])).to(self.device)
+
+    __getitem__ = get  # so a data.Split can hold a PseudoInputs as its x
+
+    def put(self, ids: torch.Tensor, x: torch.Tensor) -> None:
+        if isinstance(self.store, torch.Tensor):
+            self.store[ids.to(self.store.device)] = x.to(self.store.device, self.store.dtype)
+        else:
+            self.store[ids.cpu().numpy()] = x.detach().float().cpu().numpy()
+
+    @classmethod
+    def allocate(cls, n: int, shape, where: str, path: Path | None, device: torch.device) -> "PseudoInputs":
+        if where == "disk":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return cls(np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, *shape)), device)
+        return cls(torch.empty((n, *shape), dtype=torch.float32, device=device), device)
 
     @classmethod
     def compute(cls, stage, source, batch_size: int, where: str, path: Path | None,
                 device: torch.device) -> "PseudoInputs":
         """Run `source` (the previous PseudoInputs or the raw training tensor) through the frozen
         stage in eval mode, chunk by chunk."""
-        n = len(source)
-        get = source.get if isinstance(source, PseudoInputs) else (lambda ids: source[ids].to(device))
-        if where == "disk":
-            path.parent.mkdir(parents=True, exist_ok=True)
-            store = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, *stage.out_shape))
-        else:
-            store = torch.empty((n, *stage.out_shape), dtype=torch.float32, device=device)
-        for start in range(0, n, batch_size):
-            ids = torch.arange(start, min(start + batch_size, n))
-            out = stage.forward(get(ids))
-            if where == "disk":
-                store[start:start + len(ids)] = out.cpu().numpy()
-            else:
-                store[start:start + len(ids)] = out
-        if where == "disk":
-            store.flush()
-        return cls(store, device)
+        cache = cls.allocate(len(source), stage.out_shape, where, path, device)
+        for start in range(0, len(source), batch_size):
+            ids = torch.arange(start, min(start + batch_size, len(source)))
+            cache.put(ids, stage.forward(source[ids].to(device)))
+        cache.flush()
+        return cache
+
+    def flush(self) -> None:
+        if not isinstance(self.store, torch.Tensor):
+            self.store.flush()

@@ -11,6 +11,11 @@ sync:  rank j's step t consumes rank j-1's step-t output, in order. Together wit
 async: a receiver thread fills a bounded replay buffer while the rank keeps training on samples of
        it (replay.py). Control messages are handled in order; an end-of-epoch is handled once every
        batch of that epoch has been trained on or dropped.
+
+Cascade budgets in async (layer l trains i0 + k*l epochs): once every block upstream of a rank is
+frozen, its outputs are fixed pseudo-inputs. The rank caches one full epoch of them (train and
+test, with the upstream heads' ensemble votes), the upstream ranks stop, and the rank carries on as
+its own data source from the cache, exactly as rank 0 does from the dataset.
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ from typing import Iterator
 
 import torch
 
-from ..data import batches
+from ..data import Split, batches
+from .cache import PseudoInputs
 from .evaluate import eval_stages
 from .replay import Entry, ReplayBuffer
 from .run import Run
@@ -30,7 +36,8 @@ from .transport import Kind, Link, Message, PeerError
 
 class Pipeline:
     def __init__(self, run: Run, world: int, total_epochs: int, recv: Link | None, send: Link | None,
-                 start_epoch: int = 0):
+                 start_epoch: int = 0, cache_epoch: int | None = None, stop_after: int | None = None,
+                 sizes: tuple[int, int, int] = (0, 0, 0)):
         self.run, self.world = run, world
         self.rank = run.rank
         self.stages = run.stages
@@ -49,29 +56,34 @@ class Pipeline:
         self.buffer: ReplayBuffer | None = None
         self.inbox: queue.Queue | None = None
         self.receiver_error: BaseException | None = None
+        # cascade hand-off (async): cache upstream's outputs of epoch `cache_epoch`; stop sending
+        # after epoch `stop_after` because downstream has cached ours by then
+        self.cache_epoch, self.stop_after = cache_epoch, stop_after
+        self.n_train, self.n_test, self.num_classes = sizes
+        self.cached: dict[str, PseudoInputs | torch.Tensor] = {}
+        self.from_cache = False
 
     # ------------------------------------------------------------------ message sources
-    def data_stream(self) -> Iterator[Message]:
-        """Rank 0: the dataset as messages; evaluation after every `eval_every` epochs and at the end."""
-        cfg, data = self.cfg, self.run.data
+    def source_stream(self, train: Split, test: Split, start: int, test_aux=None,
+                      augment: bool = False) -> Iterator[Message]:
+        """A data source as messages: rank 0 over the dataset, a cascade rank over its cache.
+        Evaluation after every `eval_every` epochs, at the hand-off epoch and at the end."""
+        cfg = self.cfg
         every = cfg.train.eval_every
-        evaluated = False
-        for epoch in range(self.start_epoch, self.total_epochs):
-            for b in batches(data.train, cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch,
-                             augment=cfg.data.augment):
-                yield Message(Kind.TRAIN, epoch, b.step, *self.run.to_device(b.x, b.y, b.ids))
-            yield Message(Kind.END_EPOCH, epoch)
-            evaluated = bool(every) and (epoch + 1) % every == 0
-            if evaluated:
-                yield from self.eval_stream(epoch)
-        if not evaluated:
-            yield from self.eval_stream(self.total_epochs - 1)
-        yield Message(Kind.STOP, self.total_epochs)
-
-    def eval_stream(self, epoch: int) -> Iterator[Message]:
-        for b in batches(self.run.data.test, self.cfg.data.eval_batch_size, shuffle=False):
-            yield Message(Kind.EVAL, epoch, b.step, *self.run.to_device(b.x, b.y, b.ids))
-        yield Message(Kind.END_EVAL, epoch)
+        last = self.total_epochs - 1 if self.stop_after is None else self.stop_after
+        steps = -(-len(train) // cfg.data.batch_size)
+        with self.run.progress((last + 1 - start) * steps, f"rank {self.rank} source") as bar:
+            for epoch in range(start, last + 1):
+                for b in batches(train, cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch, augment=augment):
+                    yield Message(Kind.TRAIN, epoch, b.step, *self.run.to_device(b.x, b.y, b.ids))
+                    bar.update()
+                yield Message(Kind.END_EPOCH, epoch)
+                if (every and (epoch + 1) % every == 0) or epoch == last:
+                    for b in batches(test, cfg.data.eval_batch_size, shuffle=False):
+                        aux = None if test_aux is None else test_aux[b.ids]
+                        yield Message(Kind.EVAL, epoch, b.step, *self.run.to_device(b.x, b.y, b.ids), aux=aux)
+                    yield Message(Kind.END_EVAL, epoch)
+        yield Message(Kind.STOP, last)
 
     def start_receiver(self) -> None:
         """Receiving runs ahead of training on its own thread (the link's group is used by no one
@@ -97,6 +109,8 @@ class Pipeline:
         threading.Thread(target=receive, name=f"recv-from-{self.rank - 1}", daemon=True).start()
 
     def _deliver(self, m: Message | None) -> None:
+        if m is not None and m.epoch == self.cache_epoch and m.kind in (Kind.TRAIN, Kind.EVAL):
+            self._cache(m)
         if not self.is_async:
             self.inbox.put(m)
         elif m is not None and m.kind == Kind.TRAIN:
@@ -105,6 +119,36 @@ class Pipeline:
             with self.buffer.cond:
                 self.buffer.control.append(m)
                 self.buffer.cond.notify_all()
+
+    def _cache(self, m: Message) -> None:
+        """Keep upstream's frozen outputs of the hand-off epoch (memory or disk, train.cache)."""
+        split = "train" if m.kind == Kind.TRAIN else "test"
+        if split not in self.cached:
+            n = self.n_train if split == "train" else self.n_test
+            where = "disk" if self.cfg.train.cache == "disk" else "memory"
+            path = self.run.out / "cache" / f"rank{self.rank}-{split}.npy"
+            self.cached[split] = PseudoInputs.allocate(n, m.x.shape[1:], where, path, self.run.device)
+            self.cached[split + "_y"] = torch.full((n,), -1, dtype=torch.int64, device=self.run.device)
+            if split == "test":
+                self.cached["test_aux"] = torch.zeros((n, self.num_classes), device=self.run.device)
+        self.cached[split].put(m.ids, m.x)
+        self.cached[split + "_y"][m.ids] = m.y
+        if m.aux is not None:
+            self.cached["test_aux"][m.ids] = m.aux
+
+    def cached_stream(self) -> Iterator[Message]:
+        """After the hand-off: this rank is the source, from its cache (every sample once an epoch)."""
+        for split in ("train", "test"):
+            if split not in self.cached or bool((self.cached[split + "_y"] < 0).any()):
+                raise PeerError(f"rank {self.rank}: the cached {split} pseudo-inputs of epoch {self.cache_epoch} "
+                                "are incomplete; upstream did not send every sample once")
+            self.cached[split].flush()
+        c = self.cached
+        self.from_cache = True
+        self.run.recorder.log(kind="cache", rank=self.rank, epoch=self.cache_epoch, train=len(c["train_y"]),
+                              test=len(c["test_y"]))
+        yield from self.source_stream(Split(c["train"], c["train_y"]), Split(c["test"], c["test_y"]),
+                                      self.cache_epoch + 1, test_aux=c["test_aux"])
 
     def _check_receiver(self) -> None:
         if self.receiver_error is not None:
@@ -138,7 +182,8 @@ class Pipeline:
         elif m.kind == Kind.END_EVAL:
             self.end_eval(m.epoch)
         elif m.kind == Kind.STOP:
-            self.send(Message(Kind.STOP, m.epoch))
+            if self.cache_epoch is None or self.from_cache:  # else: we carry on from the cache
+                self.send(Message(Kind.STOP, m.epoch))
             return False
         return True
 
@@ -191,19 +236,24 @@ class Pipeline:
     # ------------------------------------------------------------------ loops
     def run_loop(self) -> None:
         if self.recv_link is None:  # rank 0 reads the data; it trains each batch once in both modes
-            for m in self.data_stream():
-                if not self.handle(m):
-                    break
+            d = self.run.data
+            self.consume(self.source_stream(d.train, d.test, self.start_epoch, augment=self.cfg.data.augment))
         elif not self.is_async:
             self.start_receiver()
-            for m in self.inbox_stream():
-                if not self.handle(m):
-                    break
+            self.consume(self.inbox_stream())
         else:
             self.start_receiver()
             self.async_loop()
+        if self.cache_epoch is not None:  # upstream has stopped: carry on from the cache
+            self.buffer.entries.clear()
+            self.consume(self.cached_stream())
         if self.send_link is not None:
             self.send_link.flush()
+
+    def consume(self, messages: Iterator[Message]) -> None:
+        for m in messages:
+            if not self.handle(m):
+                return
 
     def async_loop(self) -> None:
         buf, timeout = self.buffer, self.cfg.dist.timeout_s
