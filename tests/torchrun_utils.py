@@ -45,3 +45,48 @@ def overrides(cfg: dict) -> list[str]:
 def sets(cfg: dict) -> list[str]:
     """The same as command-line flags: ["--set", "train.epochs=2", ...]"""
     return [a for o in overrides(cfg) for a in ("--set", o)]
+
+
+def torchrun_popen(nproc: int, args: list[str], extra: list[str] = ()) -> subprocess.Popen:
+    """A torchrun job in the background (for killing or stopping its workers)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", *extra,
+           "-m", "decoupled", "train", *args]
+    return subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def workers(agent: subprocess.Popen) -> dict[int, "psutil.Process"]:
+    """The agent's worker processes by RANK."""
+    import psutil
+    out = {}
+    for p in psutil.Process(agent.pid).children(recursive=True):
+        try:
+            rank = p.environ().get("RANK")
+        except psutil.Error:
+            continue
+        if rank is not None and "decoupled" in " ".join(p.cmdline()):
+            out[int(rank)] = p
+    return out
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    import time
+    t0 = time.monotonic()
+    while not predicate():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def kill_tree(agent: subprocess.Popen) -> None:
+    """Leave nothing behind, even after a failed assertion (SIGCONT first: a stopped process
+    ignores SIGTERM)."""
+    import os
+    import signal
+    try:
+        os.killpg(agent.pid, signal.SIGCONT)
+        os.killpg(agent.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    agent.wait(timeout=30)

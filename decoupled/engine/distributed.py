@@ -7,6 +7,7 @@ the same way whatever carries the activations.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, JobConfig
+from .transport import PeerError
 
 
 @dataclass
@@ -66,10 +68,19 @@ def resolve_backend(cfg: JobConfig) -> tuple[str, torch.device]:
 def init(cfg: JobConfig) -> World:
     backend, device = resolve_backend(cfg)
     timeout = timedelta(seconds=cfg.dist.timeout_s)
+    # NCCL: a failed or timed-out collective tears the process down instead of hanging it
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if "WORLD_SIZE" in os.environ:  # launched by torchrun (env:// rendezvous)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+        store, rank, size = next(dist.rendezvous("env://", timeout=timeout))
+        # torchrun shares one TCP store across restarts (--max-restarts): keys of the failed attempt
+        # (e.g. the addresses of our per-link groups) would be read back by the new one and gloo
+        # would connect to dead peers. A per-attempt prefix keeps attempts apart, so restarts work
+        # without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1.
+        store = dist.PrefixStore(f"decoupled/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout,
+                                device_id=device if device.type == "cuda" else None)
     else:  # plain `decoupled train` with mode sync/async: a world of one, no network
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     rank, size = dist.get_rank(), dist.get_world_size()
@@ -103,3 +114,29 @@ def all_gather(obj, world: World) -> list:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+class Verdict:
+    payload = None  # what this rank contributes when the phase succeeds
+    all: list | None = None  # every rank's payload, after the phase
+
+
+@contextmanager
+def agreement(world: World, phase: str):
+    """Run a start-up phase on every rank, then exchange verdicts: if any rank failed, every rank
+    raises (the failing one its own error, the others an error naming it). Nobody is left waiting
+    for a peer that died in set-up, and nobody starts training unless all can."""
+    v, err = Verdict(), None
+    try:
+        yield v
+    except Exception as e:  # noqa: BLE001 - reported to every rank, then re-raised
+        err = e
+    statuses = all_gather((None if err is None else (type(err).__name__, str(err)), v.payload), world)
+    v.all = [payload for _, payload in statuses]
+    if err is not None:
+        raise err
+    bad = [(r, st) for r, (st, _) in enumerate(statuses) if st is not None]
+    if bad:
+        r, (kind, msg) = bad[0]
+        cls = ConfigError if kind == "ConfigError" else PeerError
+        raise cls(f"{phase} failed on rank {r}: {msg}")

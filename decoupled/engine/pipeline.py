@@ -20,6 +20,7 @@ its own data source from the cache, exactly as rank 0 does from the dataset.
 from __future__ import annotations
 
 import queue
+import random
 import threading
 import time
 from typing import Iterator
@@ -31,7 +32,7 @@ from .cache import PseudoInputs
 from .evaluate import eval_stages
 from .replay import Entry, ReplayBuffer
 from .run import Run
-from .transport import Kind, Link, Message, PeerError
+from .transport import Kind, Link, Message, PeerAbort, PeerError
 
 
 class Pipeline:
@@ -62,6 +63,7 @@ class Pipeline:
         self.n_train, self.n_test, self.num_classes = sizes
         self.cached: dict[str, PseudoInputs | torch.Tensor] = {}
         self.from_cache = False
+        self.delay = random.Random(self.cfg.train.seed * 7919 + self.rank) if self.cfg.dist.debug_delay_ms else None
 
     # ------------------------------------------------------------------ message sources
     def source_stream(self, train: Split, test: Split, start: int, test_aux=None,
@@ -99,6 +101,8 @@ class Pipeline:
             try:
                 while True:
                     m = self.recv_link.recv()
+                    if m.kind == Kind.ABORT:
+                        raise PeerAbort(m.step, self.rank)
                     self._deliver(m)
                     if m.kind == Kind.STOP:
                         return
@@ -151,6 +155,8 @@ class Pipeline:
                                       self.cache_epoch + 1, test_aux=c["test_aux"])
 
     def _check_receiver(self) -> None:
+        if isinstance(self.receiver_error, PeerError):
+            raise self.receiver_error
         if self.receiver_error is not None:
             raise PeerError(str(self.receiver_error)) from self.receiver_error
 
@@ -188,6 +194,8 @@ class Pipeline:
         return True
 
     def train_batch(self, x, y, ids, upstream_step: int) -> None:
+        if self.delay is not None:  # chaos testing (dist.debug_delay_ms)
+            time.sleep(self.delay.uniform(0, self.cfg.dist.debug_delay_ms) / 1000)
         h = x
         for s in self.stages:
             if s.training:
@@ -235,6 +243,15 @@ class Pipeline:
 
     # ------------------------------------------------------------------ loops
     def run_loop(self) -> None:
+        try:
+            self._run_loop()
+        except BaseException as e:
+            # Tell downstream before dying; upstream learns from its failing sends (or torchrun).
+            if self.send_link is not None:
+                self.send_link.abort(e.origin if isinstance(e, PeerAbort) else self.rank)
+            raise
+
+    def _run_loop(self) -> None:
         if self.recv_link is None:  # rank 0 reads the data; it trains each batch once in both modes
             d = self.run.data
             self.consume(self.source_stream(d.train, d.test, self.start_epoch, augment=self.cfg.data.augment))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: entries hold tensors, and list.remove must not compare them
 class Entry:
     x: torch.Tensor
     y: torch.Tensor

@@ -30,10 +30,17 @@ class Kind(enum.IntEnum):
     END_EPOCH = 3  # every message of the epoch has been sent
     END_EVAL = 4  # every eval message of this evaluation has been sent
     STOP = 5  # training is over; nothing follows
+    ABORT = 6  # a rank failed (header step = the failing rank); every rank downstream stops too
 
 
 class PeerError(RuntimeError):
     """A neighbouring rank failed, went silent, or sent something we cannot read."""
+
+
+class PeerAbort(PeerError):
+    def __init__(self, origin: int, me: int):
+        super().__init__(f"rank {me}: stopping because rank {origin} failed (its log has the reason)")
+        self.origin = origin
 
 
 @dataclass
@@ -93,6 +100,16 @@ class Link:
     def flush(self) -> None:
         while self.inflight:
             self._wait_oldest()
+
+    def abort(self, origin: int) -> None:
+        """Best effort: tell downstream that rank `origin` failed, without waiting long for it."""
+        try:
+            self.timeout = timedelta(seconds=min(5.0, self.timeout.total_seconds()))
+            self.inflight.clear()  # what was in flight no longer matters
+            self.send(Message(Kind.ABORT, step=origin))
+            self.flush()
+        except Exception:  # noqa: BLE001 - the link may be the thing that broke
+            pass
 
     def _wait_oldest(self) -> None:
         works, _ = self.inflight.pop(0)

@@ -1,0 +1,180 @@
+"""Fail fast, never hang, resume exactly: bad input, diverging blocks, killed and hung ranks,
+atomic checkpoints, torchrun restarts, and async runs under random delays (gloo, CPU)."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from decoupled import checkpoint
+from decoupled.config import ConfigError, load
+from decoupled.train import dry_run, handshake, train
+
+from torchrun_utils import (check, kill_tree, overrides, sets, summary, torchrun, torchrun_popen, wait_for,
+                            workers)
+
+SMALL = {"data.limit_train": 300, "model.widths": [24, 24, 24], "data.batch_size": 32, "train.epochs": 2}
+
+
+# ---------------------------------------------------------------------------- bad input, before training
+
+@pytest.mark.parametrize("bad,field", [
+    ({"data.name": "mnist", "data.root": "/nonexistent/data"}, "data.root"),
+    ({"model.name": "vgg", "model.hierarchy": [1, 1, 1, 1, 1]}, "model.hierarchy"),
+], ids=["missing-root", "hierarchy-vs-input"])
+def test_bad_input_fails_every_rank_before_training(tmp_path, bad, field):
+    p = torchrun(2, ["--out", str(tmp_path / "r"), *sets({**SMALL, "train.mode": "sync", **bad})], timeout=120)
+    assert p.returncode != 0
+    assert field in p.stderr
+    assert not list((tmp_path / "r").glob("checkpoints/*.pt")) and not (tmp_path / "r" / "summary.json").exists()
+
+
+def test_labels_out_of_range_are_rejected(monkeypatch):
+    from decoupled import data
+
+    def corrupt(cfg, seed):
+        x = torch.zeros(10, 1, 4, 4)
+        return x, torch.arange(10) + 5, x, torch.zeros(10, dtype=torch.int64), 10  # labels up to 14
+
+    monkeypatch.setitem(data.LOADERS, "synthetic", corrupt)
+    with pytest.raises(ConfigError, match=r"train labels outside \[0, 10\)"):
+        data.build_data(load(None, ["data.name=synthetic"]).data, 0)
+
+
+def test_dry_run_and_handshake_catch_shape_mismatches():
+    from decoupled.engine.stage import build_stages
+    cfg = load(None, ["model.widths=[6,5]"])
+    stages = build_stages(cfg, (1, 8, 8), 10, torch.device("cpu"))
+    assert dry_run(stages, (1, 8, 8), torch.device("cpu")) == [(1, 8, 8), (6,), (5,)]
+    stages[1].out_shape = (7,)  # a builder that lies about its output
+    with pytest.raises(ConfigError, match=r"block 1 produces \(5,\) but declares \(7,\)"):
+        dry_run(stages, (1, 8, 8), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="rank 0 sends .6,. but rank 1 expects .5,."):
+        handshake([{"shapes": [(1, 8, 8), (6,)]}, {"shapes": [(5,), (5,)]}], rank=1)
+
+
+# ---------------------------------------------------------------------------- divergence
+
+def test_nan_stops_every_rank_naming_block_and_step(tmp_path):
+    p = torchrun(3, ["--out", str(tmp_path / "nan"), *sets({**SMALL, "train.mode": "sync", "optim.lr": 1e30})],
+                 timeout=120)
+    assert p.returncode != 0
+    assert "block 0 step" in p.stderr and "not finite" in p.stderr
+    # every rank exits non-zero: the diverged one with 1, its peers by their own error or torchrun's SIGTERM
+    codes = [line.split(":")[1].split()[0] for line in p.stderr.splitlines() if line.strip().startswith("exitcode")]
+    assert len(codes) == 3 and "0" not in codes
+    assert not (tmp_path / "nan" / "summary.json").exists()
+
+
+# ---------------------------------------------------------------------------- dead and hung ranks
+
+def _long_job(tmp_path: Path, timeout_s: float, mode: str = "sync") -> tuple:
+    out = tmp_path / "long"
+    cfg = {**SMALL, "train.mode": mode, "train.epochs": 500, "dist.timeout_s": timeout_s, "train.eval_every": 0}
+    agent = torchrun_popen(3, ["--out", str(out), *sets(cfg)])
+    wait_for(lambda: len(checkpoint.epochs(out, 2)) > 0 or agent.poll() is not None, 120, "training to start")
+    assert agent.poll() is None, agent.communicate()[1][-3000:]
+    return agent, workers(agent)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_killed_rank_ends_the_whole_job(tmp_path, mode):
+    agent, procs = _long_job(tmp_path, timeout_s=10, mode=mode)
+    try:
+        assert sorted(procs) == [0, 1, 2]
+        t0 = time.monotonic()
+        procs[1].send_signal(signal.SIGKILL)
+        _, err = agent.communicate(timeout=10 + 30)
+        assert agent.returncode != 0
+        assert time.monotonic() - t0 < 10 + 30
+        for p in procs.values():  # no orphans
+            assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+    finally:
+        kill_tree(agent)
+
+
+def test_hung_rank_is_named_by_its_peers_within_the_timeout(tmp_path):
+    timeout_s = 5
+    agent, procs = _long_job(tmp_path, timeout_s=timeout_s)
+    try:
+        t0 = time.monotonic()
+        procs[1].send_signal(signal.SIGSTOP)  # alive but silent
+        wait_for(lambda: not procs[0].is_running() or procs[0].status() == psutil.STATUS_ZOMBIE
+                 or not procs[2].is_running() or procs[2].status() == psutil.STATUS_ZOMBIE,
+                 timeout_s + 20, "a peer of the hung rank to fail")
+        assert time.monotonic() - t0 < timeout_s + 20
+        _, err = agent.communicate(timeout=90)  # torchrun then takes the job down, stopped rank included
+        assert agent.returncode != 0
+        assert "rank 1" in err and ("timed out" in err or "nothing from rank 1" in err)
+        for p in procs.values():
+            assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+    finally:
+        kill_tree(agent)
+
+
+# ---------------------------------------------------------------------------- checkpoints and restarts
+
+def test_checkpoint_write_failure_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "ck" / "rank0-epoch0.pt"
+    checkpoint.save({"v": torch.arange(3)}, path)
+
+    def disk_full(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    with pytest.raises(checkpoint.CheckpointError, match="No space left on device.*previous checkpoint is intact"):
+        checkpoint.save({"v": torch.arange(5)}, path)
+    monkeypatch.undo()
+    assert torch.equal(checkpoint.load(path)["v"], torch.arange(3))
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left behind
+
+
+def test_checkpoint_into_unwritable_place_is_reported(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(checkpoint.CheckpointError, match="cannot write checkpoint"):
+        checkpoint.save({}, blocker / "rank0-epoch0.pt")
+
+
+def test_torchrun_restart_resumes_by_itself_bit_for_bit(tmp_path):
+    """--max-restarts=1: a rank dies after epoch 1; the restarted job finds its checkpoints and
+    ends exactly where an uninterrupted run ends."""
+    cfg = {**SMALL, "train.epochs": 6, "dist.debug_delay_ms": 60.0}  # the delay only slows; numbers are unchanged
+    ref = train(load(None, overrides({**cfg, "train.mode": "simultaneous"})), tmp_path / "ref")
+    out = tmp_path / "restarted"
+    agent = torchrun_popen(2, ["--out", str(out), *sets({**cfg, "train.mode": "sync"})], extra=["--max-restarts=1"])
+    try:
+        wait_for(lambda: 1 in checkpoint.epochs(out, 1) or agent.poll() is not None, 120, "epoch 1 checkpoints")
+        assert agent.poll() is None, "finished before it could be interrupted"
+        workers(agent)[1].send_signal(signal.SIGKILL)
+        _, err = agent.communicate(timeout=240)
+        assert agent.returncode == 0, err[-4000:]
+    finally:
+        kill_tree(agent)
+    got = summary(out)
+    key = lambda s: [(l["block"], l["test_acc"], l["train_samples"]) for l in s["layers"]]  # noqa: E731
+    assert key(got) == key(ref) and got["ensemble_test_acc"] == ref["ensemble_test_acc"]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(m["kind"] == "epoch_end" and m["epoch"] == 0 for m in lines)  # the first attempt's lines are kept
+
+
+# ---------------------------------------------------------------------------- async under random delays
+
+@pytest.mark.parametrize("policy,seed", [("random", 1), ("fifo", 2)])
+def test_async_with_random_delays_finishes_within_bounds(tmp_path, policy, seed):
+    cfg = {**SMALL, "train.mode": "async", "train.seed": seed, "dist.debug_delay_ms": 15.0,
+           "replay.capacity": 2, "replay.max_reuse": 2, "replay.policy": policy}
+    check(torchrun(3, ["--out", str(tmp_path / "a"), *sets(cfg)], timeout=180))
+    s = summary(tmp_path / "a")
+    assert [l["epochs"] for l in s["layers"]] == [2, 2, 2]
+    for r in s["ranks"][1:]:
+        assert r["replay"]["occupancy_max"] <= 2
+        assert all(int(k) <= 2 for k in r["replay"]["reuse_at_eviction"])
