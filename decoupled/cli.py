@@ -3,10 +3,11 @@ torchrun and launch/train.py."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load
+from .config import FALLBACKS, ConfigError, load
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,11 +21,28 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", type=Path, metavar="DIR",
                    help="continue the run in DIR from the last epoch every rank completed; its config.toml "
                         "is the base, --config/--set given here win (e.g. --set train.epochs=4 to extend)")
+    e = sub.add_parser("eval", help="early-exit evaluation of a finished run: per-exit accuracy and the exit "
+                                    "curve (accuracy vs inference FLOPs) into its summary.json and exit_curve.png")
+    e.add_argument("--run", type=Path, required=True, metavar="DIR", help="the run directory")
+    e.add_argument("--thresholds", metavar="T1,T2,...",
+                   help="confidence thresholds to sweep (default: 0..1, denser near 1)")
+    e.add_argument("--fallback", choices=FALLBACKS,
+                   help="who answers when no exit passes (default: the run's objective.exit_fallback)")
+    from .bench import add_parser as add_bench  # `decoupled bench ...`: every baseline side by side
+    add_bench(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "bench":
+        from .bench import main as bench_main
+        try:
+            return bench_main(args)
+        except ConfigError as e:
+            return _fail(f"config error: {e}", 2)
     try:
         if args.resume:
             if args.out and args.out != args.resume:
@@ -40,13 +58,50 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = load(args.config, args.overrides)
             out = args.out
-        from .train import default_out, format_summary, train  # heavy imports after validation
-        out = out or default_out()
-        summary = train(cfg, out, resume=bool(args.resume))
+        resume: bool | str = bool(args.resume)
+        if not resume and out and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+            resume = "auto"  # torchrun --max-restarts restarted us: pick up our own checkpoints
+        from .train import format_summary, train  # heavy imports after validation
+        summary = train(cfg, out, resume=resume)
     except ConfigError as e:
-        print(f"decoupled: config error: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"config error: {e}", 2)
+    except Exception as e:  # noqa: BLE001 - a training failure: say what, exit non-zero
+        from .checkpoint import CheckpointError
+        from .engine.stage import NonFiniteError
+        from .engine.transport import PeerError
+        if not isinstance(e, (PeerError, NonFiniteError, CheckpointError)):
+            raise
+        return _fail(f"error: {e}", 1)
     if summary is not None:  # rank 0
         print(format_summary(summary))
-        print(f"run directory: {out}")
+        print(f"run directory: {summary['run_dir']}")
     return 0
+
+
+def _eval(args) -> int:
+    try:
+        thresholds = [float(t) for t in args.thresholds.split(",")] if args.thresholds else None
+    except ValueError:
+        return _fail(f"--thresholds {args.thresholds!r}: expected comma-separated numbers, e.g. 0.5,0.9,0.99", 2)
+    from .train import evaluate_run
+    try:
+        summary = evaluate_run(args.run, thresholds, args.fallback)
+    except ConfigError as e:
+        return _fail(f"config error: {e}", 2)
+    print(f"{'threshold':>9} {'accuracy':>8} {'MFLOPs':>8}  exit fractions")
+    for r in summary["exit_curve"]:
+        print(f"{r['threshold']:9.3f} {r['accuracy']:8.4f} {r['avg_flops'] / 1e6:8.4f}  "
+              + " ".join(f"{f:.3f}" for f in r["exit_fraction"]))
+    print(f"exit curve: {args.run / 'summary.json'} and {args.run / 'exit_curve.png'}")
+    return 0
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"decoupled: {message}", file=sys.stderr)
+    if "WORLD_SIZE" in os.environ:
+        # Under torchrun a peer may be gone: exit now rather than risk a hang in process-group or
+        # thread teardown at interpreter exit.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

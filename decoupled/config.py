@@ -21,8 +21,8 @@ class ConfigError(ValueError):
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 MODELS = ("mlp", "vgg", "resnet", "simcnn", "allcnn")
 OBJECTIVES = ("khidden", "cascade", "quicknet", "predsim")
-HEADS = ("", "khidden", "mlpsr", "dense", "predsim")
-MODES = ("e2e", "sequential", "simultaneous", "sync", "async")
+HEADS = ("", "khidden", "mlpsr", "dense", "predsim", "mixedpool")
+MODES = ("e2e", "sequential", "simultaneous", "quicknet", "sync", "async")
 DISTRIBUTED_MODES = ("sync", "async")
 BACKENDS = ("auto", "gloo", "nccl")
 POLICIES = ("fifo", "random", "priority-lifo")
@@ -30,6 +30,9 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 CACHES = ("auto", "memory", "disk", "recompute")
+BALANCES = ("remaining", "equal", "none")
+FALLBACKS = ("confident", "last")
+EARLY_STOP_MODES = ("e2e", "quicknet")
 
 
 @dataclass
@@ -74,6 +77,13 @@ class ObjectiveConfig:
     cascade_initial_epochs: int = 1  # cascade: layer l trains initial + increment * l epochs
     cascade_epoch_increment: int = 1
     predsim_beta: float = 0.99  # predsim: weight of the similarity-matching term
+    # quicknet: a sample is learned (and leaves the later blocks' data) when its exit's
+    # normalised-entropy confidence >= this, its commitment logit > 0 and its prediction is right.
+    # The paper gives no value; the exit curve sweeps the same rule at inference.
+    quicknet_threshold: float = 0.95
+    commit_hidden: int = 0  # quicknet commitment head hidden units; 0 = number of classes (the paper)
+    quicknet_balance: str = "remaining"  # class weights of the draws: remaining | equal | none (objectives/quicknet.py)
+    exit_fallback: str = "confident"  # early exit when no exit passes: most confident exit (paper) | last
 
 
 @dataclass
@@ -90,6 +100,12 @@ class TrainConfig:
     eval_every: int = 1  # epochs between test evaluations (0 = only at the end)
     checkpoint: bool = True  # per-rank checkpoint at every epoch end
     keep_checkpoints: int = 3  # newest epochs kept per rank (0 = all)
+    # e2e and quicknet (QuickNets appendix): the training loss is monitored per epoch; a block (or
+    # the e2e network) stops after `patience` epochs without a new minimum (0 = train all epochs),
+    # and its LR is multiplied by plateau_factor after plateau_patience epochs without one (1 = off)
+    patience: int = 0
+    plateau_factor: float = 1.0
+    plateau_patience: int = 1
 
 
 @dataclass
@@ -111,6 +127,7 @@ class DistConfig:
     timeout_s: float = 300.0  # collective and point-to-point timeout
     placement: list[int] = field(default_factory=list)  # blocks per rank, contiguous; empty = even split
     max_inflight: int = 2  # isends a rank may have outstanding (2 = double buffering)
+    debug_delay_ms: float = 0.0  # chaos testing: sleep U(0, this) ms before every step (seeded per rank)
 
 
 @dataclass
@@ -253,10 +270,19 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
 
     _choice("objective.name", o.name, OBJECTIVES)
-    if o.name == "quicknet":
-        raise ConfigError("objective.name='quicknet' is not available yet (QuickNets land in their own "
-                          "issue); choose khidden, cascade or predsim")
     _choice("objective.head", o.head, HEADS)
+    if not 0.0 <= o.quicknet_threshold <= 1.0:
+        raise ConfigError(f"objective.quicknet_threshold={o.quicknet_threshold} must be in [0, 1] "
+                          "(a normalised-entropy confidence)")
+    _positive("objective.commit_hidden", o.commit_hidden, allow_zero=True)
+    _choice("objective.quicknet_balance", o.quicknet_balance, BALANCES)
+    _choice("objective.exit_fallback", o.exit_fallback, FALLBACKS)
+    if t.mode == "quicknet" and o.name != "quicknet":
+        raise ConfigError(f"train.mode='quicknet' needs objective.name='quicknet' (got {o.name!r}): it trains "
+                          "exit and commitment heads")
+    if o.name == "quicknet" and t.mode == "sequential":
+        raise ConfigError("objective.name='quicknet' with train.mode='sequential' would train every block on "
+                          "all samples and never its commitment head; use train.mode='quicknet'")
     if (o.name == "predsim") != (o.head == "predsim") and o.head:
         raise ConfigError(f"objective.head={o.head!r} does not fit objective.name={o.name!r}: only predsim "
                           "has (and needs) the similarity branch; leave objective.head empty")
@@ -275,6 +301,17 @@ def validate(cfg: JobConfig) -> None:
     _positive("train.log_every", t.log_every)
     _positive("train.eval_every", t.eval_every, allow_zero=True)
     _positive("train.keep_checkpoints", t.keep_checkpoints, allow_zero=True)
+    _positive("train.patience", t.patience, allow_zero=True)
+    _positive("train.plateau_factor", t.plateau_factor)
+    _positive("train.plateau_patience", t.plateau_patience, allow_zero=True)
+    if t.plateau_factor > 1.0:
+        raise ConfigError(f"train.plateau_factor={t.plateau_factor} must be in (0, 1]; 1 = no plateau decay")
+    if (t.patience or t.plateau_factor < 1.0) and t.mode not in EARLY_STOP_MODES:
+        raise ConfigError(f"train.patience / train.plateau_factor (early stopping) apply to train.mode in "
+                          f"{EARLY_STOP_MODES}, not {t.mode!r}; leave them at 0 / 1.0")
+    if t.plateau_factor < 1.0 and op.schedule != "constant":
+        raise ConfigError(f"train.plateau_factor={t.plateau_factor} decays the LR on plateau; it cannot be "
+                          f"combined with optim.schedule={op.schedule!r}; use optim.schedule='constant'")
     if d.augment and t.cache in ("memory", "disk"):
         raise ConfigError(f"train.cache={t.cache!r} freezes one augmented view of the data; with "
                           "data.augment=true use train.cache='recompute' (or 'auto')")
@@ -293,6 +330,7 @@ def validate(cfg: JobConfig) -> None:
     if cfg.dist.placement and min(cfg.dist.placement) <= 0:
         raise ConfigError(f"dist.placement={cfg.dist.placement} must hold a positive block count per rank")
     _positive("dist.max_inflight", cfg.dist.max_inflight)
+    _positive("dist.debug_delay_ms", cfg.dist.debug_delay_ms, allow_zero=True)
     _positive("replay.capacity", cfg.replay.capacity)
     _choice("replay.policy", cfg.replay.policy, POLICIES)
     _positive("replay.max_reuse", cfg.replay.max_reuse)

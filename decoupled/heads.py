@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 
@@ -107,7 +108,63 @@ class PredSimHead(nn.Module):
         return self.pred(h)
 
 
-HEADS = {"khidden": KHiddenHead, "mlpsr": MLPSRHead, "dense": DenseHead, "predsim": PredSimHead}
+class MixedPool(nn.Module):
+    """Mixed max-average pooling (Lee et al. 2016) as in the SDN internal classifiers (Kaya et al.
+    2019) that QuickNets use: alpha * maxpool + (1 - alpha) * avgpool, alpha learned, down to 4x4.
+    Feature maps already 4x4 or smaller pass through; dense features are only flattened."""
+
+    SIDE = 4
+
+    def __init__(self, in_shape):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.empty(1))
+        self.pool = _is_image(in_shape) and max(in_shape[1:]) > self.SIDE
+        if self.pool:
+            c, h, w = in_shape
+            size = (min(self.SIDE, h), min(self.SIDE, w))
+            self.max, self.avg = nn.AdaptiveMaxPool2d(size), nn.AdaptiveAvgPool2d(size)
+            self.out_features = c * size[0] * size[1]
+        else:
+            self.out_features = math.prod(in_shape)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.alpha, 0.5)  # an even mix to start (SDN draws it uniformly)
+
+    def forward(self, h):
+        if self.pool:
+            h = self.alpha * self.max(h) + (1 - self.alpha) * self.avg(h)
+        return h.flatten(1)
+
+
+class MixedPoolHead(nn.Module):
+    """QuickNet exit: mixed max-average pooling then one linear layer; on dense blocks just the
+    output layer ("each early exit consisted of only the output layer", QuickNets appendix)."""
+
+    def __init__(self, in_shape, num_classes: int, k: int = 1, width: int = 128, batchnorm: bool = True):
+        super().__init__()
+        self.pool = MixedPool(in_shape)
+        self.linear = nn.Linear(self.pool.out_features, num_classes)
+
+    def forward(self, h):
+        return self.linear(self.pool(h))
+
+
+class CommitmentHead(nn.Module):
+    """QuickNet commitment head: C hidden units (C = number of classes) -> 1 logit, on the block's
+    (pooled) output. Positive = the exit commits to its prediction. Not a classifier, so not in HEADS."""
+
+    def __init__(self, in_shape, hidden: int):
+        super().__init__()
+        self.pool = MixedPool(in_shape)
+        self.net = nn.Sequential(nn.Linear(self.pool.out_features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, h):
+        return self.net(self.pool(h)).squeeze(-1)
+
+
+HEADS = {"khidden": KHiddenHead, "mlpsr": MLPSRHead, "dense": DenseHead, "predsim": PredSimHead,
+         "mixedpool": MixedPoolHead}
 
 
 def build_head(name: str, in_shape, num_classes: int, k: int, width: int, batchnorm: bool) -> nn.Module:

@@ -1,8 +1,9 @@
 """One training job: config -> data -> stages -> the mode's loop -> run directory.
 
 The run directory holds config.toml (resolved), metrics.jsonl, checkpoints/ and summary.json.
-Single-process modes (e2e, sequential, simultaneous) run here; sync and async run the same stages
-on torchrun ranks through engine/pipeline.py.
+Single-process modes (e2e, sequential, simultaneous, quicknet) run here; sync and async run the same
+stages on torchrun ranks through engine/pipeline.py. `evaluate_run` (decoupled eval) re-scores a
+finished run's checkpoints: per-exit accuracy and the early-exit curve (exits.py).
 """
 from __future__ import annotations
 
@@ -13,22 +14,26 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
-from .config import DISTRIBUTED_MODES, ConfigError, JobConfig, to_toml
+from . import checkpoint, exits
+from .config import DISTRIBUTED_MODES, ConfigError, JobConfig, load, to_toml
 from .data import build_data
 from .engine import distributed
 from .engine.e2e import train_e2e
+from .engine.evaluate import evaluate
 from .engine.pipeline import Pipeline
+from .engine.quicknet import train_quicknet
 from .engine.run import Run
 from .engine.sequential import train_sequential
 from .engine.simultaneous import train_simultaneous
 from .engine.stage import Stage, build_stages
 from .engine.transport import Link
+from .flops import inference_flops, train_flops
 from .metrics import PeakMemory, Recorder
 from .models import ModelError
 from .objectives import OBJECTIVES
 
-LOOPS = {"e2e": train_e2e, "sequential": train_sequential, "simultaneous": train_simultaneous}
+LOOPS = {"e2e": train_e2e, "sequential": train_sequential, "simultaneous": train_simultaneous,
+         "quicknet": train_quicknet}
 RESUMABLE = ("simultaneous", "sync", "async")
 
 
@@ -49,6 +54,30 @@ def default_out() -> Path:
 def total_epochs(cfg: JobConfig, num_blocks: int) -> int:
     cls = OBJECTIVES[cfg.objective.name]
     return max(cls.epochs_for(cfg.objective, j, cfg.train) for j in range(num_blocks))
+
+
+@torch.no_grad()
+def dry_run(stages: list[Stage], in_shape, device) -> list[tuple]:
+    """Forward a 2-sample dummy batch through this rank's blocks (eval mode: no RNG draw, no BN
+    update) and check every block's real output shape against the one it declared."""
+    h = torch.zeros((2, *in_shape), device=device)
+    shapes = [tuple(in_shape)]
+    for s in stages:
+        h = s.forward(h)
+        if tuple(h.shape[1:]) != s.out_shape:
+            raise ConfigError(f"block {s.index} produces {tuple(h.shape[1:])} but declares {s.out_shape}; "
+                              "the model builder is inconsistent (model.name)")
+        shapes.append(tuple(h.shape[1:]))
+    return shapes
+
+
+def handshake(verdicts: list[dict], rank: int) -> None:
+    """Each rank's input shape must be its upstream neighbour's output shape."""
+    if rank > 0:
+        up, mine = verdicts[rank - 1]["shapes"][-1], verdicts[rank]["shapes"][0]
+        if up != mine:
+            raise ConfigError(f"rank {rank - 1} sends {up} but rank {rank} expects {mine}: the block split "
+                              "does not chain (model.blocks / model.block_sizes / dist.placement)")
 
 
 def cascade_handoffs(cfg: JobConfig, plan: list[list[int]], start: int) -> list[int | None]:
@@ -85,7 +114,62 @@ def _prepare_run_dir(cfg: JobConfig, out: Path, resume: bool) -> None:
 
 def _layers(stages: list[Stage], layer_acc: dict[int, float]) -> list[dict]:
     return [{"block": s.index, "test_acc": layer_acc[s.index], "train_samples": s.samples, "epochs": s.epochs_done,
-             "params": sum(p.numel() for p in s.parameters()), "out_shape": list(s.out_shape)} for s in stages]
+             "epoch_samples": s.epoch_samples, "params": sum(p.numel() for p in s.parameters()),
+             "out_shape": list(s.out_shape), **s.info} for s in stages]
+
+
+def _costs(cfg: JobConfig, stages: list[Stage], layers: list[dict]) -> dict:
+    """Training FLOPs per block and in total, inference FLOPs per exit (flops.py), into `layers`."""
+    per_block = train_flops(stages, cfg.train.mode, len(stages), cfg.data.batch_size)
+    per_exit = inference_flops(stages, [exits.uses_commitment(s) for s in stages])
+    for layer, t, i in zip(layers, per_block, per_exit):
+        layer.update(train_flops=t, inference_flops=i)
+    return {"train_flops": sum(per_block)}
+
+
+def _exit_curve(cfg: JobConfig, stages: list[Stage], test, device, out: Path, layers: list[dict],
+                thresholds=None, fallback: str | None = None) -> dict:
+    thresholds = thresholds or (*exits.THRESHOLDS, cfg.objective.quicknet_threshold)
+    fallback = fallback or cfg.objective.exit_fallback
+    curve, per_exit = exits.report(stages, test, cfg.data.eval_batch_size, device, thresholds, fallback,
+                                   [layer["test_acc"] for layer in layers], out / "exit_curve.png",
+                                   f"{cfg.objective.name} / {cfg.model.name} on {cfg.data.name} (fallback: {fallback})")
+    for layer, flops in zip(layers, per_exit):
+        layer["inference_flops"] = flops
+    return {"exit_fallback": fallback, "exit_curve": curve}
+
+
+def evaluate_run(out: Path, thresholds=None, fallback: str | None = None) -> dict:
+    """`decoupled eval --run DIR`: load the run's config and final checkpoints (every rank's), score
+    every exit on the test set, sweep the early-exit rule, update summary.json, plot the curve."""
+    if not (out / "config.toml").is_file():
+        raise ConfigError(f"--run {out}: no config.toml there; is it a run directory?")
+    cfg = load(out / "config.toml")
+    device = resolve_device(cfg.train.device)
+    data = build_data(cfg.data, cfg.train.seed)
+    stages = _stages(cfg, data.input_shape, data.num_classes, device)
+    found: dict[int, dict] = {}
+    rank = 0
+    while done := checkpoint.epochs(out, rank):  # a distributed run: one checkpoint series per rank
+        for sd in checkpoint.load(checkpoint.path(out, rank, done[-1]), map_location=device)["stages"]:
+            found[sd["index"]] = sd
+        rank += 1
+    missing = [s.index for s in stages if s.index not in found]
+    if missing:
+        raise ConfigError(f"--run {out}: no checkpoint of block(s) {missing} in {out / 'checkpoints'} "
+                          "(trained with train.checkpoint=false?)")
+    for s in stages:
+        s.load_state_dict(found[s.index])
+    ev = evaluate(stages, data.test, cfg.data.eval_batch_size, device)
+    path = out / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {"layers": [{} for _ in stages]}
+    layers = summary["layers"]
+    for layer, s, acc in zip(layers, stages, ev["layer_acc"]):
+        layer.update(block=s.index, test_acc=acc)
+    summary.update(ensemble_test_acc=ev["ensemble_acc"],
+                   **_exit_curve(cfg, stages, data.test, device, out, layers, thresholds, fallback))
+    path.write_text(json.dumps(summary, indent=2))
+    return summary
 
 
 def _rank_report(rank: int, stages: list[Stage], memory: PeakMemory, train_s: float, extra: dict) -> dict:
@@ -98,15 +182,18 @@ def _rank_report(rank: int, stages: list[Stage], memory: PeakMemory, train_s: fl
 def _write_summary(cfg, out: Path, world_size: int, device, t_start: float, layers, ensemble, ranks,
                    **extra) -> dict:
     summary = {"mode": cfg.train.mode, "objective": cfg.objective.name, "model": cfg.model.name,
-               "dataset": cfg.data.name, "world_size": world_size, "device": str(device),
+               "dataset": cfg.data.name, "run_dir": str(out), "world_size": world_size, "device": str(device),
                "wall_s": time.perf_counter() - t_start, "layers": layers, "ensemble_test_acc": ensemble,
                "ranks": ranks, **extra}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def train(cfg: JobConfig, out: Path, resume: bool = False) -> dict | None:
-    """Run the job; returns the summary (on rank 0; None on other ranks)."""
+def train(cfg: JobConfig, out: Path | None = None, resume: bool | str = False) -> dict | None:
+    """Run the job in `out` (default runs/<timestamp>); returns the summary on rank 0, None on others.
+
+    resume: True continues from the last epoch every rank completed (an error if there is none);
+    "auto" does the same but starts afresh when there is no checkpoint yet (torchrun restarts)."""
     if resume and cfg.train.mode not in RESUMABLE:
         raise ConfigError(f"--resume supports train.mode in {RESUMABLE}, not {cfg.train.mode!r}")
     if cfg.train.mode in DISTRIBUTED_MODES:
@@ -117,6 +204,7 @@ def train(cfg: JobConfig, out: Path, resume: bool = False) -> dict | None:
         raise ConfigError(f"train.mode={cfg.train.mode!r} runs in one process but WORLD_SIZE={world}; "
                           "use train.mode='sync' or 'async' for several ranks, or --nproc-per-node=1")
     device = resolve_device(cfg.train.device)
+    out = out or default_out()
     torch.manual_seed(cfg.train.seed)
     data = build_data(cfg.data, cfg.train.seed)
     stages = _stages(cfg, data.input_shape, data.num_classes, device)
@@ -125,10 +213,11 @@ def train(cfg: JobConfig, out: Path, resume: bool = False) -> dict | None:
     start = 0
     if resume:
         done = checkpoint.epochs(out, 0)
-        if not done:
+        if not done and resume != "auto":
             raise ConfigError(f"--resume {out}: no checkpoint to resume from in {out / 'checkpoints'}")
-        run.load_checkpoint(done[-1])
-        start = done[-1] + 1
+        if done:
+            run.load_checkpoint(done[-1])
+            start = done[-1] + 1
     memory = PeakMemory(device)  # after the model and data exist: measure what training costs
 
     t0 = time.perf_counter()
@@ -138,21 +227,25 @@ def train(cfg: JobConfig, out: Path, resume: bool = False) -> dict | None:
     train_s = time.perf_counter() - t0
 
     ev = run.evaluate()
-    summary = _write_summary(cfg, out, 1, device, t_start,
-                             _layers(stages, {s.index: a for s, a in zip(stages, ev["layer_acc"])}),
-                             ev["ensemble_acc"], [_rank_report(0, stages, memory, train_s, {})])
+    layers = _layers(stages, {s.index: a for s, a in zip(stages, ev["layer_acc"])})
+    costs = _costs(cfg, stages, layers)
+    if cfg.objective.name == "quicknet":  # the early-exit curve is what QuickNets are for
+        costs.update(_exit_curve(cfg, stages, data.test, device, out, layers))
+    summary = _write_summary(cfg, out, 1, device, t_start, layers, ev["ensemble_acc"],
+                             [_rank_report(0, stages, memory, train_s, {})], **costs)
     run.recorder.log(kind="summary", wall_s=summary["wall_s"], ensemble_test_acc=summary["ensemble_test_acc"])
     run.recorder.close()
     return summary
 
 
-def train_distributed(cfg: JobConfig, out: Path, resume: bool) -> dict | None:
+def train_distributed(cfg: JobConfig, out: Path | None, resume: bool | str) -> dict | None:
     t_start = time.perf_counter()
     world = distributed.init(cfg)
-    try:
-        return _train_rank(cfg, out, resume, world, t_start)
-    finally:
-        distributed.shutdown()
+    out = distributed.broadcast_from_0(out or default_out(), world)  # one run directory for all ranks
+    summary = _train_rank(cfg, out, resume, world, t_start)
+    # Only on success: after a failure the peers may be gone and a collective teardown could hang.
+    distributed.shutdown()
+    return summary
 
 
 def _train_rank(cfg: JobConfig, out: Path, resume: bool, world: distributed.World, t_start: float):
@@ -161,31 +254,40 @@ def _train_rank(cfg: JobConfig, out: Path, resume: bool, world: distributed.Worl
     # Only rank 0 reads the dataset; the others learn its shape from it (or its error).
     data, meta = None, None
     if rank == 0:
-        _prepare_run_dir(cfg, out, resume)  # before the broadcast below, which the others wait on
         try:
+            _prepare_run_dir(cfg, out, resume)  # before the broadcast below, which the others wait on
             data = build_data(cfg.data, cfg.train.seed)
             meta = (data.input_shape, data.num_classes, len(data.train), len(data.test))
-        except ConfigError as e:
-            meta = e
+        except (ConfigError, OSError) as e:
+            meta = ConfigError(str(e))
     input_shape, num_classes, n_train, n_test = distributed.broadcast_from_0(meta, world)
 
+    # Build, place and dry-run the blocks; every rank learns every rank's verdict before anyone
+    # trains, so a rank that cannot start never leaves its peers waiting for it.
     plan: list[list[int]] = []
 
     def select(num_blocks: int) -> list[int]:
         plan.extend(distributed.placement(cfg, num_blocks, world.size))
         return plan[rank]
 
-    stages = _stages(cfg, input_shape, num_classes, device, select)
+    with distributed.agreement(world, "setup") as verdict:
+        stages = _stages(cfg, input_shape, num_classes, device, select)
+        verdict.payload = {"shapes": dry_run(stages, input_shape if rank == 0 else stages[0].in_shape, device)}
+    handshake(verdict.all, rank)
+
     epochs = total_epochs(cfg, sum(len(p) for p in plan))
     run = Run(cfg, data, stages, device, out, Recorder(out / "metrics.jsonl"), rank=rank)
     start = 0
     if resume:  # the last epoch every rank completed
-        have = distributed.all_gather(checkpoint.epochs(out, rank), world)
-        common = set.intersection(*map(set, have))
-        if not common:
-            raise ConfigError(f"--resume {out}: no epoch has a checkpoint on every rank ({have})")
-        run.load_checkpoint(max(common))
-        start = max(common) + 1
+        with distributed.agreement(world, "resume") as verdict:
+            verdict.payload = checkpoint.epochs(out, rank)
+        common = set.intersection(*map(set, verdict.all))
+        with distributed.agreement(world, "resume"):
+            if not common and resume != "auto":
+                raise ConfigError(f"--resume {out}: no epoch has a checkpoint on every rank ({verdict.all})")
+            if common:
+                run.load_checkpoint(max(common))
+        start = max(common) + 1 if common else 0
 
     t = cfg.dist
     recv = Link(world.links[rank], rank - 1, device, t.timeout_s, t.max_inflight) if rank > 0 else None
@@ -224,6 +326,11 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  block {layer['block']}: test_acc {layer['test_acc']:.4f}  "
                      f"train_samples {layer['train_samples']}  epochs {layer['epochs']}")
     lines.append(f"  ensemble test_acc {summary['ensemble_test_acc']:.4f}")
+    if "train_flops" in summary:
+        lines.append(f"  train FLOPs {summary['train_flops']:.4g}")
+    for r in summary.get("exit_curve", []):
+        lines.append(f"  early exit t={r['threshold']:g}: test_acc {r['accuracy']:.4f}  "
+                     f"{r['avg_flops'] / 1e6:.4f} MFLOPs/sample  exits {[round(f, 3) for f in r['exit_fraction']]}")
     for r in summary["ranks"]:
         line = (f"  rank {r['rank']} (blocks {r['blocks']}): peak_mem {r['peak_mem_bytes'] / 2**20:.1f} MiB  "
                 f"{r['samples_per_s']:.0f} samples/s")

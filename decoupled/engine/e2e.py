@@ -2,12 +2,14 @@
 
 Per-layer accuracies of an end-to-end network are measured the way Marquez et al. 2018 do: after
 training, every intermediate head is fitted on the frozen features (train.probe_epochs).
+Early stopping and plateau LR decay (train.patience, train.plateau_factor) as for QuickNets.
 """
 from __future__ import annotations
 
 import torch
 
 from ..data import batches, num_batches
+from .early_stop import EarlyStopping
 from .run import Run
 from .stage import build_optimizer, build_scheduler
 
@@ -15,12 +17,15 @@ from .stage import build_optimizer, build_scheduler
 def train_e2e(run: Run, start_epoch: int = 0) -> None:
     cfg, stages = run.cfg, run.stages
     last = stages[-1]
-    params = [p for s in stages for p in s.block.parameters()] + list(last.objective.parameters())
+    params = [p for s in stages for p in s.block.parameters()] + list(last.objective.local_parameters())
     opt = build_optimizer(params, cfg.optim, cfg.optim.lr)
     sched = build_scheduler(opt, cfg.optim, cfg.train.epochs)
+    stop = EarlyStopping(opt, cfg.train)
     torch.manual_seed(cfg.train.seed)  # e2e has one RNG stream (dropout) for the whole network
     steps = num_batches(len(run.data.train), cfg.data.batch_size)
+    last_epoch = cfg.train.epochs - 1
     for epoch in range(start_epoch, cfg.train.epochs):
+        total = torch.zeros((), device=run.device)
         with run.progress(steps, f"e2e epoch {epoch + 1}/{cfg.train.epochs}") as bar:
             for b in batches(run.data.train, cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch,
                              augment=cfg.data.augment):
@@ -33,36 +38,45 @@ def train_e2e(run: Run, start_epoch: int = 0) -> None:
                 opt.zero_grad(set_to_none=True)
                 res.loss.backward()
                 opt.step()
+                total += res.loss.detach() * len(y)
                 for s in stages:
                     s.samples += len(y)
                     s.steps += 1
                 run.log_step(epoch, last, res, y)
                 bar.update()
-        sched.step()
+        if stop.plateau is None:  # the plateau rule owns the LR when on
+            sched.step()
         for s in stages:
-            s.epochs_done += 1
-        if epoch + 1 < cfg.train.epochs:  # the last epoch is evaluated after the probes
+            s.end_epoch(step_scheduler=False)  # the stages' own optimizers are unused here
+        stopped = stop.step(float(total) / len(run.data.train))
+        if stopped:
+            last_epoch = epoch
+        if epoch < last_epoch:  # the last epoch is evaluated after the probes
             run.end_epoch(epoch)
+        if stopped:
+            break
     fit_probes(run)
-    run.end_epoch(cfg.train.epochs - 1)
+    run.end_epoch(last_epoch)
 
 
 def fit_probes(run: Run) -> None:
     """Train each intermediate head on its block's frozen features; blocks do not change."""
     cfg = run.cfg
     for s in run.stages[:-1]:
-        opt = build_optimizer(s.objective.parameters(), cfg.optim, cfg.optim.lr)
+        opt = build_optimizer(s.objective.local_parameters(), cfg.optim, cfg.optim.lr)
         for epoch in range(cfg.train.probe_epochs):
             for b in batches(run.data.train, cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch):
                 h, y = run.to_device(b.x, b.y)
                 with torch.no_grad():
                     for t in run.stages[: s.index + 1]:
                         h = t.forward(h)
+                        t.work["forward"] += len(y)  # frozen features: counted as training work
                 with s.rng:
                     s.objective.train()
                     res = s.objective(h, y)
                     opt.zero_grad(set_to_none=True)
                     res.loss.backward()
                     opt.step()
+                s.work["exit_step"] += len(y)
         run.eval_fresh = False
         run.recorder.log(kind="probe", block=s.index, epochs=cfg.train.probe_epochs)

@@ -34,6 +34,7 @@ def train_sequential(run: Run, start_epoch: int = 0) -> None:
                         x = run.to_device(b.x)[0]
                         for frozen in stages[: s.index]:
                             x = frozen.forward(x)
+                            frozen.work["forward"] += len(y)  # counted by flops.train_flops
                     _, res = s.train_step(x, y)
                     run.log_step(epoch, s, res, y)
                     bar.update()
@@ -44,4 +45,5 @@ def train_sequential(run: Run, start_epoch: int = 0) -> None:
             path = run.out / "cache" / f"block{s.index}.npy" if run.out else None
             source = cache if cache is not None else run.data.train.x
             cache = PseudoInputs.compute(s, source, cfg.data.eval_batch_size, mode, path, run.device)
+            s.work["forward"] += len(cache)
             run.recorder.log(kind="cache", block=s.index, where=mode, samples=len(cache))

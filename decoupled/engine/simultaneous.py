@@ -26,6 +26,7 @@ def train_simultaneous(run: Run, start_epoch: int = 0) -> None:
                         run.log_step(epoch, s, res, y)
                     else:
                         h = s.forward(h)
+                        s.work["forward"] += len(y)  # frozen block: counted by flops.train_flops
                 bar.update()
         for s in stages:
             if s.training:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 
 import torch
 from torch import nn
@@ -17,6 +18,10 @@ from ..config import JobConfig, OptimConfig
 from ..models import build_model
 from ..objectives import Objective, build_objective
 from ..rng import RngState, derive_seed
+
+
+class NonFiniteError(RuntimeError):
+    """A block's loss or activations became NaN or inf."""
 
 
 def init_module(module: nn.Module, seed: int) -> None:
@@ -49,25 +54,35 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, epochs: int):
 
 
 class Stage:
-    def __init__(self, index: int, block: nn.Module, objective: Objective, out_shape, epochs: int,
+    def __init__(self, index: int, block: nn.Module, objective: Objective, in_shape, out_shape, epochs: int,
                  cfg: JobConfig, device: torch.device):
         self.index = index
         self.block = block.to(device)
         self.objective = objective.to(device)
+        self.in_shape = tuple(in_shape)
         self.out_shape = tuple(out_shape)
         self.epochs = epochs  # this block's training budget, in epochs
         self.device = device
         lr = cfg.optim.lr * cfg.optim.block_lr_decay ** index
-        self.optimizer = build_optimizer(self.parameters(), cfg.optim, lr)
+        self.optimizer = build_optimizer(self.local_parameters(), cfg.optim, lr)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, epochs)
         self.rng = RngState(derive_seed(cfg.train.seed, "stage-rng", index), device)
         self.epochs_done = 0
         self.steps = 0
         self.samples = 0  # samples this block actually trained on
+        self.epoch_samples: list[int] = []  # of those, per epoch (end_epoch)
+        # samples of other training work by kind (frozen forwards, commitment steps...), for
+        # flops.train_flops; `info`: facts a trainer reports in summary.json layers[]
+        self.work: Counter[str] = Counter()
+        self.info: dict = {}
         self.compute_s = 0.0
 
     def parameters(self):
         return list(self.block.parameters()) + list(self.objective.parameters())
+
+    def local_parameters(self):
+        """What train_step's optimizer steps: the block and its objective's local parameters."""
+        return list(self.block.parameters()) + list(self.objective.local_parameters())
 
     @property
     def training(self) -> bool:
@@ -82,6 +97,7 @@ class Stage:
             self.objective.train()
             out = self.block(x)
             res = self.objective(out, y, mask)
+            self._check_finite(res.loss, out)
             self.optimizer.zero_grad(set_to_none=True)
             res.loss.backward()
             self.optimizer.step()
@@ -90,8 +106,18 @@ class Stage:
         self.compute_s += time.perf_counter() - t0
         return out.detach(), res
 
-    def end_epoch(self) -> None:
-        self.scheduler.step()
+    def _check_finite(self, loss: torch.Tensor, out: torch.Tensor) -> None:
+        # One fused check (a single device sync) per step: a diverged block must stop the job with
+        # its name and step, not feed NaNs downstream for hours.
+        if not bool(torch.isfinite(loss) & torch.isfinite(out).all()):
+            what = "loss" if not bool(torch.isfinite(loss)) else "output activations"
+            raise NonFiniteError(f"block {self.index} step {self.steps + 1}: {what} not finite "
+                                 f"(loss={float(loss.detach()):.4g}); lower optim.lr or check the data")
+
+    def end_epoch(self, step_scheduler: bool = True) -> None:
+        self.epoch_samples.append(self.samples - sum(self.epoch_samples))
+        if step_scheduler:
+            self.scheduler.step()
         self.epochs_done += 1
 
     @torch.no_grad()
@@ -108,7 +134,7 @@ class Stage:
         return {"index": self.index, "block": self.block.state_dict(), "objective": self.objective.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "rng": self.rng.state_dict(), "epochs_done": self.epochs_done, "steps": self.steps,
-                "samples": self.samples}
+                "samples": self.samples, "epoch_samples": self.epoch_samples, "work": dict(self.work)}
 
     def load_state_dict(self, sd: dict) -> None:
         assert sd["index"] == self.index, f"checkpoint of block {sd['index']} loaded into block {self.index}"
@@ -118,6 +144,7 @@ class Stage:
         self.scheduler.load_state_dict(sd["scheduler"])
         self.rng.load_state_dict(sd["rng"])
         self.epochs_done, self.steps, self.samples = sd["epochs_done"], sd["steps"], sd["samples"]
+        self.epoch_samples, self.work = list(sd.get("epoch_samples", [])), Counter(sd.get("work", {}))
 
 
 def build_stages(cfg: JobConfig, input_shape, num_classes: int, device: torch.device,
@@ -133,5 +160,6 @@ def build_stages(cfg: JobConfig, input_shape, num_classes: int, device: torch.de
         objective = build_objective(cfg.objective, built.shapes[j], num_classes)
         init_module(objective, derive_seed(cfg.train.seed, "head", j))
         epochs = objective.epochs_for(cfg.objective, j, cfg.train)
-        stages.append(Stage(j, block, objective, built.shapes[j], epochs, cfg, device))
+        in_shape = tuple(input_shape) if j == 0 else built.shapes[j - 1]
+        stages.append(Stage(j, block, objective, in_shape, built.shapes[j], epochs, cfg, device))
     return stages

@@ -4,11 +4,13 @@ from .base import LocalOutput, Objective
 from .cascade import Cascade
 from .khidden import KHidden
 from .predsim import PredSim
+from .quicknet import QuickNet
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "khidden": KHidden,
     "cascade": Cascade,
     "predsim": PredSim,
+    "quicknet": QuickNet,
 }
 
 

@@ -52,6 +52,11 @@ class Objective(nn.Module):
             conf, pred = logits.detach().softmax(-1).max(-1)
         return LocalOutput(loss, logits, pred, conf)
 
+    def local_parameters(self):
+        """What the block's optimizer steps besides the block: the whole objective by default;
+        QuickNet keeps its commitment head out (it trains in its own phase)."""
+        return self.parameters()
+
     @classmethod
     def epochs_for(cls, cfg: ObjectiveConfig, block: int, train: TrainConfig) -> int:
         """How many epochs block `block` (0-based) trains; the same for every block by default.

@@ -23,7 +23,10 @@ class PredSim(Objective):
     def loss(self, h, logits, y, mask):
         pred_loss = masked_mean(F.cross_entropy(logits, y, reduction="none"), mask)
         if mask is not None:
-            h, y = h[mask], y[mask]
+            keep = mask.bool()  # a 0/1 float or int mask must select samples, not index rows 0 and 1
+            h, y = h[keep], y[keep]
+            if len(y) == 0:  # nothing kept: no similarity term (an empty MSE is NaN)
+                return (1 - self.cfg.predsim_beta) * pred_loss
         onehot = F.one_hot(y, self.num_classes).to(h.dtype)
         sim_loss = F.mse_loss(similarity_matrix(self.head.sim(h)), similarity_matrix(onehot))
         beta = self.cfg.predsim_beta

@@ -1,0 +1,173 @@
+"""QuickNets (Patel & Siegelmann), Algorithm 1, in one process:
+
+    T_0 = the whole training set
+    for each block j:
+        train block j and its exit on T_j with cross-entropy, until early stopping
+        train its commitment head on T_j (block frozen; BCE on "the exit is right"), until early stopping
+        L_j = the samples of T_j the exit counts as learned (QuickNet.learned)
+        T_{j+1} = T_j - L_j
+
+An epoch draws |T_j| samples with replacement, class-weighted (objectives/quicknet.py,
+class_sample_weights), from a generator seeded by (seed, phase, block, epoch): runs are deterministic.
+Early stopping and plateau LR decay watch the epoch's mean training loss (engine/early_stop.py).
+
+A frozen block's outputs over T_j are computed once, in eval mode, and kept as train.cache says:
+they feed the commitment head, the learned mask and the next block (recompute: pushed through the
+frozen blocks each time, as augmentation needs). Every forward made for training is counted in
+stage.work, so flops.train_flops charges for it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..data import augment_batch, num_batches
+from ..objectives.quicknet import class_sample_weights
+from ..rng import generator
+from .cache import PseudoInputs
+from .early_stop import EarlyStopping
+from .run import Run
+from .sequential import cache_mode
+from .stage import Stage, build_optimizer
+
+
+class Inputs:
+    """One block's inputs, looked up by training-sample id: the cached outputs of the frozen block
+    before it, or the raw data pushed through the frozen blocks."""
+
+    def __init__(self, raw: torch.Tensor, frozen: list[Stage], cache: PseudoInputs | None, device: torch.device):
+        self.raw, self.frozen, self.cache, self.device = raw, frozen, cache, device
+
+    def get(self, ids: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
+        if self.cache is not None:
+            return self.cache.get(ids)
+        x = self.raw[ids]
+        if g is not None:
+            x = augment_batch(x, g)
+        x = x.to(self.device)
+        for f in self.frozen:
+            x = f.forward(x)
+            f.work["forward"] += len(ids)
+        return x
+
+    def after(self, stage: Stage, ids: torch.Tensor, where: str, path: Path | None, chunk: int) -> "Inputs":
+        """The inputs of the block after `stage`, for the samples `ids`: `stage`'s frozen outputs."""
+        if where == "recompute":
+            return Inputs(self.raw, self.frozen + [stage], None, self.device)
+        cache = PseudoInputs.allocate(len(self.raw), stage.out_shape, where, path, self.device)
+        for part in ids.split(chunk):
+            cache.put(part, stage.forward(self.get(part)))
+        stage.work["forward"] += len(ids)
+        cache.flush()
+        return Inputs(self.raw, [], cache, self.device)
+
+
+def draw(remaining: torch.Tensor, weights: torch.Tensor, seed: int, *names) -> torch.Tensor:
+    """One epoch: |T_j| sample ids drawn with replacement with the class-balancing weights."""
+    picks = torch.multinomial(weights, len(remaining), replacement=True, generator=generator(seed, "quicknet", *names))
+    return remaining[picks]
+
+
+def train_block(run: Run, s: Stage, inputs: Inputs, remaining: torch.Tensor, weights: torch.Tensor,
+                done: int) -> int:
+    """Phase 1: block + exit on T_j until early stopping. Returns the epochs of all blocks so far."""
+    cfg = run.cfg
+    stop = EarlyStopping(s.optimizer, cfg.train)
+    bs = cfg.data.batch_size
+    for epoch in range(s.epochs):
+        ids_all = draw(remaining, weights, cfg.train.seed, "block", s.index, epoch)
+        g = generator(cfg.train.seed, "quicknet-augment", s.index, epoch) if cfg.data.augment else None
+        total = torch.zeros((), device=run.device)
+        with run.progress(num_batches(len(ids_all), bs), f"block {s.index} epoch {epoch + 1}/{s.epochs}") as bar:
+            for ids in ids_all.split(bs):
+                y = run.to_device(run.data.train.y[ids])[0]
+                _, res = s.train_step(inputs.get(ids, g), y)
+                total += res.loss.detach() * len(ids)
+                run.log_step(epoch, s, res, y)
+                bar.update()
+        loss = float(total) / len(ids_all)
+        run.recorder.log(kind="quicknet_epoch", block=s.index, epoch=epoch, loss=loss, samples=len(ids_all),
+                         lr=s.optimizer.param_groups[0]["lr"])
+        s.end_epoch(step_scheduler=stop.plateau is None)  # the plateau rule owns the LR when on
+        run.end_epoch(done, block=s.index)
+        done += 1
+        if stop.step(loss):
+            break
+    return done
+
+
+def train_commitment(run: Run, s: Stage, feats: Inputs, remaining: torch.Tensor, weights: torch.Tensor,
+                     correct: torch.Tensor) -> int:
+    """Phase 2: the commitment head alone, its own optimizer and early stopping, on the frozen
+    block's features of T_j; target = whether the frozen exit predicts the sample right."""
+    cfg, obj = run.cfg, s.objective
+    opt = build_optimizer(obj.commit.parameters(), cfg.optim, cfg.optim.lr * cfg.optim.block_lr_decay ** s.index)
+    stop = EarlyStopping(opt, cfg.train)
+    for epoch in range(s.epochs):
+        ids_all = draw(remaining, weights, cfg.train.seed, "commit", s.index, epoch)
+        total = torch.zeros((), device=run.device)
+        for ids in ids_all.split(cfg.data.batch_size):
+            h = feats.get(ids)
+            with s.rng:
+                obj.train()
+                loss = obj.commitment_loss(h, correct[ids].to(run.device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            s.work["commit_step"] += len(ids)
+            total += loss.detach() * len(ids)
+        loss = float(total) / len(ids_all)
+        run.recorder.log(kind="commit_epoch", block=s.index, epoch=epoch, loss=loss, lr=opt.param_groups[0]["lr"])
+        if stop.step(loss):
+            break
+    obj.commit_trained.fill_(True)
+    return epoch + 1
+
+
+@torch.no_grad()
+def exit_pass(run: Run, s: Stage, feats: Inputs, remaining: torch.Tensor, learned: bool) -> torch.Tensor:
+    """Eval-mode pass of the frozen exit over T_j: (|T_j|,) bool, whether the exit is right, or
+    (learned=True) whether it counts the sample as learned."""
+    obj, y_all, parts = s.objective.eval(), run.data.train.y, []
+    for ids in remaining.split(run.cfg.data.eval_batch_size):
+        h, y = feats.get(ids), run.to_device(y_all[ids])[0]
+        out = obj(h, y)
+        parts.append((obj.learned(out, obj.commitment(h), y) if learned else out.pred == y).cpu())
+    s.work["exit"] += len(remaining)
+    if learned:
+        s.work["commit"] += len(remaining)
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
+
+
+def train_quicknet(run: Run, start_epoch: int = 0) -> None:
+    cfg, train = run.cfg, run.data.train
+    where = cache_mode(run)
+    counts0 = torch.bincount(train.y, minlength=run.data.num_classes)  # |T_0 ∩ c|
+    remaining = torch.arange(len(train))  # T_j, as sample ids
+    inputs = Inputs(train.x, [], None, run.device)
+    done = 0  # epochs of all blocks so far: names the checkpoints
+    for s in run.stages:
+        s.info.update(train_set=len(remaining),
+                      train_set_per_class=torch.bincount(train.y[remaining], minlength=len(counts0)).tolist())
+        if len(remaining) == 0:  # everything learned: nothing left for this block
+            s.info.update(learned=0, commit_epochs=0)
+            continue
+        weights = class_sample_weights(train.y[remaining], counts0, cfg.objective.quicknet_balance)
+        done = train_block(run, s, inputs, remaining, weights, done)
+        path = run.out / "cache" / f"quicknet-block{s.index}.npy" if run.out else None
+        feats = inputs.after(s, remaining, where, path, cfg.data.eval_batch_size)
+        correct = torch.zeros(len(train), dtype=torch.bool)
+        correct[remaining] = exit_pass(run, s, feats, remaining, learned=False)
+        commit_epochs = train_commitment(run, s, feats, remaining, weights, correct)
+        learned = exit_pass(run, s, feats, remaining, learned=True)
+        s.info.update(learned=int(learned.sum()), commit_epochs=commit_epochs,
+                      train_correct=int(correct[remaining].sum()))
+        run.recorder.log(kind="quicknet", block=s.index, train_set=len(remaining), learned=int(learned.sum()),
+                         epochs=s.epochs_done, commit_epochs=commit_epochs, train_samples=s.samples,
+                         epoch_samples=s.epoch_samples)
+        run.eval_fresh = False
+        if cfg.train.checkpoint and run.out is not None:  # now with the trained commitment head
+            run.save_checkpoint(done - 1)
+        remaining = remaining[~learned]
+        inputs = feats

@@ -1,0 +1,165 @@
+"""The GPipe baseline of `decoupled bench`: the e2e network (every block, then the last block's head
+and one global cross-entropy) pipelined over the same K-rank split as the decoupled engine, with
+torch.distributed.pipelining (PipelineStage + ScheduleGPipe; "alpha" in PyTorch's docs).
+
+    torchrun --nproc-per-node=K -m decoupled.gpipe CONFIG.toml OUT.json MICROBATCHES
+
+Trains config epochs (the first is warm-up) and writes one bench row to OUT.json.
+
+What breaks, measured on torch 2.14.1 / gloo / CPU:
+- a stage infers its microbatch shapes at the first step and keeps them: a smaller last batch fails
+  on the last stage ("Expected input batch_size (16) to match target batch_size (10)") or in the
+  p2p receive. We drop the partial last batch of every epoch and report how many samples that is.
+- the schedule's p2p waits cover both transfer and waiting on the neighbour (the bubble); from
+  outside gloo they cannot be told apart, so comm_s here is all time blocked in p2p waits and
+  idle_s the rest of the wall time outside compute (Python and scheduling overhead).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+from torch.distributed.pipelining import schedules as _schedules
+
+from .config import load
+from .data import batches, build_data
+from .engine.distributed import placement, resolve_backend
+from .engine.stage import build_optimizer, init_module
+from .metrics import PeakMemory
+from .models import build_model
+from .objectives import build_objective
+from .rng import derive_seed
+
+WAIT_S = [0.0]  # time blocked in the schedule's p2p waits
+_wait = _schedules._wait_batch_p2p
+
+
+def _timed_wait(work):
+    t0 = time.perf_counter()
+    try:
+        return _wait(work)
+    finally:
+        WAIT_S[0] += time.perf_counter() - t0
+
+
+_schedules._wait_batch_p2p = _timed_wait  # the GPipe schedule calls it by its module-global name
+
+
+class TimedStage(PipelineStage):
+    """A PipelineStage that adds up the time of its forward and backward chunks (pure compute)."""
+    compute_s = 0.0
+
+    def forward_one_chunk(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return super().forward_one_chunk(*args, **kwargs)
+        finally:
+            self.compute_s += time.perf_counter() - t0
+
+    def backward_one_chunk(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return super().backward_one_chunk(*args, **kwargs)
+        finally:
+            self.compute_s += time.perf_counter() - t0
+
+
+def median(xs):
+    xs = sorted(xs)
+    m = len(xs) // 2
+    return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
+
+
+def main(cfg_path: str, out: str, microbatches: int) -> None:
+    cfg = load(cfg_path)
+    backend, device = resolve_backend(cfg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.dist.timeout_s))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    seed = cfg.train.seed
+    torch.manual_seed(seed)
+    data = build_data(cfg.data, seed)  # every rank: rank 0 needs the inputs, the last rank the labels
+
+    # The same blocks, initialised from the same seeds as the engine's stages; the last rank adds
+    # the last block's head (the e2e classifier) and the loss.
+    built = build_model(cfg.model, data.input_shape, data.num_classes)
+    plan = placement(cfg, len(built.blocks), world)
+    parts = []
+    for j in plan[rank]:
+        init_module(built.blocks[j], derive_seed(seed, "block", j))
+        parts.append(built.blocks[j])
+    if rank == world - 1:
+        last = len(built.blocks) - 1
+        head = build_objective(cfg.objective, built.shapes[last], data.num_classes).head
+        init_module(head, derive_seed(seed, "head", last))
+        parts.append(head)
+    module = nn.Sequential(*parts).to(device)
+    del built
+    opt = build_optimizer(module.parameters(), cfg.optim, cfg.optim.lr)
+    stage = TimedStage(module, rank, world, device)
+    schedule = ScheduleGPipe(stage, n_microbatches=microbatches, loss_fn=lambda out, y: F.cross_entropy(out, y))
+    memory = PeakMemory(device)
+
+    B = cfg.data.batch_size
+    epochs, dropped, losses_seen = [], 0, []
+    for epoch in range(cfg.train.epochs):
+        t0, c0, w0, trained = time.perf_counter(), stage.compute_s, WAIT_S[0], 0
+        for b in batches(data.train, B, seed=seed, epoch=epoch, augment=cfg.data.augment):
+            if len(b.y) != B:  # see the module docstring: shapes are fixed at the first step
+                dropped += len(b.y) * (epoch == 0)
+                continue
+            x, y = b.x.to(device), b.y.to(device)
+            opt.zero_grad(set_to_none=True)
+            losses: list = []
+            args = (x,) if rank == 0 else ()
+            kwargs = {"target": y, "losses": losses} if rank == world - 1 else {}
+            schedule.step(*args, **kwargs)
+            t = time.perf_counter()
+            opt.step()
+            stage.compute_s += time.perf_counter() - t
+            trained += len(y)
+            if losses:
+                losses_seen.append(float(torch.stack([l.detach() for l in losses]).mean()))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall = time.perf_counter() - t0
+        epochs.append({"wall_s": wall, "compute_s": stage.compute_s - c0, "comm_s": WAIT_S[0] - w0,
+                       "samples": trained})
+
+    timed = epochs[1:] or epochs
+    per = lambda key: sum(e[key] for e in timed) / len(timed)  # noqa: E731
+    mine = {"rank": rank, "blocks": plan[rank], **memory.report(), "epoch_s": median([e["wall_s"] for e in timed]),
+            "compute_s": per("compute_s"), "comm_s": per("comm_s"),
+            "idle_s": max(per("wall_s") - per("compute_s") - per("comm_s"), 0.0),
+            "samples": timed[-1]["samples"], "last_loss": losses_seen[-1] if losses_seen else None}
+    reports = [None] * world if rank == 0 else None
+    dist.gather_object(mine, reports, dst=0)
+    if rank == 0:
+        epoch_s = reports[-1]["epoch_s"]  # the last stage closes every step
+        row = {"mode": "gpipe", "samples_per_s": reports[-1]["samples"] / epoch_s, "epoch_s": epoch_s,
+               "microbatches": microbatches, "ranks": reports, "placement": plan, "backend": backend,
+               "train_loss_last": reports[-1]["last_loss"],
+               "dropped_samples_per_epoch": dropped,
+               "notes": ["global loss at the last stage (e2e backprop through every block, pipelined)",
+                         f"ScheduleGPipe with {microbatches} microbatches of {B // microbatches} samples",
+                         "partial last batches are dropped: stage shapes are fixed at the first step"]}
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(row, indent=2))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4:
+        sys.exit("usage: torchrun --nproc-per-node=K -m decoupled.gpipe CONFIG.toml OUT.json MICROBATCHES")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
