@@ -189,6 +189,10 @@ def _parse_value(text: str):
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
+        pass
+    try:
+        return float(text)  # numbers TOML is stricter about, such as .001 or 1.
+    except ValueError:
         return text
 
 
@@ -288,6 +292,9 @@ def validate(cfg: JobConfig) -> None:
                           "has (and needs) the similarity branch; leave objective.head empty")
     _positive("objective.k", o.k)
     _positive("objective.aux_width", o.aux_width)
+    if (o.head or ("dense" if o.name == "cascade" else "")) == "dense" and o.aux_width < 2:
+        raise ConfigError(f"objective.aux_width={o.aux_width} is too small for the dense output block "
+                          "(n -> n/2 -> classes); use at least 2")
     _positive("objective.cascade_initial_epochs", o.cascade_initial_epochs)
     _positive("objective.cascade_epoch_increment", o.cascade_epoch_increment, allow_zero=True)
     if not 0.0 <= o.predsim_beta <= 1.0:

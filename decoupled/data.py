@@ -140,7 +140,7 @@ def _subset(x, y, limit: int, seed: int, name: str):
 def build_data(cfg: DataConfig, seed: int) -> Data:
     xtr, ytr, xte, yte, num_classes = LOADERS[cfg.name](cfg, seed)
     xtr, ytr = _subset(xtr, ytr, cfg.limit_train, seed, "train")
-    xte, yte = _subset(xte, yte, cfg.limit_test, seed, "test")
+    xte, yte = _subset(xte, yte, cfg.limit_test, 0, "test")  # the test set never depends on the job seed
     for split, y in (("train", ytr), ("test", yte)):
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise ConfigError(f"data.name={cfg.name!r}: {split} labels outside [0, {num_classes}); "

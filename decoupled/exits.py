@@ -103,15 +103,16 @@ def plot(curve: list[dict], exit_points: list[tuple[float, float]], path: Path, 
 
 
 def report(stages, split: Split, batch_size: int, device: torch.device, thresholds, fallback: str,
-           layer_acc: list[float], png: Path | None = None, title: str = "") -> tuple[list[dict], list[float]]:
+           layer_acc: list[float], png: Path | None = None, title: str = "",
+           flop_batch: int = 64) -> tuple[list[dict], list[float]]:
     """The exit curve over `split`, and each exit's inference FLOPs under the exit rule (every
     block, exit and used commitment head up to it); plotted to `png` when given."""
-    cum = inference_flops(stages, [uses_commitment(s) for s in stages])
+    cum = inference_flops(stages, [uses_commitment(s) for s in stages], flop_batch)
     curve = exit_curve(collect(stages, split, batch_size, device), cum, sorted(set(thresholds)), fallback)
     if png is not None:
         blocks, single = 0.0, []  # every sample leaves at exit j: blocks up to j and that one head
         for s in stages:
-            c = stage_costs(s, batch=2)
+            c = stage_costs(s, flop_batch)
             blocks += c["forward"]
             single.append(blocks + c["exit"])
         plot(curve, list(zip(single, layer_acc)), png, title)

@@ -7,9 +7,10 @@ input gradient and is not charged for one, while block j > 0 of an end-to-end ne
 Not counted: elementwise work (activations, BatchNorm, pooling, bias adds, softmax, losses), the
 optimizer update and data movement; for MLPs and CNNs the matmuls/convolutions dominate.
 
-Each count runs once per stage on a copy of the block and objective on the meta device: no real
-arithmetic, and the real weights, BatchNorm statistics and RNG streams are untouched. Counting a
-whole batch and dividing by its size keeps batch-coupled terms (predsim's similarity matrices) exact.
+Each count runs on a copy of the block and objective on the meta device: no real arithmetic, and
+the real weights, BatchNorm statistics and RNG streams are untouched. Counting a whole batch and
+dividing by its size keeps batch-coupled terms (predsim's similarity matrices) exact. A stage's
+architecture never changes, so its counts are kept (per stage and batch size) once made.
 
 train_flops(stage) = stage.samples x (local step: block + exit forward and backward)
                      + sum over stage.work[kind] x (that kind's per-sample cost)
@@ -20,11 +21,13 @@ Test-set evaluation is not training and is not counted.
 from __future__ import annotations
 
 import copy
+import weakref
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 META = torch.device("meta")
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # stage -> {batch: costs}
 
 
 def count_flops(fn) -> int:
@@ -37,14 +40,23 @@ def _meta(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module).to(META)
 
 
-def stage_costs(stage, batch: int = 64, last: bool = False) -> dict[str, float]:
+def stage_costs(stage, batch: int = 64) -> dict[str, float]:
     """Per-sample FLOPs of every kind of work on one stage (see the module docstring).
 
     step:        train-mode block + objective loss, forward + backward, block input detached
-    e2e_step:    the same piece inside end-to-end backprop: input gradient for blocks after the
-                 first, the loss head only on the `last` block
+    e2e_step:    the block's piece of end-to-end backprop: forward + backward, with the gradient of
+                 its input for every block after the first
+    e2e_head:    the loss head's piece (last block only): forward + backward into the block output
     forward:     eval-mode block forward;  exit / commit: eval-mode exit / commitment head forward
     exit_step / commit_step: that head's forward + backward on detached features"""
+    batch = max(batch, 2)  # train-mode BatchNorm1d refuses a batch of one
+    kept = _KEPT.setdefault(stage, {})
+    if batch not in kept:
+        kept[batch] = _count_stage(stage, batch)
+    return kept[batch]
+
+
+def _count_stage(stage, batch: int) -> dict[str, float]:
     block, obj = _meta(stage.block), _meta(stage.objective)
     x = torch.zeros((batch, *stage.in_shape), device=META)
     y = torch.zeros(batch, dtype=torch.long, device=META)
@@ -53,9 +65,12 @@ def stage_costs(stage, batch: int = 64, last: bool = False) -> dict[str, float]:
 
     def train_piece(input_grad: bool, with_head: bool):
         block.train(), obj.train()
-        xin = x.clone().requires_grad_(input_grad)
-        out = block(xin)
-        (obj(out, y).loss if with_head else out.sum()).backward()
+        out = block(x.clone().requires_grad_(input_grad))
+        (obj(out, y).loss if with_head else out.sum()).backward()  # sum: its backward is not counted
+
+    def e2e_head():
+        obj.train()
+        obj(h.clone().requires_grad_(True), y).loss.backward()
 
     def head_step(fn):
         obj.train()
@@ -68,7 +83,8 @@ def stage_costs(stage, batch: int = 64, last: bool = False) -> dict[str, float]:
         commit_fwd = count_flops(lambda: obj.commitment(h)) if has_commit else 0
     costs = {
         "step": count_flops(lambda: train_piece(False, True)),
-        "e2e_step": count_flops(lambda: train_piece(stage.index > 0, last)),
+        "e2e_step": count_flops(lambda: train_piece(stage.index > 0, False)),
+        "e2e_head": count_flops(e2e_head),
         "forward": fwd, "exit": exit_fwd, "commit": commit_fwd,
         "exit_step": count_flops(lambda: head_step(obj.head)),
         "commit_step": count_flops(lambda: head_step(obj.commitment)) if has_commit else 0,
@@ -82,18 +98,18 @@ def train_flops(stages, mode: str, num_blocks: int, batch: int = 64) -> list[flo
     rank of the distributed engine can report its own and rank 0 can add them up."""
     out = []
     for s in stages:
-        c = stage_costs(s, batch, last=s.index == num_blocks - 1)
-        step = c["e2e_step"] if mode == "e2e" else c["step"]
+        c = stage_costs(s, batch)
+        step = c["e2e_step"] + c["e2e_head"] * (s.index == num_blocks - 1) if mode == "e2e" else c["step"]
         out.append(s.samples * step + sum(n * c[kind] for kind, n in s.work.items()))
     return out
 
 
-def inference_flops(stages, commit: list[bool]) -> list[float]:
+def inference_flops(stages, commit: list[bool], batch: int = 64) -> list[float]:
     """Per exit: the FLOPs for one sample to reach and decide there, i.e. every block, exit head and
     (where used) commitment head up to and including that exit."""
     total, out = 0.0, []
     for s, uses in zip(stages, commit):
-        c = stage_costs(s, batch=2)  # 2: train-mode BatchNorm1d refuses a batch of one
+        c = stage_costs(s, batch)
         total += c["forward"] + c["exit"] + (c["commit"] if uses else 0.0)
         out.append(total)
     return out

@@ -121,7 +121,7 @@ def _layers(stages: list[Stage], layer_acc: dict[int, float]) -> list[dict]:
 def _costs(cfg: JobConfig, stages: list[Stage], layers: list[dict]) -> dict:
     """Training FLOPs per block and in total, inference FLOPs per exit (flops.py), into `layers`."""
     per_block = train_flops(stages, cfg.train.mode, len(stages), cfg.data.batch_size)
-    per_exit = inference_flops(stages, [exits.uses_commitment(s) for s in stages])
+    per_exit = inference_flops(stages, [exits.uses_commitment(s) for s in stages], cfg.data.batch_size)
     for layer, t, i in zip(layers, per_block, per_exit):
         layer.update(train_flops=t, inference_flops=i)
     return {"train_flops": sum(per_block)}
@@ -133,7 +133,8 @@ def _exit_curve(cfg: JobConfig, stages: list[Stage], test, device, out: Path, la
     fallback = fallback or cfg.objective.exit_fallback
     curve, per_exit = exits.report(stages, test, cfg.data.eval_batch_size, device, thresholds, fallback,
                                    [layer["test_acc"] for layer in layers], out / "exit_curve.png",
-                                   f"{cfg.objective.name} / {cfg.model.name} on {cfg.data.name} (fallback: {fallback})")
+                                   f"{cfg.objective.name} / {cfg.model.name} on {cfg.data.name} (fallback: {fallback})",
+                                   cfg.data.batch_size)
     for layer, flops in zip(layers, per_exit):
         layer["inference_flops"] = flops
     return {"exit_fallback": fallback, "exit_curve": curve}
@@ -255,7 +256,6 @@ def _train_rank(cfg: JobConfig, out: Path, resume: bool, world: distributed.Worl
     data, meta = None, None
     if rank == 0:
         try:
-            _prepare_run_dir(cfg, out, resume)  # before the broadcast below, which the others wait on
             data = build_data(cfg.data, cfg.train.seed)
             meta = (data.input_shape, data.num_classes, len(data.train), len(data.test))
         except (ConfigError, OSError) as e:
@@ -273,6 +273,8 @@ def _train_rank(cfg: JobConfig, out: Path, resume: bool, world: distributed.Worl
     with distributed.agreement(world, "setup") as verdict:
         stages = _stages(cfg, input_shape, num_classes, device, select)
         verdict.payload = {"shapes": dry_run(stages, input_shape if rank == 0 else stages[0].in_shape, device)}
+        if rank == 0:  # only once everything can start; the others open it after this agreement
+            _prepare_run_dir(cfg, out, resume)
     handshake(verdict.all, rank)
 
     epochs = total_epochs(cfg, sum(len(p) for p in plan))
@@ -290,8 +292,10 @@ def _train_rank(cfg: JobConfig, out: Path, resume: bool, world: distributed.Worl
         start = max(common) + 1 if common else 0
 
     t = cfg.dist
-    recv = Link(world.links[rank], rank - 1, device, t.timeout_s, t.max_inflight) if rank > 0 else None
-    send = Link(world.links[rank + 1], rank + 1, device, t.timeout_s, t.max_inflight) if rank < world.size - 1 else None
+    wire = max(cfg.data.batch_size, cfg.data.eval_batch_size)
+    recv = Link(world.links[rank], rank - 1, device, t.timeout_s, wire, t.max_inflight) if rank > 0 else None
+    send = (Link(world.links[rank + 1], rank + 1, device, t.timeout_s, wire, t.max_inflight)
+            if rank < world.size - 1 else None)
     handoff = cascade_handoffs(cfg, plan, start)
     pipe = Pipeline(run, world.size, epochs, recv, send, start_epoch=start, cache_epoch=handoff[rank],
                     stop_after=handoff[rank + 1] if rank + 1 < world.size else None,

@@ -23,10 +23,11 @@ def test_linear_block_matches_formula():
     # weight grad + the grad into the block's output
     assert c0["step"] == 2 * (2 * f_in * w0) + 3 * (2 * w0 * C)
     assert c0["exit_step"] == 2 * (2 * w0 * C)
-    c1 = stage_costs(s1, last=True)
-    # inside e2e backprop block 1 also computes the gradient of its input
-    assert c1["e2e_step"] == 3 * (2 * w0 * w1) + 3 * (2 * w1 * C)
-    assert stage_costs(s0)["e2e_step"] == 2 * (2 * f_in * w0)  # not last: no head; first: no input grad
+    c1 = stage_costs(s1)
+    # inside e2e backprop block 1 also computes the gradient of its input; the loss head's piece
+    # (charged to the last block) is forward + weight grad + grad into the block's output
+    assert c1["e2e_step"] == 3 * (2 * w0 * w1) and c1["e2e_head"] == 3 * (2 * w1 * C)
+    assert c0["e2e_step"] == 2 * (2 * f_in * w0)  # the first block: no input grad
     # the raw counter agrees on a plain Linear
     lin = torch.nn.Linear(5, 7)
     assert count_flops(lambda: lin(torch.randn(3, 5))) == 2 * 3 * 5 * 7
@@ -44,7 +45,8 @@ def test_conv_block_matches_formula():
     c0 = stage_costs(s0)
     assert c0["exit"] == head0 and c0["commit"] == commit0
     assert c0["step"] == 2 * conv0 + 3 * head0
-    assert stage_costs(s1, last=True)["e2e_step"] == 3 * conv1 + 3 * (2 * (8 * 2 * 2) * C)  # 2x2 maps: not pooled
+    c1 = stage_costs(s1)
+    assert c1["e2e_step"] + c1["e2e_head"] == 3 * conv1 + 3 * (2 * (8 * 2 * 2) * C)  # 2x2 maps: not pooled
     # inference: blocks + exits + commitment heads up to each exit
     assert inference_flops([s0, s1], [True, False]) == [conv0 + head0 + commit0,
                                                        conv0 + head0 + commit0 + conv1 + 2 * 32 * C]
@@ -67,7 +69,7 @@ def test_e2e_pieces_add_up_to_the_whole_network():
     net = torch.nn.Sequential(*[s.block for s in stages])
     x, y = torch.randn(4, 1, 8, 8), torch.randint(0, C, (4,))
     whole = count_flops(lambda: stages[-1].objective(net(x), y).loss.backward()) / 4
-    assert sum(stage_costs(s, batch=4, last=s.index == 2)["e2e_step"] for s in stages) == whole
+    assert sum(stage_costs(s, batch=4)["e2e_step"] for s in stages) + stage_costs(stages[-1], 4)["e2e_head"] == whole
 
 
 SMALL = ["data.limit_train=200", "data.batch_size=50", "model.widths=[16, 16, 16]", "train.epochs=1",
@@ -79,11 +81,12 @@ def test_train_flops_of_the_trainers(tmp_path):
     for mode in ("e2e", "sequential", "simultaneous"):
         summary = train(load(None, SMALL + [f"train.mode={mode}"]), tmp_path / mode)
         stages = build_stages(load(None, SMALL + [f"train.mode={mode}"]), (1, 8, 8), C, CPU)
-        costs = [stage_costs(s, last=s.index == 2) for s in stages]
+        costs = [stage_costs(s, batch=50) for s in stages]
         if mode == "e2e":  # every block's e2e piece for every sample, then 1 probe epoch per intermediate head
             expect = [n * c["e2e_step"] for c in costs]
+            expect[2] += n * costs[2]["e2e_head"]
             for j in (0, 1):
-                expect[j] += n * c_exit_step(costs, j)
+                expect[j] += n * costs[j]["exit_step"]
                 for i in range(j + 1):
                     expect[i] += n * costs[i]["forward"]
         else:  # one local step per sample; sequential also caches blocks 0 and 1's outputs once
@@ -94,10 +97,6 @@ def test_train_flops_of_the_trainers(tmp_path):
         assert [layer["train_flops"] for layer in summary["layers"]] == expect, mode
         assert summary["train_flops"] == sum(expect)
         assert [layer["inference_flops"] for layer in summary["layers"]] == inference_flops(stages, [False] * 3)
-
-
-def c_exit_step(costs, j):
-    return costs[j]["exit_step"]
 
 
 def test_train_flops_counts_work():

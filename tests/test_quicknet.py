@@ -159,7 +159,7 @@ def test_config_errors_name_the_field(override, field):
 
 TINY = QN + ["data.limit_train=300", "data.batch_size=32", "model.widths=[32, 32, 32]", "train.epochs=4",
              "train.patience=2", "train.plateau_factor=0.5", "optim.name=adam", "optim.lr=0.01",
-             "objective.quicknet_threshold=0.6"]
+             "objective.quicknet_threshold=0.6", "train.eval_every=0"]
 
 
 def test_quicknet_run_and_eval(tmp_path, capsys):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import queue
 import random
+import sys
 import threading
 import time
 from typing import Iterator
@@ -110,6 +111,10 @@ class Pipeline:
                 self.receiver_error = e
                 self._deliver(None)
 
+        if self.is_async:
+            # The receiver needs the GIL for a moment after every transfer; with the default 5 ms
+            # switch interval a training thread that never waits would make upstream's sends stall.
+            sys.setswitchinterval(0.0005)
         threading.Thread(target=receive, name=f"recv-from-{self.rank - 1}", daemon=True).start()
 
     def _deliver(self, m: Message | None) -> None:

@@ -1,9 +1,10 @@
 """Point-to-point messages between neighbouring ranks.
 
-A message is a small int64 header followed, for data messages, by the activations and an int64
-(2, n) tensor of labels and sample ids, and optionally an auxiliary float tensor (the running head
-ensemble during evaluation). The header says what follows, so shapes may change from message to
-message (last batch, sample subsets) and every rank knows when an epoch ends.
+A message is an int64 header that also carries the labels and sample ids (so a batch costs two
+transfers, not three), followed for data messages by the activations, and optionally an auxiliary
+float tensor (the running head ensemble during evaluation). The header says what follows, so shapes
+may change from message to message (last batch, sample subsets) and every rank knows when an epoch
+ends. Its length is fixed per job (both ends size it from the largest batch in the config).
 
 Each link (rank j-1 -> rank j) has its own two-rank process group: the sender uses it only from
 its main thread and the receiver only from its receiver thread, so no process group is ever driven
@@ -58,8 +59,10 @@ class Message:
         return 0 if self.x is None else len(self.x)
 
 
-def encode_header(m: Message) -> torch.Tensor:
-    h = torch.zeros(HEADER_LEN, dtype=torch.int64)
+def encode_header(m: Message, max_count: int) -> torch.Tensor:
+    if m.count > max_count:
+        raise ValueError(f"a message of {m.count} samples exceeds the wire limit of {max_count}")
+    h = torch.zeros(HEADER_LEN + 2 * max_count, dtype=torch.int64)
     h[0], h[1], h[2], h[3] = int(m.kind), m.epoch, m.step, m.count
     if m.x is not None:
         dims = m.x.shape[1:]
@@ -69,14 +72,19 @@ def encode_header(m: Message) -> torch.Tensor:
         h[5:5 + len(dims)] = torch.tensor(dims)
         h[10] = DTYPES.index(m.x.dtype)
         h[11] = 0 if m.aux is None else m.aux.shape[1]
+        n = m.count
+        h[HEADER_LEN:HEADER_LEN + n] = m.y.cpu()
+        h[HEADER_LEN + max_count:HEADER_LEN + max_count + n] = m.ids.cpu()
     return h
 
 
 class Link:
     """One direction of one edge of the pipeline, seen from one end."""
 
-    def __init__(self, group, peer: int, device: torch.device, timeout_s: float, max_inflight: int = 2):
+    def __init__(self, group, peer: int, device: torch.device, timeout_s: float, max_count: int,
+                 max_inflight: int = 2):
         self.group, self.peer, self.device = group, peer, device
+        self.max_count = max_count  # most samples one message may carry
         self.timeout = timedelta(seconds=timeout_s)
         self.max_inflight = max_inflight
         self.inflight: list[tuple[list, list[torch.Tensor]]] = []  # (works, tensors kept alive)
@@ -85,9 +93,9 @@ class Link:
 
     # ------------------------------------------------------------------ sending (main thread)
     def send(self, m: Message) -> None:
-        tensors = [encode_header(m).to(self.device)]
+        tensors = [encode_header(m, self.max_count).to(self.device)]
         if m.x is not None:
-            tensors += [m.x.contiguous(), torch.stack([m.y, m.ids]).to(torch.int64)]
+            tensors.append(m.x.contiguous())
             if m.aux is not None:
                 tensors.append(m.aux.float().contiguous())
         # Never touch (or free) a tensor before its isend completes: keep them until wait().
@@ -120,14 +128,16 @@ class Link:
 
     # ------------------------------------------------------------------ receiving (receiver thread)
     def recv(self) -> Message:
-        header = self._recv(torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)).cpu()
+        raw = self._recv(torch.empty(HEADER_LEN + 2 * self.max_count, dtype=torch.int64, device=self.device))
+        header = raw[:HEADER_LEN].cpu()
         kind = Kind(int(header[0]))
         m = Message(kind, epoch=int(header[1]), step=int(header[2]))
         if kind in (Kind.TRAIN, Kind.EVAL):
             n, ndim = int(header[3]), int(header[4])
             dims = [int(d) for d in header[5:5 + ndim]]
+            m.y = raw[HEADER_LEN:HEADER_LEN + n]
+            m.ids = raw[HEADER_LEN + self.max_count:HEADER_LEN + self.max_count + n]
             m.x = self._recv(torch.empty((n, *dims), dtype=DTYPES[int(header[10])], device=self.device))
-            m.y, m.ids = self._recv(torch.empty((2, n), dtype=torch.int64, device=self.device))
             if int(header[11]):
                 m.aux = self._recv(torch.empty((n, int(header[11])), dtype=torch.float32, device=self.device))
         return m

@@ -3,11 +3,16 @@ built from torchvision's BasicBlock / Bottleneck. Unit = one residual block; the
 (conv3x3+BN+ReLU, no max-pool) is merged into the first unit."""
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from . import ModelError, check_downsamplings, check_hierarchy, image_hw
 
-RESIDUALS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+RESIDUALS = ("basic", "bottleneck")
+
+
+def residual_unit(name: str):
+    # imported here: torchvision.models pulls in torch._dynamo, seconds per process at start-up
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+    return {"basic": BasicBlock, "bottleneck": Bottleneck}[name]
 
 
 class ResNetFeatures(nn.Module):
@@ -38,7 +43,7 @@ def build_resnet(cfg, input_shape, num_classes):
     hierarchy = check_hierarchy(cfg)
     if cfg.residual not in RESIDUALS:
         raise ModelError(f"model.residual={cfg.residual!r} is unknown; choose one of {sorted(RESIDUALS)}")
-    block = RESIDUALS[cfg.residual]
+    block = residual_unit(cfg.residual)
     cin, _, _ = image_hw(cfg, input_shape)
     check_downsamplings(cfg, input_shape, len(hierarchy) - 1)  # stage 0 keeps the resolution
     stem = nn.Sequential(nn.Conv2d(cin, cfg.width, 3, 1, 1, bias=False), nn.BatchNorm2d(cfg.width), nn.ReLU(inplace=True))

@@ -1,0 +1,97 @@
+"""`decoupled bench`: the bound arithmetic, reading runs, and one real tiny bench (every row,
+torchrun jobs included) and depth sweep under timeouts."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from decoupled.bench import ROWS, bound, bound_samples_per_s, median, parse_lists, pipeline_row, timed
+from decoupled.cli import main
+
+from torchrun_utils import REPO, env, sets
+
+# 2 blocks of one conv each on 3x8x8 blobs: seconds per row
+TINY = {"data.name": "synthetic", "data.synthetic_shape": [3, 8, 8], "data.synthetic_train": 128,
+        "data.synthetic_test": 32, "data.batch_size": 32, "model.name": "vgg", "model.hierarchy": [1, 1],
+        "model.width": 4, "objective.aux_width": 8, "train.device": "cpu"}
+
+
+def test_bound_and_timing_arithmetic():
+    # stages of 2, 1 and 1 s per epoch: sequential takes 4 s, a pipeline at best 2 s
+    assert bound([2.0, 1.0, 1.0]) == 2.0
+    assert bound_samples_per_s(1000, [2.0, 1.0, 1.0]) == 500.0
+    assert bound([3.0, 3.0]) == 2.0  # balanced: K
+    assert timed([10.0, 12.0, 15.0]) == [2.0, 3.0]  # the first stamp closes the warm-up epoch
+    assert median([3.0, 1.0, 2.0]) == 2.0 and median([4.0, 1.0]) == 2.5
+    assert parse_lists("[1,1,2],[2]") == [[1, 1, 2], [2]]
+
+
+def test_pipeline_row_reads_epoch_stamps_and_counters(tmp_path):
+    """Per-rank compute/comm/idle are per timed epoch (cumulative counters differenced from the
+    warm-up epoch's end); throughput is n over the last rank's median epoch; async drops count."""
+    summary = {"placement": [[0], [1]], "backend": "gloo",
+               "ranks": [{"rank": 0, "blocks": [0], "peak_mem_bytes": 100},
+                         {"rank": 1, "blocks": [1], "peak_mem_bytes": 50}]}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    lines = []
+    for epoch, t0, t1 in [(0, 5.0, 5.5), (1, 7.0, 7.5), (2, 9.0, 9.7)]:
+        lines.append({"kind": "epoch_end", "rank": 0, "epoch": epoch, "time_s": t0, "compute_s": 2.0 * (epoch + 1),
+                      "comm_s": 0.1 * epoch, "idle_s": 0.0, "steps": 4 * (epoch + 1)})
+        lines.append({"kind": "epoch_end", "rank": 1, "epoch": epoch, "time_s": t1, "compute_s": 1.5 * (epoch + 1),
+                      "comm_s": 0.0, "idle_s": 0.5 * epoch, "steps": 4 * (epoch + 1),
+                      "replay": {"dropped": epoch, "received": 4 * (epoch + 1)}})
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in lines) + "\n")
+    row = pipeline_row("async", tmp_path, n=128, batch=32)
+    assert row["epoch_s"] == pytest.approx(2.1)  # last rank: 2.0 and 2.2 s
+    assert row["samples_per_s"] == pytest.approx((128 - 1 * 32) / 2.1)  # one batch dropped per epoch
+    r0, r1 = row["ranks"]
+    assert r0["compute_s"] == pytest.approx(2.0) and r0["comm_s"] == pytest.approx(0.1)
+    assert r1["idle_s"] == pytest.approx(0.5) and r1["dropped_batches_per_epoch"] == pytest.approx(1.0)
+    assert r0["peak_mem_bytes"] == 100 and r0["steps_per_epoch"] == pytest.approx(4.0)
+
+
+def test_bench_writes_every_row(tmp_path):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "decoupled", "bench", "--ranks", "2", "--repeats", "1", "--microbatches", "2",
+           "--out", str(out), "--timeout", "150", *sets(TINY)]
+    p = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=420)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads((out / "bench.json").read_text())
+    assert [r["mode"] for r in res["rows"]] == list(ROWS)
+    for row in res["rows"]:
+        assert "error" not in row, row
+        assert isinstance(row["samples_per_s"], float) and row["samples_per_s"] > 0
+        want = 2 if row["mode"] in ("sync", "async", "gpipe") else 1
+        assert len(row["ranks"]) == want, row
+        for r in row["ranks"]:
+            assert set(r) >= {"rank", "peak_mem_bytes", "compute_s", "comm_s", "idle_s"}
+            assert r["peak_mem_bytes"] >= 0 and r["compute_s"] > 0
+    for mode in ("sync", "async"):
+        row = next(r for r in res["rows"] if r["mode"] == mode)
+        assert row["bound_samples_per_s"] == pytest.approx(res["bound_samples_per_s"])
+    assert len(res["stages"]) == 2 and res["bound"] == pytest.approx(bound([s["epoch_s"] for s in res["stages"]]))
+    assert {"cpu_count", "torch", "loadavg_start", "loadavg_end"} <= set(res["machine"])
+    assert set(res["targets"]) == {"sync_of_bound", "sync_over_gpipe", "max_rank_peak_over_e2e_peak"}
+    assert "| sync |" in (out / "bench.md").read_text()
+    assert (out / "bench.png").stat().st_size > 0
+
+
+def test_sweep_depth_writes_points(tmp_path):
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "decoupled", "bench", "--sweep", "depth", "--hierarchies", "[1,1]", "--out", str(out),
+           "--timeout", "150", *sets(TINY)]
+    p = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    (pt,) = json.loads((out / "sweep.json").read_text())["points"]
+    assert pt["blocks"] == 2 and len(pt["rank_peak_bytes"]) == 2
+    assert pt["ratio"] == pytest.approx(max(pt["rank_peak_bytes"]) / pt["e2e_peak_bytes"])
+    assert (out / "sweep.png").stat().st_size > 0 and (out / "sweep.md").exists()
+
+
+def test_bench_refuses_unknown_rows(tmp_path, capsys):
+    assert main(["bench", "--rows", "e2e,pipedream", "--out", str(tmp_path)]) == 2
+    assert "--rows must be among" in capsys.readouterr().err
