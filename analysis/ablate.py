@@ -25,7 +25,6 @@ import itertools
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -78,18 +77,11 @@ def point_name(point: list[str]) -> str:
     return "__".join(f"{o.partition('=')[0]}={slug(o.partition('=')[2])}" for o in point)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def command(config: str | None, sets: list[str], out: Path, ranks: int) -> list[str]:
     args = ["decoupled", "train", *(["--config", config] if config else []), *[a for o in sets for a in ("--set", o)],
             "--out", str(out)]
     if ranks:
-        return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}", "--rdzv-backend=c10d",
-                f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", *args]
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m", *args]
     return [sys.executable, "-m", *args]
 
 

@@ -25,6 +25,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 MiB = 2 ** 20
 
@@ -80,6 +81,7 @@ def layer_accuracy(groups, out, written):
         x, m, sd = per_block(ss, "test_acc")
         ax.errorbar(x, m, yerr=sd, marker="o", capsize=3, label=f"{name} (n={len(ss)})")
     ax.set_xlabel("block (layer) j")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("test accuracy of head j")
     ax.set_title("per-layer test accuracy")
     ax.legend(fontsize=7)
@@ -93,6 +95,7 @@ def samples_per_block(groups, out, written):
         x, m, _ = per_block(ss, "train_samples")
         ax.bar([b + i * width for b in x], m, width=width, label=name)
     ax.set_xlabel("block j")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("training samples seen (all epochs)")
     ax.set_title("samples per block")
     ax.legend(fontsize=7)

@@ -94,12 +94,6 @@ def read_jsonl(path: Path) -> list[dict]:
 
 # ---------------------------------------------------------------------------- processes
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def env(threads: int, mmap_threshold: int = 0) -> dict:
     # One process = `threads` intra-op threads (1 per rank on CPU): no rank steals another's core.
     e = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
@@ -108,14 +102,14 @@ def env(threads: int, mmap_threshold: int = 0) -> dict:
         # activations come from the heap and VmHWM grows with fragmentation (block 0 of a VGG alone:
         # 45 MiB after one step, 76 MiB after five). A fixed threshold maps every tensor above it
         # on its own and unmaps it when freed: VmHWM then tracks live tensor bytes. It costs page
-        # faults (a train step ~1.5-2.5x slower), so only the memory-only sweep uses it.
+        # faults (train steps 1.3-2.7x slower), so only the memory-only sweep uses it by default.
         e["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     return e
 
 
 def torchrun(k: int, module_args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={k}", "--rdzv-backend=c10d",
-            f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", *module_args]
+    # --standalone: the agent picks its own free port, so concurrent jobs never race for one
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={k}", "-m", *module_args]
 
 
 def run(cmd: list[str], log: Path, threads: int, timeout: float, mmap_threshold: int = 0) -> str | None:
@@ -213,7 +207,8 @@ def prepare(config: str | None, overrides: list[str], repeats: int) -> tuple[Job
 
 
 def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repeats: int = 3,
-          microbatches: int = 4, rows: tuple[str, ...] = ROWS, timeout: float = 900.0) -> dict:
+          microbatches: int = 4, rows: tuple[str, ...] = ROWS, timeout: float = 900.0,
+          mmap_threshold: int = 0) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     info = machine()
     cfg, n = prepare(config, overrides, repeats)
@@ -225,11 +220,12 @@ def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repea
 
     print(f"bench: {n} training samples, batch {B}, {ranks} ranks, {repeats} timed epochs (+1 warm-up) per row")
     result: dict = {"rows": [], "machine": info, "config": str(config), "overrides": list(overrides),
-                    "n_train": n, "batch_size": B, "ranks": ranks, "repeats": repeats, "microbatches": microbatches}
+                    "n_train": n, "batch_size": B, "ranks": ranks, "repeats": repeats, "microbatches": microbatches,
+                    "malloc_mmap_threshold": mmap_threshold or "glibc default (dynamic)"}
 
     # 1. each rank's stages alone: the bound
     err = run(py + ["decoupled.bench", "stages", str(cfg_path), str(ranks), str(out / "stages.json")],
-              out / "logs" / "stages.log", 1, timeout)
+              out / "logs" / "stages.log", 1, timeout, mmap_threshold)
     stage_s = None
     if err is None:
         result["stages"] = json.loads((out / "stages.json").read_text())
@@ -255,7 +251,7 @@ def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repea
         if mode == "gpipe" and B % microbatches:
             err = f"data.batch_size={B} is not divisible by --microbatches={microbatches}"
         else:
-            err = run(cmd, out / "logs" / f"{mode}.log", threads, timeout)
+            err = run(cmd, out / "logs" / f"{mode}.log", threads, timeout, mmap_threshold)
         if err is not None:
             row = {"mode": mode, "error": err, "samples_per_s": None, "ranks": []}
         else:
@@ -321,7 +317,8 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"{result['n_train']} samples/epoch, batch {result['batch_size']}, {result['ranks']} ranks, "
              f"median of {result['repeats']} epochs after 1 warm-up; torch {m['torch']}, {m['cpu_count']} CPUs, "
-             f"load average at start {m['loadavg_start'][0]:.2f}", ""]
+             f"load average at start {m['loadavg_start'][0]:.2f}; MALLOC_MMAP_THRESHOLD_="
+             f"{result.get('malloc_mmap_threshold', 'glibc default (dynamic)')}", ""]
     if "stages" in result:
         ts = ", ".join(f"rank {s['rank']} {s['epoch_s']:.2f}s" for s in result["stages"])
         lines += [f"Stages alone (s/epoch): {ts}; bound = sum/max = {result['bound']:.2f}x, "
@@ -461,9 +458,9 @@ def add_parser(sub) -> None:
     b.add_argument("--sweep", choices=["depth"], help="instead: e2e vs per-rank peak memory as VGG depth grows")
     b.add_argument("--hierarchies", default=DEFAULT_HIERARCHIES,
                    help="--sweep depth: VGG hierarchies, one block and one rank per stage")
-    b.add_argument("--mmap-threshold", type=int, default=65536,
-                   help="--sweep depth: MALLOC_MMAP_THRESHOLD_ for its processes, so VmHWM tracks tensor bytes "
-                        "(0 = glibc's dynamic default, as in the timed rows)")
+    b.add_argument("--mmap-threshold", type=int,
+                   help="MALLOC_MMAP_THRESHOLD_ for every process, so CPU VmHWM tracks tensor bytes rather than "
+                        "glibc heap growth (slows steps); default 65536 for --sweep, 0 (glibc's own) for the bench")
     b.add_argument("--timeout", type=float, default=900.0, help="seconds per row before it counts as failed")
 
 
@@ -475,13 +472,14 @@ def main(args) -> int:
                           "--microbatches must be >= 1")
     out = args.out or Path("runs") / time.strftime("bench-%Y%m%d-%H%M%S")
     if args.sweep == "depth":
-        sweep_depth(args.config, args.overrides, out, parse_lists(args.hierarchies), args.timeout, args.mmap_threshold)
+        threshold = 65536 if args.mmap_threshold is None else args.mmap_threshold
+        sweep_depth(args.config, args.overrides, out, parse_lists(args.hierarchies), args.timeout, threshold)
         print((out / "sweep.md").read_text() + f"written: {out}/sweep.json, sweep.md, sweep.png")
         return 0
     result = bench(args.config, args.overrides, args.ranks, out, args.repeats, args.microbatches, rows,
-                   args.timeout)
+                   args.timeout, args.mmap_threshold or 0)
     print(markdown(result) + f"written: {out}/bench.json, bench.md, bench.png")
-    return 0 if all(r.get("samples_per_s") for r in result["rows"]) else 1
+    return 1 if any("error" in r for r in result["rows"]) else 0
 
 
 def time_stages(cfg_path: str, ranks: int, out: str) -> None:

@@ -30,6 +30,7 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 from torch.distributed.pipelining import schedules as _schedules
 
+from .bench import median
 from .config import load
 from .data import batches, build_data
 from .engine.distributed import placement, resolve_backend
@@ -71,12 +72,6 @@ class TimedStage(PipelineStage):
             return super().backward_one_chunk(*args, **kwargs)
         finally:
             self.compute_s += time.perf_counter() - t0
-
-
-def median(xs):
-    xs = sorted(xs)
-    m = len(xs) // 2
-    return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
 
 
 def main(cfg_path: str, out: str, microbatches: int) -> None:
