@@ -31,6 +31,7 @@ import torch
 from ..data import Split, batches
 from .cache import PseudoInputs
 from .evaluate import eval_stages
+from .simultaneous import drain
 from .replay import Entry, ReplayBuffer
 from .run import Run
 from .transport import Kind, Link, Message, PeerAbort, PeerError
@@ -201,17 +202,21 @@ class Pipeline:
     def train_batch(self, x, y, ids, upstream_step: int) -> None:
         if self.delay is not None:  # chaos testing (dist.debug_delay_ms)
             time.sleep(self.delay.uniform(0, self.cfg.dist.debug_delay_ms) / 1000)
-        h = x
-        for s in self.stages:
-            if s.training:
-                h, res = s.train_step(h, y)
-                self.run.log_step(self.epoch, s, res, y)
-            else:  # budget spent (cascade): frozen, forwards fixed pseudo-inputs
-                h = s.forward(h)
+        flow = [(x, y, ids)]
+        for s in self.stages:  # Stage.feed: train (or forward if frozen), route, re-batch
+            flow = [out for item in flow for out in s.feed(*item, self._log)]
         self.steps += 1
-        self.send(Message(Kind.TRAIN, self.epoch, self.steps, h, y, ids))
+        self._send_flow(flow)
+
+    def _log(self, stage, res, y) -> None:
+        self.run.log_step(self.epoch, stage, res, y)
+
+    def _send_flow(self, flow) -> None:
+        for h, y, ids in flow:  # routed samples only; a fully learned batch sends nothing
+            self.send(Message(Kind.TRAIN, self.epoch, self.steps, h, y, ids))
 
     def end_epoch(self, epoch: int) -> None:
+        self._send_flow(drain(self.stages, [], self._log))  # routed remainders, before the marker
         for s in self.stages:
             if s.training:
                 s.end_epoch()
@@ -320,4 +325,6 @@ class Pipeline:
         send_b = self.send_link.bytes if self.send_link else 0
         return {"compute_s": sum(s.compute_s for s in self.stages),
                 "comm_s": self.send_link.blocked_s if self.send_link else 0.0,
-                "idle_s": self.idle_s, "bytes_sent": send_b, "bytes_recv": recv_b, "steps": self.steps}
+                "idle_s": self.idle_s, "bytes_sent": send_b, "bytes_recv": recv_b, "steps": self.steps,
+                "samples_sent": self.send_link.samples if self.send_link else 0,
+                "samples_recv": self.recv_link.samples if self.recv_link else 0}

@@ -7,8 +7,18 @@ forwards, in eval mode, so the blocks after it see fixed pseudo-inputs.
 """
 from __future__ import annotations
 
+from functools import partial
+
 from ..data import batches, num_batches
 from .run import Run
+
+
+def drain(stages, flow: list, log) -> list:
+    """Epoch end with routing: each block in turn takes what the block before it drained, then
+    trains on its own remainder. Returns what the last block passes on."""
+    for s in stages:
+        flow = [out for item in flow for out in s.feed(*item, log)] + list(s.drain(log))
+    return flow
 
 
 def train_simultaneous(run: Run, start_epoch: int = 0) -> None:
@@ -19,15 +29,12 @@ def train_simultaneous(run: Run, start_epoch: int = 0) -> None:
         with run.progress(steps, f"epoch {epoch + 1}/{total_epochs}") as bar:
             for b in batches(run.data.train, cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch,
                              augment=cfg.data.augment):
-                h, y = run.to_device(b.x, b.y)
-                for s in stages:
-                    if s.training:
-                        h, res = s.train_step(h, y)
-                        run.log_step(epoch, s, res, y)
-                    else:
-                        h = s.forward(h)
-                        s.work["forward"] += len(y)  # frozen block: counted by flops.train_flops
+                log = partial(run.log_step, epoch)
+                flow = [tuple(run.to_device(b.x, b.y, b.ids))]
+                for s in stages:  # each block passes on what it does not route away
+                    flow = [out for item in flow for out in s.feed(*item, log)]
                 bar.update()
+        drain(stages, [], partial(run.log_step, epoch))
         for s in stages:
             if s.training:
                 s.end_epoch()

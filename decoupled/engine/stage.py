@@ -12,12 +12,14 @@ import time
 from collections import Counter
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import JobConfig, OptimConfig
 from ..models import build_model
 from ..objectives import Objective, build_objective
 from ..rng import RngState, derive_seed
+from .routing import Rebatcher
 
 
 class NonFiniteError(RuntimeError):
@@ -76,6 +78,13 @@ class Stage:
         self.work: Counter[str] = Counter()
         self.info: dict = {}
         self.compute_s = 0.0
+        # Routing (QuickNets across blocks): a routing objective passes on only the samples it has
+        # not learned, and trains its commitment head online; every block after the first re-cuts
+        # its routed input into full batches.
+        self.routes = hasattr(objective, "learned")
+        self.rebatcher = Rebatcher(cfg.data.batch_size) if self.routes and index > 0 else None
+        self.commit_optimizer = (build_optimizer(self.objective.commit.parameters(), cfg.optim, lr)
+                                 if self.routes else None)
 
     def parameters(self):
         return list(self.block.parameters()) + list(self.objective.parameters())
@@ -106,6 +115,57 @@ class Stage:
         self.compute_s += time.perf_counter() - t0
         return out.detach(), res
 
+    # ------------------------------------------------------------------ one block's share of a batch
+    def feed(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, log=None):
+        """Take an incoming (sub-)batch; yield what goes on to the next block as (h, y, ids).
+        The single-process `simultaneous` loop and the distributed engine both call this, so each
+        block sees the same sequence of batches wherever it runs."""
+        if self.rebatcher is None:
+            yield from self._step(x, y, ids, log)
+            return
+        self.rebatcher.add(x, y, ids)
+        for b in self.rebatcher.full():
+            yield from self._step(*b, log)
+
+    def drain(self, log=None):
+        """At the end of an epoch: train on what the rebatcher still holds (a smaller last batch)."""
+        if self.rebatcher is not None:
+            for b in self.rebatcher.flush():
+                yield from self._step(*b, log)
+
+    def _step(self, x, y, ids, log):
+        if self.training:
+            h, res = self.train_step(x, y)
+            if log is not None:
+                log(self, res, y)
+        else:  # budget spent (cascade): frozen, forwards fixed pseudo-inputs
+            h, res = self.forward(x), None
+            self.work["forward"] += len(y)  # counted by flops.train_flops
+        if self.routes:
+            keep = ~self._learned(h, res, y)
+            h, y, ids = h[keep], y[keep], ids[keep]
+        if len(y):
+            yield h, y, ids
+
+    def _learned(self, h, res, y) -> torch.Tensor:
+        """QuickNets' three conditions; while training, the commitment head first takes one BCE
+        step on "the exit is right" (online, since every block trains at the same time here)."""
+        obj = self.objective
+        if res is None:
+            with torch.no_grad():
+                obj.eval()
+                res = obj(h, y)
+                return obj.learned(res, obj.commitment(h), y)
+        obj.train()
+        c = obj.commitment(h)
+        loss = F.binary_cross_entropy_with_logits(c, (res.pred == y).to(c.dtype))
+        self.commit_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.commit_optimizer.step()
+        obj.commit_trained.fill_(True)
+        self.work["commit_step"] += len(y)
+        return obj.learned(res, c.detach(), y)
+
     def _check_finite(self, loss: torch.Tensor, out: torch.Tensor) -> None:
         # One fused check (a single device sync) per step: a diverged block must stop the job with
         # its name and step, not feed NaNs downstream for hours.
@@ -134,7 +194,9 @@ class Stage:
         return {"index": self.index, "block": self.block.state_dict(), "objective": self.objective.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "rng": self.rng.state_dict(), "epochs_done": self.epochs_done, "steps": self.steps,
-                "samples": self.samples, "epoch_samples": self.epoch_samples, "work": dict(self.work)}
+                "samples": self.samples, "epoch_samples": self.epoch_samples, "work": dict(self.work),
+                "commit_optimizer": self.commit_optimizer.state_dict() if self.commit_optimizer else None,
+                "rebatcher": (self.rebatcher.parts, self.rebatcher.count) if self.rebatcher else None}
 
     def load_state_dict(self, sd: dict) -> None:
         assert sd["index"] == self.index, f"checkpoint of block {sd['index']} loaded into block {self.index}"
@@ -145,6 +207,10 @@ class Stage:
         self.rng.load_state_dict(sd["rng"])
         self.epochs_done, self.steps, self.samples = sd["epochs_done"], sd["steps"], sd["samples"]
         self.epoch_samples, self.work = list(sd.get("epoch_samples", [])), Counter(sd.get("work", {}))
+        if self.commit_optimizer is not None and sd.get("commit_optimizer"):
+            self.commit_optimizer.load_state_dict(sd["commit_optimizer"])
+        if self.rebatcher is not None and sd.get("rebatcher"):
+            self.rebatcher.parts, self.rebatcher.count = sd["rebatcher"]
 
 
 def build_stages(cfg: JobConfig, input_shape, num_classes: int, device: torch.device,

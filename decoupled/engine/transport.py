@@ -89,6 +89,7 @@ class Link:
         self.max_inflight = max_inflight
         self.inflight: list[tuple[list, list[torch.Tensor]]] = []  # (works, tensors kept alive)
         self.bytes = 0
+        self.samples = 0  # samples carried by data messages (routing makes this shrink downstream)
         self.blocked_s = 0.0  # time spent waiting on this link
 
     # ------------------------------------------------------------------ sending (main thread)
@@ -101,6 +102,7 @@ class Link:
         # Never touch (or free) a tensor before its isend completes: keep them until wait().
         works = [dist.isend(t, group=self.group, group_dst=self.peer_in_group()) for t in tensors]
         self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+        self.samples += m.count
         self.inflight.append((works, tensors))
         while len(self.inflight) > self.max_inflight:
             self._wait_oldest()
@@ -138,6 +140,7 @@ class Link:
             m.y = raw[HEADER_LEN:HEADER_LEN + n]
             m.ids = raw[HEADER_LEN + self.max_count:HEADER_LEN + self.max_count + n]
             m.x = self._recv(torch.empty((n, *dims), dtype=DTYPES[int(header[10])], device=self.device))
+            self.samples += n
             if int(header[11]):
                 m.aux = self._recv(torch.empty((n, int(header[11])), dtype=torch.float32, device=self.device))
         return m
