@@ -312,15 +312,23 @@ def _train_rank(cfg: JobConfig, out: Path, resume: bool, world: distributed.Worl
     extra = pipe.rank_metrics()
     if pipe.buffer is not None:
         extra["replay"] = pipe.buffer.stats.as_dict()
-    report = {"layers": _layers(stages, final["layer_acc"]), "ensemble": final.get("ensemble_acc"),
+    layers = _layers(stages, final["layer_acc"])
+    _costs(cfg, stages, layers)  # this rank's FLOPs; exits' inference cost is cumulative below
+    report = {"layers": layers, "ensemble": final.get("ensemble_acc"),
               "rank": _rank_report(rank, stages, memory, train_s, extra)}
     reports = distributed.gather_to_0(report, world)
     run.recorder.close()
     if rank != 0:
         return None
-    layers = [layer for r in reports for layer in r["layers"]]
+    layers, offset = [], 0.0
+    for r in reports:  # a sample reaching an exit on rank r went through every earlier rank's blocks
+        for layer in r["layers"]:
+            layer["inference_flops"] += offset
+        offset = r["layers"][-1]["inference_flops"]
+        layers += r["layers"]
     return _write_summary(cfg, out, world.size, device, t_start, layers, reports[-1]["ensemble"],
-                          [r["rank"] for r in reports], placement=plan, backend=world.backend)
+                          [r["rank"] for r in reports], placement=plan, backend=world.backend,
+                          train_flops=sum(layer["train_flops"] for layer in layers))
 
 
 def format_summary(summary: dict) -> str:
