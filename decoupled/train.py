@@ -51,9 +51,10 @@ def default_out() -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
-def total_epochs(cfg: JobConfig, num_blocks: int) -> int:
+def block_budgets(cfg: JobConfig, num_blocks: int) -> list[int]:
+    """Epochs each block trains (cascade: growing with depth); known to every rank without building heads."""
     cls = OBJECTIVES[cfg.objective.name]
-    return max(cls.epochs_for(cfg.objective, j, cfg.train) for j in range(num_blocks))
+    return [cls.epochs_for(cfg.objective, j, cfg.train) for j in range(num_blocks)]
 
 
 @torch.no_grad()
@@ -86,8 +87,7 @@ def cascade_handoffs(cfg: JobConfig, plan: list[list[int]], start: int) -> list[
     Every block upstream of rank r is frozen from epoch U_r = max budget of those blocks on; if
     epochs remain after U_r, rank r caches epoch U_r and its upstream neighbour stops after it.
     Sync mode recomputes instead: its results must equal the single-process trainer bit for bit."""
-    cls = OBJECTIVES[cfg.objective.name]
-    budgets = [cls.epochs_for(cfg.objective, j, cfg.train) for blocks in plan for j in blocks]
+    budgets = block_budgets(cfg, sum(len(blocks) for blocks in plan))
     last = max(budgets) - 1
     out: list[int | None] = [None]
     for r in range(1, len(plan)):
@@ -277,7 +277,7 @@ def _train_rank(cfg: JobConfig, out: Path, resume: bool, world: distributed.Worl
             _prepare_run_dir(cfg, out, resume)
     handshake(verdict.all, rank)
 
-    epochs = total_epochs(cfg, sum(len(p) for p in plan))
+    epochs = max(block_budgets(cfg, sum(len(p) for p in plan)))
     run = Run(cfg, data, stages, device, out, Recorder(out / "metrics.jsonl"), rank=rank)
     start = 0
     if resume:  # the last epoch every rank completed
