@@ -25,13 +25,13 @@ import itertools
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
+from decoupled.bench.runner import run, train_command  # noqa: E402
 from decoupled.config import DISTRIBUTED_MODES, ConfigError, load  # noqa: E402
 
 
@@ -77,28 +77,13 @@ def point_name(point: list[str]) -> str:
     return "__".join(f"{o.partition('=')[0]}={slug(o.partition('=')[2])}" for o in point)
 
 
-def command(config: str | None, sets: list[str], out: Path, ranks: int) -> list[str]:
-    args = ["decoupled", "train", *(["--config", config] if config else []), *[a for o in sets for a in ("--set", o)],
-            "--out", str(out)]
-    if ranks:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m", *args]
-    return [sys.executable, "-m", *args]
-
-
 def run_one(cmd: list[str], out: Path, timeout: float) -> str | None:
-    out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
-    with open(out / "ablate.log", "w") as f:
-        f.write(" ".join(cmd) + "\n\n")
-        f.flush()
-        try:
-            p = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return f"timed out after {timeout:.0f}s"
-    if p.returncode != 0 or not (out / "summary.json").exists():
-        tail = (out / "ablate.log").read_text().splitlines()[-3:]
-        return f"exit code {p.returncode}: " + " | ".join(tail)
-    return None
+    """One run through the bench's runner (fresh process, one thread per rank unless
+    OMP_NUM_THREADS says otherwise, a log, a timeout); an error unless summary.json was written."""
+    err = run(cmd, out / "ablate.log", int(os.environ.get("OMP_NUM_THREADS", "1")), timeout)
+    if err is None and not (out / "summary.json").exists():
+        err = f"no summary.json (see {out / 'ablate.log'})"
+    return err
 
 
 FIELDS = ["point", "seed", "block", "test_acc", "train_samples", "epochs", "params", "ensemble_test_acc",
@@ -159,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
     failed = []
     for i, (name, seed, _, sets, out) in enumerate(jobs, 1):
-        cmd = command(args.config, sets, out, args.ranks)
+        cmd = train_command(args.config, sets, out, args.ranks)
         tag = f"[{i}/{len(jobs)}] {name} seed {seed}"
         if (out / "summary.json").exists():
             print(f"{tag}: done, skipped ({out})")

@@ -60,3 +60,25 @@ def prune(run_dir: str | os.PathLike, rank: int, keep: int) -> None:
     if keep:
         for e in epochs(run_dir, rank)[:-keep]:
             path(run_dir, rank, e).unlink(missing_ok=True)
+
+
+class Checkpointer:
+    """One rank's checkpoints in a run directory. It owns the policy: `save` decides whether to write
+    (train.checkpoint on and a run directory to write to) and prunes to the newest `keep`; the
+    training loops just call it at every epoch end."""
+
+    def __init__(self, run_dir: Path | None, rank: int, enabled: bool, keep: int):
+        self.run_dir, self.rank, self.enabled, self.keep = run_dir, rank, enabled, keep
+
+    def save(self, epoch: int, state) -> None:
+        """`state`: the object to write, or a callable that makes it (only called when saving)."""
+        if not self.enabled or self.run_dir is None:
+            return
+        save(state() if callable(state) else state, path(self.run_dir, self.rank, epoch))
+        prune(self.run_dir, self.rank, keep=self.keep)
+
+    def epochs(self) -> list[int]:
+        return epochs(self.run_dir, self.rank) if self.run_dir is not None else []
+
+    def load(self, epoch: int, map_location=None):
+        return load(path(self.run_dir, self.rank, epoch), map_location=map_location)

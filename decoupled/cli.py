@@ -61,14 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         resume: bool | str = bool(args.resume)
         if not resume and out and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
             resume = "auto"  # torchrun --max-restarts restarted us: pick up our own checkpoints
-        from .train import format_summary, train  # heavy imports after validation
+        from .console import format_summary  # heavy imports after validation
+        from .train import train
         summary = train(cfg, out, resume=resume)
     except ConfigError as e:
         return _fail(f"config error: {e}", 2)
     except Exception as e:  # noqa: BLE001 - a training failure: say what, exit non-zero
         from .checkpoint import CheckpointError
         from .engine.stage import NonFiniteError
-        from .engine.transport import PeerError
+        from .engine.dist.transport import PeerError
         if not isinstance(e, (PeerError, NonFiniteError, CheckpointError)):
             raise
         return _fail(f"error: {e}", 1)
@@ -83,7 +84,7 @@ def _eval(args) -> int:
         thresholds = [float(t) for t in args.thresholds.split(",")] if args.thresholds else None
     except ValueError:
         return _fail(f"--thresholds {args.thresholds!r}: expected comma-separated numbers, e.g. 0.5,0.9,0.99", 2)
-    from .train import evaluate_run
+    from .rescore import evaluate_run
     try:
         summary = evaluate_run(args.run, thresholds, args.fallback)
     except ConfigError as e:

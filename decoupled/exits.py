@@ -22,7 +22,8 @@ THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98
 
 
 def uses_commitment(stage) -> bool:
-    return bool(getattr(stage.objective, "commit_trained", False))
+    """The exit's commitment head takes part in the exit rule once it has been trained."""
+    return stage.objective.commitment_ready
 
 
 @dataclass

@@ -61,7 +61,7 @@ def _count_stage(stage, batch: int) -> dict[str, float]:
     x = torch.zeros((batch, *stage.in_shape), device=META)
     y = torch.zeros(batch, dtype=torch.long, device=META)
     h = torch.zeros((batch, *stage.out_shape), device=META)
-    has_commit = hasattr(obj, "commitment")
+    has_commit = obj.has_commitment  # declared by the objective
 
     def train_piece(input_grad: bool, with_head: bool):
         block.train(), obj.train()

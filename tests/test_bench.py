@@ -20,6 +20,17 @@ TINY = {"data.name": "synthetic", "data.synthetic_shape": [3, 8, 8], "data.synth
         "model.width": 4, "objective.aux_width": 8, "train.device": "cpu"}
 
 
+def targets(result: dict) -> dict:
+    """The README's three targets from a bench.json: sync >= 0.85 of its bound, sync >= 1.3x GPipe,
+    largest rank's peak <= 0.6x e2e's (>= 3 blocks)."""
+    rows = {r["mode"]: r for r in result["rows"] if r.get("samples_per_s")}
+    peak = lambda row: max(r["peak_mem_bytes"] for r in row["ranks"])  # noqa: E731
+    sync, gpipe, e2e = rows["sync"], rows["gpipe"], rows["e2e"]
+    return {"sync_of_bound": sync["of_bound"] >= 0.85,
+            "sync_over_gpipe": sync["samples_per_s"] / gpipe["samples_per_s"] >= 1.3,
+            "max_rank_peak_over_e2e_peak": peak(sync) / max(peak(e2e), 1) <= 0.6}
+
+
 def test_bound_and_timing_arithmetic():
     # stages of 2, 1 and 1 s per epoch: sequential takes 4 s, a pipeline at best 2 s
     assert bound([2.0, 1.0, 1.0]) == 2.0
@@ -75,7 +86,8 @@ def test_bench_writes_every_row(tmp_path):
         assert row["bound_samples_per_s"] == pytest.approx(res["bound_samples_per_s"])
     assert len(res["stages"]) == 2 and res["bound"] == pytest.approx(bound([s["epoch_s"] for s in res["stages"]]))
     assert {"cpu_count", "torch", "loadavg_start", "loadavg_end"} <= set(res["machine"])
-    assert set(res["targets"]) == {"sync_of_bound", "sync_over_gpipe", "max_rank_peak_over_e2e_peak"}
+    # the README's targets are computable from every bench (they live in the README, not the library)
+    assert set(targets(res)) == {"sync_of_bound", "sync_over_gpipe", "max_rank_peak_over_e2e_peak"}
     assert "| sync |" in (out / "bench.md").read_text()
     assert (out / "bench.png").stat().st_size > 0
 

@@ -122,14 +122,14 @@ def test_world_larger_than_blocks_fails_before_training(tmp_path):
 
 
 def test_placement_and_backend_choice(monkeypatch):
-    from decoupled.engine import distributed
+    from decoupled.engine.dist import setup, world as distributed
     cfg = load(None, ["train.mode=sync"])
-    assert distributed.placement(cfg, 5, 2) == [[0, 1, 2], [3, 4]]
+    assert setup.placement(cfg, 5, 2) == [[0, 1, 2], [3, 4]]
     cfg.dist.placement = [1, 4]
-    assert distributed.placement(cfg, 5, 2) == [[0], [1, 2, 3, 4]]
+    assert setup.placement(cfg, 5, 2) == [[0], [1, 2, 3, 4]]
     cfg.dist.placement = [2, 2]
     with pytest.raises(ConfigError, match="dist.placement"):
-        distributed.placement(cfg, 5, 2)
+        setup.placement(cfg, 5, 2)
     assert distributed.resolve_backend(load(None, ["train.mode=sync"]))[0] == ("nccl" if torch.cuda.is_available() else "gloo")
     # auto picks NCCL on cuda:LOCAL_RANK wherever CUDA is present
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -152,7 +152,7 @@ def test_nccl_sync_equals_simultaneous_on_gpu(tmp_path):
 
 
 def test_cascade_handoff_plan():
-    from decoupled.train import cascade_handoffs
+    from decoupled.engine.dist.setup import cascade_handoffs
     cfg = load(None, ["train.mode=async", "objective.name=cascade", "objective.cascade_initial_epochs=1",
                       "objective.cascade_epoch_increment=2"])  # budgets 1, 3, 5
     assert cascade_handoffs(cfg, [[0], [1], [2]], start=0) == [None, 1, 3]

@@ -15,7 +15,8 @@ import torch
 
 from decoupled import checkpoint
 from decoupled.config import ConfigError, load
-from decoupled.train import dry_run, handshake, train
+from decoupled.engine.dist.setup import dry_run, handshake
+from decoupled.train import train
 
 from torchrun_utils import (check, kill_tree, overrides, sets, summary, torchrun, torchrun_popen, wait_for,
                             workers)

@@ -10,7 +10,7 @@ import torch
 from decoupled import cli, exits
 from decoupled.config import ConfigError, load
 from decoupled.engine.early_stop import EarlyStopping
-from decoupled.engine.quicknet import draw
+from decoupled.engine.loops.quicknet import draw
 from decoupled.engine.stage import build_stages
 from decoupled.objectives import LocalOutput
 from decoupled.objectives.quicknet import class_sample_weights, confidence

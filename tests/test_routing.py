@@ -1,7 +1,7 @@
 """Re-batching of routed samples: every sample delivered exactly once per epoch, in order."""
 import torch
 
-from decoupled.engine.routing import Rebatcher
+from decoupled.objectives.router import Rebatcher
 
 
 def test_rebatcher_delivers_every_sample_once_in_order():

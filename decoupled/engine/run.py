@@ -1,7 +1,7 @@
 """The state a training loop works on, and what hangs off it: metrics, evaluation, checkpoints.
 
-The loops (e2e.py, sequential.py, simultaneous.py) only decide the order of work; they call
-`log_step` and `end_epoch` here and never touch files themselves.
+The loops (engine/loops/) only decide the order of work; they call `log_step` and `end_epoch`
+here and never touch files themselves.
 """
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint
-from ..config import JobConfig
+from ..checkpoint import Checkpointer
+from ..config import JobConfig, to_toml
 from ..data import Data
 from ..metrics import Recorder, progress
 from .evaluate import evaluate
@@ -29,6 +29,10 @@ class Run:
     rank: int = 0
     last_eval: dict = field(default_factory=dict)
     eval_fresh: bool = False  # last_eval still describes the current weights
+
+    def __post_init__(self):
+        t = self.cfg.train
+        self.checkpointer = Checkpointer(self.out, self.rank, t.checkpoint, t.keep_checkpoints)
 
     def to_device(self, *tensors):
         return [t.to(self.device, non_blocking=True) for t in tensors]
@@ -58,15 +62,22 @@ class Run:
                               ensemble_test_acc=ev["ensemble_acc"],
                               train_samples=[s.samples for s in self.stages],
                               lr=[s.optimizer.param_groups[0]["lr"] for s in self.stages])
-        if self.cfg.train.checkpoint and self.out is not None:
-            self.save_checkpoint(epoch)
+        self.save_checkpoint(epoch)
 
     def save_checkpoint(self, epoch: int) -> None:
-        state = {"epoch": epoch, "rank": self.rank, "stages": [s.state_dict() for s in self.stages]}
-        checkpoint.save(state, checkpoint.path(self.out, self.rank, epoch))
-        checkpoint.prune(self.out, self.rank, keep=self.cfg.train.keep_checkpoints)
+        """The checkpointer decides whether (train.checkpoint, a run directory) and what to keep."""
+        self.checkpointer.save(epoch, lambda: {"epoch": epoch, "rank": self.rank,
+                                               "stages": [s.state_dict() for s in self.stages]})
 
     def load_checkpoint(self, epoch: int) -> None:
-        state = checkpoint.load(checkpoint.path(self.out, self.rank, epoch), map_location=self.device)
+        state = self.checkpointer.load(epoch, map_location=self.device)
         for s, sd in zip(self.stages, state["stages"], strict=True):
             s.load_state_dict(sd)
+
+
+def prepare_run_dir(cfg: JobConfig, out: Path, resume: bool | str) -> None:
+    """Once per job (rank 0): the resolved config, and a fresh metrics.jsonl unless resuming."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.toml").write_text(to_toml(cfg))
+    if not resume:
+        (out / "metrics.jsonl").unlink(missing_ok=True)

@@ -7,19 +7,17 @@ distributed engine produce the same numbers.
 """
 from __future__ import annotations
 
-import math
 import time
 from collections import Counter
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..config import JobConfig, OptimConfig
+from ..config import JobConfig
 from ..models import build_model
-from ..objectives import Objective, build_objective
+from ..objectives import OBJECTIVES, Objective, build_objective
+from ..optim import build_optimizer, build_scheduler
 from ..rng import RngState, derive_seed
-from .routing import Rebatcher
 
 
 class NonFiniteError(RuntimeError):
@@ -31,28 +29,8 @@ def init_module(module: nn.Module, seed: int) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for m in module.modules():
-            if hasattr(m, "reset_parameters"):
+            if hasattr(m, "reset_parameters"):  # torch's own convention for "has parameters to draw"
                 m.reset_parameters()
-
-
-def build_optimizer(params, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    params = list(params)
-    if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=cfg.nesterov and cfg.momentum > 0)
-    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.name]
-    return cls(params, lr=lr, weight_decay=cfg.weight_decay)
-
-
-def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, epochs: int):
-    """Stepped once per epoch the block trains, so each block runs its own schedule."""
-    if cfg.schedule == "step":
-        factor = lambda e: cfg.gamma ** (e // cfg.step_epochs)  # noqa: E731
-    elif cfg.schedule == "cosine":
-        factor = lambda e: 0.5 * (1 + math.cos(math.pi * min(e, epochs) / epochs))  # noqa: E731
-    else:
-        factor = lambda e: 1.0  # noqa: E731
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 class Stage:
@@ -78,13 +56,10 @@ class Stage:
         self.work: Counter[str] = Counter()
         self.info: dict = {}
         self.compute_s = 0.0
-        # Routing (QuickNets across blocks): a routing objective passes on only the samples it has
-        # not learned, and trains its commitment head online; every block after the first re-cuts
-        # its routed input into full batches.
-        self.routes = hasattr(objective, "learned")
-        self.rebatcher = Rebatcher(cfg.data.batch_size) if self.routes and index > 0 else None
-        self.commit_optimizer = (build_optimizer(self.objective.commit.parameters(), cfg.optim, lr)
-                                 if self.routes else None)
+        # Routing (QuickNets across blocks), if the objective's spec declares it: the router decides
+        # which samples go on, trains the commitment head online and re-batches this stage's input.
+        build_router = OBJECTIVES[cfg.objective.name].build_router
+        self.router = build_router(self.objective, cfg, index, lr) if build_router else None
 
     def parameters(self):
         return list(self.block.parameters()) + list(self.objective.parameters())
@@ -120,17 +95,18 @@ class Stage:
         """Take an incoming (sub-)batch; yield what goes on to the next block as (h, y, ids).
         The single-process `simultaneous` loop and the distributed engine both call this, so each
         block sees the same sequence of batches wherever it runs."""
-        if self.rebatcher is None:
+        rebatcher = self.router.rebatcher if self.router else None
+        if rebatcher is None:
             yield from self._step(x, y, ids, log)
             return
-        self.rebatcher.add(x, y, ids)
-        for b in self.rebatcher.full():
+        rebatcher.add(x, y, ids)
+        for b in rebatcher.full():
             yield from self._step(*b, log)
 
     def drain(self, log=None):
         """At the end of an epoch: train on what the rebatcher still holds (a smaller last batch)."""
-        if self.rebatcher is not None:
-            for b in self.rebatcher.flush():
+        if self.router is not None and self.router.rebatcher is not None:
+            for b in self.router.rebatcher.flush():
                 yield from self._step(*b, log)
 
     def _step(self, x, y, ids, log):
@@ -141,30 +117,11 @@ class Stage:
         else:  # budget spent (cascade): frozen, forwards fixed pseudo-inputs
             h, res = self.forward(x), None
             self.work["forward"] += len(y)  # counted by flops.train_flops
-        if self.routes:
-            keep = ~self._learned(h, res, y)
+        if self.router is not None:
+            keep = self.router.keep(h, res, y, self.work)
             h, y, ids = h[keep], y[keep], ids[keep]
         if len(y):
             yield h, y, ids
-
-    def _learned(self, h, res, y) -> torch.Tensor:
-        """QuickNets' three conditions; while training, the commitment head first takes one BCE
-        step on "the exit is right" (online, since every block trains at the same time here)."""
-        obj = self.objective
-        if res is None:
-            with torch.no_grad():
-                obj.eval()
-                res = obj(h, y)
-                return obj.learned(res, obj.commitment(h), y)
-        obj.train()
-        c = obj.commitment(h)
-        loss = F.binary_cross_entropy_with_logits(c, (res.pred == y).to(c.dtype))
-        self.commit_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.commit_optimizer.step()
-        obj.commit_trained.fill_(True)
-        self.work["commit_step"] += len(y)
-        return obj.learned(res, c.detach(), y)
 
     def _check_finite(self, loss: torch.Tensor, out: torch.Tensor) -> None:
         # One fused check (a single device sync) per step: a diverged block must stop the job with
@@ -195,8 +152,7 @@ class Stage:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "rng": self.rng.state_dict(), "epochs_done": self.epochs_done, "steps": self.steps,
                 "samples": self.samples, "epoch_samples": self.epoch_samples, "work": dict(self.work),
-                "commit_optimizer": self.commit_optimizer.state_dict() if self.commit_optimizer else None,
-                "rebatcher": (self.rebatcher.parts, self.rebatcher.count) if self.rebatcher else None}
+                "router": self.router.state_dict() if self.router else None}
 
     def load_state_dict(self, sd: dict) -> None:
         assert sd["index"] == self.index, f"checkpoint of block {sd['index']} loaded into block {self.index}"
@@ -207,10 +163,8 @@ class Stage:
         self.rng.load_state_dict(sd["rng"])
         self.epochs_done, self.steps, self.samples = sd["epochs_done"], sd["steps"], sd["samples"]
         self.epoch_samples, self.work = list(sd.get("epoch_samples", [])), Counter(sd.get("work", {}))
-        if self.commit_optimizer is not None and sd.get("commit_optimizer"):
-            self.commit_optimizer.load_state_dict(sd["commit_optimizer"])
-        if self.rebatcher is not None and sd.get("rebatcher"):
-            self.rebatcher.parts, self.rebatcher.count = sd["rebatcher"]
+        if self.router is not None and sd.get("router"):
+            self.router.load_state_dict(sd["router"])
 
 
 def build_stages(cfg: JobConfig, input_shape, num_classes: int, device: torch.device,
@@ -229,3 +183,20 @@ def build_stages(cfg: JobConfig, input_shape, num_classes: int, device: torch.de
         in_shape = tuple(input_shape) if j == 0 else built.shapes[j - 1]
         stages.append(Stage(j, block, objective, in_shape, built.shapes[j], epochs, cfg, device))
     return stages
+
+
+def feed_chain(stages: list[Stage], flow: list, log=None) -> list:
+    """One incoming batch (or routed pieces of it) through consecutive stages, in order: each stage
+    trains (or forwards, if frozen) and passes on what it does not route away."""
+    for s in stages:
+        flow = [out for item in flow for out in s.feed(*item, log)]
+    return flow
+
+
+def drain_chain(stages: list[Stage], log=None) -> list:
+    """Epoch end with routing: each stage in turn takes what the stage before it drained, then
+    trains on its own remainder. Returns what the last stage passes on."""
+    flow: list = []
+    for s in stages:
+        flow = [out for item in flow for out in s.feed(*item, log)] + list(s.drain(log))
+    return flow

@@ -34,6 +34,9 @@ class Objective(nn.Module):
     """Cross-entropy through the head; subclasses change the head, the loss or the epoch budget."""
 
     default_head = "khidden"
+    # Declared capability (exits.py and flops.py read it, never probe): a commitment head that says
+    # whether the exit commits to its prediction (QuickNets).
+    has_commitment = False
 
     def __init__(self, cfg: ObjectiveConfig, in_shape, num_classes: int):
         super().__init__()
@@ -51,6 +54,14 @@ class Objective(nn.Module):
         with torch.no_grad():
             conf, pred = logits.detach().softmax(-1).max(-1)
         return LocalOutput(loss, logits, pred, conf)
+
+    def commitment(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no commitment head (has_commitment=False)")
+
+    @property
+    def commitment_ready(self) -> bool:
+        """Whether the commitment head has been trained, so the early-exit rule may use it."""
+        return False
 
     def local_parameters(self):
         """What the block's optimizer steps besides the block: the whole objective by default;

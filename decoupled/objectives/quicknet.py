@@ -11,7 +11,8 @@ Two phases, two sets of parameters, one module (so one checkpoint holds both):
   `local_parameters()` (the exit head), so the commitment head is never touched by it.
 - `commitment_loss` is the commitment phase: binary cross-entropy of `commit` on detached block
   features against "the exit was right"; the trainer gives it its own optimizer, once the block is
-  frozen (engine/quicknet.py). `commit_trained` (a buffer, so checkpointed) records that it ran;
+  frozen (engine/loops/quicknet.py); across blocks trained online by
+  objectives/router.py. `commit_trained` (a buffer, so checkpointed) records that it ran;
   until then the exit rule ignores the commitment output.
 """
 from __future__ import annotations
@@ -51,6 +52,7 @@ def class_sample_weights(y: torch.Tensor, counts0: torch.Tensor, balance: str = 
 
 class QuickNet(Objective):
     default_head = "mixedpool"
+    has_commitment = True
 
     def __init__(self, cfg: ObjectiveConfig, in_shape, num_classes: int):
         super().__init__(cfg, in_shape, num_classes)
@@ -70,6 +72,10 @@ class QuickNet(Objective):
     def commitment(self, h: torch.Tensor) -> torch.Tensor:
         """(N,) commitment logits; > 0 means the exit commits to its prediction."""
         return self.commit(h)
+
+    @property
+    def commitment_ready(self) -> bool:
+        return bool(self.commit_trained)
 
     def commitment_loss(self, h: torch.Tensor, correct: torch.Tensor,
                         mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -11,7 +11,6 @@ Policies pick among entries that may still be used:
 """
 from __future__ import annotations
 
-import collections
 import threading
 from dataclasses import dataclass, field
 
@@ -50,24 +49,24 @@ class ReplayStats:
 
 
 class ReplayBuffer:
-    """Thread-safe: the receiver thread puts, the training loop samples."""
+    """Thread-safe: the receiver thread puts, the training loop samples. It holds only the batches
+    it replays; control messages and waiting belong to the receiver (receiver.py)."""
 
     def __init__(self, capacity: int, policy: str, max_reuse: int, seed: int):
         self.capacity, self.policy, self.max_reuse = capacity, policy, max_reuse
         self.entries: list[Entry] = []
         self.g = torch.Generator().manual_seed(seed)
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()
         self.stats = ReplayStats()
         self.latest_step = 0  # newest upstream step seen
         self.pending_by_epoch: dict[int, int] = {}  # entries of each epoch not yet used or dropped
-        self.control: collections.deque = collections.deque()  # non-train messages, in arrival order
         self._seq = 0
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def put(self, e: Entry) -> None:
-        with self.cond:
+        with self.lock:
             e.seq = self._seq
             self._seq += 1
             if len(self.entries) >= self.capacity:
@@ -77,7 +76,6 @@ class ReplayBuffer:
             self.latest_step = max(self.latest_step, e.step)
             self.pending_by_epoch[e.epoch] = self.pending_by_epoch.get(e.epoch, 0) + 1
             self.stats.occupancy_max = max(self.stats.occupancy_max, len(self.entries))
-            self.cond.notify_all()
 
     def _evict(self, e: Entry) -> None:
         self.entries.remove(e)
@@ -89,7 +87,7 @@ class ReplayBuffer:
 
     def pick(self) -> Entry | None:
         """Choose an entry by policy and count the draw; None when nothing may be used."""
-        with self.cond:
+        with self.lock:
             if not self.entries:
                 return None
             least = min(e.uses for e in self.entries)
@@ -115,5 +113,11 @@ class ReplayBuffer:
 
     def epoch_done(self, epoch: int) -> bool:
         """Every batch of `epoch` (and earlier) has been trained on at least once or dropped."""
-        with self.cond:
+        with self.lock:
             return all(n == 0 for ep, n in self.pending_by_epoch.items() if ep <= epoch)
+
+    def clear(self) -> None:
+        """Forget every entry (the cascade hand-off: upstream has stopped, the cache takes over)."""
+        with self.lock:
+            self.entries.clear()
+            self.pending_by_epoch.clear()

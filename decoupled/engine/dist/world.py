@@ -1,4 +1,5 @@
-"""Process groups, block placement and the end-of-run gather for the decoupled engine.
+"""The world of a distributed run: process groups, one two-rank group per pipeline edge, and the
+object collectives that start-up and the end-of-run report use.
 
 Backend auto: NCCL with device cuda:LOCAL_RANK when CUDA is available, gloo on CPU. Object
 collectives (metadata, errors, the summary) always go over a gloo group, so they work and time out
@@ -14,7 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError, JobConfig
+from ...config import ConfigError, JobConfig
 from .transport import PeerError
 
 
@@ -26,24 +27,6 @@ class World:
     device: torch.device
     ctrl: object  # gloo group for object collectives
     links: list  # links[j]: the two-rank group of edge (j-1 -> j); links[0] is None
-
-
-def placement(cfg: JobConfig, num_blocks: int, world: int) -> list[list[int]]:
-    """Consecutive blocks per rank: dist.placement if given, else an even split (earlier ranks take
-    the remainder). Raises ConfigError before anything trains."""
-    if world > num_blocks:
-        raise ConfigError(f"world size {world} > {num_blocks} blocks: every rank needs a block; launch at most "
-                          f"{num_blocks} ranks (--nproc-per-node) or split the model finer (model.blocks)")
-    counts = list(cfg.dist.placement)
-    if counts:
-        if len(counts) != world or sum(counts) != num_blocks:
-            raise ConfigError(f"dist.placement={counts} must list one block count per rank ({world} ranks) "
-                              f"summing to the {num_blocks} blocks")
-    else:
-        q, r = divmod(num_blocks, world)
-        counts = [q + (i < r) for i in range(world)]
-    starts = [sum(counts[:i]) for i in range(world)]
-    return [list(range(s, s + c)) for s, c in zip(starts, counts)]
 
 
 def resolve_backend(cfg: JobConfig) -> tuple[str, torch.device]:

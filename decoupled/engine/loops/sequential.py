@@ -4,9 +4,9 @@ not a forward through every block before it; with augmentation they are recomput
 """
 from __future__ import annotations
 
-from ..data import batches, num_batches
-from .cache import PseudoInputs
-from .run import Run
+from ...data import batches, num_batches
+from ..cache import PseudoInputs
+from ..run import Run
 
 
 def cache_mode(run: Run) -> str:

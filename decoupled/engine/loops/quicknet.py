@@ -22,14 +22,15 @@ from pathlib import Path
 
 import torch
 
-from ..data import augment_batch, num_batches
-from ..objectives.quicknet import class_sample_weights
-from ..rng import generator
-from .cache import PseudoInputs
-from .early_stop import EarlyStopping
-from .run import Run
+from ...data import augment_batch, num_batches
+from ...objectives.quicknet import class_sample_weights
+from ...optim import build_optimizer
+from ...rng import generator
+from ..cache import PseudoInputs
+from ..early_stop import EarlyStopping
+from ..run import Run
+from ..stage import Stage
 from .sequential import cache_mode
-from .stage import Stage, build_optimizer
 
 
 class Inputs:
@@ -167,7 +168,6 @@ def train_quicknet(run: Run, start_epoch: int = 0) -> None:
                          epochs=s.epochs_done, commit_epochs=commit_epochs, train_samples=s.samples,
                          epoch_samples=s.epoch_samples)
         run.eval_fresh = False
-        if cfg.train.checkpoint and run.out is not None:  # now with the trained commitment head
-            run.save_checkpoint(done - 1)
+        run.save_checkpoint(done - 1)  # now with the trained commitment head
         remaining = remaining[~learned]
         inputs = feats

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from ..data import batches, num_batches
-from .early_stop import EarlyStopping
-from .run import Run
-from .stage import build_optimizer, build_scheduler
+from ...data import batches, num_batches
+from ...optim import build_optimizer, build_scheduler
+from ..early_stop import EarlyStopping
+from ..run import Run
 
 
 def train_e2e(run: Run, start_epoch: int = 0) -> None:

@@ -9,16 +9,9 @@ from __future__ import annotations
 
 from functools import partial
 
-from ..data import batches, num_batches
-from .run import Run
-
-
-def drain(stages, flow: list, log) -> list:
-    """Epoch end with routing: each block in turn takes what the block before it drained, then
-    trains on its own remainder. Returns what the last block passes on."""
-    for s in stages:
-        flow = [out for item in flow for out in s.feed(*item, log)] + list(s.drain(log))
-    return flow
+from ...data import batches, num_batches
+from ..run import Run
+from ..stage import drain_chain, feed_chain
 
 
 def train_simultaneous(run: Run, start_epoch: int = 0) -> None:
@@ -30,11 +23,9 @@ def train_simultaneous(run: Run, start_epoch: int = 0) -> None:
             for b in batches(run.data.train, cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch,
                              augment=cfg.data.augment):
                 log = partial(run.log_step, epoch)
-                flow = [tuple(run.to_device(b.x, b.y, b.ids))]
-                for s in stages:  # each block passes on what it does not route away
-                    flow = [out for item in flow for out in s.feed(*item, log)]
+                feed_chain(stages, [tuple(run.to_device(b.x, b.y, b.ids))], log)
                 bar.update()
-        drain(stages, [], partial(run.log_step, epoch))
+        drain_chain(stages, partial(run.log_step, epoch))
         for s in stages:
             if s.training:
                 s.end_epoch()

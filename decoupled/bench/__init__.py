@@ -1,0 +1,12 @@
+"""`decoupled bench`: every way to train one model split, measured side by side on the same cores.
+A package beside the library: it imports the library, never the reverse (cli.py wires the
+subcommand lazily). runner.py runs processes (shared with analysis/ablate.py), rows.py defines and
+reads the rows, report.py writes bench.md / bench.png, sweep.py the depth sweep, stages.py and
+gpipe.py are the workers it launches."""
+from .cli import add_parser, main
+from .rows import ROWS, bench, bound, bound_samples_per_s, pipeline_row
+from .runner import median, timed
+from .sweep import parse_lists
+
+__all__ = ["add_parser", "main", "ROWS", "bench", "bound", "bound_samples_per_s", "pipeline_row", "median",
+           "timed", "parse_lists"]

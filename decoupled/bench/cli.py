@@ -1,0 +1,69 @@
+"""`decoupled bench`: every way to train one model split, measured side by side on the same cores.
+
+One invocation times, on the same config, data and K-rank split:
+  stages        each rank's blocks alone (forward + local backward + head + step) on cached inputs:
+                t_k seconds per epoch, bound = sum(t_k) / max(t_k), bound throughput = n / max(t_k)
+  e2e           end-to-end backprop in one process, 1 thread    (the real `decoupled train`)
+  e2e-Kthreads  the same with K threads (OMP_NUM_THREADS=K)
+  sequential    greedy block after block on cached pseudo-inputs
+  sync, async   the decoupled engine on K torchrun ranks
+  gpipe         the e2e network through torch.distributed.pipelining on the same K-rank split
+
+Every row is a fresh process (or a torchrun job), because peak memory (CPU VmHWM) is per process.
+Timing: every row trains 1 + repeats epochs; the first is warm-up and is dropped; a row's time is
+the median of the other epochs' wall times, read from the run's own metrics.jsonl stamps (or timed
+by the worker), so process start, data loading and the final evaluation never count. Throughput is
+training samples per second of that median epoch.
+
+    decoupled bench --config launch/configs/bench_cpu.toml --ranks 2 --out runs/bench
+    decoupled bench --sweep depth --config launch/configs/bench_cpu.toml --out runs/sweep
+
+Writes bench.json, bench.md and bench.png (sweep: sweep.json, sweep.md, sweep.png) into --out.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..config import ConfigError
+from .rows import ROWS, bench
+from .report import markdown
+from .sweep import DEFAULT_HIERARCHIES, parse_lists, sweep_depth
+
+
+def add_parser(sub) -> None:
+    """`decoupled bench ...` (wired in cli.py)."""
+    b = sub.add_parser("bench", help="time every baseline side by side (e2e, sequential, sync, async, gpipe)")
+    b.add_argument("--config", help="TOML config (e.g. launch/configs/bench_cpu.toml)")
+    b.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value (repeatable)")
+    b.add_argument("--ranks", type=int, default=2, help="K: torchrun ranks for sync/async/gpipe, threads of e2e-Kthreads")
+    b.add_argument("--out", type=Path, help="output folder (default runs/bench-<timestamp>)")
+    b.add_argument("--repeats", type=int, default=3, help="timed epochs per row, after one warm-up epoch")
+    b.add_argument("--microbatches", type=int, default=4, help="GPipe microbatches per batch")
+    b.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
+    b.add_argument("--sweep", choices=["depth"], help="instead: e2e vs per-rank peak memory as VGG depth grows")
+    b.add_argument("--hierarchies", default=DEFAULT_HIERARCHIES,
+                   help="--sweep depth: VGG hierarchies, one block and one rank per stage")
+    b.add_argument("--mmap-threshold", type=int,
+                   help="MALLOC_MMAP_THRESHOLD_ for every process, so CPU VmHWM tracks tensor bytes rather than "
+                        "glibc heap growth (slows steps); default 65536 for --sweep, 0 (glibc's own) for the bench")
+    b.add_argument("--timeout", type=float, default=900.0, help="seconds per row before it counts as failed")
+
+
+def main(args) -> int:
+    rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
+    bad = [r for r in rows if r not in ROWS]
+    if bad or args.ranks < 1 or args.repeats < 1 or args.microbatches < 1:
+        raise ConfigError(f"bench: --rows must be among {', '.join(ROWS)} (got {bad}); --ranks, --repeats and "
+                          "--microbatches must be >= 1")
+    out = args.out or Path("runs") / time.strftime("bench-%Y%m%d-%H%M%S")
+    if args.sweep == "depth":
+        threshold = 65536 if args.mmap_threshold is None else args.mmap_threshold
+        sweep_depth(args.config, args.overrides, out, parse_lists(args.hierarchies), args.timeout, threshold)
+        print((out / "sweep.md").read_text() + f"written: {out}/sweep.json, sweep.md, sweep.png")
+        return 0
+    result = bench(args.config, args.overrides, args.ranks, out, args.repeats, args.microbatches, rows,
+                   args.timeout, args.mmap_threshold or 0)
+    print(markdown(result) + f"written: {out}/bench.json, bench.md, bench.png")
+    return 1 if any("error" in r for r in result["rows"]) else 0

@@ -1,0 +1,188 @@
+"""The rows of `decoupled bench`: the config every row runs, each row's process, and reading a row's
+numbers back from its run directory (metrics.jsonl stamps and counters, summary.json)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from ..config import JobConfig, load, to_toml
+from .report import chart, markdown
+from .runner import machine, median, read_jsonl, run, timed, torchrun
+
+ROWS = ("e2e", "e2e-Kthreads", "sequential", "sync", "async", "gpipe")
+
+
+def bound(stage_s: list[float]) -> float:
+    """Ideal pipeline speed-up over running the stages one after another: sum(t_k) / max(t_k)."""
+    return sum(stage_s) / max(stage_s)
+
+
+def bound_samples_per_s(n: int, stage_s: list[float]) -> float:
+    """A pipeline is as fast as its slowest stage: n samples per max(t_k) seconds."""
+    return n / max(stage_s)
+
+
+def rank_row(r: dict, window: dict | None = None) -> dict:
+    """A summary.json rank entry in the bench schema; compute/comm/idle are seconds per timed epoch."""
+    out = {"rank": r["rank"], "blocks": r.get("blocks"), "peak_mem_bytes": r["peak_mem_bytes"]}
+    out.update(window or {"compute_s": r.get("compute_s", 0.0), "comm_s": r.get("comm_s", 0.0),
+                          "idle_s": r.get("idle_s", 0.0)})
+    return out
+
+
+def single_process_row(mode: str, out: Path, n: int) -> dict:
+    """e2e / sequential, from the real trainer's run directory. train.log_every is one epoch of
+    steps, so every block logs a `step` record at the end of each of its epochs."""
+    summary = json.loads((out / "summary.json").read_text())
+    stamps: dict[int, list[float]] = {}
+    for m in read_jsonl(out / "metrics.jsonl"):
+        if m.get("kind") == "step":
+            stamps.setdefault(m["block"], []).append(m["time_s"])
+    # e2e logs only its last block; sequential trains blocks one after another, so one epoch of
+    # the whole network costs the sum over blocks of each block's median epoch
+    per_block = {b: median(timed(s)) for b, s in sorted(stamps.items())}
+    epoch_s = sum(per_block.values())
+    r = summary["ranks"][0]
+    rank = rank_row(r, {"compute_s": epoch_s, "comm_s": 0.0, "idle_s": 0.0})
+    row = {"mode": mode, "samples_per_s": n / epoch_s, "epoch_s": epoch_s,
+           "epochs_timed": [timed(s) for _, s in sorted(stamps.items())], "ranks": [rank]}
+    if mode == "sequential":
+        row["block_epoch_s"] = per_block
+    return row
+
+
+def pipeline_row(mode: str, out: Path, n: int, batch: int) -> dict:
+    """sync / async on K ranks: end-of-epoch stamps and cumulative counters per rank from
+    metrics.jsonl. The network's epoch time is the last rank's (it closes every epoch)."""
+    summary = json.loads((out / "summary.json").read_text())
+    ends: dict[int, list[dict]] = {}
+    for m in read_jsonl(out / "metrics.jsonl"):
+        if m.get("kind") == "epoch_end":
+            ends.setdefault(m["rank"], []).append(m)
+    ranks, dropped = [], 0
+    for r in summary["ranks"]:
+        e = sorted(ends.get(r["rank"], []), key=lambda m: m["epoch"])
+        k = max(len(e) - 1, 1)  # timed epochs
+        per = lambda key: (e[-1].get(key, 0.0) - e[0].get(key, 0.0)) / k  # noqa: E731  (per timed epoch)
+        row = rank_row(r, {"compute_s": per("compute_s"), "comm_s": per("comm_s"), "idle_s": per("idle_s")})
+        row["steps_per_epoch"] = per("steps")
+        row["epoch_s"] = median(timed([m["time_s"] for m in e]))
+        if "replay" in e[-1]:  # async: batches evicted before ever being trained on
+            d = (e[-1]["replay"]["dropped"] - e[0]["replay"]["dropped"]) / k
+            row["dropped_batches_per_epoch"] = d
+            dropped += d
+        ranks.append(row)
+    last = sorted(ends[summary["ranks"][-1]["rank"]], key=lambda m: m["epoch"])
+    epoch_s = median(timed([m["time_s"] for m in last]))
+    # async drops batches a rank was too slow to take: count only samples the whole network saw
+    trained = max(n - dropped * batch, 0)
+    return {"mode": mode, "samples_per_s": trained / epoch_s, "epoch_s": epoch_s,
+            "epochs_timed": timed([m["time_s"] for m in last]), "ranks": ranks,
+            "placement": summary.get("placement"), "backend": summary.get("backend")}
+
+
+# ---------------------------------------------------------------------------- the benchmark
+
+def prepare(config: str | None, overrides: list[str], repeats: int) -> tuple[JobConfig, int]:
+    """The config every row runs: the user's, then the bench's timing knobs. Returns (cfg, n_train)."""
+    from ..data import build_data
+    base = load(config, overrides)
+    data = build_data(base.data, base.train.seed)  # only for the training-set size
+    n = len(data.train)
+    steps = -(-n // base.data.batch_size)
+    cfg = load(None, [f"train.epochs={1 + repeats}",  # epoch 0 is warm-up
+                      "train.eval_every=0", "train.checkpoint=false", "train.probe_epochs=0",
+                      f"train.log_every={steps}",  # one `step` record per block per epoch: its end stamp
+                      f"data.eval_batch_size={base.data.batch_size}"],  # the peak is training's, not eval's
+               base=base)
+    return cfg, n
+
+
+def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repeats: int = 3,
+          microbatches: int = 4, rows: tuple[str, ...] = ROWS, timeout: float = 900.0,
+          mmap_threshold: int = 0) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    cfg, n = prepare(config, overrides, repeats)
+    cfg_path = out / "config.toml"
+    cfg_path.write_text(to_toml(cfg))
+    B = cfg.data.batch_size
+
+    print(f"bench: {n} training samples, batch {B}, {ranks} ranks, {repeats} timed epochs (+1 warm-up) per row")
+    result: dict = {"rows": [], "machine": info, "config": str(config), "overrides": list(overrides),
+                    "n_train": n, "batch_size": B, "ranks": ranks, "repeats": repeats, "microbatches": microbatches,
+                    "malloc_mmap_threshold": mmap_threshold or "glibc default (dynamic)"}
+
+    # 1. each rank's stages alone: the bound
+    err = run([sys.executable, "-m", "decoupled.bench.stages", str(cfg_path), str(ranks), str(out / "stages.json")],
+              out / "logs" / "stages.log", 1, timeout, mmap_threshold)
+    stage_s = None
+    if err is None:
+        result["stages"] = json.loads((out / "stages.json").read_text())
+        stage_s = [s["epoch_s"] for s in result["stages"]]
+        result["bound"] = bound(stage_s)
+        result["bound_samples_per_s"] = bound_samples_per_s(n, stage_s)
+    else:
+        result["stages_error"] = err
+
+    for mode in rows:
+        t0 = time.perf_counter()
+        row = run_row(mode, cfg_path, out, n, B, ranks, microbatches, timeout, mmap_threshold)
+        if mode in ("sync", "async") and stage_s and row.get("samples_per_s"):
+            row["bound_samples_per_s"] = result["bound_samples_per_s"]
+            row["of_bound"] = row["samples_per_s"] / result["bound_samples_per_s"]
+        row["bench_wall_s"] = time.perf_counter() - t0
+        row["loadavg_1min_after"] = os.getloadavg()[0]  # other users' load skews a row: keep the evidence
+        result["rows"].append(row)
+        sps = row.get("samples_per_s")
+        print(f"  {mode:13s} " + (f"{sps:9.1f} samples/s" if sps else f"FAILED: {row['error']}")
+              + f"  ({row['bench_wall_s']:.0f}s)", flush=True)
+
+    info["loadavg_end"] = list(os.getloadavg())
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    (out / "bench.md").write_text(markdown(result))
+    chart(result, out / "bench.png")
+    return result
+
+
+def row_command(mode: str, cfg_path: Path, d: Path, ranks: int, microbatches: int) -> tuple[list[str], int]:
+    """The process of one row and its thread count."""
+    train = ["decoupled", "train", "--config", str(cfg_path), "--out", str(d)]
+    if mode in ("e2e", "e2e-Kthreads"):
+        return [sys.executable, "-m", *train, "--set", "train.mode=e2e"], ranks if mode == "e2e-Kthreads" else 1
+    if mode == "sequential":
+        return [sys.executable, "-m", *train, "--set", "train.mode=sequential"], 1
+    if mode in ("sync", "async"):
+        return torchrun(ranks, train + ["--set", f"train.mode={mode}"]), 1
+    return torchrun(ranks, ["decoupled.bench.gpipe", str(cfg_path), str(d / "gpipe.json"), str(microbatches)]), 1
+
+
+def run_row(mode: str, cfg_path: Path, out: Path, n: int, B: int, ranks: int, microbatches: int, timeout: float,
+            mmap_threshold: int) -> dict:
+    """Run one row's process and read its numbers; a row with `error` when either fails."""
+    d = out / mode
+    cmd, threads = row_command(mode, cfg_path, d, ranks, microbatches)
+    if mode == "gpipe" and B % microbatches:
+        err = f"data.batch_size={B} is not divisible by --microbatches={microbatches}"
+    else:
+        err = run(cmd, out / "logs" / f"{mode}.log", threads, timeout, mmap_threshold)
+    row = None
+    if err is None:
+        try:
+            if mode in ("sync", "async"):
+                row = pipeline_row(mode, d, n, B)
+            elif mode == "gpipe":
+                row = json.loads((d / "gpipe.json").read_text())
+            else:
+                row = single_process_row(mode, d, n)
+        except (OSError, KeyError, ValueError, ZeroDivisionError) as e:
+            err = f"could not read the run: {e!r}"
+    if row is None:
+        row = {"mode": mode, "error": err, "samples_per_s": None, "ranks": []}
+    if mode == "e2e-Kthreads":
+        row["threads"] = ranks
+    row["cmd"] = " ".join(cmd)
+    return row

@@ -1,0 +1,51 @@
+"""Validation: every field against its own rule (parse.py), then the rules that tie fields together."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .parse import _coerce, _fields, _sections
+from .schema import EARLY_STOP_MODES, ConfigError, JobConfig
+
+def validate(cfg: JobConfig) -> None:
+    """Every field against its type and rules, then the rules that tie fields together."""
+    for section, cls in _sections().items():
+        for key, (typ, meta) in _fields(cls).items():
+            _coerce(f"{section}.{key}", getattr(getattr(cfg, section), key), typ, meta)
+    d, m, o, t, op = cfg.data, cfg.model, cfg.objective, cfg.train, cfg.optim
+    if d.name not in ("digits", "synthetic"):
+        if not d.root:
+            raise ConfigError(f"data.root is empty but data.name={d.name!r} needs a dataset folder; "
+                              f"set data.root (e.g. --set data.root=../shared/data)")
+        if not Path(d.root).is_dir() and not d.download:
+            raise ConfigError(f"data.root={d.root!r} does not exist; point data.root at the dataset "
+                              f"folder or set data.download=true")
+    if d.name == "synthetic" and len(d.synthetic_shape) not in (1, 3):
+        raise ConfigError(f"data.synthetic_shape={d.synthetic_shape} must be [features] or [C,H,W]")
+    if m.name == "mlp" and not m.widths:
+        raise ConfigError(f"model.widths={m.widths} must be a non-empty list of positive widths")
+    if m.name in ("vgg", "resnet", "simcnn") and not m.hierarchy:
+        raise ConfigError(f"model.hierarchy={m.hierarchy} must be a non-empty list of positive "
+                          "layer counts, e.g. [1,1,2,2]")
+
+    if t.mode == "quicknet" and o.name != "quicknet":
+        raise ConfigError(f"train.mode='quicknet' needs objective.name='quicknet' (got {o.name!r}): it trains "
+                          "exit and commitment heads")
+    if o.name == "quicknet" and t.mode == "sequential":
+        raise ConfigError("objective.name='quicknet' with train.mode='sequential' would train every block on "
+                          "all samples and never its commitment head; use train.mode='quicknet'")
+    if (o.name == "predsim") != (o.head == "predsim") and o.head:
+        raise ConfigError(f"objective.head={o.head!r} does not fit objective.name={o.name!r}: only predsim "
+                          "has (and needs) the similarity branch; leave objective.head empty")
+    if (o.head or ("dense" if o.name == "cascade" else "")) == "dense" and o.aux_width < 2:
+        raise ConfigError(f"objective.aux_width={o.aux_width} is too small for the dense output block "
+                          "(n -> n/2 -> classes); use at least 2")
+
+    if (t.patience or t.plateau_factor < 1.0) and t.mode not in EARLY_STOP_MODES:
+        raise ConfigError(f"train.patience / train.plateau_factor (early stopping) apply to train.mode in "
+                          f"{EARLY_STOP_MODES}, not {t.mode!r}; leave them at 0 / 1.0")
+    if t.plateau_factor < 1.0 and op.schedule != "constant":
+        raise ConfigError(f"train.plateau_factor={t.plateau_factor} decays the LR on plateau; it cannot be "
+                          f"combined with optim.schedule={op.schedule!r}; use optim.schedule='constant'")
+    if d.augment and t.cache in ("memory", "disk"):
+        raise ConfigError(f"train.cache={t.cache!r} freezes one augmented view of the data; with "
+                          "data.augment=true use train.cache='recompute' (or 'auto')")

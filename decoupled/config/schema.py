@@ -1,0 +1,170 @@
+"""The schema: every knob of a job as a dataclass field, with its rule on the field.
+
+A fixed set of values is a `Literal[...]` type with a comment per value; a name that picks a
+plug-in (dataset, model, objective, head) names the registry that owns the valid names (one source
+of truth); a numeric range is the field's metadata (`knob(64, ge=1)`). parse.py checks all of them
+generically; rules.py holds only what ties several fields together.
+"""
+from __future__ import annotations
+
+import importlib
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+class ConfigError(ValueError):
+    """Bad configuration; the message names the field and how to fix it."""
+
+
+# Registries that own the valid names of a field: module, attribute (a dict keyed by name).
+REGISTRIES = {"dataset": ("decoupled.data", "LOADERS"), "model": ("decoupled.models", "MODELS"),
+              "objective": ("decoupled.objectives", "OBJECTIVES"), "head": ("decoupled.heads", "HEADS")}
+
+
+def registry_names(kind: str) -> tuple[str, ...]:
+    module, attr = REGISTRIES[kind]
+    return tuple(getattr(importlib.import_module(module), attr))
+
+
+def knob(default, *, ge=None, gt=None, lt=None, le=None, registry: str | None = None, empty_ok: bool = False):
+    """A field with its rule: numeric bounds (for lists: every element), or a registry of names
+    (empty_ok: "" is allowed too, meaning "the default one")."""
+    meta = {k: v for k, v in dict(ge=ge, gt=gt, lt=lt, le=le, registry=registry).items() if v is not None}
+    meta["empty_ok"] = empty_ok
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+Mode = Literal["e2e", "sequential", "simultaneous", "quicknet", "sync", "async"]
+DISTRIBUTED_MODES = ("sync", "async")
+EARLY_STOP_MODES = ("e2e", "quicknet")
+Fallback = Literal["confident", "last"]
+FALLBACKS = typing.get_args(Fallback)
+
+
+@dataclass
+class DataConfig:
+    name: str = knob("digits", registry="dataset")
+    root: str = ""  # folder holding the dataset (torchvision layout); unused by digits/synthetic
+    batch_size: int = knob(64, ge=1)
+    eval_batch_size: int = knob(512, ge=1)
+    limit_train: int = knob(0, ge=0)  # 0 = all; else a fixed seeded subset of this size
+    limit_test: int = knob(0, ge=0)
+    augment: bool = False  # CIFAR-style padded random crop + horizontal flip
+    download: bool = False  # torchvision datasets only download when asked
+    # synthetic generator: class-dependent Gaussian blobs of this shape
+    synthetic_shape: list[int] = knob([1, 8, 8], ge=1)
+    synthetic_classes: int = knob(10, ge=1)
+    synthetic_train: int = knob(1024, ge=1)
+    synthetic_test: int = knob(256, ge=1)
+
+
+@dataclass
+class ModelConfig:
+    name: str = knob("mlp", registry="model")
+    widths: list[int] = knob([150, 150, 150], ge=1)  # mlp hidden widths
+    hierarchy: list[int] = knob([1, 1, 2, 2], ge=1)  # vgg/resnet/simcnn stages
+    channels: list[int] = knob([], ge=1, empty_ok=True)  # vgg: explicit channels per stage (else from width)
+    width: int = knob(64, ge=1)  # base channels (vgg/resnet stage 0, simcnn M, allcnn 96 in the paper)
+    blocks: int = knob(0, ge=0)  # decoupled blocks; 0 = one per layer / residual unit
+    block_sizes: list[int] = knob([], ge=1, empty_ok=True)  # explicit units per block
+    # resnet unit: "basic" (two 3x3 convs) | "bottleneck" (1x1, 3x3, 1x1)
+    residual: Literal["basic", "bottleneck"] = "basic"
+    batchnorm: bool = True
+    dropout: float = knob(0.0, ge=0.0, lt=1.0)
+    stem_downsample: bool = False  # simcnn: invertible downsampling of the input
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = knob("khidden", registry="objective")
+    # override the objective's head ("" = the objective's own): khidden | mlpsr | dense | predsim | mixedpool
+    head: str = knob("", registry="head", empty_ok=True)
+    k: int = knob(1, ge=1)  # k-hidden: k-1 auxiliary convs before average + linear
+    aux_width: int = knob(128, ge=1)  # auxiliary conv / dense width
+    head_batchnorm: bool = True
+    cascade_initial_epochs: int = knob(1, ge=1)  # cascade: layer l trains initial + increment * l epochs
+    cascade_epoch_increment: int = knob(1, ge=0)
+    predsim_beta: float = knob(0.99, ge=0.0, le=1.0)  # predsim: weight of the similarity-matching term
+    # quicknet: a sample is learned (and leaves the later blocks' data) when its exit's
+    # normalised-entropy confidence >= this, its commitment logit > 0 and its prediction is right.
+    # The paper gives no value; the exit curve sweeps the same rule at inference.
+    quicknet_threshold: float = knob(0.95, ge=0.0, le=1.0)
+    commit_hidden: int = knob(0, ge=0)  # quicknet commitment head hidden units; 0 = number of classes (the paper)
+    # class weights of the draws (objectives/quicknet.py): "remaining" (the paper: a class loses weight
+    # as it is learned) | "equal" (every class still present equally likely) | "none" (uniform)
+    quicknet_balance: Literal["remaining", "equal", "none"] = "remaining"
+    # early exit when no exit passes: "confident" = the most confident exit (the paper) | "last"
+    exit_fallback: Fallback = "confident"
+
+
+@dataclass
+class TrainConfig:
+    # "e2e": backprop baseline | "sequential": greedy, block after block | "simultaneous": every block
+    # steps on each batch, one process (the reference) | "quicknet": QuickNets' Algorithm 1 |
+    # "sync" / "async": the decoupled engine on torchrun ranks (README: modes)
+    mode: Mode = "simultaneous"
+    epochs: int = knob(5, ge=1)
+    seed: int = 0
+    # "auto" = cuda when available; "cpu" | "cuda" (cuda:LOCAL_RANK under torchrun)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # frozen blocks' outputs (pseudo-inputs): "memory" | "disk" (a .npy memmap) | "recompute" every
+    # epoch | "auto" = memory unless data.augment (augmented inputs change every epoch)
+    cache: Literal["auto", "memory", "disk", "recompute"] = "auto"
+    probe_epochs: int = knob(1, ge=0)  # e2e: epochs to fit each intermediate head on frozen features
+    log_every: int = knob(50, ge=1)  # steps between metrics.jsonl lines
+    eval_every: int = knob(1, ge=0)  # epochs between test evaluations (0 = only at the end)
+    checkpoint: bool = True  # per-rank checkpoint at every epoch end
+    keep_checkpoints: int = knob(3, ge=0)  # newest epochs kept per rank (0 = all)
+    # e2e and quicknet (QuickNets appendix): the training loss is monitored per epoch; a block (or
+    # the e2e network) stops after `patience` epochs without a new minimum (0 = train all epochs),
+    # and its LR is multiplied by plateau_factor after plateau_patience epochs without one (1 = off)
+    patience: int = knob(0, ge=0)
+    plateau_factor: float = knob(1.0, gt=0.0, le=1.0)
+    plateau_patience: int = knob(1, ge=0)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = knob(0.05, gt=0.0)
+    momentum: float = knob(0.9, ge=0.0)
+    weight_decay: float = knob(0.0, ge=0.0)
+    nesterov: bool = False
+    # per block, stepped on the block's own epochs: "constant" | "step" (x gamma every step_epochs)
+    # | "cosine" (to 0 over the block's budget)
+    schedule: Literal["constant", "step", "cosine"] = "constant"
+    step_epochs: int = knob(15, ge=1)  # step schedule: decay every step_epochs epochs of a block
+    gamma: float = knob(0.2, gt=0.0)  # step schedule factor (Belilovsky 2019: 0.2 every 15 epochs)
+    block_lr_decay: float = knob(1.0, gt=0.0)  # block j uses lr * block_lr_decay**j
+
+
+@dataclass
+class DistConfig:
+    # "auto" = nccl with cuda:LOCAL_RANK when CUDA is available, else gloo; "gloo" | "nccl"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    timeout_s: float = knob(300.0, gt=0.0)  # collective and point-to-point timeout
+    placement: list[int] = knob([], ge=1, empty_ok=True)  # blocks per rank, contiguous; empty = even split
+    max_inflight: int = knob(2, ge=1)  # isends a rank may have outstanding (2 = double buffering)
+    debug_delay_ms: float = knob(0.0, ge=0.0)  # chaos testing: sleep U(0, this) ms before every step
+
+
+@dataclass
+class ReplayConfig:
+    capacity: int = knob(4, ge=1)  # async: batches a rank keeps from its upstream
+    # which buffered batch a rank trains on next (engine/dist/replay.py): "fifo" | "random" | "priority-lifo"
+    policy: Literal["fifo", "random", "priority-lifo"] = "fifo"
+    max_reuse: int = knob(4, ge=1)  # a batch is trained on at most this many times
+
+
+@dataclass
+class JobConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)

@@ -1,0 +1,166 @@
+"""The decoupled engine: what one torchrun rank does with its consecutive blocks.
+
+Data flows one way: loader -> rank 0 -> ... -> rank K-1. The source rank (rank 0) turns the
+dataset into a stream of messages (train batches, end-of-epoch, eval batches, end-of-eval, stop;
+sources.py); every other rank reads the same stream from its upstream neighbour (receiver.py),
+trains its blocks on it and passes it on with its own detached output. The handlers below are the
+same on every rank; only where messages come from differs.
+
+sync:  rank j's step t consumes rank j-1's step-t output, in order. Together with per-block RNG
+       streams (stage.py) and per-(seed, epoch) batches (data.py) this equals the single-process
+       `simultaneous` trainer bit for bit.
+async: the receiver fills a bounded replay buffer while the rank keeps training on samples of it
+       (replay.py). Control messages are handled in order; an end-of-epoch is handled once every
+       batch of that epoch has been trained on or dropped.
+"""
+from __future__ import annotations
+
+import random
+import time
+from typing import Iterable
+
+from ..run import Run
+from ..stage import drain_chain, feed_chain
+from .evaluation import EvalTally
+from .receiver import Receiver
+from .sources import DatasetSource, HandoffCache
+from .transport import Kind, Link, Message, PeerAbort
+
+
+class Pipeline:
+    def __init__(self, run: Run, total_epochs: int, recv: Link | None, send: Link | None, start_epoch: int = 0,
+                 handoff: HandoffCache | None = None, stop_after: int | None = None):
+        self.run, self.cfg, self.stages = run, run.cfg, run.stages
+        self.rank = run.rank
+        self.recv_link, self.send_link = recv, send
+        self.is_source = recv is None  # reads the dataset (rank 0)
+        self.is_sink = send is None  # the last rank: scores the ensemble, sends nothing
+        self.is_async = self.cfg.train.mode == "async"
+        self.total_epochs, self.start_epoch = total_epochs, start_epoch
+        # async cascade: cache upstream's outputs of the hand-off epoch, then be our own source;
+        # stop after epoch `stop_after` because downstream has cached ours by then
+        self.handoff, self.stop_after = handoff, stop_after
+        self.receiver = None if self.is_source else Receiver(recv, self.rank, self.cfg,
+                                                             tap=handoff.offer if handoff else None)
+        self.epoch = start_epoch  # epochs this rank has completed (tags its outputs)
+        self.steps = 0  # messages this rank has trained on
+        self.tally = EvalTally(self.is_sink)
+        self.results: dict[int, dict] = {}  # epoch -> this rank's test accuracies
+        self.delay = random.Random(self.cfg.train.seed * 7919 + self.rank) if self.cfg.dist.debug_delay_ms else None
+
+    @property
+    def buffer(self):
+        return self.receiver.buffer if self.receiver else None
+
+    # ------------------------------------------------------------------ handlers (same on every rank)
+    def handle(self, m: Message) -> bool:
+        """Process one message; False once training is over."""
+        if m.kind == Kind.TRAIN:
+            self.train_batch(m.x, m.y, m.ids)
+        elif m.kind == Kind.END_EPOCH:
+            self.end_epoch(m.epoch)
+        elif m.kind == Kind.EVAL:
+            h, z = self.tally.add(self.stages, m)
+            self.send(Message(Kind.EVAL, m.epoch, m.step, h, m.y, m.ids, z))
+        elif m.kind == Kind.END_EVAL:
+            self.end_eval(m.epoch)
+        elif m.kind == Kind.STOP:
+            if self.handoff is None or self.handoff.active:  # else: we carry on from the cache
+                self.send(Message(Kind.STOP, m.epoch))
+            return False
+        return True
+
+    def train_batch(self, x, y, ids) -> None:
+        if self.delay is not None:  # chaos testing (dist.debug_delay_ms)
+            time.sleep(self.delay.uniform(0, self.cfg.dist.debug_delay_ms) / 1000)
+        flow = feed_chain(self.stages, [(x, y, ids)], self._log)  # train (or forward if frozen), route
+        self.steps += 1
+        self._send_flow(flow)
+
+    def _log(self, stage, res, y) -> None:
+        self.run.log_step(self.epoch, stage, res, y)
+
+    def _send_flow(self, flow) -> None:
+        for h, y, ids in flow:  # routed samples only; a fully learned batch sends nothing
+            self.send(Message(Kind.TRAIN, self.epoch, self.steps, h, y, ids))
+
+    def end_epoch(self, epoch: int) -> None:
+        self._send_flow(drain_chain(self.stages, self._log))  # routed remainders, before the marker
+        for s in self.stages:
+            if s.training:
+                s.end_epoch()
+        self.epoch = epoch + 1
+        self.send(Message(Kind.END_EPOCH, epoch))
+        extra = {"replay": self.buffer.stats.as_dict()} if self.buffer else {}
+        self.run.recorder.log(kind="epoch_end", rank=self.rank, epoch=epoch, **self.rank_metrics(), **extra)
+        self.run.save_checkpoint(epoch)
+
+    def end_eval(self, epoch: int) -> None:
+        res = self.tally.result(self.stages)
+        self.results[epoch] = res
+        self.run.recorder.log(kind="eval", rank=self.rank, epoch=epoch,
+                              test_acc={str(k): v for k, v in res["layer_acc"].items()},
+                              ensemble_test_acc=res.get("ensemble_acc"))
+        self.send(Message(Kind.END_EVAL, epoch))
+
+    def send(self, m: Message) -> None:
+        if not self.is_sink:
+            self.send_link.send(m)
+
+    # ------------------------------------------------------------------ loops
+    def run_loop(self) -> None:
+        try:
+            self._run_loop()
+        except BaseException as e:
+            # Tell downstream before dying; upstream learns from its failing sends (or torchrun).
+            if not self.is_sink:
+                self.send_link.abort(e.origin if isinstance(e, PeerAbort) else self.rank)
+            raise
+
+    def _run_loop(self) -> None:
+        last = self.total_epochs - 1 if self.stop_after is None else self.stop_after
+        if self.is_source:  # trains each batch once in both modes
+            d = self.run.data
+            self.consume(DatasetSource(self.run, d.train, d.test, self.start_epoch, last, augment=self.cfg.data.augment))
+        else:
+            self.receiver.start()
+            if self.is_async:
+                self.async_loop()
+            else:
+                self.consume(self.receiver.messages())
+        if self.handoff is not None:  # upstream has stopped: carry on from the cache
+            if self.buffer is not None:
+                self.buffer.clear()
+            self.consume(self.handoff.source(last))
+        if not self.is_sink:
+            self.send_link.flush()
+
+    def consume(self, messages: Iterable[Message]) -> None:
+        for m in messages:
+            if not self.handle(m):
+                return
+
+    def async_loop(self) -> None:
+        rx = self.receiver
+        while True:
+            rx.check()
+            m = rx.next_control()
+            if m is not None:
+                if not self.handle(m):
+                    return
+                continue
+            e = rx.buffer.pick()
+            if e is not None:
+                self.train_batch(e.x, e.y, e.ids)
+                continue
+            rx.wait()  # nothing to train on: idle until the receiver thread delivers
+
+    # ------------------------------------------------------------------ report
+    def rank_metrics(self) -> dict:
+        send, recv = self.send_link, self.recv_link
+        return {"compute_s": sum(s.compute_s for s in self.stages),
+                "comm_s": send.blocked_s if send else 0.0,
+                "idle_s": self.receiver.idle_s if self.receiver else 0.0,
+                "bytes_sent": send.bytes if send else 0, "bytes_recv": recv.bytes if recv else 0,
+                "steps": self.steps, "samples_sent": send.samples if send else 0,
+                "samples_recv": recv.samples if recv else 0}

@@ -1,0 +1,163 @@
+"""Everything a rank does before it trains: agree on the data, place and build its blocks, dry-run
+them, check that the ranks chain, agree on a resume point, open its links and make its pipeline.
+
+Every phase ends in an agreement (world.py): a rank that cannot start makes every rank exit with
+its message, and nobody trains unless all can.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ...config import ConfigError, JobConfig
+from ...data import Data, build_data
+from ...metrics import Recorder
+from ...models import ModelError
+from ...objectives import OBJECTIVES
+from ..run import Run, prepare_run_dir
+from ..stage import Stage, build_stages
+from . import world as W
+from .pipeline import Pipeline
+from .sources import HandoffCache
+from .transport import Link
+
+
+def block_budgets(cfg: JobConfig, num_blocks: int) -> list[int]:
+    """Epochs each block trains (cascade: growing with depth); known to every rank without building heads."""
+    spec = OBJECTIVES[cfg.objective.name]
+    return [spec.epochs_for(cfg.objective, j, cfg.train) for j in range(num_blocks)]
+
+
+def placement(cfg: JobConfig, num_blocks: int, world: int) -> list[list[int]]:
+    """Consecutive blocks per rank: dist.placement if given, else an even split (earlier ranks take
+    the remainder). Raises ConfigError before anything trains."""
+    if world > num_blocks:
+        raise ConfigError(f"world size {world} > {num_blocks} blocks: every rank needs a block; launch at most "
+                          f"{num_blocks} ranks (--nproc-per-node) or split the model finer (model.blocks)")
+    counts = list(cfg.dist.placement)
+    if counts:
+        if len(counts) != world or sum(counts) != num_blocks:
+            raise ConfigError(f"dist.placement={counts} must list one block count per rank ({world} ranks) "
+                              f"summing to the {num_blocks} blocks")
+    else:
+        q, r = divmod(num_blocks, world)
+        counts = [q + (i < r) for i in range(world)]
+    starts = [sum(counts[:i]) for i in range(world)]
+    return [list(range(s, s + c)) for s, c in zip(starts, counts)]
+
+
+@torch.no_grad()
+def dry_run(stages: list[Stage], in_shape, device) -> list[tuple]:
+    """Forward a 2-sample dummy batch through this rank's blocks (eval mode: no RNG draw, no BN
+    update) and check every block's real output shape against the one it declared."""
+    h = torch.zeros((2, *in_shape), device=device)
+    shapes = [tuple(in_shape)]
+    for s in stages:
+        h = s.forward(h)
+        if tuple(h.shape[1:]) != s.out_shape:
+            raise ConfigError(f"block {s.index} produces {tuple(h.shape[1:])} but declares {s.out_shape}; "
+                              "the model builder is inconsistent (model.name)")
+        shapes.append(tuple(h.shape[1:]))
+    return shapes
+
+
+def handshake(verdicts: list[dict], rank: int) -> None:
+    """Each rank's input shape must be its upstream neighbour's output shape."""
+    if rank > 0:
+        up, mine = verdicts[rank - 1]["shapes"][-1], verdicts[rank]["shapes"][0]
+        if up != mine:
+            raise ConfigError(f"rank {rank - 1} sends {up} but rank {rank} expects {mine}: the block split "
+                              "does not chain (model.blocks / model.block_sizes / dist.placement)")
+
+
+def cascade_handoffs(cfg: JobConfig, plan: list[list[int]], start: int) -> list[int | None]:
+    """Per rank: the epoch whose upstream outputs it caches in async mode, or None.
+
+    Every block upstream of rank r is frozen from epoch U_r = max budget of those blocks on; if
+    epochs remain after U_r, rank r caches epoch U_r and its upstream neighbour stops after it.
+    Sync mode recomputes instead: its results must equal the single-process trainer bit for bit."""
+    budgets = block_budgets(cfg, sum(len(blocks) for blocks in plan))
+    last = max(budgets) - 1
+    out: list[int | None] = [None]
+    for r in range(1, len(plan)):
+        frozen_from = max(max(budgets[: plan[r][0]]), start)
+        use = cfg.train.mode == "async" and cfg.train.cache != "recompute" and frozen_from < last
+        out.append(frozen_from if use else None)
+    return out
+
+
+def build_rank_stages(cfg: JobConfig, input_shape, num_classes: int, device, select=None) -> list[Stage]:
+    try:
+        return build_stages(cfg, input_shape, num_classes, device, select)
+    except ModelError as e:  # a model that cannot be built is a config error, raised before training
+        raise ConfigError(str(e)) from None
+
+
+@dataclass
+class RankSetup:
+    run: Run
+    pipeline: Pipeline
+    plan: list[list[int]]  # blocks per rank
+
+
+def _data(cfg: JobConfig, world: W.World) -> tuple[Data | None, tuple]:
+    """Only rank 0 reads the dataset; the others learn its shape from it (or its error)."""
+    data, meta = None, None
+    if world.rank == 0:
+        try:
+            data = build_data(cfg.data, cfg.train.seed)
+            meta = (data.input_shape, data.num_classes, len(data.train), len(data.test))
+        except (ConfigError, OSError) as e:
+            meta = ConfigError(str(e))
+    return data, W.broadcast_from_0(meta, world)
+
+
+def _resume_epoch(run: Run, world: W.World, resume: bool | str, out: Path) -> int:
+    """The last epoch every rank completed (0 = start afresh)."""
+    with W.agreement(world, "resume") as verdict:
+        verdict.payload = run.checkpointer.epochs()
+    common = set.intersection(*map(set, verdict.all))
+    with W.agreement(world, "resume"):
+        if not common and resume != "auto":
+            raise ConfigError(f"--resume {out}: no epoch has a checkpoint on every rank ({verdict.all})")
+        if common:
+            run.load_checkpoint(max(common))
+    return max(common) + 1 if common else 0
+
+
+def setup_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World) -> RankSetup:
+    rank, device = world.rank, world.device
+    torch.manual_seed(cfg.train.seed)
+    data, (input_shape, num_classes, n_train, n_test) = _data(cfg, world)
+
+    # Build, place and dry-run the blocks; every rank learns every rank's verdict before anyone
+    # trains, so a rank that cannot start never leaves its peers waiting for it.
+    plan: list[list[int]] = []
+
+    def select(num_blocks: int) -> list[int]:
+        plan.extend(placement(cfg, num_blocks, world.size))
+        return plan[rank]
+
+    with W.agreement(world, "setup") as verdict:
+        stages = build_rank_stages(cfg, input_shape, num_classes, device, select)
+        verdict.payload = {"shapes": dry_run(stages, input_shape if rank == 0 else stages[0].in_shape, device)}
+        if rank == 0:  # only once everything can start; the others open it after this agreement
+            prepare_run_dir(cfg, out, resume)
+    handshake(verdict.all, rank)
+
+    run = Run(cfg, data, stages, device, out, Recorder(out / "metrics.jsonl"), rank=rank)
+    start = _resume_epoch(run, world, resume, out) if resume else 0
+    t = cfg.dist
+    wire = max(cfg.data.batch_size, cfg.data.eval_batch_size)
+    recv = Link(world.links[rank], rank - 1, device, t.timeout_s, wire, t.max_inflight) if rank > 0 else None
+    send = (Link(world.links[rank + 1], rank + 1, device, t.timeout_s, wire, t.max_inflight)
+            if rank < world.size - 1 else None)
+    handoffs = cascade_handoffs(cfg, plan, start)
+    handoff = (HandoffCache(run, handoffs[rank], n_train, n_test, num_classes)
+               if handoffs[rank] is not None else None)
+    epochs = max(block_budgets(cfg, sum(len(p) for p in plan)))
+    pipe = Pipeline(run, epochs, recv, send, start_epoch=start, handoff=handoff,
+                    stop_after=handoffs[rank + 1] if rank + 1 < world.size else None)
+    return RankSetup(run, pipe, plan)

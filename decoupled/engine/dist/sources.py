@@ -1,0 +1,91 @@
+"""Where a rank's messages come from when it has no upstream to read: the dataset (rank 0), or,
+after the async cascade hand-off, its cache of upstream's frozen outputs.
+
+Cascade budgets in async (layer l trains i0 + k*l epochs): once every block upstream of a rank is
+frozen, its outputs are fixed pseudo-inputs. The rank caches one full epoch of them (train and
+test, with the upstream heads' ensemble votes), the upstream ranks stop, and the rank carries on as
+its own data source from the cache, exactly as rank 0 does from the dataset.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from ...data import Split, batches
+from ..cache import PseudoInputs
+from ..run import Run
+from .transport import Kind, Message, PeerError
+
+
+class DatasetSource:
+    """A split pair as the message stream every rank understands: train batches of each epoch, its
+    end-of-epoch marker, an evaluation after every `eval_every` epochs and after the last, then STOP."""
+
+    def __init__(self, run: Run, train: Split, test: Split, start: int, last: int, test_aux=None,
+                 augment: bool = False):
+        self.run, self.train, self.test = run, train, test
+        self.start, self.last, self.test_aux, self.augment = start, last, test_aux, augment
+
+    def __iter__(self) -> Iterator[Message]:
+        cfg, run = self.run.cfg, self.run
+        every = cfg.train.eval_every
+        steps = -(-len(self.train) // cfg.data.batch_size)
+        with run.progress((self.last + 1 - self.start) * steps, f"rank {run.rank} source") as bar:
+            for epoch in range(self.start, self.last + 1):
+                for b in batches(self.train, cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch,
+                                 augment=self.augment):
+                    yield Message(Kind.TRAIN, epoch, b.step, *run.to_device(b.x, b.y, b.ids))
+                    bar.update()
+                yield Message(Kind.END_EPOCH, epoch)
+                if (every and (epoch + 1) % every == 0) or epoch == self.last:
+                    for b in batches(self.test, cfg.data.eval_batch_size, shuffle=False):
+                        aux = None if self.test_aux is None else self.test_aux[b.ids]
+                        yield Message(Kind.EVAL, epoch, b.step, *run.to_device(b.x, b.y, b.ids), aux=aux)
+                    yield Message(Kind.END_EVAL, epoch)
+        yield Message(Kind.STOP, self.last)
+
+
+class HandoffCache:
+    """Async cascade: upstream's outputs of epoch `epoch` (memory or disk, train.cache), filled by
+    the receiver thread (`offer`), then served as this rank's own source."""
+
+    def __init__(self, run: Run, epoch: int, n_train: int, n_test: int, num_classes: int):
+        self.run, self.epoch = run, epoch
+        self.sizes = {"train": n_train, "test": n_test}
+        self.num_classes = num_classes
+        self.x: dict[str, PseudoInputs] = {}
+        self.y: dict[str, torch.Tensor] = {}
+        self.test_aux: torch.Tensor | None = None
+        self.active = False  # this rank is now its own source
+
+    def offer(self, m: Message) -> None:
+        if m.epoch != self.epoch:
+            return
+        split = "train" if m.kind == Kind.TRAIN else "test"
+        run = self.run
+        if split not in self.x:
+            n = self.sizes[split]
+            where = "disk" if run.cfg.train.cache == "disk" else "memory"
+            path = run.out / "cache" / f"rank{run.rank}-{split}.npy"
+            self.x[split] = PseudoInputs.allocate(n, m.x.shape[1:], where, path, run.device)
+            self.y[split] = torch.full((n,), -1, dtype=torch.int64, device=run.device)
+            if split == "test":
+                self.test_aux = torch.zeros((n, self.num_classes), device=run.device)
+        self.x[split].put(m.ids, m.x)
+        self.y[split][m.ids] = m.y
+        if m.aux is not None:
+            self.test_aux[m.ids] = m.aux
+
+    def source(self, last: int) -> DatasetSource:
+        """Every sample once an epoch, from the epoch after the hand-off to `last`."""
+        for split in ("train", "test"):
+            if split not in self.x or bool((self.y[split] < 0).any()):
+                raise PeerError(f"rank {self.run.rank}: the cached {split} pseudo-inputs of epoch {self.epoch} "
+                                "are incomplete; upstream did not send every sample once")
+            self.x[split].flush()
+        self.active = True
+        self.run.recorder.log(kind="cache", rank=self.run.rank, epoch=self.epoch, train=len(self.y["train"]),
+                              test=len(self.y["test"]))
+        return DatasetSource(self.run, Split(self.x["train"], self.y["train"]), Split(self.x["test"], self.y["test"]),
+                             self.epoch + 1, last, test_aux=self.test_aux)

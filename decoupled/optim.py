@@ -1,0 +1,28 @@
+"""Optimizers and per-block LR schedules, built from [optim]."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import OptimConfig
+
+
+def build_optimizer(params, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    params = list(params)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov and cfg.momentum > 0)
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.name]
+    return cls(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, epochs: int):
+    """Stepped once per epoch the block trains, so each block runs its own schedule."""
+    if cfg.schedule == "step":
+        factor = lambda e: cfg.gamma ** (e // cfg.step_epochs)  # noqa: E731
+    elif cfg.schedule == "cosine":
+        factor = lambda e: 0.5 * (1 + math.cos(math.pi * min(e, epochs) / epochs))  # noqa: E731
+    else:
+        factor = lambda e: 1.0  # noqa: E731
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)

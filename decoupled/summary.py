@@ -1,0 +1,70 @@
+"""summary.json: what a finished run reports (README: Outputs). Per block: accuracy, samples,
+epochs, parameters, training and inference FLOPs; per rank: measured memory, time and traffic."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from . import exits
+from .config import JobConfig
+from .flops import inference_flops, train_flops
+from .metrics import PeakMemory
+
+
+def layers(stages, layer_acc: dict[int, float]) -> list[dict]:
+    return [{"block": s.index, "test_acc": layer_acc[s.index], "train_samples": s.samples, "epochs": s.epochs_done,
+             "epoch_samples": s.epoch_samples, "params": sum(p.numel() for p in s.parameters()),
+             "out_shape": list(s.out_shape), **s.info} for s in stages]
+
+
+def costs(cfg: JobConfig, stages, layer_rows: list[dict]) -> dict:
+    """Training FLOPs per block and in total, inference FLOPs per exit (flops.py), into `layer_rows`."""
+    per_block = train_flops(stages, cfg.train.mode, len(stages), cfg.data.batch_size)
+    per_exit = inference_flops(stages, [exits.uses_commitment(s) for s in stages], cfg.data.batch_size)
+    for layer, t, i in zip(layer_rows, per_block, per_exit):
+        layer.update(train_flops=t, inference_flops=i)
+    return {"train_flops": sum(per_block)}
+
+
+def exit_curve(cfg: JobConfig, stages, test, device, out: Path, layer_rows: list[dict],
+               thresholds=None, fallback: str | None = None) -> dict:
+    """The early-exit curve (exits.py) into summary fields, and exit_curve.png."""
+    thresholds = thresholds or (*exits.THRESHOLDS, cfg.objective.quicknet_threshold)
+    fallback = fallback or cfg.objective.exit_fallback
+    curve, per_exit = exits.report(stages, test, cfg.data.eval_batch_size, device, thresholds, fallback,
+                                   [layer["test_acc"] for layer in layer_rows], out / "exit_curve.png",
+                                   f"{cfg.objective.name} / {cfg.model.name} on {cfg.data.name} (fallback: {fallback})",
+                                   cfg.data.batch_size)
+    for layer, flops in zip(layer_rows, per_exit):
+        layer["inference_flops"] = flops
+    return {"exit_fallback": fallback, "exit_curve": curve}
+
+
+def rank_report(rank: int, stages, memory: PeakMemory, train_s: float, extra: dict) -> dict:
+    samples = sum(s.samples for s in stages) / len(stages)  # network samples its blocks trained on
+    return {"rank": rank, "blocks": [s.index for s in stages], **memory.report(),
+            "samples_per_s": samples / train_s if train_s > 0 else 0.0, "train_s": train_s,
+            "compute_s": sum(s.compute_s for s in stages), **extra}
+
+
+def merge_rank_layers(reports: list[dict]) -> list[dict]:
+    """Every rank's layers in block order; a sample reaching an exit on rank r went through every
+    earlier rank's blocks, so inference FLOPs accumulate across ranks."""
+    out, offset = [], 0.0
+    for r in reports:
+        for layer in r["layers"]:
+            layer["inference_flops"] += offset
+        offset = r["layers"][-1]["inference_flops"]
+        out += r["layers"]
+    return out
+
+
+def write(cfg: JobConfig, out: Path, world_size: int, device, t_start: float, layer_rows, ensemble, ranks,
+          **extra) -> dict:
+    summary = {"mode": cfg.train.mode, "objective": cfg.objective.name, "model": cfg.model.name,
+               "dataset": cfg.data.name, "run_dir": str(out), "world_size": world_size, "device": str(device),
+               "wall_s": time.perf_counter() - t_start, "layers": layer_rows, "ensemble_test_acc": ensemble,
+               "ranks": ranks, **extra}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
