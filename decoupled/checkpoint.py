@@ -82,3 +82,22 @@ class Checkpointer:
 
     def load(self, epoch: int, map_location=None):
         return load(path(self.run_dir, self.rank, epoch), map_location=map_location)
+
+    def usable_for(self, epoch: int, frozen_after: int) -> int | None:
+        """The checkpoint that resumes this rank after `epoch`: that epoch's, or, once every block
+        of the rank is frozen (its budgets end with epoch `frozen_after`), any later one up to
+        `epoch`, since a frozen rank's state no longer changes. That is what lets an async
+        cascade resume although its early ranks stopped (and pruned) long before the last."""
+        done = self.epochs()
+        if epoch in done:
+            return epoch
+        frozen = [c for c in done if frozen_after <= c <= epoch]
+        return max(frozen) if frozen else None
+
+    def try_load(self, epoch: int, map_location=None):
+        """(state, None), or (None, why) when the file does not load (truncated, damaged)."""
+        p = path(self.run_dir, self.rank, epoch)
+        try:
+            return load(p, map_location=map_location), None
+        except Exception as e:  # noqa: BLE001 - any unreadable file is reported and skipped
+            return None, f"checkpoint {p} does not load ({type(e).__name__}: {e})"

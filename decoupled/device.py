@@ -7,6 +7,7 @@ a no-op on CPU); the hot loops never call it.
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -28,3 +29,41 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (CUDA); nothing to wait for on CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class StepTimer:
+    """Seconds spent in timed regions of work. CPU: the wall clock. CUDA: a pair of events around each
+    region, read back lazily (when `seconds` is asked for, at epoch ends), so timing adds no host
+    sync to the hot loop and measures the kernels, not their launch."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.total = 0.0
+        self.pending: list = []
+
+    def start(self):
+        if not self.cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def stop(self, t0) -> None:
+        if not self.cuda:
+            self.total += time.perf_counter() - t0
+            return
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        self.pending.append((t0, ev))
+        if len(self.pending) > 256:  # fold in what has finished, without waiting
+            while self.pending and self.pending[0][1].query():
+                a, b = self.pending.pop(0)
+                self.total += a.elapsed_time(b) / 1000
+
+    @property
+    def seconds(self) -> float:
+        for a, b in self.pending:
+            b.synchronize()
+            self.total += a.elapsed_time(b) / 1000
+        self.pending.clear()
+        return self.total

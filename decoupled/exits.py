@@ -46,7 +46,7 @@ def collect(stages, split: Split, batch_size: int, device: torch.device) -> Exit
             logits = s.logits(h).float()
             c.append(confidence(logits))
             p.append(logits.argmax(-1))
-            m.append(s.objective.commitment(h).float() if uses_commitment(s)
+            m.append(s.objective.commitment(h.float()).float() if uses_commitment(s)
                      else torch.full_like(c[-1], float("inf")))
         conf.append(torch.stack(c).cpu())
         commit.append(torch.stack(m).cpu())

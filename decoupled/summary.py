@@ -48,6 +48,15 @@ def rank_report(rank: int, stages, memory: PeakMemory, train_s: float, extra: di
             "compute_s": sum(s.compute_s for s in stages), **extra}
 
 
+def save_rank_report(out: Path, rank: int, report: dict) -> None:
+    """RUN/reports/rank{r}.json, written atomically as soon as a rank is done."""
+    folder = out / "reports"
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".rank{rank}.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(folder / f"rank{rank}.json")
+
+
 def merge_rank_layers(reports: list[dict]) -> list[dict]:
     """Every rank's layers in block order; a sample reaching an exit on rank r went through every
     earlier rank's blocks, so inference FLOPs accumulate across ranks."""

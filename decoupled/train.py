@@ -7,6 +7,7 @@ sync and async run the same stages on torchrun ranks (engine/dist/).
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -52,12 +53,7 @@ def train(cfg: JobConfig, out: Path | None = None, resume: bool | str = False) -
     run = Run(cfg, data, stages, device, out, Recorder(out / "metrics.jsonl"))
     start = 0
     if resume:
-        done = run.checkpointer.epochs()
-        if not done and resume != "auto":
-            raise ConfigError(f"--resume {out}: no checkpoint to resume from in {out / 'checkpoints'}")
-        if done:
-            run.load_checkpoint(done[-1])
-            start = done[-1] + 1
+        start = _resume_single(run, resume, out)
     memory = PeakMemory(device)  # after the model and data exist: measure what training costs
 
     t0 = time.perf_counter()
@@ -75,6 +71,19 @@ def train(cfg: JobConfig, out: Path | None = None, resume: bool | str = False) -
     run.recorder.log(kind="summary", wall_s=summary["wall_s"], ensemble_test_acc=summary["ensemble_test_acc"])
     run.recorder.close()
     return summary
+
+
+def _resume_single(run: Run, resume: bool | str, out: Path) -> int:
+    """The newest checkpoint that loads; one that does not is reported by name and skipped."""
+    for epoch in reversed(run.checkpointer.epochs()):
+        state, why = run.checkpointer.try_load(epoch, map_location=run.device)
+        if state is not None:
+            run.load_state(state)
+            return epoch + 1
+        print(f"decoupled: {why}; trying an older epoch", file=sys.stderr, flush=True)
+    if resume != "auto":
+        raise ConfigError(f"--resume {out}: no checkpoint to resume from in {out / 'checkpoints'}")
+    return 0
 
 
 def train_distributed(cfg: JobConfig, out: Path | None, resume: bool | str) -> dict | None:
@@ -105,7 +114,8 @@ def _train_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World, t
     S.costs(cfg, run.stages, layers)  # this rank's FLOPs; exits' inference cost is cumulative below
     report = {"layers": layers, "ensemble": final.get("ensemble_acc"),
               "rank": S.rank_report(world.rank, run.stages, memory, train_s, extra)}
-    reports = W.gather_to_0(report, world)
+    S.save_rank_report(out, world.rank, report)  # kept even if the final exchange never happens
+    reports = W.gather_to_0(report, world, group=world.report)
     run.recorder.close()
     if world.rank != 0:
         return None

@@ -28,6 +28,7 @@ from pathlib import Path
 from ..config import ConfigError
 from .rows import ROWS, bench
 from .report import markdown
+from .straggler import straggler
 from .sweep import DEFAULT_HIERARCHIES, parse_lists, sweep_depth
 
 
@@ -42,7 +43,9 @@ def add_parser(sub) -> None:
     b.add_argument("--repeats", type=int, default=3, help="timed epochs per row, after one warm-up epoch")
     b.add_argument("--microbatches", type=int, default=4, help="GPipe microbatches per batch")
     b.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
-    b.add_argument("--sweep", choices=["depth"], help="instead: e2e vs per-rank peak memory as VGG depth grows")
+    b.add_argument("--sweep", choices=["depth", "straggler"],
+                   help="instead: depth = e2e vs per-rank peak memory as VGG depth grows; straggler = sync vs "
+                        "async (each replay.budget) with one slow rank (dist.placement)")
     b.add_argument("--hierarchies", default=DEFAULT_HIERARCHIES,
                    help="--sweep depth: VGG hierarchies, one block and one rank per stage")
     b.add_argument("--mmap-threshold", type=int,
@@ -62,6 +65,10 @@ def main(args) -> int:
         threshold = 65536 if args.mmap_threshold is None else args.mmap_threshold
         sweep_depth(args.config, args.overrides, out, parse_lists(args.hierarchies), args.timeout, threshold)
         print((out / "sweep.md").read_text() + f"written: {out}/sweep.json, sweep.md, sweep.png")
+        return 0
+    if args.sweep == "straggler":
+        straggler(args.config, args.overrides, out, args.timeout)
+        print((out / "straggler.md").read_text() + f"written: {out}/straggler.json, straggler.md")
         return 0
     result = bench(args.config, args.overrides, args.ranks, out, args.repeats, args.microbatches, rows,
                    args.timeout, args.mmap_threshold or 0)

@@ -56,13 +56,18 @@ def single_process_row(mode: str, out: Path, n: int) -> dict:
 
 def pipeline_row(mode: str, out: Path, n: int, batch: int) -> dict:
     """sync / async on K ranks: end-of-epoch stamps and cumulative counters per rank from
-    metrics.jsonl. The network's epoch time is the last rank's (it closes every epoch)."""
+    metrics.jsonl. The network's epoch time is the last rank's (it closes every epoch).
+
+    Throughput is the n training samples that enter the pipeline per epoch over that time. In
+    async a rank may train on fewer (it drops what it was too slow to take) or more (it replays)
+    than n: that is reported per rank (steps, drops, reuse), never folded into the row's number,
+    because drops on one rank do not mean other ranks did not see those samples."""
     summary = json.loads((out / "summary.json").read_text())
     ends: dict[int, list[dict]] = {}
     for m in read_jsonl(out / "metrics.jsonl"):
         if m.get("kind") == "epoch_end":
             ends.setdefault(m["rank"], []).append(m)
-    ranks, dropped = [], 0
+    ranks = []
     for r in summary["ranks"]:
         e = sorted(ends.get(r["rank"], []), key=lambda m: m["epoch"])
         k = max(len(e) - 1, 1)  # timed epochs
@@ -70,16 +75,15 @@ def pipeline_row(mode: str, out: Path, n: int, batch: int) -> dict:
         row = rank_row(r, {"compute_s": per("compute_s"), "comm_s": per("comm_s"), "idle_s": per("idle_s")})
         row["steps_per_epoch"] = per("steps")
         row["epoch_s"] = median(timed([m["time_s"] for m in e]))
-        if "replay" in e[-1]:  # async: batches evicted before ever being trained on
-            d = (e[-1]["replay"]["dropped"] - e[0]["replay"]["dropped"]) / k
-            row["dropped_batches_per_epoch"] = d
-            dropped += d
+        if "replay" in e[-1]:  # async: batches received, evicted before ever being trained on, draws
+            rp = lambda key: (e[-1]["replay"].get(key, 0) - e[0].get("replay", {}).get(key, 0)) / k  # noqa: E731
+            row["received_batches_per_epoch"] = rp("received")
+            row["dropped_batches_per_epoch"] = rp("dropped")
+            row["draws_per_epoch"] = rp("draws")
         ranks.append(row)
     last = sorted(ends[summary["ranks"][-1]["rank"]], key=lambda m: m["epoch"])
     epoch_s = median(timed([m["time_s"] for m in last]))
-    # async drops batches a rank was too slow to take: count only samples the whole network saw
-    trained = max(n - dropped * batch, 0)
-    return {"mode": mode, "samples_per_s": trained / epoch_s, "epoch_s": epoch_s,
+    return {"mode": mode, "samples_per_s": n / epoch_s, "epoch_s": epoch_s,
             "epochs_timed": timed([m["time_s"] for m in last]), "ranks": ranks,
             "placement": summary.get("placement"), "backend": summary.get("backend")}
 

@@ -124,6 +124,13 @@ class TrainConfig:
     patience: int = knob(0, ge=0)
     plateau_factor: float = knob(1.0, gt=0.0, le=1.0)
     plateau_patience: int = knob(1, ge=0)
+    # arithmetic of each stage's forward and backward (torch.autocast per stage): "fp32" | "bf16" |
+    # "fp16" (with a GradScaler per stage; the optimizer state and weights stay fp32)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # steps between checks that a block's loss and activations are finite: the check is accumulated
+    # on the device and read only every N steps (a read is a host sync on GPU) and at every epoch
+    # end; 0 = auto: every step on CPU (a plain read), every 100 steps on CUDA
+    check_every: int = knob(0, ge=0)
 
 
 @dataclass
@@ -149,14 +156,27 @@ class DistConfig:
     placement: list[int] = knob([], ge=1, empty_ok=True)  # blocks per rank, contiguous; empty = even split
     max_inflight: int = knob(2, ge=1)  # isends a rank may have outstanding (2 = double buffering)
     debug_delay_ms: float = knob(0.0, ge=0.0)  # chaos testing: sleep U(0, this) ms before every step
+    # dtype of the activations between blocks (on the wire between ranks, and at the block boundaries
+    # of the single-process modes, so that sync equals simultaneous): "float32" | "bfloat16" |
+    # "float16" (half the bytes); cast back to float32 where the next block reads them
+    wire_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
 @dataclass
 class ReplayConfig:
     capacity: int = knob(4, ge=1)  # async: batches a rank keeps from its upstream
-    # which buffered batch a rank trains on next (engine/dist/replay.py): "fifo" | "random" | "priority-lifo"
+    # which buffered batch a rank trains on next (engine/dist/replay.py): "fifo" (oldest of the
+    # least used) | "random" | "priority-lifo" (newest of the least used: DGL's buffer)
     policy: Literal["fifo", "random", "priority-lifo"] = "fifo"
-    max_reuse: int = knob(4, ge=1)  # a batch is trained on at most this many times
+    max_reuse: int = knob(4, ge=0)  # a batch is trained on at most this many times; 0 = unlimited (DGL's code)
+    # what an async rank's "epoch" is (README: async budgets):
+    # "steps" (DGL, Belilovsky et al. 2020): every block makes its full budget of optimizer steps
+    #   (epochs x batches per epoch, cascade budgets included) and steps its LR schedule on its own
+    #   epochs; a slow block finishes later, and upstream keeps streaming fresh data (frozen blocks
+    #   forward) until every rank is done; test accuracy is measured once, at the end
+    # "upstream": a rank trains while its upstream streams; what it is too slow to take is dropped,
+    #   its epochs follow upstream's: a slowdown costs updates, not time
+    budget: Literal["steps", "upstream"] = "steps"
 
 
 @dataclass

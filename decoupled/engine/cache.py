@@ -7,6 +7,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import JobConfig
+
+
+def cache_mode(cfg: JobConfig) -> str:
+    """train.cache resolved, the same way in every trainer: "auto" = memory, unless the data is
+    augmented (a frozen block's outputs then change every epoch and must be recomputed)."""
+    if cfg.train.cache == "auto":
+        return "recompute" if cfg.data.augment else "memory"
+    return cfg.train.cache
+
 
 class PseudoInputs:
     def __init__(self, store, device: torch.device):

@@ -18,7 +18,8 @@ def eval_stages(stages, h: torch.Tensor, y: torch.Tensor, z, correct: dict):
     for s in stages:
         h = s.forward(h)
         logits = s.logits(h).float()
-        correct[s.index] = correct.get(s.index, 0) + int((logits.argmax(-1) == y).sum())
+        # a device tensor: counted without a host sync per batch (read once, at the end)
+        correct[s.index] = correct.get(s.index, 0) + (logits.argmax(-1) == y).sum()
         z = z + 2.0 ** (s.index + 1) * logits.softmax(-1)
     return h, z
 
@@ -31,6 +32,7 @@ def evaluate(stages, split: Split, batch_size: int, device: torch.device) -> dic
     for b in batches(split, batch_size, shuffle=False):
         y = b.y.to(device)
         _, z = eval_stages(stages, b.x.to(device), y, 0.0, correct)
-        ens_correct += int((z.argmax(-1) == y).sum())
+        ens_correct += (z.argmax(-1) == y).sum()
         n += len(y)
-    return {"layer_acc": [correct[s.index] / max(n, 1) for s in stages], "ensemble_acc": ens_correct / max(n, 1)}
+    return {"layer_acc": [int(correct[s.index]) / max(n, 1) for s in stages],
+            "ensemble_acc": int(ens_correct) / max(n, 1)}

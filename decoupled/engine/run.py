@@ -35,7 +35,11 @@ class Run:
         self.checkpointer = Checkpointer(self.out, self.rank, t.checkpoint, t.keep_checkpoints)
 
     def to_device(self, *tensors):
-        return [t.to(self.device, non_blocking=True) for t in tensors]
+        """Host batches to the device. On CUDA from pinned memory, so the copy is truly asynchronous
+        (non_blocking from pageable memory is a synchronous copy); a no-op on CPU."""
+        if self.device.type != "cuda":
+            return [t.to(self.device) for t in tensors]
+        return [(t.pin_memory() if t.device.type == "cpu" else t).to(self.device, non_blocking=True) for t in tensors]
 
     def progress(self, total: int, desc: str):
         return progress(total, desc)
@@ -70,9 +74,16 @@ class Run:
                                                "stages": [s.state_dict() for s in self.stages]})
 
     def load_checkpoint(self, epoch: int) -> None:
-        state = self.checkpointer.load(epoch, map_location=self.device)
+        self.load_state(self.checkpointer.load(epoch, map_location=self.device))
+
+    def load_state(self, state: dict) -> None:
         for s, sd in zip(self.stages, state["stages"], strict=True):
             s.load_state_dict(sd)
+
+    @property
+    def frozen_after(self) -> int:
+        """The epoch after which every stage of this run is frozen (its budgets spent)."""
+        return max(s.epochs for s in self.stages) - 1
 
 
 def prepare_run_dir(cfg: JobConfig, out: Path, resume: bool | str) -> None:

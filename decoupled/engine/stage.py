@@ -7,13 +7,13 @@ distributed engine produce the same numbers.
 """
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 import torch
 from torch import nn
 
 from ..config import JobConfig
+from ..device import StepTimer
 from ..models import build_model
 from ..objectives import OBJECTIVES, Objective, build_objective
 from ..optim import build_optimizer, build_scheduler
@@ -22,6 +22,10 @@ from ..rng import RngState, derive_seed
 
 class NonFiniteError(RuntimeError):
     """A block's loss or activations became NaN or inf."""
+
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+WIRE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def init_module(module: nn.Module, seed: int) -> None:
@@ -47,6 +51,15 @@ class Stage:
         self.optimizer = build_optimizer(self.local_parameters(), cfg.optim, lr)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, epochs)
         self.rng = RngState(derive_seed(cfg.train.seed, "stage-rng", index), device)
+        # precision: autocast of this stage's work, fp16 with its own loss scaler; wire: the dtype
+        # of what this stage passes on (cast back to float32 where the next stage reads it)
+        self.autocast_dtype = AUTOCAST[cfg.train.precision]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+        self.wire_dtype = WIRE[cfg.dist.wire_dtype]
+        self.check_every = cfg.train.check_every or (100 if device.type == "cuda" else 1)
+        self._finite = torch.ones((), dtype=torch.bool, device=device)  # all finite since the last check
+        self._checked = 0  # steps checked so far
+        self.timer = StepTimer(device)
         self.epochs_done = 0
         self.steps = 0
         self.samples = 0  # samples this block actually trained on
@@ -55,7 +68,6 @@ class Stage:
         # flops.train_flops; `info`: facts a trainer reports in summary.json layers[]
         self.work: Counter[str] = Counter()
         self.info: dict = {}
-        self.compute_s = 0.0
         # Routing (QuickNets across blocks), if the objective's spec declares it: the router decides
         # which samples go on, trains the commitment head online and re-batches this stage's input.
         build_router = OBJECTIVES[cfg.objective.name].build_router
@@ -69,26 +81,44 @@ class Stage:
         return list(self.block.parameters()) + list(self.objective.local_parameters())
 
     @property
+    def compute_s(self) -> float:
+        """Seconds in this stage's train steps (CUDA events on GPU: the work, not its launch)."""
+        return self.timer.seconds
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if x.dtype == torch.float32 else x.float()  # wire dtype back to float32
+
+    def _output(self, h: torch.Tensor) -> torch.Tensor:
+        return h if h.dtype == self.wire_dtype else h.to(self.wire_dtype)
+
+    @property
     def training(self) -> bool:
         return self.epochs_done < self.epochs
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None):
         """One optimizer step on the local loss. Returns the block's output, detached (the next
         block's input: no gradient ever crosses stages), and the objective's LocalOutput."""
-        t0 = time.perf_counter()
+        t0 = self.timer.start()
         with self.rng:
             self.block.train()
             self.objective.train()
-            out = self.block(x)
-            res = self.objective(out, y, mask)
-            self._check_finite(res.loss, out)
+            with self.autocast():
+                out = self.block(self._input(x))
+                res = self.objective(out, y, mask)
+            self._finite &= torch.isfinite(res.loss.detach()) & torch.isfinite(out.detach()).all()
             self.optimizer.zero_grad(set_to_none=True)
-            res.loss.backward()
-            self.optimizer.step()
+            self.scaler.scale(res.loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.steps += 1
         self.samples += int(mask.sum()) if mask is not None else len(y)
-        self.compute_s += time.perf_counter() - t0
-        return out.detach(), res
+        self.timer.stop(t0)
+        if self.steps - self._checked >= self.check_every:
+            self.check_finite()
+        return self._output(out.detach()), res
 
     # ------------------------------------------------------------------ one block's share of a batch
     def feed(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, log=None):
@@ -123,15 +153,17 @@ class Stage:
         if len(y):
             yield h, y, ids
 
-    def _check_finite(self, loss: torch.Tensor, out: torch.Tensor) -> None:
-        # One fused check (a single device sync) per step: a diverged block must stop the job with
-        # its name and step, not feed NaNs downstream for hours.
-        if not bool(torch.isfinite(loss) & torch.isfinite(out).all()):
-            what = "loss" if not bool(torch.isfinite(loss)) else "output activations"
-            raise NonFiniteError(f"block {self.index} step {self.steps + 1}: {what} not finite "
-                                 f"(loss={float(loss.detach()):.4g}); lower optim.lr or check the data")
+    def check_finite(self) -> None:
+        """Read the accumulated finiteness flag (one host sync on GPU): a diverged block must stop the
+        job with its name and step window, not feed NaNs downstream for hours."""
+        first, self._checked = self._checked + 1, self.steps
+        if not bool(self._finite):
+            window = f"step {first}" if first == self.steps else f"steps {first}-{self.steps}"
+            raise NonFiniteError(f"block {self.index} {window}: loss or output activations not finite "
+                                 "(train.precision / train.check_every); lower optim.lr or check the data")
 
     def end_epoch(self, step_scheduler: bool = True) -> None:
+        self.check_finite()
         self.epoch_samples.append(self.samples - sum(self.epoch_samples))
         if step_scheduler:
             self.scheduler.step()
@@ -139,17 +171,21 @@ class Stage:
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval-mode block output, as passed on (wire dtype)."""
         self.block.eval()
-        return self.block(x)
+        with self.autocast():
+            return self._output(self.block(self._input(x)))
 
     @torch.no_grad()
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         self.objective.eval()
-        return self.objective.head(h)
+        with self.autocast():
+            return self.objective.head(self._input(h))
 
     def state_dict(self) -> dict:
         return {"index": self.index, "block": self.block.state_dict(), "objective": self.objective.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
                 "rng": self.rng.state_dict(), "epochs_done": self.epochs_done, "steps": self.steps,
                 "samples": self.samples, "epoch_samples": self.epoch_samples, "work": dict(self.work),
                 "router": self.router.state_dict() if self.router else None}
@@ -160,6 +196,8 @@ class Stage:
         self.objective.load_state_dict(sd["objective"])
         self.optimizer.load_state_dict(sd["optimizer"])
         self.scheduler.load_state_dict(sd["scheduler"])
+        if sd.get("scaler"):
+            self.scaler.load_state_dict(sd["scaler"])
         self.rng.load_state_dict(sd["rng"])
         self.epochs_done, self.steps, self.samples = sd["epochs_done"], sd["steps"], sd["samples"]
         self.epoch_samples, self.work = list(sd.get("epoch_samples", [])), Counter(sd.get("work", {}))

@@ -22,14 +22,14 @@ class EvalTally:
         h, z = eval_stages(stages, m.x, m.y, z, self.correct)
         self.n += len(m.y)
         if self.scores_ensemble:
-            self.ens += int((z.argmax(-1) == m.y).sum())
+            self.ens += (z.argmax(-1) == m.y).sum()  # a device tensor: no host sync per batch
         return h, z
 
     def result(self, stages) -> dict:
         """Accuracies of this evaluation (and a fresh tally for the next)."""
         n = max(self.n, 1)
-        res = {"layer_acc": {s.index: self.correct.get(s.index, 0) / n for s in stages}}
+        res = {"layer_acc": {s.index: int(self.correct.get(s.index, 0)) / n for s in stages}}
         if self.scores_ensemble:
-            res["ensemble_acc"] = self.ens / n
+            res["ensemble_acc"] = int(self.ens) / n
         self.reset()
         return res

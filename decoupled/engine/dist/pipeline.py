@@ -11,7 +11,10 @@ sync:  rank j's step t consumes rank j-1's step-t output, in order. Together wit
        `simultaneous` trainer bit for bit.
 async: the receiver fills a bounded replay buffer while the rank keeps training on samples of it
        (replay.py). Control messages are handled in order; an end-of-epoch is handled once every
-       batch of that epoch has been trained on or dropped.
+       batch of that epoch has been trained on or dropped. replay.budget says what a block's epoch
+       is: "upstream" = upstream's (a slow rank drops what it cannot take and makes fewer steps),
+       "steps" = its own `steps_per_epoch` optimizer steps (every block makes its full budget; the
+       sources keep streaming until every rank is done, config/schema.py ReplayConfig).
 """
 from __future__ import annotations
 
@@ -24,18 +27,23 @@ from ..stage import drain_chain, feed_chain
 from .evaluation import EvalTally
 from .receiver import Receiver
 from .sources import DatasetSource, HandoffCache
-from .transport import Kind, Link, Message, PeerAbort
+from .transport import Kind, Link, Message, PeerAbort, handover
 
 
 class Pipeline:
     def __init__(self, run: Run, total_epochs: int, recv: Link | None, send: Link | None, start_epoch: int = 0,
-                 handoff: HandoffCache | None = None, stop_after: int | None = None):
+                 handoff: HandoffCache | None = None, stop_after: int | None = None, board=None,
+                 steps_per_epoch: int = 0):
         self.run, self.cfg, self.stages = run, run.cfg, run.stages
         self.rank = run.rank
         self.recv_link, self.send_link = recv, send
         self.is_source = recv is None  # reads the dataset (rank 0)
         self.is_sink = send is None  # the last rank: scores the ensemble, sends nothing
         self.is_async = self.cfg.train.mode == "async"
+        # replay.budget="steps": a stage's epoch is steps_per_epoch of its own steps, and this rank
+        # tells the board when all its stages are done (the sources stream until all ranks are)
+        self.own_epochs = self.is_async and self.cfg.replay.budget == "steps"
+        self.board, self.steps_per_epoch = board, steps_per_epoch
         self.total_epochs, self.start_epoch = total_epochs, start_epoch
         # async cascade: cache upstream's outputs of the hand-off epoch, then be our own source;
         # stop after epoch `stop_after` because downstream has cached ours by then
@@ -44,6 +52,7 @@ class Pipeline:
                                                              tap=handoff.offer if handoff else None)
         self.epoch = start_epoch  # epochs this rank has completed (tags its outputs)
         self.steps = 0  # messages this rank has trained on
+        self.last_step = 0  # source step of the newest batch trained on
         self.tally = EvalTally(self.is_sink)
         self.results: dict[int, dict] = {}  # epoch -> this rank's test accuracies
         self.delay = random.Random(self.cfg.train.seed * 7919 + self.rank) if self.cfg.dist.debug_delay_ms else None
@@ -55,8 +64,10 @@ class Pipeline:
     # ------------------------------------------------------------------ handlers (same on every rank)
     def handle(self, m: Message) -> bool:
         """Process one message; False once training is over."""
+        handover(m.ready, m.x, m.y, m.ids, m.aux)  # received on the receiver's stream (CUDA)
+        m.ready = None
         if m.kind == Kind.TRAIN:
-            self.train_batch(m.x, m.y, m.ids)
+            self.train_batch(m.x, m.y, m.ids, m.step)
         elif m.kind == Kind.END_EPOCH:
             self.end_epoch(m.epoch)
         elif m.kind == Kind.EVAL:
@@ -70,28 +81,46 @@ class Pipeline:
             return False
         return True
 
-    def train_batch(self, x, y, ids) -> None:
+    def train_batch(self, x, y, ids, step: int) -> None:
         if self.delay is not None:  # chaos testing (dist.debug_delay_ms)
             time.sleep(self.delay.uniform(0, self.cfg.dist.debug_delay_ms) / 1000)
         flow = feed_chain(self.stages, [(x, y, ids)], self._log)  # train (or forward if frozen), route
+        self.last_step = max(self.last_step, step)
         self.steps += 1
-        self._send_flow(flow)
+        if self.own_epochs:
+            for s in self.stages:
+                if s.training and s.steps >= (s.epochs_done + 1) * self.steps_per_epoch:
+                    s.end_epoch()
+            self._maybe_done()
+        self._send_flow(flow, step)
+
+    def _maybe_done(self) -> None:
+        """replay.budget="steps": once every stage here has made its budget, count this rank in; from
+        then on it only forwards, each buffered batch once (replays would hand downstream stale data)."""
+        if self.own_epochs and not any(s.training for s in self.stages):
+            self.board.mark_done()
+            if self.buffer is not None:
+                self.buffer.max_reuse = 1
 
     def _log(self, stage, res, y) -> None:
         self.run.log_step(self.epoch, stage, res, y)
 
-    def _send_flow(self, flow) -> None:
+    def _send_flow(self, flow, step: int) -> None:
+        """`step`: the source step of the batch these outputs come from (staleness downstream)."""
         for h, y, ids in flow:  # routed samples only; a fully learned batch sends nothing
-            self.send(Message(Kind.TRAIN, self.epoch, self.steps, h, y, ids))
+            self.send(Message(Kind.TRAIN, self.epoch, step, h, y, ids))
 
     def end_epoch(self, epoch: int) -> None:
-        self._send_flow(drain_chain(self.stages, self._log))  # routed remainders, before the marker
+        self._send_flow(drain_chain(self.stages, self._log), self.last_step)  # routed remainders, before the marker
         for s in self.stages:
-            if s.training:
+            if s.training and not self.own_epochs:  # own epochs end by step count (train_batch)
                 s.end_epoch()
+        self._maybe_done()
         self.epoch = epoch + 1
         self.send(Message(Kind.END_EPOCH, epoch))
-        extra = {"replay": self.buffer.stats.as_dict()} if self.buffer else {}
+        # `is not None`: an empty ReplayBuffer is falsy (it has __len__), and a rank whose buffer
+        # happened to be empty at an epoch end used to log no replay stats (the bench's KeyError race)
+        extra = {"replay": self.buffer.stats.as_dict()} if self.buffer is not None else {}
         self.run.recorder.log(kind="epoch_end", rank=self.rank, epoch=epoch, **self.rank_metrics(), **extra)
         self.run.save_checkpoint(epoch)
 
@@ -119,9 +148,12 @@ class Pipeline:
 
     def _run_loop(self) -> None:
         last = self.total_epochs - 1 if self.stop_after is None else self.stop_after
+        # steps budget: stream on until every rank is done, unless downstream caches our outputs
+        more = (lambda: not self.board.all_done()) if self.own_epochs and self.stop_after is None else None
         if self.is_source:  # trains each batch once in both modes
             d = self.run.data
-            self.consume(DatasetSource(self.run, d.train, d.test, self.start_epoch, last, augment=self.cfg.data.augment))
+            self.consume(DatasetSource(self.run, d.train, d.test, self.start_epoch, last, augment=self.cfg.data.augment,
+                                       more=more))
         else:
             self.receiver.start()
             if self.is_async:
@@ -131,7 +163,7 @@ class Pipeline:
         if self.handoff is not None:  # upstream has stopped: carry on from the cache
             if self.buffer is not None:
                 self.buffer.clear()
-            self.consume(self.handoff.source(last))
+            self.consume(self.handoff.source(last, more))
         if not self.is_sink:
             self.send_link.flush()
 
@@ -151,7 +183,9 @@ class Pipeline:
                 continue
             e = rx.buffer.pick()
             if e is not None:
-                self.train_batch(e.x, e.y, e.ids)
+                handover(e.ready, e.x, e.y, e.ids)
+                e.ready = None
+                self.train_batch(e.x, e.y, e.ids, e.step)
                 continue
             rx.wait()  # nothing to train on: idle until the receiver thread delivers
 
@@ -162,5 +196,6 @@ class Pipeline:
                 "comm_s": send.blocked_s if send else 0.0,
                 "idle_s": self.receiver.idle_s if self.receiver else 0.0,
                 "bytes_sent": send.bytes if send else 0, "bytes_recv": recv.bytes if recv else 0,
-                "steps": self.steps, "samples_sent": send.samples if send else 0,
+                "steps": self.steps, "optimizer_steps": [s.steps for s in self.stages],
+                "samples_trained": sum(s.samples for s in self.stages), "samples_sent": send.samples if send else 0,
                 "samples_recv": recv.samples if recv else 0}

@@ -34,8 +34,12 @@ class Receiver:
         self.buffer = (ReplayBuffer(r.capacity, r.policy, r.max_reuse, seed=cfg.train.seed * 1000 + rank)
                        if self.is_async else None)
         self.inbox: queue.Queue = queue.Queue(maxsize=cfg.dist.max_inflight)  # sync
-        self.control: collections.deque = collections.deque()  # async: non-train messages, in order
-        self.ready = threading.Condition()  # async: notified on every arrival
+        # async: non-train messages in order, at most `max_control` of them: evaluation batches carry
+        # activations, and a slow rank must not hold the whole test set's (back-pressure instead:
+        # the thread stops reading, upstream's isends wait, upstream blocks on dist.max_inflight)
+        self.control: collections.deque = collections.deque()
+        self.max_control = cfg.dist.max_inflight
+        self.ready = threading.Condition()  # async: notified on every arrival and every hand-out
         self.error: BaseException | None = None
         self.idle_s = 0.0  # the training thread's time waiting for input
         self.last_recv = time.perf_counter()
@@ -68,9 +72,11 @@ class Receiver:
             self.inbox.put(m)
             return
         if m is not None and m.kind == Kind.TRAIN:
-            self.buffer.put(Entry(m.x, m.y, m.ids, m.epoch, m.step))
+            self.buffer.put(Entry(m.x, m.y, m.ids, m.epoch, m.step, ready=m.ready))
         else:
             with self.ready:
+                if m is not None:  # a failure (None) is always delivered at once
+                    self.ready.wait_for(lambda: len(self.control) < self.max_control)
                 self.control.append(m)
         with self.ready:
             self.ready.notify_all()
@@ -114,6 +120,7 @@ class Receiver:
                 return None  # the thread died; check() raises next round
             if m.kind == Kind.END_EPOCH and not self.buffer.epoch_done(m.epoch):
                 return None
+            self.ready.notify_all()  # room in the control queue: the thread may read on
             return self.control.popleft()
 
     def wait(self, poll_s: float = 1.0) -> None:

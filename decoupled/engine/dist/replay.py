@@ -7,7 +7,13 @@ its upstream (when full, the oldest batch is evicted; unused evictions count as 
 Policies pick among entries that may still be used:
 - fifo: the oldest of the least-used entries (fresh data in arrival order, then replays in order);
 - random: uniformly at random (seeded);
-- priority-lifo: the newest of the least-used entries (freshest activations first).
+- priority-lifo: the newest of the least-used entries (freshest activations first), as in DGL's
+  reference buffer (eugenium/DGL, buffer_experiments/cifar_buffer.py), with two documented
+  differences: there, ties among the least used are broken by ring-buffer slot, which after the
+  buffer wraps is not arrival order (here: always the newest), and its use counter starts at 1
+  (a fresh batch has count 1; here 0 = never trained on).
+max_reuse = 0 means unlimited reuse (the reference's default); a batch then leaves the buffer only
+when a newer one evicts it.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ class Entry:
     step: int  # upstream's step when it produced the batch
     seq: int = 0  # arrival order
     uses: int = 0
+    ready: object = None  # CUDA: the receiver stream's event (transport.handover), until first used
 
 
 @dataclass
@@ -34,6 +41,7 @@ class ReplayStats:
     dropped: int = 0  # evicted before ever being trained on
     evicted: int = 0
     samples: int = 0  # draws
+    fresh_draws: int = 0  # draws of a batch never trained on before
     reuse_hist: dict = field(default_factory=dict)  # uses at eviction -> count
     occupancy_sum: int = 0
     occupancy_max: int = 0
@@ -43,7 +51,8 @@ class ReplayStats:
     def as_dict(self) -> dict:
         n = max(self.samples, 1)
         return {"received": self.received, "dropped": self.dropped, "evicted": self.evicted,
-                "draws": self.samples, "reuse_at_eviction": {str(k): v for k, v in sorted(self.reuse_hist.items())},
+                "draws": self.samples, "fresh_draws": self.fresh_draws,
+                "replayed_draws": self.samples - self.fresh_draws, "reuse_at_eviction": {str(k): v for k, v in sorted(self.reuse_hist.items())},
                 "occupancy_mean": self.occupancy_sum / n, "occupancy_max": self.occupancy_max,
                 "staleness_mean": self.staleness_sum / n, "staleness_max": self.staleness_max}
 
@@ -100,6 +109,7 @@ class ReplayBuffer:
                 e = self.entries[int(torch.randint(len(self.entries), (1,), generator=self.g))]
             if e.uses == 0:
                 self.pending_by_epoch[e.epoch] -= 1
+                self.stats.fresh_draws += 1
             e.uses += 1
             st = self.stats
             st.samples += 1
@@ -107,7 +117,7 @@ class ReplayBuffer:
             stale = self.latest_step - e.step
             st.staleness_sum += stale
             st.staleness_max = max(st.staleness_max, stale)
-            if e.uses >= self.max_reuse:
+            if self.max_reuse and e.uses >= self.max_reuse:
                 self._evict(e)
             return e
 

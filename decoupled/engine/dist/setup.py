@@ -6,6 +6,7 @@ its message, and nobody trains unless all can.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from ...data import Data, build_data
 from ...metrics import Recorder
 from ...models import ModelError
 from ...objectives import OBJECTIVES
+from ..cache import cache_mode
 from ..run import Run, prepare_run_dir
 from ..stage import Stage, build_stages
 from . import world as W
@@ -83,7 +85,7 @@ def cascade_handoffs(cfg: JobConfig, plan: list[list[int]], start: int) -> list[
     out: list[int | None] = [None]
     for r in range(1, len(plan)):
         frozen_from = max(max(budgets[: plan[r][0]]), start)
-        use = cfg.train.mode == "async" and cfg.train.cache != "recompute" and frozen_from < last
+        use = cfg.train.mode == "async" and cache_mode(cfg) != "recompute" and frozen_from < last
         out.append(frozen_from if use else None)
     return out
 
@@ -115,16 +117,27 @@ def _data(cfg: JobConfig, world: W.World) -> tuple[Data | None, tuple]:
 
 
 def _resume_epoch(run: Run, world: W.World, resume: bool | str, out: Path) -> int:
-    """The last epoch every rank completed (0 = start afresh)."""
+    """The newest epoch every rank can resume after (0 = start afresh): each rank has its checkpoint,
+    or is frozen by then (Checkpointer.usable_for), and every one of those files loads. A file that
+    does not load is reported by name and the next older epoch is tried."""
+    ck = run.checkpointer
     with W.agreement(world, "resume") as verdict:
-        verdict.payload = run.checkpointer.epochs()
-    common = set.intersection(*map(set, verdict.all))
-    with W.agreement(world, "resume"):
-        if not common and resume != "auto":
-            raise ConfigError(f"--resume {out}: no epoch has a checkpoint on every rank ({verdict.all})")
-        if common:
-            run.load_checkpoint(max(common))
-    return max(common) + 1 if common else 0
+        verdict.payload = ck.epochs()
+    candidates = sorted(set().union(*map(set, verdict.all)), reverse=True)
+    for epoch in candidates:
+        with W.agreement(world, "resume") as verdict:
+            mine = ck.usable_for(epoch, run.frozen_after)
+            state, why = ck.try_load(mine, map_location=run.device) if mine is not None else (None, None)
+            if why:
+                print(f"decoupled: rank {run.rank}: {why}; trying an older epoch", file=sys.stderr, flush=True)
+            verdict.payload = state is not None
+        if all(verdict.all):
+            run.load_state(state)
+            return epoch + 1
+    if resume != "auto":
+        raise ConfigError(f"--resume {out}: no epoch has a loadable checkpoint on every rank "
+                          f"(checkpoints per rank: {verdict.all if not candidates else 'see the messages above'})")
+    return 0
 
 
 def setup_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World) -> RankSetup:
@@ -159,5 +172,6 @@ def setup_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World) ->
                if handoffs[rank] is not None else None)
     epochs = max(block_budgets(cfg, sum(len(p) for p in plan)))
     pipe = Pipeline(run, epochs, recv, send, start_epoch=start, handoff=handoff,
-                    stop_after=handoffs[rank + 1] if rank + 1 < world.size else None)
+                    stop_after=handoffs[rank + 1] if rank + 1 < world.size else None, board=world.board,
+                    steps_per_epoch=-(-n_train // cfg.data.batch_size))
     return RankSetup(run, pipe, plan)

@@ -13,37 +13,77 @@ from typing import Iterator
 import torch
 
 from ...data import Split, batches
-from ..cache import PseudoInputs
+from ..cache import PseudoInputs, cache_mode
 from ..run import Run
 from .transport import Kind, Message, PeerError
 
 
+def prefetched(batches_, to_device):
+    """(batch, its device tensors), the next batch's copy issued before the current one is yielded:
+    on CUDA its pinned host-to-device copy then overlaps the current batch's training."""
+    ahead = None
+    for b in batches_:
+        nxt = (b, to_device(b.x, b.y, b.ids))
+        if ahead is not None:
+            yield ahead
+        ahead = nxt
+    if ahead is not None:
+        yield ahead
+
+
 class DatasetSource:
     """A split pair as the message stream every rank understands: train batches of each epoch, its
-    end-of-epoch marker, an evaluation after every `eval_every` epochs and after the last, then STOP."""
+    end-of-epoch marker, an evaluation after every `eval_every` epochs and after the last, then STOP.
+
+    `more` (replay.budget="steps"): after epoch `last`, keep streaming further epochs (through frozen
+    blocks) while more() is true, that is until every rank has made its budget of steps; test
+    accuracy is then measured once, at the end, when every block is final."""
 
     def __init__(self, run: Run, train: Split, test: Split, start: int, last: int, test_aux=None,
-                 augment: bool = False):
+                 augment: bool = False, more=None):
         self.run, self.train, self.test = run, train, test
-        self.start, self.last, self.test_aux, self.augment = start, last, test_aux, augment
+        self.start, self.last, self.test_aux, self.augment, self.more = start, last, test_aux, augment, more
+
+    def _epochs(self) -> Iterator[int]:
+        epoch = self.start
+        while epoch <= self.last or (self.more is not None and self.more()):
+            yield epoch
+            epoch += 1
 
     def __iter__(self) -> Iterator[Message]:
         cfg, run = self.run.cfg, self.run
-        every = cfg.train.eval_every
+        every = 0 if self.more else cfg.train.eval_every
         steps = -(-len(self.train) // cfg.data.batch_size)
+        final = None
         with run.progress((self.last + 1 - self.start) * steps, f"rank {run.rank} source") as bar:
-            for epoch in range(self.start, self.last + 1):
-                for b in batches(self.train, cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch,
-                                 augment=self.augment):
-                    yield Message(Kind.TRAIN, epoch, b.step, *run.to_device(b.x, b.y, b.ids))
+            for epoch in self._epochs():
+                complete = True
+                train = batches(self.train, cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch,
+                                augment=self.augment)
+                for b, tensors in prefetched(train, run.to_device):
+                    if epoch > self.last and not self.more():
+                        complete = False  # every rank is done: no need to finish the epoch
+                        break
+                    # the global source step (the same on every rank, across epochs and resumes):
+                    # every output made from this batch downstream carries it, so staleness
+                    # anywhere = newest source step received - the drawn batch's source step
+                    yield Message(Kind.TRAIN, epoch, epoch * steps + b.step, *tensors)
                     bar.update()
+                final = epoch
+                if not complete:
+                    break
                 yield Message(Kind.END_EPOCH, epoch)
-                if (every and (epoch + 1) % every == 0) or epoch == self.last:
-                    for b in batches(self.test, cfg.data.eval_batch_size, shuffle=False):
-                        aux = None if self.test_aux is None else self.test_aux[b.ids]
-                        yield Message(Kind.EVAL, epoch, b.step, *run.to_device(b.x, b.y, b.ids), aux=aux)
-                    yield Message(Kind.END_EVAL, epoch)
-        yield Message(Kind.STOP, self.last)
+                if every and (epoch + 1) % every == 0 and epoch < self.last:
+                    yield from self._evaluation(epoch)
+        if final is not None:  # the last evaluation, when every block is final
+            yield from self._evaluation(final)
+        yield Message(Kind.STOP, self.last if final is None else final)
+
+    def _evaluation(self, epoch: int) -> Iterator[Message]:
+        for b in batches(self.test, self.run.cfg.data.eval_batch_size, shuffle=False):
+            aux = None if self.test_aux is None else self.test_aux[b.ids]
+            yield Message(Kind.EVAL, epoch, b.step, *self.run.to_device(b.x, b.y, b.ids), aux=aux)
+        yield Message(Kind.END_EVAL, epoch)
 
 
 class HandoffCache:
@@ -66,7 +106,7 @@ class HandoffCache:
         run = self.run
         if split not in self.x:
             n = self.sizes[split]
-            where = "disk" if run.cfg.train.cache == "disk" else "memory"
+            where = cache_mode(run.cfg)  # "memory" or "disk": a hand-off only happens when it caches
             path = run.out / "cache" / f"rank{run.rank}-{split}.npy"
             self.x[split] = PseudoInputs.allocate(n, m.x.shape[1:], where, path, run.device)
             self.y[split] = torch.full((n,), -1, dtype=torch.int64, device=run.device)
@@ -77,7 +117,7 @@ class HandoffCache:
         if m.aux is not None:
             self.test_aux[m.ids] = m.aux
 
-    def source(self, last: int) -> DatasetSource:
+    def source(self, last: int, more=None) -> DatasetSource:
         """Every sample once an epoch, from the epoch after the hand-off to `last`."""
         for split in ("train", "test"):
             if split not in self.x or bool((self.y[split] < 0).any()):
@@ -88,4 +128,4 @@ class HandoffCache:
         self.run.recorder.log(kind="cache", rank=self.run.rank, epoch=self.epoch, train=len(self.y["train"]),
                               test=len(self.y["test"]))
         return DatasetSource(self.run, Split(self.x["train"], self.y["train"]), Split(self.x["test"], self.y["test"]),
-                             self.epoch + 1, last, test_aux=self.test_aux)
+                             self.epoch + 1, last, test_aux=self.test_aux, more=more)

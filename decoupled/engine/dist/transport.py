@@ -12,6 +12,7 @@ from two threads at once. The same code runs over gloo (CPU) and NCCL (CUDA).
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import time
 from dataclasses import dataclass
@@ -53,29 +54,55 @@ class Message:
     y: torch.Tensor | None = None
     ids: torch.Tensor | None = None
     aux: torch.Tensor | None = None
+    ready: object = None  # CUDA: event recorded on the receiver's stream once the tensors have landed
 
     @property
     def count(self) -> int:
         return 0 if self.x is None else len(self.x)
 
 
-def encode_header(m: Message, max_count: int) -> torch.Tensor:
+def header_meta(m: Message, max_count: int) -> list[int]:
+    """The fixed fields of a header: kind, epoch, step, count, ndim, dims[5], dtype, aux width."""
     if m.count > max_count:
         raise ValueError(f"a message of {m.count} samples exceeds the wire limit of {max_count}")
-    h = torch.zeros(HEADER_LEN + 2 * max_count, dtype=torch.int64)
-    h[0], h[1], h[2], h[3] = int(m.kind), m.epoch, m.step, m.count
+    meta = [int(m.kind), m.epoch, m.step, m.count] + [0] * (HEADER_LEN - 4)
     if m.x is not None:
-        dims = m.x.shape[1:]
+        dims = list(m.x.shape[1:])
         if len(dims) > MAX_DIMS:
             raise ValueError(f"activations with {len(dims)} feature dims; the wire format carries {MAX_DIMS}")
-        h[4] = len(dims)
-        h[5:5 + len(dims)] = torch.tensor(dims)
-        h[10] = DTYPES.index(m.x.dtype)
-        h[11] = 0 if m.aux is None else m.aux.shape[1]
+        meta[4], meta[5:5 + len(dims)] = len(dims), dims
+        meta[10] = DTYPES.index(m.x.dtype)
+        meta[11] = 0 if m.aux is None else m.aux.shape[1]
+    return meta
+
+
+def encode_header(m: Message, max_count: int, device: torch.device) -> list[torch.Tensor]:
+    """The header on `device`, built without a host sync: the fixed fields go up from (pinned) host
+    memory asynchronously, labels and ids are copied device to device. Returns the header and the
+    host tensor it was copied from (kept alive until the send completes)."""
+    meta = torch.tensor(header_meta(m, max_count), dtype=torch.int64)
+    if device.type == "cuda":
+        meta = meta.pin_memory()
+    h = torch.zeros(HEADER_LEN + 2 * max_count, dtype=torch.int64, device=device)
+    h[:HEADER_LEN].copy_(meta, non_blocking=True)
+    if m.x is not None:
         n = m.count
-        h[HEADER_LEN:HEADER_LEN + n] = m.y.cpu()
-        h[HEADER_LEN + max_count:HEADER_LEN + max_count + n] = m.ids.cpu()
-    return h
+        h[HEADER_LEN:HEADER_LEN + n].copy_(m.y, non_blocking=True)
+        h[HEADER_LEN + max_count:HEADER_LEN + max_count + n].copy_(m.ids, non_blocking=True)
+    return [h, meta]
+
+
+def handover(ready, *tensors) -> None:
+    """Make tensors the receiver thread produced on its side stream safe to use on the current
+    (training) stream: that stream waits for the side stream's event `ready` (the host does not),
+    and the caching allocator learns that it uses them. A no-op on CPU (ready is None)."""
+    if ready is None:
+        return
+    stream = torch.cuda.current_stream()
+    stream.wait_event(ready)
+    for t in tensors:
+        if t is not None:
+            t.record_stream(stream)
 
 
 class Link:
@@ -91,10 +118,15 @@ class Link:
         self.bytes = 0
         self.samples = 0  # samples carried by data messages (routing makes this shrink downstream)
         self.blocked_s = 0.0  # time spent waiting on this link
+        self.stream = None  # CUDA: the receiver thread's stream (made on first receive, on that thread)
+        self.header_host = None
 
     # ------------------------------------------------------------------ sending (main thread)
     def send(self, m: Message) -> None:
-        tensors = [encode_header(m, self.max_count).to(self.device)]
+        # On NCCL the isend runs on NCCL's stream, which first waits for the current (training)
+        # stream: the activations are complete when they go, and training never waits for the send.
+        header, meta = encode_header(m, self.max_count, self.device)
+        tensors = [header]
         if m.x is not None:
             tensors.append(m.x.contiguous())
             if m.aux is not None:
@@ -102,6 +134,7 @@ class Link:
         # Never touch (or free) a tensor before its isend completes: keep them until wait().
         works = [dist.isend(t, group=self.group, group_dst=self.peer_in_group()) for t in tensors]
         self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+        tensors.append(meta)
         self.samples += m.count
         self.inflight.append((works, tensors))
         while len(self.inflight) > self.max_inflight:
@@ -130,8 +163,35 @@ class Link:
 
     # ------------------------------------------------------------------ receiving (receiver thread)
     def recv(self) -> Message:
+        """The next message. On CUDA every NCCL call of the receiver runs on its own stream, so
+        waiting on a receive never makes the training stream wait (Work.wait makes the *current*
+        stream wait for NCCL's event); the message's tensors are handed over by an event (handover)."""
+        with self._on_stream():
+            m = self._recv_message()
+            if self.stream is not None:
+                m.ready = torch.cuda.Event()
+                m.ready.record(self.stream)
+        return m
+
+    def _on_stream(self):
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(self.device)
+            self.header_host = torch.empty(HEADER_LEN, dtype=torch.int64).pin_memory()
+        return torch.cuda.stream(self.stream)
+
+    def _read_header(self, raw: torch.Tensor) -> list[int]:
+        if self.stream is None:
+            return raw[:HEADER_LEN].tolist()
+        # into pinned memory, then wait for the receiver's stream only (not the device)
+        self.header_host.copy_(raw[:HEADER_LEN], non_blocking=True)
+        self.stream.synchronize()
+        return self.header_host.tolist()
+
+    def _recv_message(self) -> Message:
         raw = self._recv(torch.empty(HEADER_LEN + 2 * self.max_count, dtype=torch.int64, device=self.device))
-        header = raw[:HEADER_LEN].cpu()
+        header = self._read_header(raw)
         kind = Kind(int(header[0]))
         m = Message(kind, epoch=int(header[1]), step=int(header[2]))
         if kind in (Kind.TRAIN, Kind.EVAL):

@@ -19,6 +19,9 @@ from ...config import ConfigError, JobConfig
 from .transport import PeerError
 
 
+REPORT_TIMEOUT = timedelta(days=365)
+
+
 @dataclass
 class World:
     rank: int
@@ -27,6 +30,28 @@ class World:
     device: torch.device
     ctrl: object  # gloo group for object collectives
     links: list  # links[j]: the two-rank group of edge (j-1 -> j); links[0] is None
+    report: object = None  # gloo group for the end-of-run report: no timeout (see init)
+    board: "BudgetBoard | None" = None  # which ranks have spent their step budgets (replay.budget="steps")
+
+
+class BudgetBoard:
+    """replay.budget="steps": a source keeps streaming until every rank has made its budget of
+    optimizer steps. Ranks count themselves in on the job's store (one key, atomic adds); the sources
+    read the count. A store round trip per source batch, on the host, off the training stream."""
+
+    KEY = "budget-done"
+
+    def __init__(self, store, size: int):
+        self.store, self.size = store, size
+        self.marked = False
+
+    def mark_done(self) -> None:
+        if not self.marked:
+            self.marked = True
+            self.store.add(self.KEY, 1)
+
+    def all_done(self) -> bool:
+        return self.store.add(self.KEY, 0) >= self.size
 
 
 def resolve_backend(cfg: JobConfig) -> tuple[str, torch.device]:
@@ -65,12 +90,18 @@ def init(cfg: JobConfig) -> World:
         dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
     else:  # plain `decoupled train` with mode sync/async: a world of one, no network
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        store = dist.HashStore()
+        dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
     rank, size = dist.get_rank(), dist.get_world_size()
     ctrl = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
     # one group per edge, created by every rank in the same order
     links = [None] + [dist.new_group([j - 1, j], timeout=timeout) for j in range(1, size)]
-    return World(rank, size, backend, device, ctrl, links)
+    # The end-of-run report: a rank whose blocks froze early (async cascade) finishes hours before
+    # the last rank and must wait for it without a deadline. Liveness is not this group's job: a
+    # rank that dies makes its neighbours' links fail within dist.timeout_s, and torchrun then
+    # ends the whole job.
+    report = dist.new_group(backend="gloo", timeout=REPORT_TIMEOUT)
+    return World(rank, size, backend, device, ctrl, links, report, BudgetBoard(store, size))
 
 
 def broadcast_from_0(obj, world: World):
@@ -82,9 +113,9 @@ def broadcast_from_0(obj, world: World):
     return box[0]
 
 
-def gather_to_0(obj, world: World) -> list | None:
+def gather_to_0(obj, world: World, group=None) -> list | None:
     out = [None] * world.size if world.rank == 0 else None
-    dist.gather_object(obj, out, dst=0, group=world.ctrl)
+    dist.gather_object(obj, out, dst=0, group=group or world.ctrl)
     return out
 
 

@@ -21,6 +21,7 @@ def train_e2e(run: Run, start_epoch: int = 0) -> None:
     opt = build_optimizer(params, cfg.optim, cfg.optim.lr)
     sched = build_scheduler(opt, cfg.optim, cfg.train.epochs)
     stop = EarlyStopping(opt, cfg.train)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.train.precision == "fp16")
     torch.manual_seed(cfg.train.seed)  # e2e has one RNG stream (dropout) for the whole network
     steps = num_batches(len(run.data.train), cfg.data.batch_size)
     last_epoch = cfg.train.epochs - 1
@@ -30,14 +31,16 @@ def train_e2e(run: Run, start_epoch: int = 0) -> None:
             for b in batches(run.data.train, cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch,
                              augment=cfg.data.augment):
                 h, y = run.to_device(b.x, b.y)
-                for s in stages:
-                    s.block.train()
-                    h = s.block(h)
-                last.objective.train()
-                res = last.objective(h, y)
+                with last.autocast():  # train.precision, as the stages use it
+                    for s in stages:
+                        s.block.train()
+                        h = s.block(h)
+                    last.objective.train()
+                    res = last.objective(h, y)
                 opt.zero_grad(set_to_none=True)
-                res.loss.backward()
-                opt.step()
+                scaler.scale(res.loss).backward()
+                scaler.step(opt)
+                scaler.update()
                 total += res.loss.detach() * len(y)
                 for s in stages:
                     s.samples += len(y)
@@ -73,7 +76,7 @@ def fit_probes(run: Run) -> None:
                         t.work["forward"] += len(y)  # frozen features: counted as training work
                 with s.rng:
                     s.objective.train()
-                    res = s.objective(h, y)
+                    res = s.objective(h.float(), y)
                     opt.zero_grad(set_to_none=True)
                     res.loss.backward()
                     opt.step()

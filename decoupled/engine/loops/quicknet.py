@@ -26,11 +26,10 @@ from ...data import augment_batch, num_batches
 from ...objectives.quicknet import class_sample_weights
 from ...optim import build_optimizer
 from ...rng import generator
-from ..cache import PseudoInputs
+from ..cache import PseudoInputs, cache_mode
 from ..early_stop import EarlyStopping
 from ..run import Run
 from ..stage import Stage
-from .sequential import cache_mode
 
 
 class Inputs:
@@ -50,7 +49,7 @@ class Inputs:
         for f in self.frozen:
             x = f.forward(x)
             f.work["forward"] += len(ids)
-        return x
+        return x.float()  # the wire dtype (dist.wire_dtype) back to float32, as a cache stores it
 
     def after(self, stage: Stage, ids: torch.Tensor, where: str, path: Path | None, chunk: int) -> "Inputs":
         """The inputs of the block after `stage`, for the samples `ids`: `stage`'s frozen outputs."""
@@ -132,7 +131,7 @@ def exit_pass(run: Run, s: Stage, feats: Inputs, remaining: torch.Tensor, learne
     (learned=True) whether it counts the sample as learned."""
     obj, y_all, parts = s.objective.eval(), run.data.train.y, []
     for ids in remaining.split(run.cfg.data.eval_batch_size):
-        h, y = feats.get(ids), run.to_device(y_all[ids])[0]
+        h, y = feats.get(ids).float(), run.to_device(y_all[ids])[0]
         out = obj(h, y)
         parts.append((obj.learned(out, obj.commitment(h), y) if learned else out.pred == y).cpu())
     s.work["exit"] += len(remaining)
@@ -143,7 +142,7 @@ def exit_pass(run: Run, s: Stage, feats: Inputs, remaining: torch.Tensor, learne
 
 def train_quicknet(run: Run, start_epoch: int = 0) -> None:
     cfg, train = run.cfg, run.data.train
-    where = cache_mode(run)
+    where = cache_mode(run.cfg)
     counts0 = torch.bincount(train.y, minlength=run.data.num_classes)  # |T_0 ∩ c|
     remaining = torch.arange(len(train))  # T_j, as sample ids
     inputs = Inputs(train.x, [], None, run.device)

@@ -5,20 +5,13 @@ not a forward through every block before it; with augmentation they are recomput
 from __future__ import annotations
 
 from ...data import batches, num_batches
-from ..cache import PseudoInputs
+from ..cache import PseudoInputs, cache_mode
 from ..run import Run
-
-
-def cache_mode(run: Run) -> str:
-    mode = run.cfg.train.cache
-    if mode == "auto":
-        return "recompute" if run.cfg.data.augment else "memory"
-    return mode
 
 
 def train_sequential(run: Run, start_epoch: int = 0) -> None:
     cfg, stages = run.cfg, run.stages
-    mode = cache_mode(run)
+    mode = cache_mode(run.cfg)
     steps = num_batches(len(run.data.train), cfg.data.batch_size)
     cache: PseudoInputs | None = None  # inputs of the current block; None = raw data
     done = 0  # epochs of all blocks so far: names the checkpoints

@@ -1,0 +1,92 @@
+"""What one GPU can show (skipped without CUDA). Two NCCL ranks need two GPUs, so the multi-rank NCCL
+path is covered by design (transport.py, receiver.py) and by the CPU tests of the same code; here:
+every single-process mode on CUDA, AMP, the side-stream hand-over, no host sync in a train step, and
+a throughput reading (printed, never asserted)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from decoupled.config import load
+from decoupled.engine.dist.transport import handover
+from decoupled.train import train
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+SMALL = ["data.name=synthetic", "data.synthetic_shape=[3,16,16]", "data.synthetic_train=512",
+         "data.synthetic_test=128", "model.name=vgg", "model.hierarchy=[1,1,1]", "model.width=8",
+         "train.epochs=2", "train.device=cuda", "data.batch_size=64"]
+
+
+@pytest.mark.parametrize("mode", ["e2e", "sequential", "simultaneous", "sync", "async"])
+def test_every_single_process_mode_on_cuda(tmp_path, mode):
+    s = train(load(None, SMALL + [f"train.mode={mode}"]), tmp_path / mode)
+    assert s["device"].startswith("cuda") and all(0 <= l["test_acc"] <= 1 for l in s["layers"])
+    assert s["ranks"][0]["peak_mem_bytes"] > 0
+
+
+def test_quicknet_on_cuda(tmp_path):
+    s = train(load(None, SMALL + ["train.mode=quicknet", "objective.name=quicknet", "optim.name=adam",
+                                  "optim.lr=0.001", "train.patience=1"]), tmp_path / "qn")
+    assert s["exit_curve"]
+
+
+@pytest.mark.parametrize("precision,wire", [("bf16", "bfloat16"), ("fp16", "float16"), ("bf16", "float32")])
+def test_amp_and_wire_dtypes_on_cuda(tmp_path, precision, wire):
+    sets = SMALL + ["train.mode=simultaneous", f"train.precision={precision}", f"dist.wire_dtype={wire}"]
+    s = train(load(None, sets), tmp_path / "amp")
+    assert s["layers"][-1]["test_acc"] > 0.2  # learns despite reduced precision
+    got = train(load(None, sets[:-2] + ["train.mode=sync", f"train.precision={precision}",
+                                        f"dist.wire_dtype={wire}"]), tmp_path / "amp-sync")
+    for a, b in zip(s["layers"], got["layers"]):
+        assert abs(a["test_acc"] - b["test_acc"]) < 0.05
+
+
+def test_side_stream_handover_while_the_side_stream_is_busy():
+    """A tensor produced on a side stream and handed over by an event (transport.handover) is read
+    correctly by the main stream while the side stream still has queued work."""
+    side = torch.cuda.Stream()
+    a = torch.randn(2048, 2048, device="cuda")
+    with torch.cuda.stream(side):
+        x = a @ a  # the hand-over tensor, allocated on the side stream
+        ready = torch.cuda.Event()
+        ready.record(side)
+        for _ in range(20):  # keep the side stream busy after the event
+            a @ a
+    handover(ready, x)
+    got = x.sum()  # main stream: waits for `ready`, not for the later work
+    torch.cuda.synchronize()
+    assert torch.allclose(got, (a @ a).sum(), rtol=1e-3)
+
+
+def test_train_step_makes_no_host_sync():
+    from decoupled.engine.stage import build_stages
+    cfg = load(None, SMALL + ["train.check_every=1000", "train.log_every=100000"])
+    stages = build_stages(cfg, (3, 16, 16), 10, torch.device("cuda"))
+    x = torch.randn(64, 3, 16, 16, device="cuda")
+    y = torch.randint(0, 10, (64,), device="cuda")
+    stages[0].train_step(x, y)  # warm-up: lazy initialisation may sync
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            h = x
+            for s in stages:
+                h, _ = s.train_step(h, y)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_simultaneous_vs_e2e_throughput_vgg11(tmp_path, capsys):
+    sets = ["data.name=synthetic", "data.synthetic_shape=[3,32,32]", "data.synthetic_train=8192",
+            "data.synthetic_test=512", "model.name=vgg", "model.hierarchy=[1,1,2,2,2]", "model.width=64",
+            "train.epochs=2", "train.device=cuda", "data.batch_size=128", "train.eval_every=0",
+            "train.checkpoint=false", "train.probe_epochs=0"]
+    rates = {}
+    for mode in ("e2e", "simultaneous"):
+        t0 = time.perf_counter()
+        s = train(load(None, sets + [f"train.mode={mode}"]), tmp_path / mode)
+        rates[mode] = s["ranks"][0]["samples_per_s"]
+        print(f"{mode}: {rates[mode]:.0f} samples/s ({time.perf_counter() - t0:.1f}s) on {torch.cuda.get_device_name()}")
+    assert all(r > 0 for r in rates.values())
