@@ -19,6 +19,7 @@ import random
 import time
 from typing import Iterable
 
+from ...data import resolve_augment
 from ..run import Run
 from ..stage import drain_chain, feed_chain
 from .evaluation import EvalTally
@@ -121,7 +122,7 @@ class Pipeline:
         last = self.total_epochs - 1 if self.stop_after is None else self.stop_after
         if self.is_source:  # trains each batch once in both modes
             d = self.run.data
-            self.consume(DatasetSource(self.run, d.train, d.test, self.start_epoch, last, augment=self.cfg.data.augment))
+            self.consume(DatasetSource(self.run, d.train, d.test, self.start_epoch, last, augment=resolve_augment(self.cfg.data)))
         else:
             self.receiver.start()
             if self.is_async:

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from ...data import Split, batches
+from ...data import Augment, Split, batches
 from ..cache import PseudoInputs
 from ..run import Run
 from .transport import Kind, Message, PeerError
@@ -23,7 +23,7 @@ class DatasetSource:
     end-of-epoch marker, an evaluation after every `eval_every` epochs and after the last, then STOP."""
 
     def __init__(self, run: Run, train: Split, test: Split, start: int, last: int, test_aux=None,
-                 augment: bool = False):
+                 augment: Augment | None = None):
         self.run, self.train, self.test = run, train, test
         self.start, self.last, self.test_aux, self.augment = start, last, test_aux, augment
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ...data import batches, num_batches
+from ...data import batches, num_batches, resolve_augment
 from ...optim import build_optimizer, build_scheduler
 from ..early_stop import EarlyStopping
 from ..run import Run
@@ -28,7 +28,7 @@ def train_e2e(run: Run, start_epoch: int = 0) -> None:
         total = torch.zeros((), device=run.device)
         with run.progress(steps, f"e2e epoch {epoch + 1}/{cfg.train.epochs}") as bar:
             for b in batches(run.data.train, cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch,
-                             augment=cfg.data.augment):
+                             augment=resolve_augment(cfg.data)):
                 h, y = run.to_device(b.x, b.y)
                 for s in stages:
                     s.block.train()
