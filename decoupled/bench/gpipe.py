@@ -74,7 +74,7 @@ def build_module(cfg, data, rank: int, world: int, device) -> tuple[nn.Module, l
     parts = []
     for j in plan[rank]:
         init_module(built.blocks[j], derive_seed(seed, "block", j))
-        parts.append(built.blocks[j])
+        parts += [built.blocks[j], built.outlets[j]]  # outlet: dropout after the block (model.dropout_position)
     if rank == world - 1:
         last = len(built.blocks) - 1
         head = build_objective(cfg.objective, built.shapes[last], data.num_classes).head

@@ -32,7 +32,8 @@ def train_e2e(run: Run, start_epoch: int = 0) -> None:
                 h, y = run.to_device(b.x, b.y)
                 for s in stages:
                     s.block.train()
-                    h = s.block(h)
+                    s.outlet.train()
+                    h = s.outlet(s.block(h))  # the dropout that model.dropout_position moved out of the block
                 last.objective.train()
                 res = last.objective(h, y)
                 opt.zero_grad(set_to_none=True)
