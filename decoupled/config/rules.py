@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .applies import check_applies
 from .parse import _coerce, _fields, _sections
 from .schema import EARLY_STOP_MODES, ConfigError, JobConfig
 
@@ -52,3 +53,4 @@ def validate(cfg: JobConfig) -> None:
     if d.augment != "none" and d.name == "synthetic" and len(d.synthetic_shape) != 3:
         raise ConfigError(f"data.augment={d.augment!r} crops images, but data.synthetic_shape="
                           f"{d.synthetic_shape} is flat; set data.augment='none' or a [C,H,W] shape")
+    check_applies(cfg)
