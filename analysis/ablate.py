@@ -99,7 +99,8 @@ def rows_of(run_dir: Path, point: str, seed: int, values: dict) -> list[dict]:
            "dataset": s.get("dataset"), "world_size": s.get("world_size"), "wall_s": s.get("wall_s"),
            # a pipeline moves at its slowest rank's pace
            "samples_per_s": min((r.get("samples_per_s", 0.0) for r in ranks), default=None),
-           "max_peak_mem_bytes": max((r.get("peak_mem_bytes", 0) for r in ranks), default=None),
+           "max_peak_mem_bytes": max((r["peak_mem_bytes"] for r in ranks if r.get("peak_mem_bytes") is not None),
+                                     default=None),
            "run_dir": str(run_dir)}
     return [{**run, **{k: layer.get(k) for k in ("block", "test_acc", "train_samples", "epochs", "params")}}
             for layer in s["layers"]]

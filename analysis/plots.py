@@ -133,7 +133,7 @@ def memory_per_rank(groups, benches, out, written):
     width = 0.8 / k
     for r in range(k):
         xs = [i + r * width for i, (_, v) in enumerate(bars) if r < len(v)]
-        ys = [v[r] / MiB for _, v in bars if r < len(v)]
+        ys = [float("nan") if v[r] is None else v[r] / MiB for _, v in bars if r < len(v)]  # None: unknown
         ax.bar(xs, ys, width=width, label=f"rank {r}")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(bars))], [n for n, _ in bars], rotation=30, ha="right",
                   fontsize=7)

@@ -1,6 +1,8 @@
 """What a run prints on the terminal: the summary, readable."""
 from __future__ import annotations
 
+from .metrics import mib_text
+
 
 def format_summary(summary: dict) -> str:
     lines = [f"{summary['mode']} / {summary['objective']} / {summary['model']} on {summary['dataset']}, "
@@ -15,7 +17,7 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  early exit t={r['threshold']:g}: test_acc {r['accuracy']:.4f}  "
                      f"{r['avg_flops'] / 1e6:.4f} MFLOPs/sample  exits {[round(f, 3) for f in r['exit_fraction']]}")
     for r in summary["ranks"]:
-        line = (f"  rank {r['rank']} (blocks {r['blocks']}): peak_mem {r['peak_mem_bytes'] / 2**20:.1f} MiB  "
+        line = (f"  rank {r['rank']} (blocks {r['blocks']}): peak_mem {mib_text(r['peak_mem_bytes'])} ({r.get('mem_method')})  "
                 f"{r['samples_per_s']:.0f} samples/s")
         if "comm_s" in r:
             line += f"  compute {r['compute_s']:.2f}s  comm {r['comm_s']:.2f}s  idle {r['idle_s']:.2f}s"

@@ -154,20 +154,49 @@ def build_data(cfg: DataConfig, seed: int) -> Data:
 
 # ---------------------------------------------------------------------------- batches
 
-def augment_batch(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Standard CIFAR augmentation: zero-padded random crop and random horizontal flip."""
+@dataclass(frozen=True)
+class Augment:
+    """A resolved data.augment: a zero-padded random crop of `pad` pixels, and a random horizontal
+    flip only where a mirrored image is the same class (never on digits: a flipped 2 is no 2)."""
+    pad: int
+    flip: bool
+
+
+CIFAR = Augment(pad=4, flip=True)  # the standard CIFAR recipe (pad 4, crop 32, flip)
+# data.augment="auto" per dataset: natural images get CIFAR's crop + flip; digits and clothes get the
+# pad-2 crop without flip that the reference (Nokland & Eidnes' local-loss code) uses on MNIST.
+AUGMENT_AUTO = {"cifar10": CIFAR, "cifar100": CIFAR, "imagefolder": CIFAR,
+                "mnist": Augment(2, False), "fashion-mnist": Augment(2, False),
+                "digits": Augment(2, False), "synthetic": Augment(2, False)}
+
+
+def resolve_augment(cfg: DataConfig) -> Augment | None:
+    """data.augment for data.name: None = no augmentation. "crop" and "crop-flip" keep the dataset's
+    crop padding (4 on natural images, 2 on digits) and set the flip explicitly."""
+    if cfg.augment == "none":
+        return None
+    auto = AUGMENT_AUTO[cfg.name]
+    return auto if cfg.augment == "auto" else Augment(auto.pad, flip=cfg.augment == "crop-flip")
+
+
+def augment_batch(x: torch.Tensor, g: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
+    """Zero-padded random crop (and random horizontal flip) of a (N, C, H, W) batch, for all samples
+    at once by index arithmetic. Draws dy, dx, then the flips from `g`: a pure function of g's state."""
     if x.ndim != 4:
-        return x
-    n, _, h, w = x.shape
+        raise ValueError(f"data.augment crops (N, C, H, W) images, got a batch of shape {tuple(x.shape)}; "
+                         "set data.augment='none' for flat features")
+    n, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
-    flip = torch.rand(n, generator=g) < 0.5
-    out = torch.empty_like(x)
-    for i in range(n):
-        crop = padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
-        out[i] = crop.flip(-1) if flip[i] else crop
-    return out
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
+    rows = dy[:, None] + torch.arange(h, device=x.device)  # (N, H): the crop's rows in the padded image
+    cols = dx[:, None] + torch.arange(w, device=x.device)  # (N, W)
+    if flip:
+        mirror = (torch.rand(n, generator=g) < 0.5).to(x.device)
+        cols = torch.where(mirror[:, None], cols.flip(1), cols)
+    idx = torch.arange(n, device=x.device)[:, None, None, None]
+    ch = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[idx, ch, rows[:, None, :, None], cols[:, None, None, :]]
 
 
 def num_batches(n: int, batch_size: int) -> int:
@@ -175,7 +204,10 @@ def num_batches(n: int, batch_size: int) -> int:
 
 
 def batches(split: Split, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True,
-            augment: bool = False) -> Iterator[Batch]:
+            augment: Augment | bool | None = None) -> Iterator[Batch]:
+    """augment: a resolved data.augment (resolve_augment); True = the CIFAR recipe, False/None = none."""
+    if augment is True:
+        augment = CIFAR
     n = len(split)
     order = torch.randperm(n, generator=generator(seed, "order", epoch)) if shuffle else torch.arange(n)
     g = generator(seed, "augment", epoch)
@@ -183,5 +215,5 @@ def batches(split: Split, batch_size: int, *, seed: int = 0, epoch: int = 0, shu
         ids = order[start:start + batch_size]
         x = split.x[ids]
         if augment:
-            x = augment_batch(x, g)
+            x = augment_batch(x, g, augment.pad, augment.flip)
         yield Batch(x, split.y[ids], ids, step)

@@ -1,23 +1,32 @@
 """Honest numbers per process: peak memory, time, and a metrics.jsonl stream.
 
-Peak memory is measured, never estimated: on CUDA the allocator's peak since a reset at start; on
-CPU the growth of the kernel's resident-set high-water mark (VmHWM) over the baseline taken after
-initialisation, with the mark reset through /proc/self/clear_refs where the kernel allows it.
+Peak memory is measured, never estimated, and says how (`mem_method`): on CUDA the allocator's peak
+since a reset at start ("cuda"); on CPU the growth of the resident-set high-water mark over the
+baseline taken after initialisation: Linux's VmHWM, reset through /proc/self/clear_refs where the
+kernel allows it ("proc-vmhwm"); without /proc (macOS, BSD) getrusage's ru_maxrss, which cannot be
+reset, so the growth of the mark over its value at start ("resource-maxrss": exact once training's
+peak exceeds the setup's, which is the usual case, else a lower bound); without either (Windows)
+psutil's RSS sampled every few ms ("psutil-sampled": misses spikes shorter than that). If nothing
+can measure it the peak is None (unknown), never 0.
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 
+PROC_STATUS = "/proc/self/status"  # module constants, so tests can take /proc away
+CLEAR_REFS = "/proc/self/clear_refs"
+
 
 def _proc_status_kib(field: str) -> int | None:
     try:
-        with open("/proc/self/status") as f:
+        with open(PROC_STATUS) as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1])
@@ -26,42 +35,99 @@ def _proc_status_kib(field: str) -> int | None:
     return None
 
 
+def _maxrss_bytes() -> int | None:
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB elsewhere
+
+
+class _RssSampler:
+    """The process's RSS polled by a daemon thread; `peak` is the largest value seen."""
+
+    def __init__(self, every_s: float = 0.005):
+        import psutil
+        self.proc, self.every_s = psutil.Process(), every_s
+        self.peak = self.proc.memory_info().rss
+        threading.Thread(target=self._run, daemon=True, name="rss-sampler").start()
+
+    def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.every_s)
+
+
+def _cpu_method() -> str | None:
+    if _proc_status_kib("VmHWM") is not None:
+        return "proc-vmhwm"
+    if _maxrss_bytes() is not None:
+        return "resource-maxrss"
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        return None
+    return "psutil-sampled"
+
+
 class PeakMemory:
     def __init__(self, device: torch.device):
         self.device = device
+        self.method = "cuda" if device.type == "cuda" else _cpu_method()
+        self._sampler: _RssSampler | None = None
         self.reset()
 
     def reset(self) -> None:
         """Call after model and data are built: what follows is what training costs."""
-        if self.device.type == "cuda":
+        self.hwm_reset = False
+        if self.method == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.baseline = torch.cuda.memory_allocated(self.device)
-            return
-        try:  # "5" resets the peak RSS to the current RSS (Linux >= 4.0)
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.hwm_reset = True
-        except OSError:
-            self.hwm_reset = False
-        self.baseline = (_proc_status_kib("VmRSS") or 0) * 1024
-        self._hwm0 = (_proc_status_kib("VmHWM") or 0) * 1024
+        elif self.method == "proc-vmhwm":
+            try:  # "5" resets the peak RSS to the current RSS (Linux >= 4.0)
+                with open(CLEAR_REFS, "w") as f:
+                    f.write("5")
+                self.hwm_reset = True
+            except OSError:
+                pass
+            self.baseline = (_proc_status_kib("VmRSS") or 0) * 1024
+        elif self.method == "resource-maxrss":
+            self.baseline = _maxrss_bytes()
+        elif self.method == "psutil-sampled":
+            self._sampler = self._sampler or _RssSampler()
+            self.baseline = self._sampler.peak = self._sampler.proc.memory_info().rss
+        else:
+            self.baseline = None
 
-    def peak_bytes(self) -> int:
-        """Peak bytes above the baseline since the last reset."""
-        if self.device.type == "cuda":
+    def peak_bytes(self) -> int | None:
+        """Peak bytes above the baseline since the last reset; None when nothing can measure it."""
+        if self.method == "cuda":
             return torch.cuda.max_memory_allocated(self.device) - self.baseline
-        hwm = (_proc_status_kib("VmHWM") or 0) * 1024
-        return max(0, hwm - self.baseline)
+        if self.method == "proc-vmhwm":
+            return max(0, (_proc_status_kib("VmHWM") or 0) * 1024 - self.baseline)
+        if self.method == "resource-maxrss":
+            return max(0, _maxrss_bytes() - self.baseline)
+        if self.method == "psutil-sampled":
+            return max(0, self._sampler.peak - self.baseline)
+        return None
 
     def report(self) -> dict:
-        out = {"peak_mem_bytes": int(self.peak_bytes()), "mem_baseline_bytes": int(self.baseline)}
-        if self.device.type == "cuda":
+        peak = self.peak_bytes()
+        out = {"peak_mem_bytes": None if peak is None else int(peak), "mem_method": self.method,
+               "mem_baseline_bytes": None if self.baseline is None else int(self.baseline)}
+        if self.method == "cuda":
             out["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved(self.device))
             out["peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
         else:
             out["hwm_reset"] = self.hwm_reset
         return out
+
+
+def mib_text(peak: int | None) -> str:
+    """A peak for people: MiB, or "unknown" when nothing could measure it (None)."""
+    return "unknown" if peak is None else f"{peak / 2**20:.1f} MiB"
 
 
 class Recorder:

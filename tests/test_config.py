@@ -30,13 +30,13 @@ widths = [8, 8]
 [optim]
 lr = 0.1
 """)
-    cfg = load(p, ["model.widths=[4, 5, 6]", "data.augment=true", "optim.lr=1", "model.name=vgg",
-                   "train.cache=recompute", "objective.predsim_beta = 0.5"])
+    cfg = load(p, ["model.widths=[4, 5, 6]", "data.augment=true", "optim.lr=1", "optim.schedule=cosine",
+                   "train.cache=recompute", "objective.name=predsim", "objective.predsim_beta = 0.5"])
     assert cfg.train.epochs == 2 and cfg.train.seed == 7  # from the file
     assert cfg.model.widths == [4, 5, 6]  # list: --set wins over the file
-    assert cfg.data.augment is True  # bool
+    assert cfg.data.augment == "auto"  # TOML true: the dataset's own augmentation
     assert cfg.optim.lr == 1.0 and type(cfg.optim.lr) is float  # int accepted for a float field
-    assert cfg.model.name == "vgg"  # bare word taken as a string
+    assert cfg.optim.schedule == "cosine"  # bare word taken as a string
     assert cfg.train.cache == "recompute"
     assert cfg.objective.predsim_beta == 0.5  # spaces around '=' are fine
     # untouched fields keep their defaults
@@ -190,10 +190,12 @@ def test_missing_dataset_root(tmp_path):
 
 def test_to_toml_round_trip(tmp_path):
     cfg = JobConfig()
-    cfg.data.root = 'odd "quoted" \\ path'  # unused by digits; exercises string escaping
-    cfg.data.synthetic_shape = [3, 4, 5]
+    cfg.data.name = "mnist"
+    cfg.data.root = str(tmp_path / 'odd "quoted" \\ path')  # exercises string escaping
+    (tmp_path / 'odd "quoted" \\ path').mkdir()
     cfg.model.widths = [7, 9]
     cfg.model.block_sizes = [1, 1]
+    cfg.objective.name = "predsim"
     cfg.objective.predsim_beta = 0.25
     cfg.train.epochs = 3
     cfg.train.checkpoint = False

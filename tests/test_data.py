@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from decoupled.config import DataConfig
-from decoupled.data import Split, augment_batch, batches, build_data, num_batches
+from decoupled.data import Augment, Split, augment_batch, batches, build_data, num_batches, resolve_augment
 from decoupled.rng import generator
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -114,8 +114,38 @@ def test_augment_batch():
     for i in range(16):
         vals = set(x[i].flatten().tolist()) | {0.0}
         assert set(out[i].flatten().tolist()) <= vals
-    flat = torch.randn(8, 64)  # dense data is left alone
-    assert torch.equal(augment_batch(flat, generator(0, "t")), flat)
+    flat = torch.randn(8, 64)  # flat data cannot be cropped: an error, never a silent no-op
+    with pytest.raises(ValueError, match="data.augment"):
+        augment_batch(flat, generator(0, "t"))
+
+
+@pytest.mark.parametrize("name", ["digits", "mnist", "fashion-mnist", "synthetic"])
+def test_auto_augment_never_flips_digits(name):
+    aug = resolve_augment(DataConfig(name=name, augment="auto"))
+    assert aug == Augment(pad=2, flip=False)
+    # a batch of left-right asymmetric images: with pad 0 the only change a flip could make is a mirror
+    x = torch.arange(64 * 4 * 4, dtype=torch.float32).reshape(64, 1, 4, 4)
+    out = augment_batch(x, generator(0, "t"), pad=0, flip=aug.flip)
+    assert torch.equal(out, x)
+    assert not torch.equal(augment_batch(x, generator(0, "t"), pad=0, flip=True), x)  # the test can fail
+
+
+def test_augment_modes_resolve():
+    assert resolve_augment(DataConfig(name="cifar10", augment="auto")) == Augment(4, True)
+    assert resolve_augment(DataConfig(name="cifar10", augment="crop")) == Augment(4, False)
+    assert resolve_augment(DataConfig(name="mnist", augment="crop-flip")) == Augment(2, True)
+    assert resolve_augment(DataConfig(name="digits", augment="none")) is None
+
+
+def test_augment_acts_on_mlp_inputs():
+    """The MLP flattens inside its first block, so the data stays (N,C,H,W) and is augmented."""
+    from decoupled.config import load
+    cfg = load(None, ["data.augment=auto"])  # digits + mlp, the default job
+    data = build_data(cfg.data, 0)
+    assert data.train.x.ndim == 4
+    plain = next(batches(data.train, 32, seed=0, epoch=0))
+    aug = next(batches(data.train, 32, seed=0, epoch=0, augment=resolve_augment(cfg.data)))
+    assert torch.equal(plain.ids, aug.ids) and not torch.equal(plain.x, aug.x)
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "MNIST").is_dir(), reason="../shared/data/MNIST not present")

@@ -3,6 +3,7 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
+from torch import nn
 
 from decoupled.models import MODELS, ModelError, build_model, group_units
 
@@ -21,6 +22,7 @@ class Cfg:  # mirrors decoupled.config.ModelConfig (kept local: config is tested
     residual: str = "basic"
     batchnorm: bool = True
     dropout: float = 0.0
+    dropout_position: str = "after-loss"
     stem_downsample: bool = False
 
 
@@ -145,3 +147,21 @@ def test_bad_hierarchy_message_is_actionable():
 
 def test_registry_lists_all_models():
     assert set(MODELS) == {"mlp", "vgg", "resnet", "simcnn", "allcnn"}
+
+
+@pytest.mark.parametrize("batchnorm", [True, False])
+def test_mlp_follows_batchnorm(batchnorm):
+    """model.batchnorm acts on the mlp: Linear -> BatchNorm1d -> ReLU, as the local-loss reference."""
+    built = build_model(Cfg("mlp", batchnorm=batchnorm), (1, 8, 8), 10)
+    for b in built.blocks:
+        assert any(isinstance(m, nn.BatchNorm1d) for m in b.modules()) == batchnorm
+
+
+@pytest.mark.parametrize("position", ["after-loss", "in-block"])
+def test_dropout_position(position):
+    """after-loss: each block's last dropout is its outlet (the local loss sees clean features)."""
+    built = build_model(Cfg("mlp", dropout=0.5, dropout_position=position), (1, 8, 8), 10)
+    for b, outlet in zip(built.blocks, built.outlets):
+        in_block = any(isinstance(m, nn.Dropout) for m in b.modules())
+        assert in_block == (position == "in-block")
+        assert isinstance(outlet, nn.Dropout if position == "after-loss" else nn.Identity)

@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 
+from decoupled.config.applies import APPLIES
+
 from decoupled.config import JobConfig, validate
 from decoupled.engine.stage import build_stages
 from decoupled.objectives import LocalOutput
@@ -25,7 +27,7 @@ HEADS = [  # (objective, head, k)
     ("khidden", "", 1), ("khidden", "khidden", 2), ("khidden", "khidden", 3),
     ("khidden", "mlpsr", 2), ("khidden", "dense", 1),
     ("cascade", "", 1), ("cascade", "khidden", 2), ("cascade", "mlpsr", 1),
-    ("predsim", "", 1), ("predsim", "predsim", 2),
+    ("predsim", "", 1), ("predsim", "predsim", 1),  # k does nothing on the predsim head
     ("khidden", "mixedpool", 1), ("quicknet", "", 1),
 ]
 
@@ -36,7 +38,8 @@ def make_cfg(model="mlp", objective="khidden", head="", k=1, **model_kw) -> JobC
     for key, value in {**MODELS[model], **model_kw}.items():
         setattr(cfg.model, key, value)
     cfg.objective.name, cfg.objective.head, cfg.objective.k = objective, head, k
-    cfg.objective.aux_width = 8
+    if APPLIES["objective.aux_width"][0](cfg):  # small heads, where the head has a hidden width
+        cfg.objective.aux_width = 8
     cfg.train.epochs = 2
     validate(cfg)
     return cfg

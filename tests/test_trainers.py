@@ -57,7 +57,8 @@ def test_simultaneous_deterministic(tmp_path):
     assert any(not torch.equal(ta[k], tc[k]) for k in ta)  # another seed trains another network
 
 
-MODEL_OVERRIDES = {"mlp": [], "simcnn": ["model.name=simcnn", "model.hierarchy=[1,1,1]", "model.width=4"]}
+MODEL_OVERRIDES = {"mlp": [], "simcnn": ["model.name=simcnn", "model.hierarchy=[1,1,1]", "model.width=4",
+                                         "model.widths=[150,150,150]"]}  # back to the default: mlp only
 
 
 @pytest.mark.parametrize("model", list(MODEL_OVERRIDES))

@@ -33,7 +33,7 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
 from ..config import load
-from ..data import batches, build_data
+from ..data import batches, build_data, resolve_augment
 from ..device import synchronize
 from ..engine.dist.setup import placement
 from ..engine.dist.world import resolve_backend
@@ -74,7 +74,7 @@ def build_module(cfg, data, rank: int, world: int, device) -> tuple[nn.Module, l
     parts = []
     for j in plan[rank]:
         init_module(built.blocks[j], derive_seed(seed, "block", j))
-        parts.append(built.blocks[j])
+        parts += [built.blocks[j], built.outlets[j]]  # outlet: dropout after the block (model.dropout_position)
     if rank == world - 1:
         last = len(built.blocks) - 1
         head = build_objective(cfg.objective, built.shapes[last], data.num_classes).head
@@ -104,7 +104,7 @@ def main(cfg_path: str, out: str, microbatches: int) -> None:
     epochs, dropped, losses_seen = [], 0, []
     for epoch in range(cfg.train.epochs):
         t0, c0, trained, comm = time.perf_counter(), stage.compute_s, 0, 0.0
-        for b in batches(data.train, B, seed=seed, epoch=epoch, augment=cfg.data.augment):
+        for b in batches(data.train, B, seed=seed, epoch=epoch, augment=resolve_augment(cfg.data)):
             if len(b.y) != B:  # see the module docstring: shapes are fixed at the first step
                 dropped += len(b.y) * (epoch == 0)
                 continue

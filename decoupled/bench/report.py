@@ -10,8 +10,13 @@ def _row(result: dict, mode: str) -> dict | None:
     return next((r for r in result["rows"] if r["mode"] == mode and r.get("samples_per_s")), None)
 
 
-def peak(row: dict) -> int:
-    return max((r["peak_mem_bytes"] for r in row["ranks"]), default=0)
+def peak(row: dict) -> int | None:
+    """The largest rank's peak; None (unknown) if no rank could measure its own."""
+    return max((r["peak_mem_bytes"] for r in row["ranks"] if r["peak_mem_bytes"] is not None), default=None)
+
+
+def mib(b: int | None) -> float:
+    return float("nan") if b is None else b / MiB  # nan: an unknown peak is not drawn, and never 0
 
 
 def markdown(result: dict) -> str:
@@ -36,7 +41,7 @@ def markdown(result: dict) -> str:
         ob = f"{r['of_bound']:.2f}" if "of_bound" in r else ""
         fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
         per = "; ".join(f"{x['compute_s']:.2f} / {fmt(x['comm_s'])} / {fmt(x['idle_s'])}" for x in r["ranks"])
-        lines.append(f"| {name} | {r['samples_per_s']:.1f} | {vs} | {ob} | {peak(r) / MiB:.1f} | {per} |")
+        lines.append(f"| {name} | {r['samples_per_s']:.1f} | {vs} | {ob} | {mib(peak(r)):.1f} | {per} |")
     return "\n".join(lines) + "\n"
 
 
@@ -53,7 +58,7 @@ def chart(result: dict, path: Path) -> None:
         a.legend()
     a.set_ylabel("training samples / s")
     a.set_title(f"throughput, {result['ranks']} ranks")
-    b.bar(names, [peak(r) / MiB for r in rows], color="tab:orange")
+    b.bar(names, [mib(peak(r)) for r in rows], color="tab:orange")
     b.set_ylabel("peak memory of the largest process (MiB)")
     b.set_title("peak memory")
     for ax in (a, b):

@@ -27,7 +27,8 @@ def bound_samples_per_s(n: int, stage_s: list[float]) -> float:
 
 def rank_row(r: dict, window: dict | None = None) -> dict:
     """A summary.json rank entry in the bench schema; compute/comm/idle are seconds per timed epoch."""
-    out = {"rank": r["rank"], "blocks": r.get("blocks"), "peak_mem_bytes": r["peak_mem_bytes"]}
+    out = {"rank": r["rank"], "blocks": r.get("blocks"), "peak_mem_bytes": r["peak_mem_bytes"],
+           "mem_method": r.get("mem_method")}
     out.update(window or {"compute_s": r.get("compute_s", 0.0), "comm_s": r.get("comm_s", 0.0),
                           "idle_s": r.get("idle_s", 0.0)})
     return out

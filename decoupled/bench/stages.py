@@ -20,7 +20,7 @@ def time_stages(cfg_path: str, ranks: int, out: str) -> None:
     runs, on that rank's inputs computed once (eval mode, like the sequential cache)."""
     import torch
 
-    from ..data import Split, batches, build_data
+    from ..data import Split, batches, build_data, resolve_augment
     from ..device import resolve_device, synchronize
     from ..engine.dist.setup import placement
     from ..engine.stage import build_stages
@@ -37,7 +37,7 @@ def time_stages(cfg_path: str, ranks: int, out: str) -> None:
         for epoch in range(cfg.train.epochs):
             t0 = time.perf_counter()
             for b in batches(Split(x, y), cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch,
-                             augment=cfg.data.augment and r == 0):
+                             augment=resolve_augment(cfg.data) if r == 0 else None):
                 h = b.x
                 for s in mine:
                     h, _ = s.train_step(h, b.y)

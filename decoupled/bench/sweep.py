@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..config import to_toml
-from .report import MiB
+from .report import MiB, mib, peak
 from .rows import prepare
 from .runner import machine, run, torchrun
 
@@ -49,16 +49,17 @@ def sweep_depth(config: str | None, overrides: list[str], out: Path, hierarchies
             ss = json.loads((out / name / "sync" / "summary.json").read_text())
             point["e2e_peak_bytes"] = es["ranks"][0]["peak_mem_bytes"]
             point["rank_peak_bytes"] = [r["peak_mem_bytes"] for r in ss["ranks"]]
-            point["max_rank_peak_bytes"] = max(point["rank_peak_bytes"])
-            point["ratio"] = point["max_rank_peak_bytes"] / max(point["e2e_peak_bytes"], 1)
+            point["max_rank_peak_bytes"] = peak(ss)
+            known = point["max_rank_peak_bytes"] is not None and point["e2e_peak_bytes"] is not None
+            point["ratio"] = point["max_rank_peak_bytes"] / max(point["e2e_peak_bytes"], 1) if known else None
             point["params"] = sum(l["params"] for l in ss["layers"])
         result["points"].append(point)
-        print(f"  {name}: " + (f"e2e {point['e2e_peak_bytes'] / MiB:.1f} MiB, max rank "
-                               f"{point['max_rank_peak_bytes'] / MiB:.1f} MiB, ratio {point['ratio']:.2f}"
+        print(f"  {name}: " + (f"e2e {mib(point['e2e_peak_bytes']):.1f} MiB, max rank "
+                               f"{mib(point['max_rank_peak_bytes']):.1f} MiB, ratio {point['ratio'] or float('nan'):.2f}"
                                if "ratio" in point else f"FAILED: {point['error']}"), flush=True)
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     (out / "sweep.json").write_text(json.dumps(result, indent=2))
-    lines = [f"peak = VmHWM growth over the post-init baseline, one epoch; MALLOC_MMAP_THRESHOLD_="
+    lines = [f"peak = growth over the post-init baseline (summary.json ranks[].mem_method says how it was measured), one epoch; MALLOC_MMAP_THRESHOLD_="
              f"{result['malloc_mmap_threshold']}", "",
              "| VGG hierarchy | convs | ranks | e2e peak MiB | per-rank peak MiB | max rank / e2e |",
              "|---|---:|---:|---:|---|---:|"]
@@ -66,9 +67,9 @@ def sweep_depth(config: str | None, overrides: list[str], out: Path, hierarchies
         if "ratio" not in p:
             lines.append(f"| {p['hierarchy']} | {p['convs']} | {p['blocks']} | failed | {p['error'][:150]} | |")
             continue
-        per = ", ".join(f"{b / MiB:.1f}" for b in p["rank_peak_bytes"])
-        lines.append(f"| {p['hierarchy']} | {p['convs']} | {p['blocks']} | {p['e2e_peak_bytes'] / MiB:.1f} | "
-                     f"{per} | {p['ratio']:.2f} |")
+        per = ", ".join(f"{mib(b):.1f}" for b in p["rank_peak_bytes"])
+        lines.append(f"| {p['hierarchy']} | {p['convs']} | {p['blocks']} | {mib(p['e2e_peak_bytes']):.1f} | "
+                     f"{per} | {p['ratio'] or float('nan'):.2f} |")
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     sweep_chart(result, out / "sweep.png")
     return result
@@ -81,10 +82,10 @@ def sweep_chart(result: dict, path: Path) -> None:
     pts = [p for p in result["points"] if "ratio" in p]
     fig, ax = plt.subplots(figsize=(6, 4))
     x = [p["convs"] for p in pts]
-    ax.plot(x, [p["e2e_peak_bytes"] / MiB for p in pts], "o-", label="e2e (one process)")
-    ax.plot(x, [p["max_rank_peak_bytes"] / MiB for p in pts], "s-", label="decoupled sync: largest rank")
+    ax.plot(x, [mib(p["e2e_peak_bytes"]) for p in pts], "o-", label="e2e (one process)")
+    ax.plot(x, [mib(p["max_rank_peak_bytes"]) for p in pts], "s-", label="decoupled sync: largest rank")
     for p in pts:
-        ax.scatter([p["convs"]] * len(p["rank_peak_bytes"]), [b / MiB for b in p["rank_peak_bytes"]], c="gray",
+        ax.scatter([p["convs"]] * len(p["rank_peak_bytes"]), [mib(b) for b in p["rank_peak_bytes"]], c="gray",
                    s=10, zorder=3)
     ax.set_xlabel("VGG depth (conv layers; one rank per stage)")
     ax.set_ylabel("peak memory above baseline (MiB)")

@@ -44,6 +44,9 @@ def _check_rules(path: str, value, meta: dict) -> None:
 def _coerce(path: str, value, typ, meta: dict | None = None):
     """Check `value` against the field's type and rules; ints are accepted for floats."""
     origin = typing.get_origin(typ)
+    meta = meta or {}
+    if isinstance(value, bool) and "from_bool" in meta:  # a former bool field: false / true -> its choices
+        value = meta["from_bool"][value]
     if origin is Literal:
         choices = typing.get_args(typ)
         if value not in choices:
@@ -58,7 +61,7 @@ def _coerce(path: str, value, typ, meta: dict | None = None):
         value = float(value)
     elif (typ is int and isinstance(value, bool)) or not isinstance(value, typ):
         raise ConfigError(f"{path} must be {_type_name(typ)}, got {value!r}")
-    _check_rules(path, value, meta or {})
+    _check_rules(path, value, meta)
     return value
 
 

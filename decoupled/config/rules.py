@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .applies import check_applies
 from .parse import _coerce, _fields, _sections
 from .schema import EARLY_STOP_MODES, ConfigError, JobConfig
 
@@ -46,6 +47,10 @@ def validate(cfg: JobConfig) -> None:
     if t.plateau_factor < 1.0 and op.schedule != "constant":
         raise ConfigError(f"train.plateau_factor={t.plateau_factor} decays the LR on plateau; it cannot be "
                           f"combined with optim.schedule={op.schedule!r}; use optim.schedule='constant'")
-    if d.augment and t.cache in ("memory", "disk"):
+    if d.augment != "none" and t.cache in ("memory", "disk"):
         raise ConfigError(f"train.cache={t.cache!r} freezes one augmented view of the data; with "
-                          "data.augment=true use train.cache='recompute' (or 'auto')")
+                          f"data.augment={d.augment!r} use train.cache='recompute' (or 'auto')")
+    if d.augment != "none" and d.name == "synthetic" and len(d.synthetic_shape) != 3:
+        raise ConfigError(f"data.augment={d.augment!r} crops images, but data.synthetic_shape="
+                          f"{d.synthetic_shape} is flat; set data.augment='none' or a [C,H,W] shape")
+    check_applies(cfg)

@@ -27,10 +27,13 @@ def registry_names(kind: str) -> tuple[str, ...]:
     return tuple(getattr(importlib.import_module(module), attr))
 
 
-def knob(default, *, ge=None, gt=None, lt=None, le=None, registry: str | None = None, empty_ok: bool = False):
+def knob(default, *, ge=None, gt=None, lt=None, le=None, registry: str | None = None, empty_ok: bool = False,
+         from_bool: tuple[str, str] | None = None):
     """A field with its rule: numeric bounds (for lists: every element), or a registry of names
-    (empty_ok: "" is allowed too, meaning "the default one")."""
-    meta = {k: v for k, v in dict(ge=ge, gt=gt, lt=lt, le=le, registry=registry).items() if v is not None}
+    (empty_ok: "" is allowed too, meaning "the default one"). from_bool: a choice field that was a
+    bool once takes TOML false / true as these two choices, so old configs keep working."""
+    meta = {k: v for k, v in dict(ge=ge, gt=gt, lt=lt, le=le, registry=registry,
+                                  from_bool=from_bool).items() if v is not None}
     meta["empty_ok"] = empty_ok
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
@@ -52,7 +55,12 @@ class DataConfig:
     eval_batch_size: int = knob(512, ge=1)
     limit_train: int = knob(0, ge=0)  # 0 = all; else a fixed seeded subset of this size
     limit_test: int = knob(0, ge=0)
-    augment: bool = False  # CIFAR-style padded random crop + horizontal flip
+    # training-batch augmentation of (C,H,W) images (data.py: AUGMENT_AUTO), before any flattening:
+    # "none" | "crop" (zero-padded random crop: pad 4 on natural images, 2 on digits) | "crop-flip"
+    # (crop + random horizontal flip: only for classes that survive mirroring) | "auto" (the
+    # dataset's own: crop-flip pad 4 for cifar10/cifar100/imagefolder, crop pad 2 otherwise).
+    # TOML false / true still mean "none" / "auto".
+    augment: Literal["none", "crop", "crop-flip", "auto"] = knob("none", from_bool=("none", "auto"))
     download: bool = False  # torchvision datasets only download when asked
     # synthetic generator: class-dependent Gaussian blobs of this shape
     synthetic_shape: list[int] = knob([1, 8, 8], ge=1)
@@ -72,8 +80,16 @@ class ModelConfig:
     block_sizes: list[int] = knob([], ge=1, empty_ok=True)  # explicit units per block
     # resnet unit: "basic" (two 3x3 convs) | "bottleneck" (1x1, 3x3, 1x1)
     residual: Literal["basic", "bottleneck"] = "basic"
-    batchnorm: bool = True
-    dropout: float = knob(0.0, ge=0.0, lt=1.0)
+    batchnorm: bool = True  # BatchNorm after each conv (vgg/simcnn/allcnn) or Linear (mlp); resnet always has it
+    dropout: float = knob(0.0, ge=0.0, lt=1.0)  # dropout on each unit's output (every model)
+    # where a block's last dropout sits relative to its local loss:
+    # "after-loss": the loss (and head) see the block's features; dropout acts only on what goes on to
+    #   the next block. The reference for predsim (Nokland & Eidnes' local-loss code: loss on h, then
+    #   dropout(h) for the next layer), and right for every objective: a head is evaluated on clean
+    #   features, and dropout is there to regularise the next layer's input, not the local classifier.
+    # "in-block": dropout ends the block, so the local loss sees dropped-out features (runs before
+    #   this field existed; kept to reproduce them). Only mlp and vgg have in-block dropout.
+    dropout_position: Literal["after-loss", "in-block"] = "after-loss"
     stem_downsample: bool = False  # simcnn: invertible downsampling of the input
 
 

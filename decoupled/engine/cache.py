@@ -14,7 +14,7 @@ def cache_mode(cfg: JobConfig) -> str:
     """train.cache resolved, the same way in every trainer: "auto" = memory, unless the data is
     augmented (a frozen block's outputs then change every epoch and must be recomputed)."""
     if cfg.train.cache == "auto":
-        return "recompute" if cfg.data.augment else "memory"
+        return "recompute" if cfg.data.augment != "none" else "memory"
     return cfg.train.cache
 
 

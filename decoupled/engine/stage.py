@@ -39,9 +39,11 @@ def init_module(module: nn.Module, seed: int) -> None:
 
 class Stage:
     def __init__(self, index: int, block: nn.Module, objective: Objective, in_shape, out_shape, epochs: int,
-                 cfg: JobConfig, device: torch.device):
+                 cfg: JobConfig, device: torch.device, outlet: nn.Module | None = None):
         self.index = index
         self.block = block.to(device)
+        # applied to what goes on to the next block, after the local loss (model.dropout_position)
+        self.outlet = outlet if outlet is not None else nn.Identity()
         self.objective = objective.to(device)
         self.in_shape = tuple(in_shape)
         self.out_shape = tuple(out_shape)
@@ -99,8 +101,9 @@ class Stage:
         return self.epochs_done < self.epochs
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None):
-        """One optimizer step on the local loss. Returns the block's output, detached (the next
-        block's input: no gradient ever crosses stages), and the objective's LocalOutput."""
+        """One optimizer step on the local loss. Returns the next block's input (the block's output
+        through its outlet, detached: no gradient ever crosses stages) and the objective's LocalOutput.
+        The outlet's dropout draws from this stage's RNG stream, so every mode draws the same masks."""
         t0 = self.timer.start()
         with self.rng:
             self.block.train()
@@ -113,12 +116,14 @@ class Stage:
             self.scaler.scale(res.loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            self.outlet.train()
+            nxt = self.outlet(out.detach())
         self.steps += 1
         self.samples += int(mask.sum()) if mask is not None else len(y)
         self.timer.stop(t0)
         if self.steps - self._checked >= self.check_every:
             self.check_finite()
-        return self._output(out.detach()), res
+        return self._output(nxt), res
 
     # ------------------------------------------------------------------ one block's share of a batch
     def feed(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, log=None):
@@ -219,7 +224,8 @@ def build_stages(cfg: JobConfig, input_shape, num_classes: int, device: torch.de
         init_module(objective, derive_seed(cfg.train.seed, "head", j))
         epochs = objective.epochs_for(cfg.objective, j, cfg.train)
         in_shape = tuple(input_shape) if j == 0 else built.shapes[j - 1]
-        stages.append(Stage(j, block, objective, in_shape, built.shapes[j], epochs, cfg, device))
+        stages.append(Stage(j, block, objective, in_shape, built.shapes[j], epochs, cfg, device,
+                            built.outlets[j]))
     return stages
 
 

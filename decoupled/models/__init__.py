@@ -26,6 +26,9 @@ class Built:
     blocks: list[nn.Module]  # nn.Sequential of consecutive units
     shapes: list[tuple[int, ...]]  # output shape of each block, no batch dim
     units_per_block: list[int]
+    # per block, what is applied to its output before the next block takes it (not seen by the local
+    # loss): the block's last dropout with model.dropout_position="after-loss", else Identity
+    outlets: list[nn.Module]
 
 
 class Features(nn.Module):
@@ -93,10 +96,30 @@ def conv_bn_relu(cin: int, cout: int, batchnorm: bool, stride: int = 1, kernel: 
     return layers
 
 
+# The models whose builders end every unit with nn.Dropout(model.dropout) (config rules reject
+# model.dropout for the others rather than ignore it).
+DROPOUT_MODELS = ("mlp", "vgg")
+
+
 def check_dropout(cfg) -> float:
     if not 0.0 <= cfg.dropout < 1.0:
         raise ModelError(f"model.dropout={cfg.dropout} must be in [0, 1)")
     return float(cfg.dropout)
+
+
+def split_outlets(blocks: list[nn.Sequential], cfg) -> tuple[list[nn.Sequential], list[nn.Module]]:
+    """model.dropout_position="after-loss": take each block's last dropout out of the block, so the
+    local loss sees the block's features and only the next block sees them dropped out."""
+    if cfg.dropout_position != "after-loss" or cfg.name not in DROPOUT_MODELS or cfg.dropout == 0:
+        return blocks, [nn.Identity() for _ in blocks]
+    kept, outlets = [], []
+    for b in blocks:
+        *head, last = list(b)
+        *body, drop = list(last)
+        assert isinstance(drop, nn.Dropout), f"{cfg.name} unit does not end with its dropout"
+        kept.append(nn.Sequential(*head, nn.Sequential(*body)))
+        outlets.append(drop)
+    return kept, outlets
 
 
 # ---- registry ----
@@ -143,7 +166,7 @@ def build_model(cfg, input_shape: tuple[int, ...], num_classes: int) -> Built:
     if cfg.name not in MODELS:
         raise ModelError(f"model.name={cfg.name!r} is unknown; choose one of {sorted(MODELS)}")
     network, units = MODELS[cfg.name](cfg, tuple(input_shape), num_classes)
-    blocks = group_units(units, cfg.blocks, cfg.block_sizes)
+    blocks, outlets = split_outlets(group_units(units, cfg.blocks, cfg.block_sizes), cfg)
     # Shapes from one dummy sample; eval mode so BatchNorm neither needs a batch > 1
     # nor has its running statistics touched.
     shapes = []
@@ -155,4 +178,4 @@ def build_model(cfg, input_shape: tuple[int, ...], num_classes: int) -> Built:
             x = b(x)
             shapes.append(tuple(x.shape[1:]))
     network.train(was_training)
-    return Built(network, list(blocks), shapes, [len(b) for b in blocks])
+    return Built(network, list(blocks), shapes, [len(b) for b in blocks], outlets)

@@ -1,4 +1,5 @@
-"""MLP (QuickNet / cascade MNIST setting: 3 hidden layers of 150). Unit = one hidden layer."""
+"""MLP (QuickNet / cascade MNIST setting: 3 hidden layers of 150). Unit = one hidden layer:
+Linear -> BatchNorm (model.batchnorm, as the local-loss reference MLP) -> ReLU -> dropout."""
 import math
 
 from torch import nn
@@ -13,9 +14,13 @@ def build_mlp(cfg, input_shape, num_classes):
     p = check_dropout(cfg)
     units, fan_in = [], math.prod(input_shape)
     for i, w in enumerate(widths):
-        # Flatten in the first unit so (C,H,W) image data works unchanged.
-        layers = ([nn.Flatten()] if i == 0 else []) + [nn.Linear(fan_in, w), nn.ReLU()]
-        if p > 0:
+        # Flatten in the first unit so (C,H,W) image data (and its augmentation) works unchanged.
+        # A Linear bias is redundant right before BatchNorm, as for the convs.
+        layers = ([nn.Flatten()] if i == 0 else []) + [nn.Linear(fan_in, w, bias=not cfg.batchnorm)]
+        if cfg.batchnorm:
+            layers.append(nn.BatchNorm1d(w))
+        layers.append(nn.ReLU())
+        if p > 0:  # last in the unit: build_model may move a block's last one after the local loss
             layers.append(nn.Dropout(p))
         units.append(nn.Sequential(*layers))
         fan_in = w

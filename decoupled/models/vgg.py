@@ -26,10 +26,10 @@ def build_vgg(cfg, input_shape, num_classes):
     for n, cout in zip(hierarchy, vgg_channels(cfg, hierarchy)):
         for i in range(n):
             layers = conv_bn_relu(cin, cout, cfg.batchnorm)
-            if p > 0:
-                layers.append(nn.Dropout(p))
             if i == n - 1:
                 layers.append(nn.MaxPool2d(2))
+            if p > 0:  # last in the unit: build_model may move a block's last one after the local loss
+                layers.append(nn.Dropout(p))
             units.append(nn.Sequential(*layers))
             cin = cout
     return Features(units), units

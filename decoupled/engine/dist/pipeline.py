@@ -22,6 +22,7 @@ import random
 import time
 from typing import Iterable
 
+from ...data import resolve_augment
 from ..run import Run
 from ..stage import drain_chain, feed_chain
 from .evaluation import EvalTally
@@ -152,8 +153,8 @@ class Pipeline:
         more = (lambda: not self.board.all_done()) if self.own_epochs and self.stop_after is None else None
         if self.is_source:  # trains each batch once in both modes
             d = self.run.data
-            self.consume(DatasetSource(self.run, d.train, d.test, self.start_epoch, last, augment=self.cfg.data.augment,
-                                       more=more))
+            self.consume(DatasetSource(self.run, d.train, d.test, self.start_epoch, last,
+                                       augment=resolve_augment(self.cfg.data), more=more))
         else:
             self.receiver.start()
             if self.is_async:

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from ...data import Split, batches
+from ...data import Augment, Split, batches
 from ..cache import PseudoInputs, cache_mode
 from ..run import Run
 from .transport import Kind, Message, PeerError
@@ -40,7 +40,7 @@ class DatasetSource:
     accuracy is then measured once, at the end, when every block is final."""
 
     def __init__(self, run: Run, train: Split, test: Split, start: int, last: int, test_aux=None,
-                 augment: bool = False, more=None):
+                 augment: Augment | None = None, more=None):
         self.run, self.train, self.test = run, train, test
         self.start, self.last, self.test_aux, self.augment, self.more = start, last, test_aux, augment, more
 

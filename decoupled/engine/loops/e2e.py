@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ...data import batches, num_batches
+from ...data import batches, num_batches, resolve_augment
 from ...optim import build_optimizer, build_scheduler
 from ..early_stop import EarlyStopping
 from ..run import Run
@@ -29,12 +29,13 @@ def train_e2e(run: Run, start_epoch: int = 0) -> None:
         total = torch.zeros((), device=run.device)
         with run.progress(steps, f"e2e epoch {epoch + 1}/{cfg.train.epochs}") as bar:
             for b in batches(run.data.train, cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch,
-                             augment=cfg.data.augment):
+                             augment=resolve_augment(cfg.data)):
                 h, y = run.to_device(b.x, b.y)
                 with last.autocast():  # train.precision, as the stages use it
                     for s in stages:
                         s.block.train()
-                        h = s.block(h)
+                        s.outlet.train()
+                        h = s.outlet(s.block(h))  # the dropout that model.dropout_position moved out of the block
                     last.objective.train()
                     res = last.objective(h, y)
                 opt.zero_grad(set_to_none=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ...data import augment_batch, num_batches
+from ...data import Augment, augment_batch, num_batches, resolve_augment
 from ...objectives.quicknet import class_sample_weights
 from ...optim import build_optimizer
 from ...rng import generator
@@ -36,15 +36,17 @@ class Inputs:
     """One block's inputs, looked up by training-sample id: the cached outputs of the frozen block
     before it, or the raw data pushed through the frozen blocks."""
 
-    def __init__(self, raw: torch.Tensor, frozen: list[Stage], cache: PseudoInputs | None, device: torch.device):
+    def __init__(self, raw: torch.Tensor, frozen: list[Stage], cache: PseudoInputs | None, device: torch.device,
+                 augment: Augment | None = None):
         self.raw, self.frozen, self.cache, self.device = raw, frozen, cache, device
+        self.augment = augment  # resolved data.augment, applied to raw inputs (never to cached ones)
 
     def get(self, ids: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
         if self.cache is not None:
             return self.cache.get(ids)
         x = self.raw[ids]
         if g is not None:
-            x = augment_batch(x, g)
+            x = augment_batch(x, g, self.augment.pad, self.augment.flip)
         x = x.to(self.device)
         for f in self.frozen:
             x = f.forward(x)
@@ -54,13 +56,13 @@ class Inputs:
     def after(self, stage: Stage, ids: torch.Tensor, where: str, path: Path | None, chunk: int) -> "Inputs":
         """The inputs of the block after `stage`, for the samples `ids`: `stage`'s frozen outputs."""
         if where == "recompute":
-            return Inputs(self.raw, self.frozen + [stage], None, self.device)
+            return Inputs(self.raw, self.frozen + [stage], None, self.device, self.augment)
         cache = PseudoInputs.allocate(len(self.raw), stage.out_shape, where, path, self.device)
         for part in ids.split(chunk):
             cache.put(part, stage.forward(self.get(part)))
         stage.work["forward"] += len(ids)
         cache.flush()
-        return Inputs(self.raw, [], cache, self.device)
+        return Inputs(self.raw, [], cache, self.device, self.augment)
 
 
 def draw(remaining: torch.Tensor, weights: torch.Tensor, seed: int, *names) -> torch.Tensor:
@@ -77,7 +79,7 @@ def train_block(run: Run, s: Stage, inputs: Inputs, remaining: torch.Tensor, wei
     bs = cfg.data.batch_size
     for epoch in range(s.epochs):
         ids_all = draw(remaining, weights, cfg.train.seed, "block", s.index, epoch)
-        g = generator(cfg.train.seed, "quicknet-augment", s.index, epoch) if cfg.data.augment else None
+        g = generator(cfg.train.seed, "quicknet-augment", s.index, epoch) if inputs.augment else None
         total = torch.zeros((), device=run.device)
         with run.progress(num_batches(len(ids_all), bs), f"block {s.index} epoch {epoch + 1}/{s.epochs}") as bar:
             for ids in ids_all.split(bs):
@@ -145,7 +147,7 @@ def train_quicknet(run: Run, start_epoch: int = 0) -> None:
     where = cache_mode(run.cfg)
     counts0 = torch.bincount(train.y, minlength=run.data.num_classes)  # |T_0 ∩ c|
     remaining = torch.arange(len(train))  # T_j, as sample ids
-    inputs = Inputs(train.x, [], None, run.device)
+    inputs = Inputs(train.x, [], None, run.device, resolve_augment(cfg.data))
     done = 0  # epochs of all blocks so far: names the checkpoints
     for s in run.stages:
         s.info.update(train_set=len(remaining),

@@ -4,7 +4,7 @@ not a forward through every block before it; with augmentation they are recomput
 """
 from __future__ import annotations
 
-from ...data import batches, num_batches
+from ...data import batches, num_batches, resolve_augment
 from ..cache import PseudoInputs, cache_mode
 from ..run import Run
 
@@ -19,7 +19,7 @@ def train_sequential(run: Run, start_epoch: int = 0) -> None:
         for epoch in range(s.epochs):
             with run.progress(steps, f"block {s.index} epoch {epoch + 1}/{s.epochs}") as bar:
                 for b in batches(run.data.train, cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch,
-                                 augment=cfg.data.augment):
+                                 augment=resolve_augment(cfg.data)):
                     y = run.to_device(b.y)[0]
                     if cache is not None:
                         x = cache.get(b.ids)

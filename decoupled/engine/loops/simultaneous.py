@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from ...data import batches, num_batches
+from ...data import batches, num_batches, resolve_augment
 from ..run import Run
 from ..stage import drain_chain, feed_chain
 
@@ -21,7 +21,7 @@ def train_simultaneous(run: Run, start_epoch: int = 0) -> None:
     for epoch in range(start_epoch, total_epochs):
         with run.progress(steps, f"epoch {epoch + 1}/{total_epochs}") as bar:
             for b in batches(run.data.train, cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch,
-                             augment=cfg.data.augment):
+                             augment=resolve_augment(cfg.data)):
                 log = partial(run.log_step, epoch)
                 feed_chain(stages, [tuple(run.to_device(b.x, b.y, b.ids))], log)
                 bar.update()

@@ -1,0 +1,49 @@
+"""Peak memory says how it was measured, and an unmeasurable peak is unknown (None), never 0."""
+import pytest
+import torch
+
+from decoupled import metrics
+from decoupled.console import format_summary
+
+
+def _allocate_and_measure(mem: metrics.PeakMemory) -> dict:
+    mem.reset()
+    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    x += 1
+    import time
+    time.sleep(0.05)  # a sampling method gets to see it
+    out = mem.report()
+    del x
+    return out
+
+
+def test_proc_method_on_linux():
+    if metrics._proc_status_kib("VmHWM") is None:
+        pytest.skip("no /proc here")
+    r = _allocate_and_measure(metrics.PeakMemory(torch.device("cpu")))
+    assert r["mem_method"] == "proc-vmhwm" and r["peak_mem_bytes"] >= 32 * 2**20
+
+
+@pytest.mark.parametrize("method", ["resource-maxrss", "psutil-sampled"])
+def test_fallback_without_proc(monkeypatch, tmp_path, method):
+    monkeypatch.setattr(metrics, "PROC_STATUS", str(tmp_path / "no-proc" / "status"))
+    monkeypatch.setattr(metrics, "CLEAR_REFS", str(tmp_path / "no-proc" / "clear_refs"))
+    if method == "psutil-sampled":  # no getrusage either (Windows)
+        monkeypatch.setattr(metrics, "_maxrss_bytes", lambda: None)
+    mem = metrics.PeakMemory(torch.device("cpu"))
+    assert mem.method == method
+    r = _allocate_and_measure(mem)
+    assert r["mem_method"] == method
+    # ru_maxrss cannot be reset: the growth of the mark is a lower bound, but a fresh 64 MiB on top of a
+    # small test process's setup still raises it
+    assert r["peak_mem_bytes"] is not None and r["peak_mem_bytes"] > 0
+
+
+def test_unmeasurable_is_unknown(monkeypatch):
+    monkeypatch.setattr(metrics, "_cpu_method", lambda: None)
+    r = metrics.PeakMemory(torch.device("cpu")).report()
+    assert r["peak_mem_bytes"] is None and r["mem_method"] is None
+    summary = {"mode": "simultaneous", "objective": "khidden", "model": "mlp", "dataset": "digits",
+               "world_size": 1, "wall_s": 1.0, "layers": [], "ensemble_test_acc": 0.5,
+               "ranks": [{"rank": 0, "blocks": [0], "samples_per_s": 1.0, **r}]}
+    assert "peak_mem unknown" in format_summary(summary)
