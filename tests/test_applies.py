@@ -12,6 +12,7 @@ ALWAYS = {"data.name", "data.batch_size", "data.eval_batch_size", "data.limit_tr
           "data.augment", "model.name", "model.block_sizes", "objective.name", "objective.head",
           "objective.exit_fallback", "train.mode", "train.epochs", "train.seed", "train.device",
           "train.log_every", "train.eval_every", "train.checkpoint", "train.patience", "train.plateau_factor",
+          "train.precision", "train.check_every",
           "optim.name", "optim.lr", "optim.weight_decay", "optim.schedule", "optim.block_lr_decay"}
 
 # (a non-default value, a job where the key does nothing) for every CHOICE rule
@@ -61,16 +62,18 @@ def test_key_refused_where_it_does_nothing(key):
 @pytest.mark.parametrize("key", sorted(k for k, (_, _, kind) in APPLIES.items() if kind == "mode"))
 def test_other_mode_keys_are_a_notice(key, capsys):
     default = getattr(getattr(JobConfig(), key.split(".")[0]), key.split(".")[1])
-    named = {"train.cache": '"disk"', "dist.backend": '"gloo"', "dist.placement": "[1, 2]", "replay.policy": '"random"'}
+    named = {"train.cache": '"disk"', "dist.backend": '"gloo"', "dist.placement": "[1, 2]", "replay.policy": '"random"',
+             "replay.budget": '"upstream"', "dist.wire_dtype": '"bfloat16"'}
     value = named[key] if key in named else repr(default + 1)
-    load(None, ["train.mode=simultaneous", f"{key}={value}"])
+    mode = "e2e" if key == "dist.wire_dtype" else "simultaneous"  # wire_dtype acts at simultaneous' block boundaries
+    load(None, [f"train.mode={mode}", f"{key}={value}"])
     assert key in capsys.readouterr().err
 
 
 def test_keys_act_where_they_apply():
     """Where a key applies it changes what is built (spot checks of each kind of rule)."""
     from decoupled.models import build_model
-    a = load(None, ["model.batchnorm=false"])
+    a = load(None, ["model.batchnorm=true"])  # "on"; "auto" is off for the mlp
     assert str(build_model(a.model, (1, 8, 8), 10).network) != str(build_model(JobConfig().model, (1, 8, 8), 10).network)
     load(None, ["objective.name=cascade", "objective.aux_width=64", "objective.cascade_epoch_increment=2"])
     load(None, ["model.name=vgg", "model.widths=[150, 150, 150]"])  # the default value is never "set"

@@ -166,7 +166,7 @@ def test_async_cascade_serves_cached_pseudo_inputs(tmp_path):
     """Layer l trains 1 + 2l epochs; once upstream is frozen a rank caches its outputs and the
     upstream ranks stop."""
     cfg = {**MLP, "train.mode": "async", "objective.name": "cascade", "objective.cascade_epoch_increment": 2,
-           "train.cache": "disk"}
+           "train.cache": "disk", "replay.budget": "upstream"}  # epochs follow the stream (the hand-off plan)
     check(torchrun(3, ["--out", str(tmp_path / "ac"), *sets(cfg)]))
     s = summary(tmp_path / "ac")
     assert [l["epochs"] for l in s["layers"]] == [1, 3, 5]

@@ -20,7 +20,7 @@ class Cfg:  # mirrors decoupled.config.ModelConfig (kept local: config is tested
     blocks: int = 0
     block_sizes: list = field(default_factory=list)
     residual: str = "basic"
-    batchnorm: bool = True
+    batchnorm: str = "auto"  # model.batchnorm: auto (on for conv models, off for mlp) | on | off
     dropout: float = 0.0
     dropout_position: str = "after-loss"
     stem_downsample: bool = False
@@ -30,13 +30,13 @@ CASES = [  # (cfg, input shape)
     (Cfg("mlp", dropout=0.1), (1, 8, 8)),
     (Cfg("mlp"), (3, 32, 32)),
     (Cfg("vgg", hierarchy=[1, 1, 1]), (1, 8, 8)),
-    (Cfg("vgg", hierarchy=[1, 2], batchnorm=False, dropout=0.2), (3, 32, 32)),
+    (Cfg("vgg", hierarchy=[1, 2], batchnorm="off", dropout=0.2), (3, 32, 32)),
     (Cfg("resnet", hierarchy=[1, 1, 1]), (1, 8, 8)),
     (Cfg("resnet", hierarchy=[1, 2], residual="bottleneck"), (3, 32, 32)),
     (Cfg("simcnn", hierarchy=[1, 1, 1]), (1, 8, 8)),
-    (Cfg("simcnn", hierarchy=[2, 1], stem_downsample=True, batchnorm=False), (3, 32, 32)),
+    (Cfg("simcnn", hierarchy=[2, 1], stem_downsample=True, batchnorm="off"), (3, 32, 32)),
     (Cfg("allcnn"), (1, 8, 8)),
-    (Cfg("allcnn", batchnorm=False), (3, 32, 32)),
+    (Cfg("allcnn", batchnorm="off"), (3, 32, 32)),
 ]
 IDS = [f"{c.name}-{'x'.join(map(str, s))}-{i}" for i, (c, s) in enumerate(CASES)]
 
@@ -149,12 +149,12 @@ def test_registry_lists_all_models():
     assert set(MODELS) == {"mlp", "vgg", "resnet", "simcnn", "allcnn"}
 
 
-@pytest.mark.parametrize("batchnorm", [True, False])
+@pytest.mark.parametrize("batchnorm", ["on", "off", "auto"])
 def test_mlp_follows_batchnorm(batchnorm):
     """model.batchnorm acts on the mlp: Linear -> BatchNorm1d -> ReLU, as the local-loss reference."""
     built = build_model(Cfg("mlp", batchnorm=batchnorm), (1, 8, 8), 10)
     for b in built.blocks:
-        assert any(isinstance(m, nn.BatchNorm1d) for m in b.modules()) == batchnorm
+        assert any(isinstance(m, nn.BatchNorm1d) for m in b.modules()) == (batchnorm == "on")  # auto: off for mlp
 
 
 @pytest.mark.parametrize("position", ["after-loss", "in-block"])

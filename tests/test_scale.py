@@ -36,7 +36,7 @@ def test_async_cascade_tail_outlives_dist_timeout(tmp_path):
     """Rank 0 stops after its 1-epoch budget while rank 2 trains 9 epochs, far longer than
     dist.timeout_s: the end-of-run report must wait for it (it used to time out in the gather)."""
     cfg = {**MLP, "train.mode": "async", "objective.name": "cascade", "objective.cascade_initial_epochs": 1,
-           "objective.cascade_epoch_increment": 4, "dist.timeout_s": 3, "dist.debug_delay_ms": 60,
+           "objective.cascade_epoch_increment": 4, "dist.timeout_s": 3, "dist.debug_delay_ms": 150,
            "train.eval_every": 0}
     t0 = time.monotonic()
     check(torchrun(3, ["--out", str(tmp_path / "tail"), *sets(cfg)], timeout=300))
@@ -53,7 +53,7 @@ def test_async_cascade_resumes_after_pruned_checkpoints(tmp_path):
     epoch is on every rank. A frozen rank's last checkpoint stands for every later epoch."""
     run = tmp_path / "ac"
     cfg = {**MLP, "train.mode": "async", "objective.name": "cascade", "objective.cascade_epoch_increment": 2,
-           "train.keep_checkpoints": 2}
+           "train.keep_checkpoints": 2, "replay.budget": "upstream"}  # epochs follow the stream
     check(torchrun(3, ["--out", str(run), *sets(cfg)]))
     assert [checkpoint.epochs(run, r) for r in range(3)] == [[0, 1], [2, 3], [3, 4]]
     checkpoint.path(run, 2, 4).unlink()  # rank 2 died during its last epoch
@@ -182,18 +182,22 @@ def test_wire_dtype_halves_the_bytes(tmp_path):
 # ---------------------------------------------------------------------------- stragglers
 
 def test_straggler_async_keeps_upstream_unblocked(tmp_path):
-    """Rank 1 holds 6 of 8 blocks. sync: rank 0 waits for it (blocked in sends); async: rank 0 runs at
+    """Rank 1 holds 5 of 8 blocks, rank 0 two. sync: rank 0 waits for it (blocked in sends); async: rank 0 runs at
     its own pace (comm a small share), rank 1 drops what it cannot take, rank 2 (fast, downstream
     of the straggler) replays batches."""
-    cfg = {"data.limit_train": 512, "model.widths": [64] * 8, "data.batch_size": 16, "train.epochs": 2,
-           "dist.placement": [1, 6, 1], "train.eval_every": 0, "train.checkpoint": False,
+    cfg = {"data.limit_train": 1024, "model.widths": [512] * 8, "data.batch_size": 16, "train.epochs": 2,
+           "dist.placement": [2, 5, 1], "train.eval_every": 0, "train.checkpoint": False,
            "replay.capacity": 2, "replay.max_reuse": 4}
     runs = {}
     for mode in ("sync", "async"):
         check(torchrun(3, ["--out", str(tmp_path / mode), *sets({**cfg, "train.mode": mode})]))
         runs[mode] = summary(tmp_path / mode)["ranks"]
     sync0, async0 = runs["sync"][0], runs["async"][0]
-    assert async0["comm_s"] < 0.5 * sync0["comm_s"]
+    share = lambda r: r["comm_s"] / r["train_s"]  # noqa: E731  (blocked in sends, of its training loop)
+    # sync: upstream waits for the straggler (~0.4 of its loop here: its compute is ~2/5 of rank 1's,
+    # on 2 shared cores); async: about half that (the receiver thread's scheduling on 2 cores, not
+    # the straggler). A ratio with margin, not a speed claim (bench --sweep straggler measures those).
+    assert share(sync0) > 0.2 and share(async0) < 0.75 * share(sync0), (share(sync0), share(async0))
     assert runs["async"][1]["replay"]["dropped"] > 0
     reuse = {int(k): v for k, v in runs["async"][2]["replay"]["reuse_at_eviction"].items()}
     assert any(k > 1 for k in reuse), reuse

@@ -70,6 +70,9 @@ APPLIES: dict[str, Rule] = {
        for f in dataclasses.fields(JobConfig().dist)},
     **{f"replay.{f.name}": (lambda c: c.train.mode == "async", "train.mode='async'", "mode")
        for f in dataclasses.fields(JobConfig().replay)},
+    # the activations' dtype between blocks: on the wire, and at the block boundaries of the
+    # single-process modes (so that sync equals simultaneous); end-to-end backprop has no boundary
+    "dist.wire_dtype": (lambda c: c.train.mode != "e2e", "train.mode other than 'e2e' (block boundaries)", "mode"),
 }
 
 

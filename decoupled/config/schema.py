@@ -80,7 +80,10 @@ class ModelConfig:
     block_sizes: list[int] = knob([], ge=1, empty_ok=True)  # explicit units per block
     # resnet unit: "basic" (two 3x3 convs) | "bottleneck" (1x1, 3x3, 1x1)
     residual: Literal["basic", "bottleneck"] = "basic"
-    batchnorm: bool = True  # BatchNorm after each conv (vgg/simcnn/allcnn) or Linear (mlp); resnet always has it
+    # BatchNorm after each conv (vgg/simcnn/allcnn) or Linear (mlp; Linear -> BN -> ReLU, as the
+    # local-loss reference MLP); resnet always has it. "auto" = on for the conv models, off for mlp
+    # (each model's long-standing default) | "on" | "off"; TOML true / false mean "on" / "off"
+    batchnorm: Literal["auto", "on", "off"] = knob("auto", from_bool=("off", "on"))
     dropout: float = knob(0.0, ge=0.0, lt=1.0)  # dropout on each unit's output (every model)
     # where a block's last dropout sits relative to its local loss:
     # "after-loss": the loss (and head) see the block's features; dropout acts only on what goes on to

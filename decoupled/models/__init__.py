@@ -85,6 +85,11 @@ def check_downsamplings(cfg, input_shape, n_down: int, exact: bool = False, extr
     raise ModelError(f"model.hierarchy={list(cfg.hierarchy)} is incompatible with input {h}x{w}: {why}; {hint}")
 
 
+def batchnorm_on(cfg) -> bool:
+    """model.batchnorm resolved: "auto" is on for the conv models, off for the mlp."""
+    return cfg.batchnorm == "on" or (cfg.batchnorm == "auto" and cfg.name != "mlp")
+
+
 def conv_bn_relu(cin: int, cout: int, batchnorm: bool, stride: int = 1, kernel: int = 3,
                  bias: bool | None = None) -> list[nn.Module]:
     # A conv bias is redundant right before BatchNorm, so by default drop it there.

@@ -4,7 +4,7 @@ import math
 
 from torch import nn
 
-from . import Features, ModelError, check_dropout
+from . import Features, ModelError, batchnorm_on, check_dropout
 
 
 def build_mlp(cfg, input_shape, num_classes):
@@ -16,8 +16,8 @@ def build_mlp(cfg, input_shape, num_classes):
     for i, w in enumerate(widths):
         # Flatten in the first unit so (C,H,W) image data (and its augmentation) works unchanged.
         # A Linear bias is redundant right before BatchNorm, as for the convs.
-        layers = ([nn.Flatten()] if i == 0 else []) + [nn.Linear(fan_in, w, bias=not cfg.batchnorm)]
-        if cfg.batchnorm:
+        layers = ([nn.Flatten()] if i == 0 else []) + [nn.Linear(fan_in, w, bias=not batchnorm_on(cfg))]
+        if batchnorm_on(cfg):
             layers.append(nn.BatchNorm1d(w))
         layers.append(nn.ReLU())
         if p > 0:  # last in the unit: build_model may move a block's last one after the local loss

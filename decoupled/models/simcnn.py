@@ -4,7 +4,7 @@ conv3x3+BN+ReLU layers; between stages an invertible downsampling (PixelUnshuffl
 together with the downsampling that precedes it."""
 from torch import nn
 
-from . import Features, check_downsamplings, check_hierarchy, conv_bn_relu, image_hw
+from . import Features, batchnorm_on, check_downsamplings, check_hierarchy, conv_bn_relu, image_hw
 
 
 def build_simcnn(cfg, input_shape, num_classes):
@@ -21,7 +21,7 @@ def build_simcnn(cfg, input_shape, num_classes):
             if i == 0 and (s > 0 or cfg.stem_downsample):
                 layers.append(nn.PixelUnshuffle(2))
                 cin *= 4
-            layers += conv_bn_relu(cin, cout, cfg.batchnorm, bias=True)  # paper: conv with bias
+            layers += conv_bn_relu(cin, cout, batchnorm_on(cfg), bias=True)  # paper: conv with bias
             units.append(nn.Sequential(*layers))
             cin = cout
     return Features(units), units

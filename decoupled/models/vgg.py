@@ -3,7 +3,7 @@ VGG19 [2,2,4,4,4], VGG8b [2,2,1,1]). Unit = one conv3x3+BN+ReLU; a 2x2 max-pool 
 stage and belongs to the stage's last unit."""
 from torch import nn
 
-from . import ModelError, Features, check_downsamplings, check_dropout, check_hierarchy, conv_bn_relu, image_hw
+from . import ModelError, Features, batchnorm_on, check_downsamplings, check_dropout, check_hierarchy, conv_bn_relu, image_hw
 
 
 def vgg_channels(cfg, hierarchy):
@@ -25,7 +25,7 @@ def build_vgg(cfg, input_shape, num_classes):
     units = []
     for n, cout in zip(hierarchy, vgg_channels(cfg, hierarchy)):
         for i in range(n):
-            layers = conv_bn_relu(cin, cout, cfg.batchnorm)
+            layers = conv_bn_relu(cin, cout, batchnorm_on(cfg))
             if i == n - 1:
                 layers.append(nn.MaxPool2d(2))
             if p > 0:  # last in the unit: build_model may move a block's last one after the local loss

@@ -1,10 +1,11 @@
 """Point-to-point messages between neighbouring ranks.
 
-A message is an int64 header that also carries the labels and sample ids (so a batch costs two
-transfers, not three), followed for data messages by the activations, and optionally an auxiliary
-float tensor (the running head ensemble during evaluation). The header says what follows, so shapes
-may change from message to message (last batch, sample subsets) and every rank knows when an epoch
-ends. Its length is fixed per job (both ends size it from the largest batch in the config).
+A message is a fixed 12-int64 header, followed for data messages by the labels and sample ids (one
+int64 tensor of 2n), the activations (dist.wire_dtype) and optionally an auxiliary float tensor
+(the running head ensemble during evaluation). The header says what follows, so shapes may change
+from message to message (last batch, sample subsets) and every rank knows when an epoch ends. Every
+transfer has exactly the size of its content: bytes on the wire are the data's, not padding's (an
+earlier format carried labels in a header padded to the largest batch: 8 KiB per message).
 
 Each link (rank j-1 -> rank j) has its own two-rank process group: the sender uses it only from
 its main thread and the receiver only from its receiver thread, so no process group is ever driven
@@ -76,20 +77,14 @@ def header_meta(m: Message, max_count: int) -> list[int]:
     return meta
 
 
-def encode_header(m: Message, max_count: int, device: torch.device) -> list[torch.Tensor]:
+def encode_header(m: Message, max_count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The header on `device`, built without a host sync: the fixed fields go up from (pinned) host
-    memory asynchronously, labels and ids are copied device to device. Returns the header and the
-    host tensor it was copied from (kept alive until the send completes)."""
+    memory asynchronously. Returns the header and the host tensor it was copied from (kept alive
+    until the send completes)."""
     meta = torch.tensor(header_meta(m, max_count), dtype=torch.int64)
     if device.type == "cuda":
         meta = meta.pin_memory()
-    h = torch.zeros(HEADER_LEN + 2 * max_count, dtype=torch.int64, device=device)
-    h[:HEADER_LEN].copy_(meta, non_blocking=True)
-    if m.x is not None:
-        n = m.count
-        h[HEADER_LEN:HEADER_LEN + n].copy_(m.y, non_blocking=True)
-        h[HEADER_LEN + max_count:HEADER_LEN + max_count + n].copy_(m.ids, non_blocking=True)
-    return [h, meta]
+    return meta.to(device, non_blocking=True), meta
 
 
 def handover(ready, *tensors) -> None:
@@ -128,6 +123,7 @@ class Link:
         header, meta = encode_header(m, self.max_count, self.device)
         tensors = [header]
         if m.x is not None:
+            tensors.append(torch.cat([m.y.to(torch.int64), m.ids.to(torch.int64)]))  # on the device: no sync
             tensors.append(m.x.contiguous())
             if m.aux is not None:
                 tensors.append(m.aux.float().contiguous())
@@ -190,15 +186,14 @@ class Link:
         return self.header_host.tolist()
 
     def _recv_message(self) -> Message:
-        raw = self._recv(torch.empty(HEADER_LEN + 2 * self.max_count, dtype=torch.int64, device=self.device))
-        header = self._read_header(raw)
+        header = self._read_header(self._recv(torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)))
         kind = Kind(int(header[0]))
         m = Message(kind, epoch=int(header[1]), step=int(header[2]))
         if kind in (Kind.TRAIN, Kind.EVAL):
             n, ndim = int(header[3]), int(header[4])
             dims = [int(d) for d in header[5:5 + ndim]]
-            m.y = raw[HEADER_LEN:HEADER_LEN + n]
-            m.ids = raw[HEADER_LEN + self.max_count:HEADER_LEN + self.max_count + n]
+            labels = self._recv(torch.empty(2 * n, dtype=torch.int64, device=self.device))
+            m.y, m.ids = labels[:n], labels[n:]
             m.x = self._recv(torch.empty((n, *dims), dtype=DTYPES[int(header[10])], device=self.device))
             self.samples += n
             if int(header[11]):
