@@ -1,0 +1,75 @@
+"""Async budgets (replay.budget): "steps" gives every block its full budget of optimizer steps (DGL's
+reference), "upstream" lets a slow rank drop what it cannot take; the buffer's policies and its
+unlimited reuse as in the reference."""
+from __future__ import annotations
+
+import torch
+
+from decoupled.engine.dist.replay import Entry, ReplayBuffer
+
+from torchrun_utils import check, sets, summary, torchrun
+
+
+def entry(i: int, epoch: int = 0) -> Entry:
+    return Entry(torch.full((2, 3), float(i)), torch.zeros(2, dtype=torch.int64), torch.arange(2), epoch, step=i)
+
+
+def test_max_reuse_zero_never_evicts_for_reuse():
+    buf = ReplayBuffer(capacity=3, policy="fifo", max_reuse=0, seed=0)
+    for i in range(3):
+        buf.put(entry(i))
+    picks = [buf.pick().step for _ in range(30)]
+    assert len(buf) == 3 and buf.stats.evicted == 0  # 10 uses each, nothing left
+    assert picks[:6] == [0, 1, 2, 0, 1, 2]
+    buf.put(entry(3))  # only a newer batch evicts (the oldest), and it was used: not a drop
+    assert buf.stats.evicted == 1 and buf.stats.dropped == 0
+    assert buf.stats.as_dict()["fresh_draws"] == 3 and buf.stats.as_dict()["replayed_draws"] == 27
+
+
+def test_priority_lifo_fewest_uses_first_newest_among_ties():
+    """The reference's rule (eugenium/DGL cifar_buffer.py): least used first; among those, the newest."""
+    buf = ReplayBuffer(capacity=4, policy="priority-lifo", max_reuse=0, seed=0)
+    for i in range(2):
+        buf.put(entry(i))
+    assert [buf.pick().step for _ in range(2)] == [1, 0]  # fresh first, newest first
+    buf.put(entry(2))
+    assert buf.pick().step == 2  # a fresh arrival beats every replay
+    buf.put(entry(3))
+    buf.put(entry(4))
+    assert [buf.pick().step for _ in range(4)] == [4, 3, 2, 1]  # 4, 3 fresh; then uses 1: newest first
+
+
+def test_fifo_oldest_least_used_and_random_only_among_usable():
+    buf = ReplayBuffer(capacity=3, policy="fifo", max_reuse=2, seed=0)
+    for i in range(3):
+        buf.put(entry(i))
+    assert [buf.pick().step for _ in range(6)] == [0, 1, 2, 0, 1, 2] and len(buf) == 0  # reuse cap: all evicted
+
+
+STRAGGLER = {"data.limit_train": 512, "model.widths": [512] * 6, "data.batch_size": 16, "train.epochs": 2,
+             "dist.placement": [1, 5], "train.eval_every": 0, "train.checkpoint": False,
+             "replay.capacity": 2, "replay.max_reuse": 2}
+
+
+def test_steps_budget_gives_the_slow_rank_the_sync_step_count(tmp_path):
+    """Rank 1 holds 5 of 6 blocks. sync: every block 2 x 32 steps. async "steps": the same, rank 0
+    streaming fresh data through its frozen block until rank 1 is done. async "upstream": rank 1 drops
+    what it cannot take and makes fewer steps."""
+    runs = {}
+    for name, extra in (("sync", {"train.mode": "sync"}),
+                        ("steps", {"train.mode": "async", "replay.budget": "steps"}),
+                        ("upstream", {"train.mode": "async", "replay.budget": "upstream"})):
+        check(torchrun(2, ["--out", str(tmp_path / name), *sets({**STRAGGLER, **extra})]))
+        runs[name] = summary(tmp_path / name)
+    per_epoch = 512 // 16
+    assert runs["sync"]["ranks"][1]["optimizer_steps"] == [2 * per_epoch] * 5
+    assert runs["steps"]["ranks"][1]["optimizer_steps"] == [2 * per_epoch] * 5
+    assert all(l["epochs"] == 2 for l in runs["steps"]["layers"])
+    up = runs["upstream"]["ranks"][1]
+    assert up["replay"]["dropped"] > 0 and max(up["optimizer_steps"]) < 2 * per_epoch
+    # under "steps" the finished rank 0 kept streaming fresh data: more than its own 2 epochs
+    assert runs["steps"]["ranks"][0]["samples_sent"] > 2 * 512
+    assert runs["steps"]["ranks"][0]["optimizer_steps"] == [2 * per_epoch]  # but never trained on it
+    for name in ("steps", "upstream"):
+        rep = runs[name]["ranks"][1]["replay"]
+        assert rep["fresh_draws"] + rep["replayed_draws"] == rep["draws"]
