@@ -28,7 +28,7 @@ SMALL = {"data.limit_train": 300, "model.widths": [24, 24, 24], "data.batch_size
 
 @pytest.mark.parametrize("bad,field", [
     ({"data.name": "mnist", "data.root": "/nonexistent/data"}, "data.root"),
-    ({"model.name": "vgg", "model.hierarchy": [1, 1, 1, 1, 1]}, "model.hierarchy"),
+    ({"model.name": "vgg", "model.hierarchy": [1, 1, 1, 1, 1], "model.widths": [150, 150, 150]}, "model.hierarchy"),
 ], ids=["missing-root", "hierarchy-vs-input"])
 def test_bad_input_fails_every_rank_before_training(tmp_path, bad, field):
     p = torchrun(2, ["--out", str(tmp_path / "r"), *sets({**SMALL, "train.mode": "sync", **bad})], timeout=120)
