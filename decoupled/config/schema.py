@@ -116,7 +116,10 @@ class ObjectiveConfig:
     k: int = knob(1, ge=1)  # k-hidden: k-1 auxiliary convs before average + linear
     aux_width: int = knob(128, ge=1)  # auxiliary conv / dense width
     head_batchnorm: bool = True
-    cascade_initial_epochs: int = knob(1, ge=1)  # cascade: layer l trains initial + increment * l epochs
+    # cascade: block j (0-based) trains cascade_initial_epochs + cascade_epoch_increment * j epochs.
+    # Marquez 2018, Algorithm 1: layer l (1-based) trains `epochs + k * l`, so the paper's (epochs, k)
+    # is cascade_initial_epochs = epochs + k, cascade_epoch_increment = k
+    cascade_initial_epochs: int = knob(1, ge=1)
     cascade_epoch_increment: int = knob(1, ge=0)
     predsim_beta: float = knob(0.99, ge=0.0, le=1.0)  # predsim: weight of the similarity-matching term
     # quicknet: a sample is learned (and leaves the later blocks' data) when its exit's
