@@ -183,7 +183,8 @@ def build_model(cfg, input_shape: tuple[int, ...], num_classes: int) -> Built:
     if cfg.name not in MODELS:
         raise ModelError(f"model.name={cfg.name!r} is unknown; choose one of {sorted(MODELS)}")
     network, units = MODELS[cfg.name](cfg, tuple(input_shape), num_classes)
-    set_activation(network, cfg.activation)  # units share their modules with the network
+    for m in [network, *units]:  # Features holds the units' layers in its own container: swap in both
+        set_activation(m, cfg.activation)
     blocks, outlets = split_outlets(group_units(units, cfg.blocks, cfg.block_sizes), cfg)
     # Shapes from one dummy sample; eval mode so BatchNorm neither needs a batch > 1
     # nor has its running statistics touched.
