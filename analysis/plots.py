@@ -152,7 +152,7 @@ def throughput_vs_ranks(groups, benches, out, written):
     for b in benches:
         for row in b["rows"]:
             if row.get("samples_per_s"):
-                k = b["ranks"] if row["mode"] in ("sync", "async", "gpipe") else (
+                k = b["ranks"] if row["mode"] in ("sync", "async", "gpipe", "1f1b") else (
                     row.get("threads", 1) if row["mode"] == "e2e-Kthreads" else 1)
                 series.setdefault(f"bench {row['mode']}", []).append((k, row["samples_per_s"]))
     fig, ax = plt.subplots(figsize=(7, 4.5))

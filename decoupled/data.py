@@ -34,6 +34,7 @@ class Data:
     test: Split
     input_shape: tuple[int, ...]
     num_classes: int
+    val: Split | None = None  # data.val_fraction > 0: held out of the training set (README: validation)
 
 
 @dataclass
@@ -137,9 +138,30 @@ def _subset(x, y, limit: int, seed: int, name: str):
     return x[idx], y[idx]
 
 
+def stratified_holdout(y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train ids, validation ids), sorted and disjoint: from every class, round(fraction * its count)
+    samples (at least one when the class has two or more), drawn by a generator seeded by (seed, class),
+    so the hold-out of a class does not depend on the other classes."""
+    val = []
+    for c in torch.unique(y).tolist():
+        idx = (y == c).nonzero().flatten()
+        k = int(round(fraction * len(idx)))
+        k = min(max(k, 1 if len(idx) > 1 else 0), len(idx) - 1)
+        perm = torch.randperm(len(idx), generator=generator(seed, "val-split", c))
+        val.append(idx[perm[:k]])
+    val_ids = torch.cat(val).sort().values if val else torch.zeros(0, dtype=torch.int64)
+    keep = torch.ones(len(y), dtype=torch.bool)
+    keep[val_ids] = False
+    return keep.nonzero().flatten(), val_ids
+
+
 def build_data(cfg: DataConfig, seed: int) -> Data:
     xtr, ytr, xte, yte, num_classes = LOADERS[cfg.name](cfg, seed)
     xtr, ytr = _subset(xtr, ytr, cfg.limit_train, seed, "train")
+    xva = yva = None
+    if cfg.val_fraction > 0:  # held out before normalising: its statistics stay unseen, like the test set's
+        tr, va = stratified_holdout(ytr, cfg.val_fraction, seed)
+        xtr, ytr, xva, yva = xtr[tr], ytr[tr], xtr[va], ytr[va]
     xte, yte = _subset(xte, yte, cfg.limit_test, 0, "test")  # the test set never depends on the job seed
     for split, y in (("train", ytr), ("test", yte)):
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
@@ -149,7 +171,8 @@ def build_data(cfg: DataConfig, seed: int) -> Data:
     dims = [0] + list(range(2, xtr.ndim))
     mean, std = xtr.mean(dims, keepdim=True), xtr.std(dims, keepdim=True).clamp_min(1e-6)
     xtr, xte = ((xtr - mean) / std).contiguous(), ((xte - mean) / std).contiguous()
-    return Data(cfg.name, Split(xtr, ytr), Split(xte, yte), tuple(xtr.shape[1:]), num_classes)
+    val = Split(((xva - mean) / std).contiguous(), yva) if xva is not None else None
+    return Data(cfg.name, Split(xtr, ytr), Split(xte, yte), tuple(xtr.shape[1:]), num_classes, val)
 
 
 # ---------------------------------------------------------------------------- batches

@@ -21,6 +21,9 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, epochs: int):
     """Stepped once per epoch the block trains, so each block runs its own schedule."""
     if cfg.schedule == "step":
         factor = lambda e: cfg.gamma ** (e // cfg.step_epochs)  # noqa: E731
+    elif cfg.schedule == "milestones":  # Ma 2020: x gamma at fractions of the block's own budget
+        at = [round(f * epochs) for f in cfg.milestones]
+        factor = lambda e: cfg.gamma ** sum(e >= m for m in at)  # noqa: E731
     elif cfg.schedule == "cosine":
         factor = lambda e: 0.5 * (1 + math.cos(math.pi * min(e, epochs) / epochs))  # noqa: E731
     else:

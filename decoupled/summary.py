@@ -12,8 +12,11 @@ from .flops import inference_flops, train_flops
 from .metrics import PeakMemory
 
 
-def layers(stages, layer_acc: dict[int, float]) -> list[dict]:
-    return [{"block": s.index, "test_acc": layer_acc[s.index], "train_samples": s.samples, "epochs": s.epochs_done,
+def layers(stages, layer_acc: dict[int, float], val_acc: dict[int, float] | None = None) -> list[dict]:
+    """Per block; val_acc (accuracy on the data.val_fraction hold-out) when a validation split exists."""
+    return [{"block": s.index, "test_acc": layer_acc[s.index],
+             **({"val_acc": val_acc[s.index]} if val_acc is not None else {}),
+             "train_samples": s.samples, "epochs": s.epochs_done,
              "epoch_samples": s.epoch_samples, "params": sum(p.numel() for p in s.parameters()),
              "out_shape": list(s.out_shape), **s.info} for s in stages]
 

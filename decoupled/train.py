@@ -19,6 +19,7 @@ from .data import build_data
 from .device import resolve_device, synchronize
 from .engine.dist import world as W
 from .engine.dist.setup import build_rank_stages, setup_rank
+from .engine.evaluate import evaluate
 from .engine.loops import LOOPS
 from .engine.run import Run, prepare_run_dir
 from .metrics import PeakMemory, Recorder
@@ -62,7 +63,11 @@ def train(cfg: JobConfig, out: Path | None = None, resume: bool | str = False) -
     train_s = time.perf_counter() - t0
 
     ev = run.evaluate()
-    layers = S.layers(stages, {s.index: a for s, a in zip(stages, ev["layer_acc"])})
+    val_acc = None
+    if data.val is not None:  # reported only: no decision is taken on it after training
+        vev = evaluate(stages, data.val, cfg.data.eval_batch_size, device)
+        val_acc = {s.index: a for s, a in zip(stages, vev["layer_acc"])}
+    layers = S.layers(stages, {s.index: a for s, a in zip(stages, ev["layer_acc"])}, val_acc)
     costs = S.costs(cfg, stages, layers)
     if cfg.objective.name == "quicknet":  # the early-exit curve is what QuickNets are for
         costs.update(S.exit_curve(cfg, stages, data.test, device, out, layers))

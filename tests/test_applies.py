@@ -9,7 +9,7 @@ from decoupled.config.applies import APPLIES
 
 # Keys that act on every job (audited: each is read by every mode / model / objective).
 ALWAYS = {"data.name", "data.batch_size", "data.eval_batch_size", "data.limit_train", "data.limit_test",
-          "data.augment", "model.name", "model.block_sizes", "objective.name", "objective.head",
+          "data.augment", "data.val_fraction", "model.name", "model.activation", "model.block_sizes", "objective.name", "objective.head",
           "objective.exit_fallback", "train.mode", "train.epochs", "train.seed", "train.device",
           "train.log_every", "train.eval_every", "train.checkpoint", "train.patience", "train.plateau_factor",
           "train.precision", "train.check_every",
@@ -32,7 +32,7 @@ REFUSED = {
     "objective.predsim_beta": ("0.5", []), "objective.quicknet_threshold": ("0.5", []),
     "objective.commit_hidden": ("4", []), "objective.quicknet_balance": ('"none"', []),
     "optim.momentum": ("0.5", ["optim.name=adam"]), "optim.nesterov": ("true", ["optim.name=adam"]),
-    "optim.step_epochs": ("3", []), "optim.gamma": ("0.5", []),
+    "optim.step_epochs": ("3", []), "optim.gamma": ("0.5", []), "optim.milestones": ("[0.5]", []),
     "train.keep_checkpoints": ("1", ["train.checkpoint=false"]),
     "train.plateau_patience": ("2", ["train.mode=e2e"]),
 }
@@ -63,7 +63,8 @@ def test_key_refused_where_it_does_nothing(key):
 def test_other_mode_keys_are_a_notice(key, capsys):
     default = getattr(getattr(JobConfig(), key.split(".")[0]), key.split(".")[1])
     named = {"train.cache": '"disk"', "dist.backend": '"gloo"', "dist.placement": "[1, 2]", "replay.policy": '"random"',
-             "replay.budget": '"upstream"', "dist.wire_dtype": '"bfloat16"'}
+             "replay.budget": '"upstream"', "dist.wire_dtype": '"bfloat16"',
+             "train.e2e_loss": '"local"', "train.activation_checkpointing": "true"}
     value = named[key] if key in named else repr(default + 1)
     mode = "e2e" if key == "dist.wire_dtype" else "simultaneous"  # wire_dtype acts at simultaneous' block boundaries
     load(None, [f"train.mode={mode}", f"{key}={value}"])

@@ -77,7 +77,7 @@ def test_bench_writes_every_row(tmp_path):
     for row in res["rows"]:
         assert "error" not in row, row
         assert isinstance(row["samples_per_s"], float) and row["samples_per_s"] > 0
-        want = 2 if row["mode"] in ("sync", "async", "gpipe") else 1
+        want = 2 if row["mode"] in ("sync", "async", "gpipe", "1f1b") else 1
         assert len(row["ranks"]) == want, row
         for r in row["ranks"]:
             assert set(r) >= {"rank", "peak_mem_bytes", "compute_s", "comm_s", "idle_s"}
@@ -85,6 +85,14 @@ def test_bench_writes_every_row(tmp_path):
     for mode in ("sync", "async"):
         row = next(r for r in res["rows"] if r["mode"] == mode)
         assert row["bound_samples_per_s"] == pytest.approx(res["bound_samples_per_s"])
+    # the pipelines: their own best split of the measured e2e block costs, the best microbatch count
+    assert len(res["e2e_block_costs"]) == 2 and res["pipeline_split"] == [1, 1]
+    for mode in ("gpipe", "1f1b"):
+        row = next(r for r in res["rows"] if r["mode"] == mode)
+        assert row["split"] == [1, 1] and row["microbatches"] == 2 and row["split_searched"]
+        assert [m["microbatches"] for m in row["microbatch_sweep"]] == [2]
+    # e2e with activation checkpointing: the memory bar, a measured single-process row
+    assert next(r for r in res["rows"] if r["mode"] == "e2e-checkpoint")["ranks"][0]["peak_mem_bytes"] is not None
     assert len(res["stages"]) == 2 and res["bound"] == pytest.approx(bound([s["epoch_s"] for s in res["stages"]]))
     assert {"cpu_count", "torch", "loadavg_start", "loadavg_end"} <= set(res["machine"])
     # the README's targets are computable from every bench (they live in the README, not the library)
@@ -103,6 +111,13 @@ def test_sweep_depth_writes_points(tmp_path):
     assert pt["blocks"] == 2 and len(pt["rank_peak_bytes"]) == 2
     assert pt["ratio"] == pytest.approx(max(pt["rank_peak_bytes"]) / pt["e2e_peak_bytes"])
     assert (out / "sweep.png").stat().st_size > 0 and (out / "sweep.md").exists()
+
+
+def test_microbatch_candidates_divide_the_batch_and_cover_the_stages():
+    from decoupled.bench.rows import microbatch_candidates
+    assert microbatch_candidates([2, 4, 8], 32, 2) == [2, 4, 8]
+    assert microbatch_candidates([2, 4, 8], 12, 3) == [4]  # 2 < 3 stages (1F1B needs >= stages), 8 does not divide
+    assert microbatch_candidates([2, 4, 8], 10, 4) == []
 
 
 def test_bench_refuses_unknown_rows(tmp_path, capsys):

@@ -24,6 +24,7 @@ class Cfg:  # mirrors decoupled.config.ModelConfig (kept local: config is tested
     dropout: float = 0.0
     dropout_position: str = "after-loss"
     stem_downsample: bool = False
+    activation: str = "relu"  # model.activation: relu | leaky_relu
 
 
 CASES = [  # (cfg, input shape)

@@ -2,11 +2,12 @@
 A package beside the library: it imports the library, never the reverse (cli.py wires the
 subcommand lazily). runner.py runs processes (shared with analysis/ablate.py), rows.py defines and
 reads the rows, report.py writes bench.md / bench.png, sweep.py the depth sweep, stages.py and
-gpipe.py are the workers it launches."""
+gpipe.py are the workers it launches, split.py the pipelines' split search."""
 from .cli import add_parser, main
 from .rows import ROWS, bench, bound, bound_samples_per_s, pipeline_row
+from .split import best_split
 from .runner import median, timed
 from .sweep import parse_lists
 
-__all__ = ["add_parser", "main", "ROWS", "bench", "bound", "bound_samples_per_s", "pipeline_row", "median",
+__all__ = ["add_parser", "main", "ROWS", "best_split", "bench", "bound", "bound_samples_per_s", "pipeline_row", "median",
            "timed", "parse_lists"]

@@ -7,7 +7,10 @@ One invocation times, on the same config, data and K-rank split:
   e2e-Kthreads  the same with K threads (OMP_NUM_THREADS=K)
   sequential    greedy block after block on cached pseudo-inputs
   sync, async   the decoupled engine on K torchrun ranks
-  gpipe         the e2e network through torch.distributed.pipelining on the same K-rank split
+  e2e-checkpoint  e2e with activation checkpointing per block: the memory bar for the per-rank peaks
+  gpipe, 1f1b   the e2e network through torch.distributed.pipelining (ScheduleGPipe, Schedule1F1B),
+                each on its own best contiguous K-way split of the measured per-block e2e costs
+                and at its best microbatch count of --microbatches
 
 Every row is a fresh process (or a torchrun job), because peak memory (CPU VmHWM) is per process.
 Timing: every row trains 1 + repeats epochs; the first is warm-up and is dropped; a row's time is
@@ -26,7 +29,7 @@ import time
 from pathlib import Path
 
 from ..config import ConfigError
-from .rows import ROWS, bench
+from .rows import MICROBATCHES, ROWS, bench
 from .report import markdown
 from .straggler import straggler
 from .sweep import DEFAULT_HIERARCHIES, parse_lists, sweep_depth
@@ -41,7 +44,9 @@ def add_parser(sub) -> None:
     b.add_argument("--ranks", type=int, default=2, help="K: torchrun ranks for sync/async/gpipe, threads of e2e-Kthreads")
     b.add_argument("--out", type=Path, help="output folder (default runs/bench-<timestamp>)")
     b.add_argument("--repeats", type=int, default=3, help="timed epochs per row, after one warm-up epoch")
-    b.add_argument("--microbatches", type=int, default=4, help="GPipe microbatches per batch")
+    b.add_argument("--microbatches", default=",".join(map(str, MICROBATCHES)),
+                   help="gpipe / 1f1b: microbatch counts to sweep, comma-separated (those that divide the batch "
+                        "and are >= --ranks run; the row reports the fastest)")
     b.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     b.add_argument("--sweep", choices=["depth", "straggler"],
                    help="instead: depth = e2e vs per-rank peak memory as VGG depth grows; straggler = sync vs "
@@ -57,7 +62,11 @@ def add_parser(sub) -> None:
 def main(args) -> int:
     rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
     bad = [r for r in rows if r not in ROWS]
-    if bad or args.ranks < 1 or args.repeats < 1 or args.microbatches < 1:
+    try:
+        micro = [int(v) for v in str(args.microbatches).split(",") if v.strip()]
+    except ValueError:
+        micro = []
+    if bad or args.ranks < 1 or args.repeats < 1 or not micro or min(micro) < 1:
         raise ConfigError(f"bench: --rows must be among {', '.join(ROWS)} (got {bad}); --ranks, --repeats and "
                           "--microbatches must be >= 1")
     out = args.out or Path("runs") / time.strftime("bench-%Y%m%d-%H%M%S")
@@ -70,7 +79,7 @@ def main(args) -> int:
         straggler(args.config, args.overrides, out, args.timeout)
         print((out / "straggler.md").read_text() + f"written: {out}/straggler.json, straggler.md")
         return 0
-    result = bench(args.config, args.overrides, args.ranks, out, args.repeats, args.microbatches, rows,
+    result = bench(args.config, args.overrides, args.ranks, out, args.repeats, micro, rows,
                    args.timeout, args.mmap_threshold or 0)
     print(markdown(result) + f"written: {out}/bench.json, bench.md, bench.png")
     return 1 if any("error" in r for r in result["rows"]) else 0

@@ -1,9 +1,12 @@
-"""The GPipe baseline of `decoupled bench`: the e2e network (every block, then the last block's head
-and one global cross-entropy) pipelined over the same K-rank split as the decoupled engine, with
-torch.distributed.pipelining (PipelineStage + ScheduleGPipe; "alpha" in PyTorch's docs).
+"""The pipeline baselines of `decoupled bench`: the e2e network (every block, then the last block's
+head and one global cross-entropy) pipelined over K ranks with torch.distributed.pipelining
+(PipelineStage + ScheduleGPipe or Schedule1F1B; "alpha" in PyTorch's docs).
 
-    torchrun --nproc-per-node=K -m decoupled.bench.gpipe CONFIG.toml OUT.json MICROBATCHES
+    torchrun --nproc-per-node=K -m decoupled.bench.gpipe CONFIG.toml OUT.json MICROBATCHES [SCHEDULE [SPLIT]]
 
+SCHEDULE: gpipe (default) | 1f1b (needs MICROBATCHES >= K). SPLIT: blocks per rank, comma-separated
+(e.g. 3,1): the bench passes each baseline its own best contiguous split (split.best_split on the
+measured per-block e2e costs); default: dist.placement or the engine's even split.
 Trains config epochs (the first is warm-up) and writes one bench row to OUT.json.
 
 What breaks, measured on torch 2.14.1 / gloo / CPU:
@@ -30,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from ..config import load
 from ..data import batches, build_data, resolve_augment
@@ -83,8 +86,14 @@ def build_module(cfg, data, rank: int, world: int, device) -> tuple[nn.Module, l
     return nn.Sequential(*parts).to(device), plan
 
 
-def main(cfg_path: str, out: str, microbatches: int) -> None:
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+
+
+def main(cfg_path: str, out: str, microbatches: int, schedule_name: str = "gpipe",
+         split: list[int] | None = None) -> None:
     cfg = load(cfg_path)
+    if split:
+        cfg.dist.placement = list(split)  # placement() checks it against the world and the blocks
     backend, device = resolve_backend(cfg)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -97,7 +106,8 @@ def main(cfg_path: str, out: str, microbatches: int) -> None:
     module, plan = build_module(cfg, data, rank, world, device)
     opt = build_optimizer(module.parameters(), cfg.optim, cfg.optim.lr)
     stage = TimedStage(module, rank, world, device)
-    schedule = ScheduleGPipe(stage, n_microbatches=microbatches, loss_fn=lambda out, y: F.cross_entropy(out, y))
+    schedule = SCHEDULES[schedule_name](stage, n_microbatches=microbatches,
+                                        loss_fn=lambda out, y: F.cross_entropy(out, y))
     memory = PeakMemory(device)
 
     B = cfg.data.batch_size
@@ -137,12 +147,14 @@ def main(cfg_path: str, out: str, microbatches: int) -> None:
     dist.gather_object(mine, reports, dst=0)
     if rank == 0:
         epoch_s = reports[-1]["epoch_s"]  # the last stage closes every step
-        row = {"mode": "gpipe", "samples_per_s": reports[-1]["samples"] / epoch_s, "epoch_s": epoch_s,
-               "microbatches": microbatches, "ranks": reports, "placement": plan, "backend": backend,
+        row = {"mode": schedule_name, "samples_per_s": reports[-1]["samples"] / epoch_s, "epoch_s": epoch_s,
+               "microbatches": microbatches, "split": [len(g) for g in plan],
+               "ranks": reports, "placement": plan, "backend": backend,
                "train_loss_last": reports[-1]["last_loss"],
                "dropped_samples_per_epoch": dropped,
                "notes": ["global loss at the last stage (e2e backprop through every block, pipelined)",
-                         f"ScheduleGPipe with {microbatches} microbatches of {B // microbatches} samples",
+                         f"{SCHEDULES[schedule_name].__name__} with {microbatches} microbatches of "
+                         f"{B // microbatches} samples",
                          "partial last batches are dropped: stage shapes are fixed at the first step"]}
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(row, indent=2))
@@ -150,7 +162,9 @@ def main(cfg_path: str, out: str, microbatches: int) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4:
-        sys.exit("usage: torchrun --nproc-per-node=K -m decoupled.bench.gpipe CONFIG.toml OUT.json MICROBATCHES")
+    if not 4 <= len(sys.argv) <= 6 or (len(sys.argv) > 4 and sys.argv[4] not in SCHEDULES):
+        sys.exit("usage: torchrun --nproc-per-node=K -m decoupled.bench.gpipe CONFIG.toml OUT.json MICROBATCHES "
+                 "[gpipe|1f1b [SPLIT e.g. 3,1]]")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "gpipe",
+         [int(v) for v in sys.argv[5].split(",")] if len(sys.argv) > 5 else None)

@@ -34,6 +34,8 @@ def markdown(result: dict) -> str:
               "|---|---:|---:|---:|---:|---|"]
     for r in result["rows"]:
         name = f"e2e ({r.get('threads', '?')} threads)" if r["mode"] == "e2e-Kthreads" else r["mode"]
+        if "split" in r:  # gpipe / 1f1b: their own split and microbatch count
+            name += f" (split {r['split']}, {r.get('microbatches')} microbatches)"
         if not r.get("samples_per_s"):
             lines.append(f"| {name} | failed | | | | {r.get('error', '')[:200]} |")
             continue

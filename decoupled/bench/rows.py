@@ -12,7 +12,11 @@ from ..config import JobConfig, load, to_toml
 from .report import chart, markdown
 from .runner import machine, median, read_jsonl, run, timed, torchrun
 
-ROWS = ("e2e", "e2e-Kthreads", "sequential", "sync", "async", "gpipe")
+from .split import best_split
+
+ROWS = ("e2e", "e2e-Kthreads", "e2e-checkpoint", "sequential", "sync", "async", "gpipe", "1f1b")
+PIPELINES = ("gpipe", "1f1b")  # the e2e network through torch.distributed.pipelining (gpipe.py)
+MICROBATCHES = (2, 4, 8)  # the pipelines' microbatch sweep (--microbatches)
 
 
 def bound(stage_s: list[float]) -> float:
@@ -106,8 +110,14 @@ def prepare(config: str | None, overrides: list[str], repeats: int) -> tuple[Job
     return cfg, n
 
 
+def microbatch_candidates(microbatches, batch: int, ranks: int) -> list[int]:
+    """The pipelines' sweep: counts that divide the batch and give every stage a microbatch (>= K;
+    Schedule1F1B requires it, and fewer leaves a stage idle in GPipe too)."""
+    return [m for m in microbatches if batch % m == 0 and m >= ranks]
+
+
 def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repeats: int = 3,
-          microbatches: int = 4, rows: tuple[str, ...] = ROWS, timeout: float = 900.0,
+          microbatches=MICROBATCHES, rows: tuple[str, ...] = ROWS, timeout: float = 900.0,
           mmap_threshold: int = 0) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     info = machine()
@@ -118,7 +128,7 @@ def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repea
 
     print(f"bench: {n} training samples, batch {B}, {ranks} ranks, {repeats} timed epochs (+1 warm-up) per row")
     result: dict = {"rows": [], "machine": info, "config": str(config), "overrides": list(overrides),
-                    "n_train": n, "batch_size": B, "ranks": ranks, "repeats": repeats, "microbatches": microbatches,
+                    "n_train": n, "batch_size": B, "ranks": ranks, "repeats": repeats, "microbatches": list(microbatches),
                     "malloc_mmap_threshold": mmap_threshold or "glibc default (dynamic)"}
 
     # 1. each rank's stages alone: the bound
@@ -132,10 +142,19 @@ def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repea
         result["bound_samples_per_s"] = bound_samples_per_s(n, stage_s)
     else:
         result["stages_error"] = err
+    split = None  # the pipelines' own best split of the e2e network, from its measured block costs
+    if (out / "e2e_block_costs.json").exists():
+        result["e2e_block_costs"] = json.loads((out / "e2e_block_costs.json").read_text())
+        if len(result["e2e_block_costs"]) >= ranks:
+            split = best_split(result["e2e_block_costs"], ranks)
+            result["pipeline_split"] = split
 
     for mode in rows:
         t0 = time.perf_counter()
-        row = run_row(mode, cfg_path, out, n, B, ranks, microbatches, timeout, mmap_threshold)
+        if mode in PIPELINES:
+            row = pipeline_baseline_row(mode, cfg_path, out, B, ranks, microbatches, split, timeout, mmap_threshold)
+        else:
+            row = run_row(mode, cfg_path, out, n, B, ranks, 0, timeout, mmap_threshold)
         if mode in ("sync", "async") and stage_s and row.get("samples_per_s"):
             row["bound_samples_per_s"] = result["bound_samples_per_s"]
             row["of_bound"] = row["samples_per_s"] / result["bound_samples_per_s"]
@@ -153,16 +172,51 @@ def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repea
     return result
 
 
-def row_command(mode: str, cfg_path: Path, d: Path, ranks: int, microbatches: int) -> tuple[list[str], int]:
+def row_command(mode: str, cfg_path: Path, d: Path, ranks: int, microbatches: int,
+                split: list[int] | None = None) -> tuple[list[str], int]:
     """The process of one row and its thread count."""
     train = ["decoupled", "train", "--config", str(cfg_path), "--out", str(d)]
     if mode in ("e2e", "e2e-Kthreads"):
         return [sys.executable, "-m", *train, "--set", "train.mode=e2e"], ranks if mode == "e2e-Kthreads" else 1
+    if mode == "e2e-checkpoint":  # the memory bar: e2e with activation checkpointing per block
+        return [sys.executable, "-m", *train, "--set", "train.mode=e2e",
+                "--set", "train.activation_checkpointing=true"], 1
     if mode == "sequential":
         return [sys.executable, "-m", *train, "--set", "train.mode=sequential"], 1
     if mode in ("sync", "async"):
         return torchrun(ranks, train + ["--set", f"train.mode={mode}"]), 1
-    return torchrun(ranks, ["decoupled.bench.gpipe", str(cfg_path), str(d / "gpipe.json"), str(microbatches)]), 1
+    args = ["decoupled.bench.gpipe", str(cfg_path), str(d / f"{mode}.json"), str(microbatches), mode]
+    return torchrun(ranks, args + ([",".join(map(str, split))] if split else [])), 1
+
+
+def pipeline_baseline_row(mode: str, cfg_path: Path, out: Path, B: int, ranks: int, microbatches, split,
+                          timeout: float, mmap_threshold: int) -> dict:
+    """gpipe / 1f1b on their own best split, at the best microbatch count of the sweep (each count a
+    fresh torchrun job in OUT/<mode>-m<M>); the row is the fastest, with every count's throughput."""
+    cands = microbatch_candidates(microbatches, B, ranks)
+    if not cands:
+        return {"mode": mode, "samples_per_s": None, "ranks": [],
+                "error": f"no microbatch count in {list(microbatches)} divides data.batch_size={B} and is "
+                         f">= {ranks} stages"}
+    tried = []
+    for m in cands:
+        d = out / f"{mode}-m{m}"
+        cmd, threads = row_command(mode, cfg_path, d, ranks, m, split)
+        err = run(cmd, out / "logs" / f"{mode}-m{m}.log", threads, timeout, mmap_threshold)
+        row = None
+        if err is None:
+            try:
+                row = json.loads((d / f"{mode}.json").read_text())
+            except (OSError, ValueError) as e:
+                err = f"could not read the run: {e!r}"
+        tried.append(row or {"mode": mode, "microbatches": m, "error": err, "samples_per_s": None, "ranks": []})
+        tried[-1]["cmd"] = " ".join(cmd)
+    ok = [r for r in tried if r.get("samples_per_s")]
+    best = dict(max(ok, key=lambda r: r["samples_per_s"]) if ok else tried[0])
+    best["microbatch_sweep"] = [{"microbatches": r.get("microbatches"), "samples_per_s": r.get("samples_per_s"),
+                                 **({"error": r["error"]} if "error" in r else {})} for r in tried]
+    best["split_searched"] = split is not None  # False: even split (no block costs measured)
+    return best
 
 
 def run_row(mode: str, cfg_path: Path, out: Path, n: int, B: int, ranks: int, microbatches: int, timeout: float,
@@ -170,17 +224,12 @@ def run_row(mode: str, cfg_path: Path, out: Path, n: int, B: int, ranks: int, mi
     """Run one row's process and read its numbers; a row with `error` when either fails."""
     d = out / mode
     cmd, threads = row_command(mode, cfg_path, d, ranks, microbatches)
-    if mode == "gpipe" and B % microbatches:
-        err = f"data.batch_size={B} is not divisible by --microbatches={microbatches}"
-    else:
-        err = run(cmd, out / "logs" / f"{mode}.log", threads, timeout, mmap_threshold)
+    err = run(cmd, out / "logs" / f"{mode}.log", threads, timeout, mmap_threshold)
     row = None
     if err is None:
         try:
             if mode in ("sync", "async"):
                 row = pipeline_row(mode, d, n, B)
-            elif mode == "gpipe":
-                row = json.loads((d / "gpipe.json").read_text())
             else:
                 row = single_process_row(mode, d, n)
         except (OSError, KeyError, ValueError, ZeroDivisionError) as e:

@@ -2,6 +2,11 @@
 `Stage.train_step` the engine runs, on that rank's inputs computed once (eval mode, like the
 sequential cache). Gives t_k per rank and so the pipeline bound.
 
+It also times every block's share of the e2e network (forward + backward of the block, input
+gradient included; the last block adds its head and the cross-entropy), seconds per epoch, into
+OUT's folder as e2e_block_costs.json: the pipeline baselines (gpipe, 1f1b) split on these
+(split.best_split).
+
     python -m decoupled.bench.stages CONFIG.toml RANKS OUT.json
 """
 from __future__ import annotations
@@ -53,6 +58,48 @@ def time_stages(cfg_path: str, ranks: int, out: str) -> None:
                 outs.append(h)
             x = torch.cat(outs)
     Path(out).write_text(json.dumps(res, indent=2))
+    costs = time_e2e_blocks(cfg, stages, data, device)
+    (Path(out).parent / "e2e_block_costs.json").write_text(json.dumps(costs))
+
+
+def time_e2e_blocks(cfg, stages, data, device) -> list[float]:
+    """Seconds per epoch of each block's forward + backward inside end-to-end backprop (train mode,
+    the input's gradient too except for the first block), on inputs computed once by the blocks
+    before it; the last block adds its head and the cross-entropy. One warm-up batch per block."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..data import Split, batches
+    from ..device import synchronize
+    x, y = data.train.x.to(device), data.train.y.to(device)
+    costs = []
+    for s in stages:
+        last = s is stages[-1]
+        s.block.train()
+        s.objective.train()
+
+        def step(h, t):
+            h = h.detach().requires_grad_(s.index > 0)
+            out = s.block(h)
+            if last:
+                F.cross_entropy(s.objective.head(out), t).backward()
+            else:
+                out.backward(torch.ones_like(out))  # stands in for the gradient from downstream
+        with s.rng:  # dropout draws from the stage's stream; its training RNG is not touched
+            bs = cfg.data.batch_size
+            step(x[:bs], y[:bs])  # warm-up
+            synchronize(device)
+            t0 = time.perf_counter()
+            for b in batches(Split(x, y), bs, seed=cfg.train.seed, epoch=0):
+                step(b.x, b.y)
+            synchronize(device)
+        costs.append(time.perf_counter() - t0)
+        s.block.zero_grad(set_to_none=True)
+        s.objective.zero_grad(set_to_none=True)
+        with torch.no_grad():  # the next block's inputs
+            x = torch.cat([s.forward(x[i:i + cfg.data.eval_batch_size]).float()
+                           for i in range(0, len(x), cfg.data.eval_batch_size)])
+    return costs
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from .schema import DISTRIBUTED_MODES, ConfigError, JobConfig
 
 TORCHVISION = ("mnist", "fashion-mnist", "cifar10", "cifar100")
 CONV_HIERARCHY = ("vgg", "resnet", "simcnn")
-DROPOUT_MODELS = ("mlp", "vgg")  # builders that end every unit with dropout (models/__init__.py)
+DROPOUT_MODELS = ("mlp", "vgg", "resnet")  # builders that end every unit with dropout (models/__init__.py)
 
 
 def head_of(cfg: JobConfig) -> str:
@@ -60,10 +60,13 @@ APPLIES: dict[str, Rule] = {
     "optim.momentum": (lambda c: c.optim.name == "sgd", "optim.name='sgd'", "choice"),
     "optim.nesterov": (lambda c: c.optim.name == "sgd", "optim.name='sgd'", "choice"),
     "optim.step_epochs": (lambda c: c.optim.schedule == "step", "optim.schedule='step'", "choice"),
-    "optim.gamma": (lambda c: c.optim.schedule == "step", "optim.schedule='step'", "choice"),
+    "optim.gamma": (lambda c: c.optim.schedule in ("step", "milestones"), "optim.schedule in ('step', 'milestones')",
+                    "choice"),
+    "optim.milestones": (lambda c: c.optim.schedule == "milestones", "optim.schedule='milestones'", "choice"),
     "train.keep_checkpoints": (lambda c: c.train.checkpoint, "train.checkpoint=true", "choice"),
     "train.plateau_patience": (lambda c: c.train.plateau_factor < 1.0, "train.plateau_factor < 1", "choice"),
-    "train.probe_epochs": (lambda c: c.train.mode == "e2e", "train.mode='e2e'", "mode"),
+    **{f"train.{k}": (lambda c: c.train.mode == "e2e", "train.mode='e2e'", "mode")
+       for k in ("probe_epochs", "e2e_loss", "activation_checkpointing")},
     "train.cache": (lambda c: c.train.mode in ("sequential", "quicknet", "async"),
                     "train.mode in ('sequential', 'quicknet', 'async')", "mode"),
     **{f"dist.{f.name}": (lambda c: c.train.mode in DISTRIBUTED_MODES, f"train.mode in {DISTRIBUTED_MODES}", "mode")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from .applies import check_applies
 from .parse import _coerce, _fields, _sections
-from .schema import EARLY_STOP_MODES, ConfigError, JobConfig
+from .schema import EARLY_STOP_MODES, PLATEAU_MODES, ConfigError, JobConfig
 
 def validate(cfg: JobConfig) -> None:
     """Every field against its type and rules, then the rules that tie fields together."""
@@ -41,12 +41,22 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"objective.aux_width={o.aux_width} is too small for the dense output block "
                           "(n -> n/2 -> classes); use at least 2")
 
-    if (t.patience or t.plateau_factor < 1.0) and t.mode not in EARLY_STOP_MODES:
-        raise ConfigError(f"train.patience / train.plateau_factor (early stopping) apply to train.mode in "
-                          f"{EARLY_STOP_MODES}, not {t.mode!r}; leave them at 0 / 1.0")
+    if t.patience and t.mode not in EARLY_STOP_MODES:
+        raise ConfigError(f"train.patience={t.patience} (early stopping) applies to train.mode in "
+                          f"{EARLY_STOP_MODES}, not {t.mode!r}: the other modes train every block to its "
+                          "epoch budget; leave it at 0")
+    if t.plateau_factor < 1.0 and t.mode not in PLATEAU_MODES:
+        raise ConfigError(f"train.plateau_factor={t.plateau_factor} (LR decay on a plateau of each block's "
+                          f"monitored loss) applies to train.mode in {PLATEAU_MODES}, not {t.mode!r}: across "
+                          "ranks a block's validation loss needs an extra pass through the pipeline, which "
+                          "the engine does not make; use train.mode='simultaneous' (sync equals it) or "
+                          "leave it at 1.0")
     if t.plateau_factor < 1.0 and op.schedule != "constant":
         raise ConfigError(f"train.plateau_factor={t.plateau_factor} decays the LR on plateau; it cannot be "
                           f"combined with optim.schedule={op.schedule!r}; use optim.schedule='constant'")
+    if op.schedule == "milestones" and list(op.milestones) != sorted(set(op.milestones)):
+        raise ConfigError(f"optim.milestones={list(op.milestones)} must be strictly increasing fractions of "
+                          "training in (0, 1), e.g. [0.5, 0.75, 0.89, 0.94]")
     if d.augment != "none" and t.cache in ("memory", "disk"):
         raise ConfigError(f"train.cache={t.cache!r} freezes one augmented view of the data; with "
                           f"data.augment={d.augment!r} use train.cache='recompute' (or 'auto')")

@@ -42,7 +42,10 @@ def knob(default, *, ge=None, gt=None, lt=None, le=None, registry: str | None = 
 
 Mode = Literal["e2e", "sequential", "simultaneous", "quicknet", "sync", "async"]
 DISTRIBUTED_MODES = ("sync", "async")
-EARLY_STOP_MODES = ("e2e", "quicknet")
+EARLY_STOP_MODES = ("e2e", "quicknet")  # train.patience: a block (or the e2e network) stops early
+# train.plateau_factor: every single-process mode in which a block trains to an epoch budget (cascade's
+# divide-by-10 rule) or until early stopping; not sync/async (README: validation)
+PLATEAU_MODES = ("e2e", "quicknet", "sequential", "simultaneous")
 Fallback = Literal["confident", "last"]
 FALLBACKS = typing.get_args(Fallback)
 
@@ -55,6 +58,12 @@ class DataConfig:
     eval_batch_size: int = knob(512, ge=1)
     limit_train: int = knob(0, ge=0)  # 0 = all; else a fixed seeded subset of this size
     limit_test: int = knob(0, ge=0)
+    # a seeded, class-stratified hold-out of the training set (after limit_train; seeded by train.seed):
+    # this fraction of every class is removed from training and becomes the validation split. Early
+    # stopping and plateau LR decay (train.patience / plateau_factor) then watch the validation loss
+    # instead of the training loss, and summary.json layers[] gain val_acc (single-process modes).
+    # 0 = no validation split. The test set is never used for any decision.
+    val_fraction: float = knob(0.0, ge=0.0, lt=1.0)
     # training-batch augmentation of (C,H,W) images (data.py: AUGMENT_AUTO), before any flattening:
     # "none" | "crop" (zero-padded random crop: pad 4 on natural images, 2 on digits) | "crop-flip"
     # (crop + random horizontal flip: only for classes that survive mirroring) | "auto" (the
@@ -91,9 +100,12 @@ class ModelConfig:
     #   dropout(h) for the next layer), and right for every objective: a head is evaluated on clean
     #   features, and dropout is there to regularise the next layer's input, not the local classifier.
     # "in-block": dropout ends the block, so the local loss sees dropped-out features (runs before
-    #   this field existed; kept to reproduce them). Only mlp and vgg have in-block dropout.
+    #   this field existed; kept to reproduce them). Only mlp, vgg and resnet have dropout.
     dropout_position: Literal["after-loss", "in-block"] = "after-loss"
     stem_downsample: bool = False  # simcnn: invertible downsampling of the input
+    # the non-linearity of every model's layers (heads keep ReLU): "relu" | "leaky_relu" (negative
+    # slope 0.01, Ma et al. 2020). Every unit is conv/linear -> BN -> non-linearity -> dropout.
+    activation: Literal["relu", "leaky_relu"] = "relu"
 
 
 @dataclass
@@ -104,7 +116,10 @@ class ObjectiveConfig:
     k: int = knob(1, ge=1)  # k-hidden: k-1 auxiliary convs before average + linear
     aux_width: int = knob(128, ge=1)  # auxiliary conv / dense width
     head_batchnorm: bool = True
-    cascade_initial_epochs: int = knob(1, ge=1)  # cascade: layer l trains initial + increment * l epochs
+    # cascade: block j (0-based) trains cascade_initial_epochs + cascade_epoch_increment * j epochs.
+    # Marquez 2018, Algorithm 1: layer l (1-based) trains `epochs + k * l`, so the paper's (epochs, k)
+    # is cascade_initial_epochs = epochs + k, cascade_epoch_increment = k
+    cascade_initial_epochs: int = knob(1, ge=1)
     cascade_epoch_increment: int = knob(1, ge=0)
     predsim_beta: float = knob(0.99, ge=0.0, le=1.0)  # predsim: weight of the similarity-matching term
     # quicknet: a sample is learned (and leaves the later blocks' data) when its exit's
@@ -137,9 +152,13 @@ class TrainConfig:
     eval_every: int = knob(1, ge=0)  # epochs between test evaluations (0 = only at the end)
     checkpoint: bool = True  # per-rank checkpoint at every epoch end
     keep_checkpoints: int = knob(3, ge=0)  # newest epochs kept per rank (0 = all)
-    # e2e and quicknet (QuickNets appendix): the training loss is monitored per epoch; a block (or
-    # the e2e network) stops after `patience` epochs without a new minimum (0 = train all epochs),
-    # and its LR is multiplied by plateau_factor after plateau_patience epochs without one (1 = off)
+    # The monitored loss, once per epoch per block: the validation cross-entropy of the block's head
+    # when data.val_fraction > 0, else the epoch-mean training loss. patience (train.mode e2e and
+    # quicknet; QuickNets appendix): a block (or the e2e network) stops after `patience` epochs without
+    # a new minimum (0 = train all epochs). plateau_factor (e2e, quicknet, sequential, simultaneous;
+    # not sync/async): the block's LR is multiplied by it after plateau_patience epochs without one
+    # (torch ReduceLROnPlateau; 1 = off). QuickNets: 0.5 / 1; cascade (Marquez 2018, Algorithm 1:
+    # "if validation error plateaus, lr <- lr/10"): 0.1 with data.val_fraction = 0.1 (45k/5k on CIFAR)
     patience: int = knob(0, ge=0)
     plateau_factor: float = knob(1.0, gt=0.0, le=1.0)
     plateau_patience: int = knob(1, ge=0)
@@ -150,6 +169,14 @@ class TrainConfig:
     # on the device and read only every N steps (a read is a host sync on GPU) and at every epoch
     # end; 0 = auto: every step on CPU (a plain read), every 100 steps on CUDA
     check_every: int = knob(0, ge=0)
+    # train.mode="e2e", the baseline (the papers' "global" column): "ce" = cross-entropy of the last
+    # head's prediction (predsim: its `pred` branch; quicknet: its exit) backpropagated through the
+    # network, whatever the local objective | "local" = the objective's own local loss end to end
+    e2e_loss: Literal["ce", "local"] = "ce"
+    # train.mode="e2e": recompute each block's activations in the backward pass (torch.utils.checkpoint
+    # per block), trading compute for memory: the `e2e-checkpoint` row of `decoupled bench`. BatchNorm
+    # running statistics are updated again by the recomputation (momentum acts twice per step)
+    activation_checkpointing: bool = False
 
 
 @dataclass
@@ -160,10 +187,14 @@ class OptimConfig:
     weight_decay: float = knob(0.0, ge=0.0)
     nesterov: bool = False
     # per block, stepped on the block's own epochs: "constant" | "step" (x gamma every step_epochs)
-    # | "cosine" (to 0 over the block's budget)
-    schedule: Literal["constant", "step", "cosine"] = "constant"
+    # | "cosine" (to 0 over the block's budget) | "milestones" (x gamma at each of optim.milestones)
+    schedule: Literal["constant", "step", "cosine", "milestones"] = "constant"
     step_epochs: int = knob(15, ge=1)  # step schedule: decay every step_epochs epochs of a block
-    gamma: float = knob(0.2, gt=0.0)  # step schedule factor (Belilovsky 2019: 0.2 every 15 epochs)
+    # step / milestones factor (Belilovsky 2019: 0.2 every 15 epochs; Ma 2020: 0.25 at the milestones)
+    gamma: float = knob(0.2, gt=0.0)
+    # milestones schedule: fractions of the block's epoch budget at which the LR is multiplied by
+    # gamma (epoch round(f * budget)); Ma 2020: 50, 75, 89 and 94 % of training
+    milestones: list[float] = knob([0.5, 0.75, 0.89, 0.94], gt=0.0, lt=1.0)
     block_lr_decay: float = knob(1.0, gt=0.0)  # block j uses lr * block_lr_decay**j
 
 

@@ -1,6 +1,10 @@
-"""Early stopping and LR decay on a plateau of the training loss, as in the QuickNets appendix:
+"""Early stopping and LR decay on a plateau of the monitored loss, as in the QuickNets appendix:
 "reduce it by a factor of 0.5 on plateau with patience 1 ... training was stopped if the minimum
-loss was not achieved for 3 consecutive epochs", the loss monitored once per epoch."""
+loss was not achieved for 3 consecutive epochs", the loss monitored once per epoch; and cascade
+learning's rule (Marquez 2018, Algorithm 1: "if validation error plateaus, lr <- lr/10", factor 0.1).
+
+The monitored loss is the validation cross-entropy of the block's head when data.val_fraction > 0
+(evaluate.val_losses), else the epoch-mean training loss. Test data is never looked at."""
 from __future__ import annotations
 
 import math
@@ -29,3 +33,23 @@ class EarlyStopping:
         else:
             self.bad_epochs += 1
         return bool(self.patience) and self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "bad_epochs": self.bad_epochs,
+                "plateau": self.plateau.state_dict() if self.plateau is not None else None}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.best, self.bad_epochs = sd["best"], sd["bad_epochs"]
+        if self.plateau is not None and sd.get("plateau"):
+            self.plateau.load_state_dict(sd["plateau"])
+
+
+def monitored_loss(run, stage, train_loss: float) -> float:
+    """The loss early stopping and the plateau rule watch for `stage` after an epoch: its head's
+    validation cross-entropy (through the blocks before it, eval mode) when a validation split
+    exists, else `train_loss` (the epoch-mean training loss)."""
+    from .evaluate import val_losses
+    if run.data.val is None:
+        return train_loss
+    losses = val_losses(run.stages[: stage.index + 1], run.data.val, run.cfg.data.eval_batch_size, run.device)
+    return losses[stage.index]

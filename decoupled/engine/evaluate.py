@@ -25,6 +25,22 @@ def eval_stages(stages, h: torch.Tensor, y: torch.Tensor, z, correct: dict):
 
 
 @torch.no_grad()
+def val_losses(stages, split: Split, batch_size: int, device: torch.device) -> dict[int, float]:
+    """Eval-mode pass of a validation split through `stages` (from the first block): the mean
+    cross-entropy of every block's head (predsim: its prediction branch), by block index. The
+    monitored loss of early stopping and plateau LR decay when data.val_fraction > 0."""
+    import torch.nn.functional as F
+    total: dict[int, torch.Tensor] = {}
+    for b in batches(split, batch_size, shuffle=False):
+        h, y = b.x.to(device), b.y.to(device)
+        for s in stages:
+            h = s.forward(h)
+            loss = F.cross_entropy(s.logits(h).float(), y, reduction="sum")
+            total[s.index] = total.get(s.index, 0.0) + loss
+    return {j: float(t) / max(len(split), 1) for j, t in total.items()}
+
+
+@torch.no_grad()
 def evaluate(stages, split: Split, batch_size: int, device: torch.device) -> dict:
     """Pass every test sample through every block; score each head and the ensemble."""
     correct: dict[int, int] = {}

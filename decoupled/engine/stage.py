@@ -18,6 +18,7 @@ from ..models import build_model
 from ..objectives import OBJECTIVES, Objective, build_objective
 from ..optim import build_optimizer, build_scheduler
 from ..rng import RngState, derive_seed
+from .early_stop import EarlyStopping
 
 
 class NonFiniteError(RuntimeError):
@@ -48,10 +49,17 @@ class Stage:
         self.in_shape = tuple(in_shape)
         self.out_shape = tuple(out_shape)
         self.epochs = epochs  # this block's training budget, in epochs
+        self._loss_sum = torch.zeros((), device=device)  # this epoch's summed training loss (plateau rule)
+        self._loss_n = 0
         self.device = device
         lr = cfg.optim.lr * cfg.optim.block_lr_decay ** index
         self.optimizer = build_optimizer(self.local_parameters(), cfg.optim, lr)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, epochs)
+        # train.plateau_factor in the modes whose blocks train to a budget (cascade's /10 rule): the
+        # loop steps it once per epoch with the block's monitored loss (early_stop.monitored_loss)
+        self.plateau = (EarlyStopping(self.optimizer, cfg.train)
+                        if cfg.train.plateau_factor < 1.0 and cfg.train.mode in ("sequential", "simultaneous")
+                        else None)
         self.rng = RngState(derive_seed(cfg.train.seed, "stage-rng", index), device)
         # precision: autocast of this stage's work, fp16 with its own loss scaler; wire: the dtype
         # of what this stage passes on (cast back to float32 where the next stage reads it)
@@ -119,7 +127,10 @@ class Stage:
             self.outlet.train()
             nxt = self.outlet(out.detach())
         self.steps += 1
-        self.samples += int(mask.sum()) if mask is not None else len(y)
+        n = int(mask.sum()) if mask is not None else len(y)
+        self.samples += n
+        self._loss_sum += res.loss.detach().float() * n
+        self._loss_n += n
         self.timer.stop(t0)
         if self.steps - self._checked >= self.check_every:
             self.check_finite()
@@ -167,8 +178,14 @@ class Stage:
             raise NonFiniteError(f"block {self.index} {window}: loss or output activations not finite "
                                  "(train.precision / train.check_every); lower optim.lr or check the data")
 
+    def epoch_train_loss(self) -> float:
+        """The mean training loss of this block's current epoch (reset by end_epoch)."""
+        return float(self._loss_sum) / max(self._loss_n, 1)
+
     def end_epoch(self, step_scheduler: bool = True) -> None:
         self.check_finite()
+        self._loss_sum.zero_()
+        self._loss_n = 0
         self.epoch_samples.append(self.samples - sum(self.epoch_samples))
         if step_scheduler:
             self.scheduler.step()
@@ -193,7 +210,8 @@ class Stage:
                 "scaler": self.scaler.state_dict(),
                 "rng": self.rng.state_dict(), "epochs_done": self.epochs_done, "steps": self.steps,
                 "samples": self.samples, "epoch_samples": self.epoch_samples, "work": dict(self.work),
-                "router": self.router.state_dict() if self.router else None}
+                "router": self.router.state_dict() if self.router else None,
+                "plateau": self.plateau.state_dict() if self.plateau else None}
 
     def load_state_dict(self, sd: dict) -> None:
         assert sd["index"] == self.index, f"checkpoint of block {sd['index']} loaded into block {self.index}"
@@ -206,6 +224,8 @@ class Stage:
         self.rng.load_state_dict(sd["rng"])
         self.epochs_done, self.steps, self.samples = sd["epochs_done"], sd["steps"], sd["samples"]
         self.epoch_samples, self.work = list(sd.get("epoch_samples", [])), Counter(sd.get("work", {}))
+        if self.plateau is not None and sd.get("plateau"):
+            self.plateau.load_state_dict(sd["plateau"])
         if self.router is not None and sd.get("router"):
             self.router.load_state_dict(sd["router"])
 

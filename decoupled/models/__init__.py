@@ -103,7 +103,19 @@ def conv_bn_relu(cin: int, cout: int, batchnorm: bool, stride: int = 1, kernel: 
 
 # The models whose builders end every unit with nn.Dropout(model.dropout) (config rules reject
 # model.dropout for the others rather than ignore it).
-DROPOUT_MODELS = ("mlp", "vgg")
+DROPOUT_MODELS = ("mlp", "vgg", "resnet")
+LEAKY_SLOPE = 0.01  # model.activation="leaky_relu": Ma et al. 2020's negative slope
+
+
+def set_activation(module: nn.Module, activation: str) -> None:
+    """model.activation: swap every nn.ReLU of a built network (torchvision's residual blocks
+    included: they hold theirs as an attribute) for LeakyReLU(0.01), in place."""
+    if activation == "relu":
+        return
+    for parent in list(module.modules()):
+        for name, child in parent.named_children():
+            if type(child) is nn.ReLU:
+                setattr(parent, name, nn.LeakyReLU(LEAKY_SLOPE, inplace=child.inplace))
 
 
 def check_dropout(cfg) -> float:
@@ -171,6 +183,8 @@ def build_model(cfg, input_shape: tuple[int, ...], num_classes: int) -> Built:
     if cfg.name not in MODELS:
         raise ModelError(f"model.name={cfg.name!r} is unknown; choose one of {sorted(MODELS)}")
     network, units = MODELS[cfg.name](cfg, tuple(input_shape), num_classes)
+    for m in [network, *units]:  # Features holds the units' layers in its own container: swap in both
+        set_activation(m, cfg.activation)
     blocks, outlets = split_outlets(group_units(units, cfg.blocks, cfg.block_sizes), cfg)
     # Shapes from one dummy sample; eval mode so BatchNorm neither needs a batch > 1
     # nor has its running statistics touched.

@@ -1,10 +1,11 @@
 """CIFAR-style ResNet (Ma 2020: [2,2,2,2] ResNet18, [1,1,2,2], [3,4,6,3] ResNet34/50, [1,2,8,5])
 built from torchvision's BasicBlock / Bottleneck. Unit = one residual block; the stem
-(conv3x3+BN+ReLU, no max-pool) is merged into the first unit."""
+(conv3x3+BN+ReLU, no max-pool) is merged into the first unit. With model.dropout every residual block
+ends with dropout (after its final ReLU: BN -> non-linearity -> dropout, as Ma et al. 2020)."""
 import torch
 from torch import nn
 
-from . import ModelError, check_downsamplings, check_hierarchy, image_hw
+from . import ModelError, check_downsamplings, check_dropout, check_hierarchy, image_hw
 
 RESIDUALS = ("basic", "bottleneck")
 
@@ -52,6 +53,9 @@ def build_resnet(cfg, input_shape, num_classes):
         planes = cfg.width * 2 ** s
         layers.append(make_layer(block, inplanes, planes, n, 1 if s == 0 else 2))
         inplanes = planes * block.expansion
+    p = check_dropout(cfg)
+    if p > 0:  # last in the unit: build_model may move a block's last one after the local loss
+        layers = [nn.Sequential(*[nn.Sequential(u, nn.Dropout(p)) for u in layer]) for layer in layers]
     units = [m for layer in layers for m in layer]
-    units[0] = nn.Sequential(stem, units[0])
+    units[0] = nn.Sequential(stem, *units[0]) if p > 0 else nn.Sequential(stem, units[0])
     return ResNetFeatures(stem, layers), units

@@ -1,16 +1,25 @@
 """End-to-end backprop, the baseline: all blocks and the last block's head, one optimizer, one loss.
 
+The loss is the papers' "global" baseline whatever the local objective: cross-entropy of the last
+head's prediction (predsim: the head's `pred` branch; quicknet: its exit), train.e2e_loss = "ce";
+"local" backpropagates the objective's own loss end to end instead. train.activation_checkpointing
+recomputes each block's activations in the backward pass (torch.utils.checkpoint per block).
+
 Per-layer accuracies of an end-to-end network are measured the way Marquez et al. 2018 do: after
 training, every intermediate head is fitted on the frozen features (train.probe_epochs).
-Early stopping and plateau LR decay (train.patience, train.plateau_factor) as for QuickNets.
+Early stopping and plateau LR decay (train.patience, train.plateau_factor) as for QuickNets, on the
+last head's validation cross-entropy when data.val_fraction > 0, else the epoch-mean training loss.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ...data import batches, num_batches, resolve_augment
 from ...optim import build_optimizer, build_scheduler
-from ..early_stop import EarlyStopping
+from ...objectives import LocalOutput
+from ..early_stop import EarlyStopping, monitored_loss
 from ..run import Run
 
 
@@ -35,9 +44,13 @@ def train_e2e(run: Run, start_epoch: int = 0) -> None:
                     for s in stages:
                         s.block.train()
                         s.outlet.train()
-                        h = s.outlet(s.block(h))  # the dropout that model.dropout_position moved out of the block
+                        if cfg.train.activation_checkpointing:  # keep only block inputs; recompute in backward
+                            h = checkpoint(s.block, h, use_reentrant=False)
+                        else:
+                            h = s.block(h)
+                        h = s.outlet(h)  # the dropout that model.dropout_position moved out of the block
                     last.objective.train()
-                    res = last.objective(h, y)
+                    res = e2e_loss(last.objective, h, y, cfg.train.e2e_loss)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(res.loss).backward()
                 scaler.step(opt)
@@ -52,7 +65,7 @@ def train_e2e(run: Run, start_epoch: int = 0) -> None:
             sched.step()
         for s in stages:
             s.end_epoch(step_scheduler=False)  # the stages' own optimizers are unused here
-        stopped = stop.step(float(total) / len(run.data.train))
+        stopped = stop.step(monitored_loss(run, last, float(total) / len(run.data.train)))
         if stopped:
             last_epoch = epoch
         if epoch < last_epoch:  # the last epoch is evaluated after the probes
@@ -61,6 +74,18 @@ def train_e2e(run: Run, start_epoch: int = 0) -> None:
             break
     fit_probes(run)
     run.end_epoch(last_epoch)
+
+
+def e2e_loss(objective, h: torch.Tensor, y: torch.Tensor, which: str) -> LocalOutput:
+    """train.e2e_loss: "ce" = cross-entropy of the head's prediction (the head's forward: predsim's
+    `pred` branch, quicknet's exit), the same for every objective; "local" = the objective's loss."""
+    if which == "local":
+        return objective(h, y)
+    logits = objective.head(h)
+    loss = F.cross_entropy(logits, y)
+    with torch.no_grad():
+        conf, pred = logits.detach().softmax(-1).max(-1)
+    return LocalOutput(loss, logits, pred, conf)
 
 
 def fit_probes(run: Run) -> None:
@@ -77,7 +102,7 @@ def fit_probes(run: Run) -> None:
                         t.work["forward"] += len(y)  # frozen features: counted as training work
                 with s.rng:
                     s.objective.train()
-                    res = s.objective(h.float(), y)
+                    res = e2e_loss(s.objective, h.float(), y, cfg.train.e2e_loss)
                     opt.zero_grad(set_to_none=True)
                     res.loss.backward()
                     opt.step()

@@ -9,7 +9,9 @@
 
 An epoch draws |T_j| samples with replacement, class-weighted (objectives/quicknet.py,
 class_sample_weights), from a generator seeded by (seed, phase, block, epoch): runs are deterministic.
-Early stopping and plateau LR decay watch the epoch's mean training loss (engine/early_stop.py).
+Early stopping and plateau LR decay of a block watch its exit's validation cross-entropy when
+data.val_fraction > 0 (the whole validation split through blocks 0..j), else the epoch's mean
+training loss; the commitment head's watch its training BCE (engine/early_stop.py).
 
 A frozen block's outputs over T_j are computed once, in eval mode, and kept as train.cache says:
 they feed the commitment head, the learned mask and the next block (recompute: pushed through the
@@ -27,7 +29,7 @@ from ...objectives.quicknet import class_sample_weights
 from ...optim import build_optimizer
 from ...rng import generator
 from ..cache import PseudoInputs, cache_mode
-from ..early_stop import EarlyStopping
+from ..early_stop import EarlyStopping, monitored_loss
 from ..run import Run
 from ..stage import Stage
 
@@ -94,7 +96,7 @@ def train_block(run: Run, s: Stage, inputs: Inputs, remaining: torch.Tensor, wei
         s.end_epoch(step_scheduler=stop.plateau is None)  # the plateau rule owns the LR when on
         run.end_epoch(done, block=s.index)
         done += 1
-        if stop.step(loss):
+        if stop.step(monitored_loss(run, s, loss)):  # validation loss of the exit when data.val_fraction
             break
     return done
 

@@ -1,11 +1,15 @@
 """The papers' greedy procedure: train block 1 to completion, freeze it, then block 2 on its outputs,
 and so on. Frozen outputs are cached (train.cache) so a block's epochs cost one block of compute,
 not a forward through every block before it; with augmentation they are recomputed instead.
+
+train.plateau_factor: Marquez et al.'s Algorithm 1 ("if validation error plateaus, lr <- lr/10"):
+after each of its epochs a block's LR steps on its monitored loss (early_stop.monitored_loss).
 """
 from __future__ import annotations
 
 from ...data import batches, num_batches, resolve_augment
 from ..cache import PseudoInputs, cache_mode
+from ..early_stop import monitored_loss
 from ..run import Run
 
 
@@ -31,6 +35,8 @@ def train_sequential(run: Run, start_epoch: int = 0) -> None:
                     _, res = s.train_step(x, y)
                     run.log_step(epoch, s, res, y)
                     bar.update()
+            if s.plateau is not None:
+                s.plateau.step(monitored_loss(run, s, s.epoch_train_loss()))
             s.end_epoch()
             run.end_epoch(done, block=s.index)
             done += 1

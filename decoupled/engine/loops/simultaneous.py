@@ -2,6 +2,10 @@
 the block before it, in order. This is the reference the distributed `sync` engine reproduces bit
 for bit, so everything random here is per block (stage.rng) or per (seed, epoch) (the batches).
 
+train.plateau_factor (cascade's /10 rule): after every epoch each training block's LR steps on its
+monitored loss (its head's validation cross-entropy, one eval pass of the validation split through
+all blocks; or its epoch-mean training loss). Not in sync/async (config rules).
+
 A block whose epoch budget is spent (cascade: layer l trains i0 + k*l epochs) is frozen: it still
 forwards, in eval mode, so the blocks after it see fixed pseudo-inputs.
 """
@@ -10,6 +14,7 @@ from __future__ import annotations
 from functools import partial
 
 from ...data import batches, num_batches, resolve_augment
+from ..evaluate import val_losses
 from ..run import Run
 from ..stage import drain_chain, feed_chain
 
@@ -26,6 +31,12 @@ def train_simultaneous(run: Run, start_epoch: int = 0) -> None:
                 feed_chain(stages, [tuple(run.to_device(b.x, b.y, b.ids))], log)
                 bar.update()
         drain_chain(stages, partial(run.log_step, epoch))
+        if any(s.plateau is not None and s.training for s in stages):
+            val = (val_losses(stages, run.data.val, cfg.data.eval_batch_size, run.device)
+                   if run.data.val is not None else {})
+            for s in stages:
+                if s.training:
+                    s.plateau.step(val.get(s.index, s.epoch_train_loss()))
         for s in stages:
             if s.training:
                 s.end_epoch()

@@ -1,0 +1,199 @@
+"""Issue 13, faithful to the papers and fair to the baselines: the validation hold-out, the plateau
+rule on the monitored loss, the e2e baseline's cross-entropy, Ma 2020's activation / schedule /
+dropout, and the pipelines' split search."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from decoupled.bench.split import best_split
+from decoupled.config import ConfigError, JobConfig, load
+from decoupled.data import build_data, stratified_holdout
+from decoupled.engine.early_stop import EarlyStopping
+from decoupled.engine.loops.e2e import e2e_loss
+from decoupled.models import build_model
+from decoupled.objectives import OBJECTIVES, build_objective
+from decoupled.optim import build_optimizer, build_scheduler
+from decoupled.train import train
+
+SMALL = ["data.limit_train=300", "data.batch_size=32", "model.widths=[16,16]", "train.epochs=2",
+         "train.device=cpu", "train.checkpoint=false", "train.log_every=1000"]
+
+
+# ------------------------------------------------------------------ validation split
+
+def test_val_split_is_stratified_seeded_and_disjoint():
+    cfg = load(None, ["data.val_fraction=0.2"])
+    full = build_data(JobConfig().data, 0)
+    d, again, other = build_data(cfg.data, 0), build_data(cfg.data, 0), build_data(cfg.data, 1)
+    assert len(d.train) + len(d.val) == len(full.train) and len(d.test) == len(full.test)
+    assert torch.equal(d.val.x, again.val.x) and torch.equal(d.val.y, again.val.y)  # seeded
+    tr, va = stratified_holdout(full.train.y, 0.2, 0)
+    assert not set(tr.tolist()) & set(va.tolist()) and len(tr) + len(va) == len(full.train)  # disjoint, a partition
+    assert not torch.equal(va, stratified_holdout(full.train.y, 0.2, 1)[1])  # another seed, another hold-out
+    counts = torch.bincount(full.train.y, minlength=10)
+    vcounts = torch.bincount(full.train.y[va], minlength=10)
+    assert torch.equal(vcounts, (0.2 * counts.double()).round().long())  # every class, in proportion
+    # the same samples as the hold-out ids (normalisation is the training part's)
+    assert torch.equal(d.val.y, full.train.y[va]) and torch.equal(d.train.y, full.train.y[tr])
+    assert not torch.equal(other.val.y, d.val.y) or not torch.equal(other.val.x, d.val.x)
+
+
+def test_no_val_split_by_default():
+    assert build_data(JobConfig().data, 0).val is None
+
+
+@pytest.mark.parametrize("mode", ["e2e", "sequential", "simultaneous"])
+def test_val_acc_in_summary_and_plateau_runs(tmp_path, mode):
+    s = train(load(None, SMALL + [f"train.mode={mode}", "data.val_fraction=0.1", "train.plateau_factor=0.1",
+                                  "train.probe_epochs=0" if mode == "e2e" else "train.seed=0"]), tmp_path / mode)
+    for layer in s["layers"]:
+        assert 0.0 <= layer["val_acc"] <= 1.0
+    assert "val_acc" not in train(load(None, SMALL), tmp_path / "plain")["layers"][0]
+
+
+def test_plateau_refused_across_ranks():
+    for mode in ("sync", "async"):
+        with pytest.raises(ConfigError, match="plateau_factor.*simultaneous"):
+            load(None, [f"train.mode={mode}", "train.plateau_factor=0.1"])
+    with pytest.raises(ConfigError, match="patience"):
+        load(None, ["train.mode=sequential", "train.patience=3"])
+    load(None, ["train.mode=sequential", "train.plateau_factor=0.1"])  # cascade's rule: accepted
+
+
+# ------------------------------------------------------------------ plateau rule
+
+def test_plateau_rule_on_a_hand_made_loss_sequence():
+    """Cascade's rule (lr / 10 on a plateau) with patience 1: a new minimum resets the count; two
+    epochs without one divide the LR; early stopping counts the same epochs."""
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    cfg = load(None, ["train.mode=e2e", "train.plateau_factor=0.1", "train.plateau_patience=1",
+                      "train.patience=4"]).train
+    stop = EarlyStopping(opt, cfg)
+    lrs, stops = [], []
+    for loss in [1.0, 0.8, 0.8, 0.9, 0.7, 0.7, 0.71, 0.72, 0.73]:
+        stops.append(stop.step(loss))
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([1, 1, 1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.001])
+    assert stops == [False] * 8 + [True]  # 4 epochs after the minimum 0.7
+
+
+def test_sequential_plateau_watches_the_validation_loss(tmp_path, monkeypatch):
+    """With a validation split the rule steps on the head's validation cross-entropy, never on test data."""
+    from decoupled.engine import evaluate as ev
+    seen = []
+    orig = ev.val_losses
+
+    def spy(stages, split, bs, device):
+        seen.append(len(split))
+        return orig(stages, split, bs, device)
+    monkeypatch.setattr(ev, "val_losses", spy)
+    train(load(None, SMALL + ["train.mode=sequential", "data.val_fraction=0.1", "train.plateau_factor=0.1"]),
+          tmp_path / "seq")
+    assert len(seen) == 2 * 2 and set(seen) == {30}  # 10 % of the 300 training samples, every block epoch
+
+
+# ------------------------------------------------------------------ e2e baseline
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_e2e_loss_is_cross_entropy_for_every_objective(name):
+    cfg = load(None, [f"objective.name={name}"] + (["train.mode=quicknet"] if name == "quicknet" else []))
+    obj = build_objective(cfg.objective, (16,), 10)
+    torch.manual_seed(0)
+    h, y = torch.randn(8, 16), torch.randint(0, 10, (8,))
+    res = e2e_loss(obj, h, y, "ce")
+    assert torch.allclose(res.loss, F.cross_entropy(obj.head(h), y))
+    if name == "predsim":  # the head's prediction branch, not the similarity-matching loss
+        assert torch.allclose(res.loss, F.cross_entropy(obj.head.pred(h), y))
+        assert not torch.allclose(e2e_loss(obj, h, y, "local").loss, res.loss)
+
+
+@pytest.mark.parametrize("which", ["ce", "local"])
+def test_e2e_of_predsim_trains_on_cross_entropy(tmp_path, which):
+    """The logged e2e loss at the first step: cross-entropy of 10 classes (~ln 10) by default; the
+    predsim loss (0.01 CE + 0.99 similarity MSE, far smaller) only with train.e2e_loss = "local"."""
+    train(load(None, SMALL + ["train.mode=e2e", "objective.name=predsim", "train.probe_epochs=0", "train.log_every=1",
+                              f"train.e2e_loss={which}"]), tmp_path / which)
+    steps = [json.loads(line) for line in (tmp_path / which / "metrics.jsonl").read_text().splitlines()]
+    first = next(m for m in steps if m.get("kind") == "step")
+    assert (first["loss"] > 1.5) == (which == "ce"), first
+
+
+def test_activation_checkpointing_equals_plain_e2e(tmp_path):
+    """Recomputing activations changes memory, not the numbers (no BatchNorm, no dropout here)."""
+    a = train(load(None, SMALL + ["train.mode=e2e", "train.probe_epochs=0"]), tmp_path / "a")
+    b = train(load(None, SMALL + ["train.mode=e2e", "train.probe_epochs=0", "train.activation_checkpointing=true"]),
+              tmp_path / "b")
+    assert [x["test_acc"] for x in a["layers"]] == [x["test_acc"] for x in b["layers"]]
+
+
+# ------------------------------------------------------------------ Ma 2020 setting
+
+@pytest.mark.parametrize("model", ["mlp", "vgg", "resnet", "simcnn", "allcnn"])
+def test_leaky_relu_reaches_the_model(model):
+    cfg = load(None, [f"model.name={model}", "model.activation=\"leaky_relu\"",
+                      *(["model.width=4"] if model != "mlp" else []),
+                      *(["model.hierarchy=[1,1]"] if model in ("vgg", "resnet", "simcnn") else [])])
+    built = build_model(cfg.model, (3, 16, 16), 10)
+    acts = [m for b in built.blocks for m in b.modules() if isinstance(m, (nn.ReLU, nn.LeakyReLU))]
+    assert acts and all(isinstance(m, nn.LeakyReLU) and m.negative_slope == 0.01 for m in acts)
+    x = torch.randn(2, 3, 16, 16)
+    built.network.eval()
+    h = x
+    for b in built.blocks:  # the network computes what the blocks compute
+        h = b.eval()(h)
+    assert torch.allclose(h, built.network(x))
+    assert not any(isinstance(m, nn.ReLU) for m in built.network.modules())
+
+
+def test_milestones_reach_the_scheduler():
+    cfg = load(None, ["optim.schedule=\"milestones\"", "optim.gamma=0.25"]).optim
+    p = nn.Parameter(torch.zeros(1))
+    opt = build_optimizer([p], cfg, 1.0)
+    sched = build_scheduler(opt, cfg, 100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[49] == 1.0 and lrs[50] == 0.25 and lrs[75] == 0.25 ** 2 and lrs[89] == 0.25 ** 3
+    assert lrs[94] == pytest.approx(0.25 ** 4) and lrs[99] == pytest.approx(0.25 ** 4)
+    with pytest.raises(ConfigError, match="milestones"):
+        load(None, ["optim.milestones=[0.5]"])  # acts only with schedule = milestones
+
+
+def test_resnet_dropout_after_each_residual_block():
+    cfg = load(None, ["model.name=resnet", "model.hierarchy=[1,1]", "model.width=4", "model.dropout=0.3"])
+    built = build_model(cfg.model, (3, 8, 8), 10)
+    assert all(isinstance(o, nn.Dropout) and o.p == 0.3 for o in built.outlets)  # after-loss: outlets
+    x = torch.randn(2, 3, 8, 8)
+    built.network.eval()
+    h = x
+    for b in built.blocks:
+        b.eval()
+        h = b(h)
+    assert torch.allclose(h, built.network(x))
+
+
+@pytest.mark.parametrize("name", ["ma2020_vgg11_cifar10", "ma2020_vgg8b_cifar10", "ma2020_resnet18_cifar10"])
+def test_ma2020_configs_use_the_paper_setting(name):
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "launch" / "configs" / f"{name}.toml"
+    cfg = load(str(path), ["data.root=."])
+    assert cfg.model.activation == "leaky_relu" and cfg.optim.schedule == "milestones"
+    assert cfg.optim.gamma == 0.25 and cfg.optim.milestones == [0.5, 0.75, 0.89, 0.94] and cfg.model.dropout > 0
+
+
+# ------------------------------------------------------------------ split search
+
+def test_best_split_balances_known_costs():
+    assert best_split([1, 1, 1, 1], 2) == [2, 2]
+    assert best_split([3, 1, 1, 1], 2) == [1, 3]
+    assert best_split([1, 2, 3, 4, 5], 3) == [3, 1, 1]  # 6 / 4 / 5
+    assert best_split([4, 1, 1, 1, 1, 4], 3) == [1, 4, 1]
+    assert best_split([2, 2, 2], 3) == [1, 1, 1] and best_split([7], 1) == [1]
+    with pytest.raises(ValueError):
+        best_split([1, 2], 3)
