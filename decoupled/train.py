@@ -120,7 +120,7 @@ def _train_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World, t
     report = {"layers": layers, "ensemble": final.get("ensemble_acc"),
               "rank": S.rank_report(world.rank, run.stages, memory, train_s, extra)}
     S.save_rank_report(out, world.rank, report)  # kept even if the final exchange never happens
-    reports = W.gather_to_0(report, world, group=world.report)
+    reports = W.gather_to_0(report, world, group=world.patient)
     run.recorder.close()
     if world.rank != 0:
         return None

@@ -113,7 +113,9 @@ def _data(cfg: JobConfig, world: W.World) -> tuple[Data | None, tuple]:
             meta = (data.input_shape, data.num_classes, len(data.train), len(data.test))
         except (ConfigError, OSError) as e:
             meta = ConfigError(str(e))
-    return data, W.broadcast_from_0(meta, world)
+    # Loading a large dataset takes as long as it takes (minutes for ImageNet-sized folders): the
+    # others wait on the deadline-free group; a rank 0 that dies makes torchrun end the job.
+    return data, W.broadcast_from_0(meta, world, group=world.patient)
 
 
 def _resume_epoch(run: Run, world: W.World, resume: bool | str, out: Path) -> int:

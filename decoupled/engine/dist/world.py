@@ -19,7 +19,7 @@ from ...config import ConfigError, JobConfig
 from .transport import PeerError
 
 
-REPORT_TIMEOUT = timedelta(days=365)
+PATIENT_TIMEOUT = timedelta(days=365)
 
 
 @dataclass
@@ -30,7 +30,7 @@ class World:
     device: torch.device
     ctrl: object  # gloo group for object collectives
     links: list  # links[j]: the two-rank group of edge (j-1 -> j); links[0] is None
-    report: object = None  # gloo group for the end-of-run report: no timeout (see init)
+    patient: object = None  # gloo group for waits on a peer's work, not its liveness: no deadline (see init)
     board: "BudgetBoard | None" = None  # which ranks have spent their step budgets (replay.budget="steps")
 
 
@@ -96,18 +96,20 @@ def init(cfg: JobConfig) -> World:
     ctrl = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
     # one group per edge, created by every rank in the same order
     links = [None] + [dist.new_group([j - 1, j], timeout=timeout) for j in range(1, size)]
-    # The end-of-run report: a rank whose blocks froze early (async cascade) finishes hours before
-    # the last rank and must wait for it without a deadline. Liveness is not this group's job: a
-    # rank that dies makes its neighbours' links fail within dist.timeout_s, and torchrun then
-    # ends the whole job.
-    report = dist.new_group(backend="gloo", timeout=REPORT_TIMEOUT)
-    return World(rank, size, backend, device, ctrl, links, report, BudgetBoard(store, size))
+    # Waits on a peer's *work* rather than its liveness: rank 0 loading a large dataset, every rank
+    # building and dry-running its blocks (start-up agreements), and the end-of-run report, where a
+    # rank whose blocks froze early (async cascade) finishes hours before the last one. None of
+    # these can have a deadline that fits every job. Liveness is not this group's job: a rank that
+    # dies is seen by torchrun, which ends the whole job; once training runs, a dead or hung peer
+    # fails its neighbours' links within dist.timeout_s.
+    patient = dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
+    return World(rank, size, backend, device, ctrl, links, patient, BudgetBoard(store, size))
 
 
-def broadcast_from_0(obj, world: World):
+def broadcast_from_0(obj, world: World, group=None):
     """Rank 0's object (or the ConfigError it raised) on every rank."""
     box = [obj]
-    dist.broadcast_object_list(box, src=0, group=world.ctrl)
+    dist.broadcast_object_list(box, src=0, group=group or world.ctrl)
     if isinstance(box[0], ConfigError):
         raise ConfigError(str(box[0]))
     return box[0]
@@ -120,8 +122,9 @@ def gather_to_0(obj, world: World, group=None) -> list | None:
 
 
 def all_gather(obj, world: World) -> list:
+    """Every rank's object: the start-up agreements, on the deadline-free group."""
     out = [None] * world.size
-    dist.all_gather_object(out, obj, group=world.ctrl)
+    dist.all_gather_object(out, obj, group=world.patient)
     return out
 
 
