@@ -150,6 +150,8 @@ class TrainConfig:
     # on the device and read only every N steps (a read is a host sync on GPU) and at every epoch
     # end; 0 = auto: every step on CPU (a plain read), every 100 steps on CUDA
     check_every: int = knob(0, ge=0)
+    # no per-epoch lines on stdout (decoupled/live.py): only the summary at the end
+    quiet: bool = False
 
 
 @dataclass
@@ -199,6 +201,14 @@ class ReplayConfig:
 
 
 @dataclass
+class LogConfig:
+    # TensorBoard scalars into RUN/tb/rank{r}/ (per-block loss and test accuracy, samples/s,
+    # compute/comm/idle, replay statistics, memory, learning rate): `tensorboard --logdir RUN/tb`.
+    # Needs the optional extra: pip install -e '.[tb]'
+    tensorboard: bool = False
+
+
+@dataclass
 class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -207,3 +217,4 @@ class JobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
+    log: LogConfig = field(default_factory=LogConfig)
