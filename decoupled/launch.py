@@ -47,11 +47,18 @@ def launch(nproc: int, module_args: list[str]) -> tuple[int, str]:
     try:
         torchrun_main(torchrun_args(nproc, module_args))
     except ChildFailedError as e:
-        parts = []
+        # A worker that fails through decoupled's own error path has printed "decoupled: ..." on its
+        # stderr already; torch's placeholder message ("To enable traceback see ...") adds nothing.
+        by_code: dict[int, list[str]] = {}
+        whys = []
         for rank, f in sorted(e.failures.items()):
+            by_code.setdefault(f.exitcode, []).append(str(rank))
             why = f.message if isinstance(f.message, str) else (f.message or {}).get("message", "")
-            why = str(why).strip().splitlines()[-1] if why and str(why).strip() else "see its output above"
-            parts.append(f"rank {rank} exited with code {f.exitcode} ({why})")
-        code = next((f.exitcode for f in e.failures.values() if f.exitcode and f.exitcode > 0), 1)
-        return code, f"{len(e.failures)} of {nproc} rank(s) failed: " + "; ".join(parts)
+            why = str(why).strip()
+            if why and "To enable traceback" not in why and why not in whys:
+                whys.append(why.splitlines()[-1])
+        parts = [f"rank(s) {', '.join(ranks)} exited with code {code}" for code, ranks in sorted(by_code.items())]
+        code = next((c for c in sorted(by_code) if c and c > 0), 1)
+        detail = "; ".join(whys) if whys else "their messages are above"
+        return code, f"{len(e.failures)} of {nproc} local rank(s) failed: {'; '.join(parts)} ({detail})"
     return 0, ""

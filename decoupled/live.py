@@ -47,6 +47,7 @@ class Live:
         self._bar_t = 0.0
         self.t0 = time.perf_counter()  # start of the current epoch
         self.marks: dict[str, float] = {}  # cumulative counters at the last epoch end
+        self.pending: tuple[int, str] | None = None  # a rank's epoch line waiting for its evaluation
         self.writer = None
         if cfg.log.tensorboard and out is not None:
             require_tensorboard(cfg)
@@ -119,7 +120,10 @@ class Live:
         self.scalars(epoch + 1, tb)
 
     # ------------------------------------------------------------------ a torchrun rank
-    def rank_epoch(self, epoch: int, total: int, stages, metrics: dict, replay: dict | None) -> None:
+    def rank_epoch(self, epoch: int, total: int, stages, metrics: dict, replay: dict | None,
+                   eval_follows: bool = False) -> None:
+        """eval_follows: an evaluation of this epoch comes next; its accuracies join this line."""
+        self.flush()
         now = time.perf_counter()
         seconds, self.t0 = now - self.t0, now
         samples = max(self._delta(f"samples{s.index}", s.samples) for s in stages)
@@ -131,7 +135,7 @@ class Live:
         tb.update({f"loss/block{j}": v for j, v in losses.items()})
         tb.update({"time/compute_s": compute, "time/comm_s": comm, "time/idle_s": idle})
         share = (lambda x: 100 * x / seconds) if seconds > 0 else (lambda x: 0.0)
-        line = (f"epoch {epoch + 1}/{total}  loss {_accs(losses) or '(frozen)'}  "
+        line = (f"epoch {epoch + 1}/{total}  loss {_accs(losses) or ('(no steps)' if any(s.training for s in stages) else '(budget done)')}  "
                 f"{tb['throughput/samples_per_s']:.0f} samples/s  compute {share(compute):.0f}%  "
                 f"blocked {share(comm):.0f}%  idle {share(idle):.0f}%")
         if replay is not None:
@@ -139,19 +143,33 @@ class Live:
             line += (f"  buffer {replay['occupancy_mean']:.1f} (max {replay['occupancy_max']})  "
                      f"dropped {dropped:.0f}  staleness {replay['staleness_mean']:.1f} (max {replay['staleness_max']})")
             tb.update({f"replay/{k}": v for k, v in replay.items() if isinstance(v, (int, float))})
-        self.say(line)
         self.scalars(epoch + 1, tb)
+        self.pending = (epoch, line)
+        if not eval_follows:
+            self.flush()
 
     def rank_eval(self, epoch: int, layer_acc: dict, ensemble: float | None) -> None:
-        line = f"eval after epoch {epoch + 1}  test_acc {_accs(layer_acc)}"
+        acc = f"test_acc {_accs(layer_acc)}" + (f" (ensemble {ensemble:.4f})" if ensemble is not None else "")
+        if self.pending is not None and self.pending[0] == epoch:
+            e, line = self.pending
+            self.pending = (e, line.replace("  loss ", f"  {acc}  loss ", 1))
+            self.flush()
+        else:
+            self.flush()
+            self.say(f"eval after epoch {epoch + 1}  {acc}")
         tb = {f"test_acc/block{j}": a for j, a in layer_acc.items()}
         if ensemble is not None:
-            line += f" (ensemble {ensemble:.4f})"
             tb["test_acc/ensemble"] = ensemble
-        self.say(line)
         self.scalars(epoch + 1, tb)
 
+    def flush(self) -> None:
+        """Print a rank's epoch line that waited for its evaluation."""
+        if self.pending is not None:
+            self.say(self.pending[1])
+            self.pending = None
+
     def close(self) -> None:
+        self.flush()
         if self.writer is not None:
             self.writer.close()
             self.writer = None

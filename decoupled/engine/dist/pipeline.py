@@ -124,7 +124,11 @@ class Pipeline:
         extra = {"replay": self.buffer.stats.as_dict()} if self.buffer is not None else {}
         metrics = self.rank_metrics()
         self.run.recorder.log(kind="epoch_end", rank=self.rank, epoch=epoch, **metrics, **extra)
-        self.run.live.rank_epoch(epoch, self.total_epochs, self.stages, metrics, extra.get("replay"))
+        # the sources evaluate after every eval_every epochs and after the last (not when streaming on
+        # for a steps budget): then this epoch's line waits for its test accuracies (a few ms)
+        every = 0 if self.own_epochs and self.stop_after is None else self.cfg.train.eval_every
+        follows = bool(every) and ((epoch + 1) % every == 0 or epoch == self.total_epochs - 1)
+        self.run.live.rank_epoch(epoch, self.total_epochs, self.stages, metrics, extra.get("replay"), follows)
         self.run.save_checkpoint(epoch)
 
     def end_eval(self, epoch: int) -> None:
