@@ -84,6 +84,14 @@ def test_single_process_lines_and_quiet(tmp_path, capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_terminal_progress_bar_shows_the_losses(tmp_path, monkeypatch, capsys):
+    import decoupled.metrics
+    monkeypatch.setattr(decoupled.metrics, "interactive", lambda: True)  # as on a terminal
+    train(load(None, ["model.widths=[16,16]", "train.epochs=1", "data.batch_size=4", "train.checkpoint=false",
+                      "train.quiet=true"]), tmp_path)
+    assert re.search(r"loss b0=\d\.\d{3} b1=\d\.\d{3}", capsys.readouterr().err)
+
+
 def test_tensorboard_missing_is_a_config_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard -> ImportError
     assert main(["train", *TINY, "--set", "log.tensorboard=true", "--out", str(tmp_path)]) == 2
