@@ -54,6 +54,12 @@ class Live:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(out / "tb" / f"rank{rank}"))
 
+    def start(self, stages) -> None:
+        """Training starts now, from these stages' counters (a resumed run's samples are not this epoch's)."""
+        self.t0 = time.perf_counter()
+        for s in stages:
+            self.marks[f"samples{s.index}"] = s.samples
+
     # ------------------------------------------------------------------ per step (hot path)
     def add_loss(self, block: int, loss: torch.Tensor) -> None:
         d = loss.detach().float()

@@ -59,6 +59,7 @@ def train(cfg: JobConfig, out: Path | None = None, resume: bool | str = False) -
     memory = PeakMemory(device)  # after the model and data exist: measure what training costs
     run.live.memory = memory
 
+    run.live.start(stages)
     t0 = time.perf_counter()
     LOOPS[cfg.train.mode](run, start)
     synchronize(device)
@@ -106,6 +107,7 @@ def _train_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World, t
     memory = PeakMemory(world.device)
     run.live.memory = memory
 
+    run.live.start(run.stages)
     t0 = time.perf_counter()
     pipe.run_loop()
     synchronize(world.device)
