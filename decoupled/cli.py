@@ -52,29 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         from .report import main as report_main
         return report_main(args.runs, args.out)
-    if args.nproc_per_node is not None and "LOCAL_RANK" not in os.environ:  # not yet a worker: launch
-        return _launch_train(args, raw)
     if args.command == "bench":
         from .bench import main as bench_main
         try:
             return bench_main(args)
         except ConfigError as e:
             return _fail(f"config error: {e}", 2)
+    if args.nproc_per_node is not None and "LOCAL_RANK" not in os.environ:  # not yet a worker: launch
+        return _launch_train(args, raw)
     try:
-        if args.resume:
-            if args.out and args.out != args.resume:
-                raise ConfigError("--out and --resume name different folders; a resumed run stays in its folder")
-            base = args.resume / "config.toml"
-            if not base.is_file():
-                raise ConfigError(f"--resume {args.resume}: no config.toml there; is it a run directory?")
-            cfg = load(base, [], validate_now=False)
-            if args.config:
-                cfg = load(args.config, [], base=cfg, validate_now=False)
-            cfg = load(None, args.overrides, base=cfg)
-            out = args.resume
-        else:
-            cfg = load(args.config, args.overrides)
-            out = args.out
+        cfg, out = _train_config(args)
         resume: bool | str = bool(args.resume)
         if not resume and out and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
             resume = "auto"  # torchrun --max-restarts restarted us: pick up our own checkpoints
