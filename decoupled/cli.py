@@ -1,5 +1,6 @@
 """`decoupled train ...`: the one entry point, the same under python -m, the console script,
-torchrun and launch/train.py."""
+torchrun and launch/train.py. `decoupled train --nproc-per-node N` launches N local ranks itself
+(decoupled/launch.py); `decoupled report` turns run and bench folders into figures and a page."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +22,16 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", type=Path, metavar="DIR",
                    help="continue the run in DIR from the last epoch every rank completed; its config.toml "
                         "is the base, --config/--set given here win (e.g. --set train.epochs=4 to extend)")
+    t.add_argument("--nproc-per-node", type=int, metavar="N",
+                   help="launch N local ranks of this job (as `torchrun --standalone --nproc-per-node N`; "
+                        "train.mode sync or async); on a cluster call torchrun yourself")
+    t.add_argument("--compare-e2e", action="store_true",
+                   help="then train the end-to-end backprop baseline on the same config into RUN/e2e and print "
+                        "a one-line comparison (also in summary.json: e2e_baseline)")
+    r = sub.add_parser("report", help="figures (PNG) and a markdown page of run directories and bench folders")
+    r.add_argument("runs", nargs="+", type=Path, metavar="RUN_OR_BENCH",
+                   help="run directories, bench folders, or folders holding them")
+    r.add_argument("--out", type=Path, default=Path("report"), help="output folder (default ./report)")
     e = sub.add_parser("eval", help="early-exit evaluation of a finished run: per-exit accuracy and the exit "
                                     "curve (accuracy vs inference FLOPs) into its summary.json and exit_curve.png")
     e.add_argument("--run", type=Path, required=True, metavar="DIR", help="the run directory")
@@ -34,30 +45,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(raw)
     if args.command == "eval":
         return _eval(args)
+    if args.command == "report":
+        from .report import main as report_main
+        return report_main(args.runs, args.out)
     if args.command == "bench":
         from .bench import main as bench_main
         try:
             return bench_main(args)
         except ConfigError as e:
             return _fail(f"config error: {e}", 2)
+    if args.nproc_per_node is not None and "LOCAL_RANK" not in os.environ:  # not yet a worker: launch
+        return _launch_train(args, raw)
     try:
-        if args.resume:
-            if args.out and args.out != args.resume:
-                raise ConfigError("--out and --resume name different folders; a resumed run stays in its folder")
-            base = args.resume / "config.toml"
-            if not base.is_file():
-                raise ConfigError(f"--resume {args.resume}: no config.toml there; is it a run directory?")
-            cfg = load(base, [], validate_now=False)
-            if args.config:
-                cfg = load(args.config, [], base=cfg, validate_now=False)
-            cfg = load(None, args.overrides, base=cfg)
-            out = args.resume
-        else:
-            cfg = load(args.config, args.overrides)
-            out = args.out
+        cfg, out = _train_config(args)
         resume: bool | str = bool(args.resume)
         if not resume and out and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
             resume = "auto"  # torchrun --max-restarts restarted us: pick up our own checkpoints
@@ -75,7 +79,73 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"error: {e}", 1)
     if summary is not None:  # rank 0
         print(format_summary(summary))
-        print(f"run directory: {summary['run_dir']}")
+        print(f"run directory: {summary['run_dir']}", flush=True)
+        if args.compare_e2e:
+            return _compare_e2e(cfg, Path(summary["run_dir"]))
+    return 0
+
+
+def _train_config(args):
+    """The job's config and run directory from --config / --set / --resume (validated)."""
+    if args.resume:
+        if args.out and args.out != args.resume:
+            raise ConfigError("--out and --resume name different folders; a resumed run stays in its folder")
+        base = args.resume / "config.toml"
+        if not base.is_file():
+            raise ConfigError(f"--resume {args.resume}: no config.toml there; is it a run directory?")
+        cfg = load(base, [], validate_now=False)
+        if args.config:
+            cfg = load(args.config, [], base=cfg, validate_now=False)
+        cfg, out = load(None, args.overrides, base=cfg), args.resume
+    else:
+        cfg, out = load(args.config, args.overrides), args.out
+    from .live import require_tensorboard
+    require_tensorboard(cfg)
+    return cfg, out
+
+
+def _launch_train(args, raw: list[str]) -> int:
+    """`decoupled train --nproc-per-node N ...`: validate once here, then N workers under torch's
+    elastic agent, all writing one run directory; then the e2e comparison if asked."""
+    from .config import DISTRIBUTED_MODES
+    from .launch import launch, strip_flag
+    n = args.nproc_per_node
+    try:
+        if n < 1:
+            raise ConfigError(f"--nproc-per-node {n}: expected a number of ranks >= 1")
+        cfg, out = _train_config(args)
+        if n > 1 and cfg.train.mode not in DISTRIBUTED_MODES:
+            raise ConfigError(f"--nproc-per-node {n} with train.mode={cfg.train.mode!r}, which runs in one process: "
+                              "add --set train.mode=sync (or async)")
+    except ConfigError as e:
+        return _fail(f"config error: {e}", 2)
+    from .train import default_out
+    out = out or default_out()  # chosen here, so the comparison knows where the run is
+    worker = [a for a in strip_flag(raw) if a != "--compare-e2e"]
+    if args.out is None and args.resume is None:
+        worker += ["--out", str(out)]
+    code, message = launch(n, ["decoupled", *worker])
+    if code:
+        return _fail(message, code)
+    return _compare_e2e(cfg, out) if args.compare_e2e else 0
+
+
+def _compare_e2e(cfg, run_dir: Path) -> int:
+    """The end-to-end backprop baseline on the same config (RUN/e2e), and one line against the run."""
+    import json
+    from dataclasses import replace
+    from .train import train
+    run = json.loads((run_dir / "summary.json").read_text())
+    base = load(None, ["train.mode=e2e"], base=replace(cfg, train=replace(cfg.train, quiet=True)))
+    print(f"end-to-end baseline (train.mode=e2e, 1 process) into {run_dir / 'e2e'} ...", flush=True)
+    e2e = train(base, run_dir / "e2e")
+    acc = e2e["layers"][-1]["test_acc"]
+    run["e2e_baseline"] = {"run_dir": e2e["run_dir"], "test_acc": acc, "ensemble_test_acc": e2e["ensemble_test_acc"],
+                           "wall_s": e2e["wall_s"]}
+    (run_dir / "summary.json").write_text(json.dumps(run, indent=2))
+    accs = " / ".join(f"{layer['test_acc']:.4f}" for layer in run["layers"])
+    print(f"compare: {run['mode']} on {run['world_size']} rank(s): blocks {accs} in {run['wall_s']:.1f}s | "
+          f"end-to-end backprop: {acc:.4f} (last block) in {e2e['wall_s']:.1f}s", flush=True)
     return 0
 
 

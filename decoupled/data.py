@@ -47,12 +47,25 @@ class Batch:
 
 # ---------------------------------------------------------------------------- loaders
 
-def _digits(cfg: DataConfig, seed: int):
-    # scikit-learn ships the 1797 8x8 UCI digits inside the package: real data, no download.
+def _digits_arrays():
+    """sklearn's digits.csv.gz read directly (what load_digits reads), without importing sklearn:
+    that import costs seconds, more than the quick-start job's training; load_digits if the file moved."""
+    import importlib.util
+    spec = importlib.util.find_spec("sklearn")  # locates the package without running it
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if path is not None and path.is_file():
+        data = np.loadtxt(path, delimiter=",")
+        return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
     from sklearn.datasets import load_digits
     d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(d.target, dtype=torch.int64)
+    return d.images, d.target
+
+
+def _digits(cfg: DataConfig, seed: int):
+    # scikit-learn ships the 1797 8x8 UCI digits inside the package: real data, no download.
+    images, target = _digits_arrays()
+    x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(target, dtype=torch.int64)
     # fixed seeded 80/20 split (seed 0 always, so the test set never depends on the job seed)
     perm = torch.randperm(len(y), generator=generator(0, "digits-split"))
     n_test = len(y) // 5

@@ -36,6 +36,8 @@ def train(cfg: JobConfig, out: Path | None = None, resume: bool | str = False) -
 
     resume: True continues from the last epoch every rank completed (an error if there is none);
     "auto" does the same but starts afresh when there is no checkpoint yet (torchrun restarts)."""
+    from .live import require_tensorboard
+    require_tensorboard(cfg)  # before anything trains
     if resume and cfg.train.mode not in RESUMABLE:
         raise ConfigError(f"--resume supports train.mode in {RESUMABLE}, not {cfg.train.mode!r}")
     if cfg.train.mode in DISTRIBUTED_MODES:
@@ -56,7 +58,9 @@ def train(cfg: JobConfig, out: Path | None = None, resume: bool | str = False) -
     if resume:
         start = _resume_single(run, resume, out)
     memory = PeakMemory(device)  # after the model and data exist: measure what training costs
+    run.live.memory = memory
 
+    run.live.start(stages)
     t0 = time.perf_counter()
     LOOPS[cfg.train.mode](run, start)
     synchronize(device)
@@ -75,6 +79,7 @@ def train(cfg: JobConfig, out: Path | None = None, resume: bool | str = False) -
                       [S.rank_report(0, stages, memory, train_s, {})], **costs)
     run.recorder.log(kind="summary", wall_s=summary["wall_s"], ensemble_test_acc=summary["ensemble_test_acc"])
     run.recorder.close()
+    run.live.close()
     return summary
 
 
@@ -105,7 +110,9 @@ def _train_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World, t
     setup = setup_rank(cfg, out, resume, world)
     run, pipe = setup.run, setup.pipeline
     memory = PeakMemory(world.device)
+    run.live.memory = memory
 
+    run.live.start(run.stages)
     t0 = time.perf_counter()
     pipe.run_loop()
     synchronize(world.device)
@@ -122,6 +129,7 @@ def _train_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World, t
     S.save_rank_report(out, world.rank, report)  # kept even if the final exchange never happens
     reports = W.gather_to_0(report, world, group=world.patient)
     run.recorder.close()
+    run.live.close()
     if world.rank != 0:
         return None
     layers = S.merge_rank_layers(reports)

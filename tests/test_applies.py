@@ -12,7 +12,7 @@ ALWAYS = {"data.name", "data.batch_size", "data.eval_batch_size", "data.limit_tr
           "data.augment", "data.val_fraction", "model.name", "model.activation", "model.block_sizes", "objective.name", "objective.head",
           "objective.exit_fallback", "train.mode", "train.epochs", "train.seed", "train.device",
           "train.log_every", "train.eval_every", "train.checkpoint", "train.patience", "train.plateau_factor",
-          "train.precision", "train.check_every",
+          "train.precision", "train.check_every", "train.quiet", "log.tensorboard",
           "optim.name", "optim.lr", "optim.weight_decay", "optim.schedule", "optim.block_lr_decay"}
 
 # (a non-default value, a job where the key does nothing) for every CHOICE rule

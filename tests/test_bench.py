@@ -17,7 +17,7 @@ from torchrun_utils import REPO, env, sets
 # 2 blocks of one conv each on 3x8x8 blobs: seconds per row
 TINY = {"data.name": "synthetic", "data.synthetic_shape": [3, 8, 8], "data.synthetic_train": 128,
         "data.synthetic_test": 32, "data.batch_size": 32, "model.name": "vgg", "model.hierarchy": [1, 1],
-        "model.width": 4, "train.device": "cpu"}
+        "model.width": 4, "train.device": "cpu"}  # aux_width: no hidden layer at k=1
 
 
 def targets(result: dict) -> dict:

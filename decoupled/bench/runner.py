@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..launch import torchrun_command
+
 
 def median(xs: list[float]) -> float:
     xs = sorted(xs)
@@ -62,8 +64,8 @@ def env(threads: int, mmap_threshold: int = 0) -> dict:
 
 
 def torchrun(k: int, module_args: list[str]) -> list[str]:
-    # --standalone: the agent picks its own free port, so concurrent jobs never race for one
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={k}", "-m", *module_args]
+    """K local ranks: the launcher `decoupled train --nproc-per-node K` uses (decoupled/launch.py)."""
+    return torchrun_command(k, module_args)
 
 
 def train_command(config: str | None, sets: list[str], out: Path, ranks: int = 0, threads_env=None) -> list[str]:

@@ -177,6 +177,8 @@ class TrainConfig:
     # per block), trading compute for memory: the `e2e-checkpoint` row of `decoupled bench`. BatchNorm
     # running statistics are updated again by the recomputation (momentum acts twice per step)
     activation_checkpointing: bool = False
+    # no per-epoch lines on stdout (decoupled/live.py): only the summary at the end
+    quiet: bool = False
 
 
 @dataclass
@@ -230,6 +232,14 @@ class ReplayConfig:
 
 
 @dataclass
+class LogConfig:
+    # TensorBoard scalars into RUN/tb/rank{r}/ (per-block loss and test accuracy, samples/s,
+    # compute/comm/idle, replay statistics, memory, learning rate): `tensorboard --logdir RUN/tb`.
+    # Needs the optional extra: pip install -e '.[tb]'
+    tensorboard: bool = False
+
+
+@dataclass
 class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -238,3 +248,4 @@ class JobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
+    log: LogConfig = field(default_factory=LogConfig)

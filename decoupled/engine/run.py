@@ -13,6 +13,7 @@ import torch
 from ..checkpoint import Checkpointer
 from ..config import JobConfig, to_toml
 from ..data import Data
+from ..live import Live
 from ..metrics import Recorder, progress
 from .evaluate import evaluate
 from .stage import Stage
@@ -27,12 +28,14 @@ class Run:
     out: Path | None
     recorder: Recorder
     rank: int = 0
+    distributed: bool = False  # a torchrun rank (its lines say which)
     last_eval: dict = field(default_factory=dict)
     eval_fresh: bool = False  # last_eval still describes the current weights
 
     def __post_init__(self):
         t = self.cfg.train
         self.checkpointer = Checkpointer(self.out, self.rank, t.checkpoint, t.keep_checkpoints)
+        self.live = Live(self.cfg, self.out, self.rank, self.distributed)  # epoch lines, TensorBoard
 
     def to_device(self, *tensors):
         """Host batches to the device. On CUDA from pinned memory, so the copy is truly asynchronous
@@ -42,10 +45,13 @@ class Run:
         return [(t.pin_memory() if t.device.type == "cpu" else t).to(self.device, non_blocking=True) for t in tensors]
 
     def progress(self, total: int, desc: str):
-        return progress(total, desc)
+        bar = progress(total, desc)
+        self.live.bar = None if bar.disable else bar  # a terminal: the bar shows the current losses
+        return bar
 
     def log_step(self, epoch: int, stage: Stage, res, y: torch.Tensor) -> None:
         self.eval_fresh = False
+        self.live.add_loss(stage.index, res.loss)  # summed on the device, read at the epoch end
         if stage.steps % self.cfg.train.log_every == 0:
             self.recorder.log(kind="step", epoch=epoch, block=stage.index, step=stage.steps,
                               loss=float(res.loss.detach()), train_acc=float((res.pred == y).float().mean()),
@@ -60,12 +66,18 @@ class Run:
     def end_epoch(self, epoch: int, block: int | None = None) -> None:
         """Evaluate, log and checkpoint after `epoch` (0-based; of `block` in sequential mode)."""
         every = self.cfg.train.eval_every
+        ev = None
         if every and (epoch + 1) % every == 0:
             ev = self.evaluate()
             self.recorder.log(kind="epoch", epoch=epoch, block=block, test_acc=ev["layer_acc"],
                               ensemble_test_acc=ev["ensemble_acc"],
                               train_samples=[s.samples for s in self.stages],
                               lr=[s.optimizer.param_groups[0]["lr"] for s in self.stages])
+        if block is None:
+            self.live.epoch(epoch, max(s.epochs for s in self.stages), self.stages, ev)
+        else:  # sequential / quicknet: `epoch` counts all blocks' epochs; say the block's own
+            s = self.stages[block]
+            self.live.epoch(s.epochs_done - 1, s.epochs, self.stages, ev, block=block)
         self.save_checkpoint(epoch)
 
     def save_checkpoint(self, epoch: int) -> None:

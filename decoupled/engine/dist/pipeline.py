@@ -122,7 +122,13 @@ class Pipeline:
         # `is not None`: an empty ReplayBuffer is falsy (it has __len__), and a rank whose buffer
         # happened to be empty at an epoch end used to log no replay stats (the bench's KeyError race)
         extra = {"replay": self.buffer.stats.as_dict()} if self.buffer is not None else {}
-        self.run.recorder.log(kind="epoch_end", rank=self.rank, epoch=epoch, **self.rank_metrics(), **extra)
+        metrics = self.rank_metrics()
+        self.run.recorder.log(kind="epoch_end", rank=self.rank, epoch=epoch, **metrics, **extra)
+        # the sources evaluate after every eval_every epochs and after the last (not when streaming on
+        # for a steps budget): then this epoch's line waits for its test accuracies (a few ms)
+        every = 0 if self.own_epochs and self.stop_after is None else self.cfg.train.eval_every
+        follows = bool(every) and ((epoch + 1) % every == 0 or epoch == self.total_epochs - 1)
+        self.run.live.rank_epoch(epoch, self.total_epochs, self.stages, metrics, extra.get("replay"), follows)
         self.run.save_checkpoint(epoch)
 
     def end_eval(self, epoch: int) -> None:
@@ -131,6 +137,7 @@ class Pipeline:
         self.run.recorder.log(kind="eval", rank=self.rank, epoch=epoch,
                               test_acc={str(k): v for k, v in res["layer_acc"].items()},
                               ensemble_test_acc=res.get("ensemble_acc"))
+        self.run.live.rank_eval(epoch, res["layer_acc"], res.get("ensemble_acc"))
         self.send(Message(Kind.END_EVAL, epoch))
 
     def send(self, m: Message) -> None:

@@ -162,7 +162,8 @@ def setup_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World) ->
             prepare_run_dir(cfg, out, resume)
     handshake(verdict.all, rank)
 
-    run = Run(cfg, data, stages, device, out, Recorder(out / "metrics.jsonl"), rank=rank)
+    run = Run(cfg, data, stages, device, out, Recorder(out / "metrics.jsonl"), rank=rank,
+              distributed=True)
     start = _resume_epoch(run, world, resume, out) if resume else 0
     t = cfg.dist
     wire = max(cfg.data.batch_size, cfg.data.eval_batch_size)

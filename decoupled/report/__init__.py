@@ -1,0 +1,73 @@
+"""`decoupled report RUN_OR_BENCH... --out DIR`: the figures of plots.py and DIR/report.md, a page of
+the runs' summaries (per-block accuracy, memory and throughput per rank, the exit curve when there is
+one, the end-to-end baseline when the run was compared with one) and of the bench folders' tables."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ..metrics import mib_text
+
+
+def _fmt(v, spec: str = ".4f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def run_section(name: str, s: dict) -> list[str]:
+    lines = [f"## {name}", "",
+             f"`{s['mode']}` / `{s['objective']}` / `{s['model']}` on `{s['dataset']}`, {s['world_size']} rank(s), "
+             f"{s['wall_s']:.1f} s wall; run directory `{s['run_dir']}`", "",
+             "| block | test acc. | train samples | epochs | params |", "|---:|---:|---:|---:|---:|"]
+    for layer in s["layers"]:
+        lines.append(f"| {layer['block']} | {_fmt(layer['test_acc'])} | {layer['train_samples']} | {layer['epochs']} | "
+                     f"{layer['params']} |")
+    lines += ["", f"Ensemble test accuracy: **{_fmt(s.get('ensemble_test_acc'))}**"]
+    if s.get("e2e_baseline"):
+        b = s["e2e_baseline"]
+        lines.append(f"; end-to-end backprop baseline: {_fmt(b['test_acc'])} (last block) in {b['wall_s']:.1f} s "
+                     f"(`{b['run_dir']}`)")
+    lines += ["", "| rank | blocks | peak memory | samples/s | compute s | comm s | idle s |",
+              "|---:|---|---:|---:|---:|---:|---:|"]
+    for r in s.get("ranks", []):
+        lines.append(f"| {r['rank']} | {r['blocks']} | {mib_text(r.get('peak_mem_bytes'))} | "
+                     f"{r.get('samples_per_s', 0):.0f} | {_fmt(r.get('compute_s'), '.2f')} | "
+                     f"{_fmt(r.get('comm_s'), '.2f')} | {_fmt(r.get('idle_s'), '.2f')} |")
+    if s.get("exit_curve"):
+        lines += ["", "Early-exit curve:", "", "| threshold | accuracy | MFLOPs/sample | exit fractions |",
+                  "|---:|---:|---:|---|"]
+        for c in s["exit_curve"]:
+            lines.append(f"| {c['threshold']:g} | {c['accuracy']:.4f} | {c['avg_flops'] / 1e6:.4f} | "
+                         + " ".join(f"{f:.3f}" for f in c["exit_fraction"]) + " |")
+    return lines + [""]
+
+
+def markdown(runs: list[Path], bench_dirs: list[Path], figures: list[Path]) -> str:
+    lines = ["# decoupled report", "", f"{len(runs)} run(s), {len(bench_dirs)} bench folder(s).", ""]
+    for f in figures:
+        lines += [f"![{f.stem}]({f.name})", ""]
+    for r in runs:
+        lines += run_section(str(r), json.loads((r / "summary.json").read_text()))
+    for b in bench_dirs:
+        md = b / "bench.md"
+        lines += [f"## bench {b}", "", md.read_text() if md.exists() else "(no bench.md)", ""]
+    return "\n".join(lines)
+
+
+def main(paths: list[Path], out: Path) -> int:
+    from .plots import load_all, plot_all
+    try:
+        runs, groups, bench_dirs, benches = load_all(paths)
+    except FileNotFoundError as e:
+        print(f"decoupled: report: {e}", file=sys.stderr)
+        return 2
+    if not runs and not benches:
+        print(f"decoupled: report: no summary.json or bench.json under {', '.join(map(str, paths))}", file=sys.stderr)
+        return 2
+    figures = plot_all(groups, benches, out)
+    page = out / "report.md"
+    page.write_text(markdown(runs, bench_dirs, figures))
+    print(f"report: {len(runs)} run(s), {len(bench_dirs)} bench folder(s) -> {page}")
+    for f in figures:
+        print(f"  {f}")
+    return 0
