@@ -74,3 +74,15 @@ def test_steps_budget_gives_the_slow_rank_the_sync_step_count(tmp_path):
     for name in ("steps", "upstream"):
         rep = runs[name]["ranks"][1]["replay"]
         assert rep["fresh_draws"] + rep["replayed_draws"] == rep["draws"]
+
+
+def test_steps_budget_with_cascade_budgets_streams_until_every_block_is_done(tmp_path):
+    """Cascade budgets 1, 3, 5 epochs under "steps": no hand-off (a block's epochs are its own steps),
+    the frozen upstream ranks stream on until the last block has made 5 epochs of steps, then stop."""
+    cfg = {"data.limit_train": 256, "model.widths": [32, 32, 32], "data.batch_size": 32, "train.mode": "async",
+           "objective.name": "cascade", "objective.cascade_epoch_increment": 2, "replay.budget": "steps",
+           "train.checkpoint": False}
+    check(torchrun(3, ["--out", str(tmp_path / "sc"), *sets(cfg)], timeout=300))
+    s = summary(tmp_path / "sc")
+    assert [l["epochs"] for l in s["layers"]] == [1, 3, 5]
+    assert [r["optimizer_steps"] for r in s["ranks"]] == [[8], [24], [40]]

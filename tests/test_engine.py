@@ -155,6 +155,8 @@ def test_cascade_handoff_plan():
     from decoupled.engine.dist.setup import cascade_handoffs
     cfg = load(None, ["train.mode=async", "objective.name=cascade", "objective.cascade_initial_epochs=1",
                       "objective.cascade_epoch_increment=2"])  # budgets 1, 3, 5
+    assert cascade_handoffs(cfg, [[0], [1], [2]], start=0) == [None, None, None]  # "steps": upstream streams on
+    cfg.replay.budget = "upstream"
     assert cascade_handoffs(cfg, [[0], [1], [2]], start=0) == [None, 1, 3]
     assert cascade_handoffs(cfg, [[0, 1], [2]], start=0) == [None, 3]
     assert cascade_handoffs(cfg, [[0], [1], [2]], start=4) == [None, None, None]  # resumed late: nothing left

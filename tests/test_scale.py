@@ -37,7 +37,7 @@ def test_async_cascade_tail_outlives_dist_timeout(tmp_path):
     dist.timeout_s: the end-of-run report must wait for it (it used to time out in the gather)."""
     cfg = {**MLP, "train.mode": "async", "objective.name": "cascade", "objective.cascade_initial_epochs": 1,
            "objective.cascade_epoch_increment": 4, "dist.timeout_s": 3, "dist.debug_delay_ms": 150,
-           "train.eval_every": 0}
+           "train.eval_every": 0, "replay.budget": "upstream"}  # the hand-off: rank 0 stops after epoch 1
     t0 = time.monotonic()
     check(torchrun(3, ["--out", str(tmp_path / "tail"), *sets(cfg)], timeout=300))
     s = summary(tmp_path / "tail")
@@ -66,7 +66,7 @@ def test_async_cascade_resumes_after_pruned_checkpoints(tmp_path):
 
 def test_cache_auto_with_augmentation_never_freezes_a_view():
     cfg = load(None, ["train.mode=async", "objective.name=cascade", "objective.cascade_epoch_increment=2",
-                      "model.name=vgg", "model.hierarchy=[1,1,1]", "data.augment=true"])
+                      "model.name=vgg", "model.hierarchy=[1,1,1]", "data.augment=true", "replay.budget=upstream"])
     assert cfg.train.cache == "auto"
     assert cascade_handoffs(cfg, [[0], [1], [2]], start=0) == [None, None, None]  # recompute, as sequential does
 

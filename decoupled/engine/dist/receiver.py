@@ -34,9 +34,12 @@ class Receiver:
         self.buffer = (ReplayBuffer(r.capacity, r.policy, r.max_reuse, seed=cfg.train.seed * 1000 + rank)
                        if self.is_async else None)
         self.inbox: queue.Queue = queue.Queue(maxsize=cfg.dist.max_inflight)  # sync
-        # async: non-train messages in order, at most `max_control` of them: evaluation batches carry
-        # activations, and a slow rank must not hold the whole test set's (back-pressure instead:
-        # the thread stops reading, upstream's isends wait, upstream blocks on dist.max_inflight)
+        # async: non-train messages in order, at most `max_control` evaluation batches among them:
+        # those carry activations, and a slow rank must not hold the whole test set's (back-pressure
+        # instead: the thread stops reading, upstream's isends wait, upstream blocks on
+        # dist.max_inflight). Markers (end of epoch / evaluation, stop) carry nothing and never
+        # block: an end-of-epoch waits for its epoch's batches, and holding the thread on it would
+        # stop the arrivals that evict them, making upstream wait for a slow rank after all.
         self.control: collections.deque = collections.deque()
         self.max_control = cfg.dist.max_inflight
         self.ready = threading.Condition()  # async: notified on every arrival and every hand-out
@@ -75,8 +78,9 @@ class Receiver:
             self.buffer.put(Entry(m.x, m.y, m.ids, m.epoch, m.step, ready=m.ready))
         else:
             with self.ready:
-                if m is not None:  # a failure (None) is always delivered at once
-                    self.ready.wait_for(lambda: len(self.control) < self.max_control)
+                if m is not None and m.kind == Kind.EVAL:
+                    self.ready.wait_for(lambda: sum(c is not None and c.kind == Kind.EVAL
+                                                    for c in self.control) < self.max_control)
                 self.control.append(m)
         with self.ready:
             self.ready.notify_all()

@@ -79,13 +79,17 @@ def cascade_handoffs(cfg: JobConfig, plan: list[list[int]], start: int) -> list[
 
     Every block upstream of rank r is frozen from epoch U_r = max budget of those blocks on; if
     epochs remain after U_r, rank r caches epoch U_r and its upstream neighbour stops after it.
-    Sync mode recomputes instead: its results must equal the single-process trainer bit for bit."""
+    Sync mode recomputes instead: its results must equal the single-process trainer bit for bit.
+    So does replay.budget="steps": there a block's epochs are its own steps, not the stream's, so
+    "frozen from epoch U_r" is not known in advance; the frozen upstream ranks keep streaming
+    (forward only) until every rank has made its budget."""
     budgets = block_budgets(cfg, sum(len(blocks) for blocks in plan))
     last = max(budgets) - 1
     out: list[int | None] = [None]
+    handoff = cfg.train.mode == "async" and cfg.replay.budget == "upstream" and cache_mode(cfg) != "recompute"
     for r in range(1, len(plan)):
         frozen_from = max(max(budgets[: plan[r][0]]), start)
-        use = cfg.train.mode == "async" and cache_mode(cfg) != "recompute" and frozen_from < last
+        use = handoff and frozen_from < last
         out.append(frozen_from if use else None)
     return out
 

@@ -47,6 +47,10 @@ class DatasetSource:
     def _epochs(self) -> Iterator[int]:
         epoch = self.start
         while epoch <= self.last or (self.more is not None and self.more()):
+            if epoch > self.last + max(10, 4 * (self.last + 1)):  # never stream forever
+                raise PeerError(f"rank {self.run.rank}: the ranks have not made their step budgets after "
+                                f"{epoch - self.last - 1} extra epochs of data (replay.budget='steps'); "
+                                "a rank is not training: check its log")
             yield epoch
             epoch += 1
 

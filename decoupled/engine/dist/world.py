@@ -8,6 +8,7 @@ the same way whatever carries the activations.
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -37,13 +38,14 @@ class World:
 class BudgetBoard:
     """replay.budget="steps": a source keeps streaming until every rank has made its budget of
     optimizer steps. Ranks count themselves in on the job's store (one key, atomic adds); the sources
-    read the count. A store round trip per source batch, on the host, off the training stream."""
+    read the count, at most every `poll_s` (a store round trip, on the host)."""
 
     KEY = "budget-done"
 
-    def __init__(self, store, size: int):
-        self.store, self.size = store, size
+    def __init__(self, store, size: int, poll_s: float = 0.05):
+        self.store, self.size, self.poll_s = store, size, poll_s
         self.marked = False
+        self._done, self._asked = False, -float("inf")
 
     def mark_done(self) -> None:
         if not self.marked:
@@ -51,7 +53,11 @@ class BudgetBoard:
             self.store.add(self.KEY, 1)
 
     def all_done(self) -> bool:
-        return self.store.add(self.KEY, 0) >= self.size
+        now = time.monotonic()
+        if not self._done and now - self._asked >= self.poll_s:
+            self._asked = now
+            self._done = self.store.add(self.KEY, 0) >= self.size
+        return self._done
 
 
 def resolve_backend(cfg: JobConfig) -> tuple[str, torch.device]:
