@@ -135,4 +135,5 @@ def _train_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World, t
     layers = S.merge_rank_layers(reports)
     return S.write(cfg, out, world.size, world.device, t_start, layers, reports[-1]["ensemble"],
                    [r["rank"] for r in reports], placement=setup.plan, backend=world.backend,
+                   **({"predicted_stage_s": setup.predicted_stage_s} if setup.predicted_stage_s else {}),
                    train_flops=sum(layer["train_flops"] for layer in layers))

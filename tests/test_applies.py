@@ -35,6 +35,7 @@ REFUSED = {
     "optim.step_epochs": ("3", []), "optim.gamma": ("0.5", []), "optim.milestones": ("[0.5]", []),
     "train.keep_checkpoints": ("1", ["train.checkpoint=false"]),
     "train.plateau_patience": ("2", ["train.mode=e2e"]),
+    "dist.max_stage_mem_mb": ("100", ["train.mode=sync"]),
 }
 
 

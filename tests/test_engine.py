@@ -122,7 +122,7 @@ def test_world_larger_than_blocks_fails_before_training(tmp_path):
 
 
 def test_placement_and_backend_choice(monkeypatch):
-    from decoupled.engine.dist import setup, world as distributed
+    from decoupled.engine.dist import placement as setup, world as distributed
     cfg = load(None, ["train.mode=sync"])
     assert setup.placement(cfg, 5, 2) == [[0, 1, 2], [3, 4]]
     cfg.dist.placement = [1, 4]
@@ -178,3 +178,22 @@ def test_async_cascade_serves_cached_pseudo_inputs(tmp_path):
     assert (tmp_path / "ac" / "cache" / "rank2-train.npy").exists()
     last_epoch = {r: max(m["epoch"] for m in lines if m["kind"] == "epoch_end" and m["rank"] == r) for r in range(3)}
     assert last_epoch == {0: 1, 1: 3, 2: 4}  # upstream ranks stop after the epoch downstream cached
+
+
+def test_auto_placement_balances_measured_blocks(tmp_path):
+    """dist.placement="auto": every block's training step is timed at start-up, the split whose slowest
+    rank is fastest is chosen and printed, and summary.json carries the predictions."""
+    from decoupled.engine.dist.placement import best_split
+    assert best_split([1, 1, 1, 1], 2) == [2, 2] and best_split([4, 1, 1, 1, 1], 2) == [1, 4]
+    assert best_split([1, 1, 3], 2, mem=[1, 1, 5], cap=6) == [2, 1]
+    with pytest.raises(ConfigError, match="max_stage_mem_mb"):
+        best_split([1, 1, 1], 2, mem=[4, 4, 4], cap=6)  # a pair would need 8
+    # block 0 (64 -> 1024) and block 1 (1024 -> 1024) dwarf blocks 2-3 (1024 -> 8 -> 8): the heavy
+    # 1024 x 1024 block gets a rank of its own
+    cfg = {"model.widths": [1024, 1024, 8, 8], "data.limit_train": 256, "train.epochs": 1, "train.mode": "sync",
+           "dist.placement": "auto", "train.checkpoint": False}
+    p = check(torchrun(2, ["--out", str(tmp_path / "auto"), *sets(cfg)]))
+    s = summary(tmp_path / "auto")
+    assert "dist.placement=auto" in p.stdout and len(s["predicted_stage_s"]) == 2
+    assert s["placement"] in ([[0], [1, 2, 3]], [[0, 1], [2, 3]])
+    assert sum(len(g) for g in s["placement"]) == 4

@@ -5,7 +5,7 @@ reads the rows, report.py writes bench.md / bench.png, sweep.py the depth sweep,
 gpipe.py are the workers it launches, split.py the pipelines' split search."""
 from .cli import add_parser, main
 from .rows import ROWS, bench, bound, bound_samples_per_s, pipeline_row
-from .split import best_split
+from ..engine.dist.placement import best_split
 from .runner import median, timed
 from .sweep import parse_lists
 

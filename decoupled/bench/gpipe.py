@@ -5,7 +5,7 @@ head and one global cross-entropy) pipelined over K ranks with torch.distributed
     torchrun --nproc-per-node=K -m decoupled.bench.gpipe CONFIG.toml OUT.json MICROBATCHES [SCHEDULE [SPLIT]]
 
 SCHEDULE: gpipe (default) | 1f1b (needs MICROBATCHES >= K). SPLIT: blocks per rank, comma-separated
-(e.g. 3,1): the bench passes each baseline its own best contiguous split (split.best_split on the
+(e.g. 3,1): the bench passes each baseline its own best contiguous split (placement.best_split on the
 measured per-block e2e costs); default: dist.placement or the engine's even split.
 Trains config epochs (the first is warm-up) and writes one bench row to OUT.json.
 
@@ -38,7 +38,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from ..config import load
 from ..data import batches, build_data, resolve_augment
 from ..device import synchronize
-from ..engine.dist.setup import placement
+from ..engine.dist.placement import placement
 from ..engine.dist.world import resolve_backend
 from ..engine.stage import init_module
 from ..metrics import PeakMemory
@@ -89,28 +89,10 @@ def build_module(cfg, data, rank: int, world: int, device) -> tuple[nn.Module, l
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
 
-def main(cfg_path: str, out: str, microbatches: int, schedule_name: str = "gpipe",
-         split: list[int] | None = None) -> None:
-    cfg = load(cfg_path)
-    if split:
-        cfg.dist.placement = list(split)  # placement() checks it against the world and the blocks
-    backend, device = resolve_backend(cfg)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.dist.timeout_s))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    seed = cfg.train.seed
-    torch.manual_seed(seed)
-    data = build_data(cfg.data, seed)  # every rank: rank 0 needs the inputs, the last rank the labels
-
-    module, plan = build_module(cfg, data, rank, world, device)
-    opt = build_optimizer(module.parameters(), cfg.optim, cfg.optim.lr)
-    stage = TimedStage(module, rank, world, device)
-    schedule = SCHEDULES[schedule_name](stage, n_microbatches=microbatches,
-                                        loss_fn=lambda out, y: F.cross_entropy(out, y))
-    memory = PeakMemory(device)
-
-    B = cfg.data.batch_size
+def train_epochs(cfg, data, device, stage: TimedStage, schedule, opt, rank: int, world: int):
+    """Every epoch through the schedule: per-epoch wall / compute / comm seconds and samples, the
+    samples dropped from partial last batches, the last stage's losses."""
+    B, seed = cfg.data.batch_size, cfg.train.seed
     epochs, dropped, losses_seen = [], 0, []
     for epoch in range(cfg.train.epochs):
         t0, c0, trained, comm = time.perf_counter(), stage.compute_s, 0, 0.0
@@ -137,6 +119,31 @@ def main(cfg_path: str, out: str, microbatches: int, schedule_name: str = "gpipe
         epochs.append({"wall_s": wall, "compute_s": stage.compute_s - c0, "comm_s": comm,
                        "samples": trained})
 
+    return epochs, dropped, losses_seen
+
+
+def main(cfg_path: str, out: str, microbatches: int, schedule_name: str = "gpipe",
+         split: list[int] | None = None) -> None:
+    cfg = load(cfg_path)
+    if split:
+        cfg.dist.placement = list(split)  # placement() checks it against the world and the blocks
+    backend, device = resolve_backend(cfg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.dist.timeout_s))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    seed = cfg.train.seed
+    torch.manual_seed(seed)
+    data = build_data(cfg.data, seed)  # every rank: rank 0 needs the inputs, the last rank the labels
+
+    module, plan = build_module(cfg, data, rank, world, device)
+    opt = build_optimizer(module.parameters(), cfg.optim, cfg.optim.lr)
+    stage = TimedStage(module, rank, world, device)
+    schedule = SCHEDULES[schedule_name](stage, n_microbatches=microbatches,
+                                        loss_fn=lambda out, y: F.cross_entropy(out, y))
+    memory = PeakMemory(device)
+
+    epochs, dropped, losses_seen = train_epochs(cfg, data, device, stage, schedule, opt, rank, world)
     timed = epochs[1:] or epochs
     per = lambda key: sum(e[key] for e in timed) / len(timed)  # noqa: E731
     mine = {"rank": rank, "blocks": plan[rank], **memory.report(), "epoch_s": median([e["wall_s"] for e in timed]),
@@ -154,7 +161,7 @@ def main(cfg_path: str, out: str, microbatches: int, schedule_name: str = "gpipe
                "dropped_samples_per_epoch": dropped,
                "notes": ["global loss at the last stage (e2e backprop through every block, pipelined)",
                          f"{SCHEDULES[schedule_name].__name__} with {microbatches} microbatches of "
-                         f"{B // microbatches} samples",
+                         f"{cfg.data.batch_size // microbatches} samples",
                          "partial last batches are dropped: stage shapes are fixed at the first step"]}
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(row, indent=2))

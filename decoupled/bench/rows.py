@@ -12,7 +12,7 @@ from ..config import JobConfig, load, to_toml
 from .report import chart, markdown
 from .runner import machine, median, read_jsonl, run, timed, torchrun
 
-from .split import best_split
+from ..engine.dist.placement import best_split
 
 ROWS = ("e2e", "e2e-Kthreads", "e2e-checkpoint", "sequential", "sync", "async", "gpipe", "1f1b")
 PIPELINES = ("gpipe", "1f1b")  # the e2e network through torch.distributed.pipelining (gpipe.py)

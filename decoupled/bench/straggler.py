@@ -34,7 +34,7 @@ def rank_facts(r: dict) -> dict:
 def straggler(config: str | None, overrides: list[str], out: Path, timeout: float = 900.0) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     base = load(config, [*overrides, "train.checkpoint=false", "train.eval_every=0"])
-    if not base.dist.placement:
+    if not isinstance(base.dist.placement, list) or not base.dist.placement:
         raise ConfigError("bench --sweep straggler needs dist.placement (one rank with more blocks), e.g. "
                           "--set dist.placement=[1,2]")
     k = len(base.dist.placement)

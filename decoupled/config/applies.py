@@ -76,6 +76,7 @@ APPLIES: dict[str, Rule] = {
     # the activations' dtype between blocks: on the wire, and at the block boundaries of the
     # single-process modes (so that sync equals simultaneous); end-to-end backprop has no boundary
     "dist.wire_dtype": (lambda c: c.train.mode != "e2e", "train.mode other than 'e2e' (block boundaries)", "mode"),
+    "dist.max_stage_mem_mb": (lambda c: c.dist.placement == "auto", "dist.placement='auto'", "choice"),
 }
 
 

@@ -47,6 +47,8 @@ def _coerce(path: str, value, typ, meta: dict | None = None):
     meta = meta or {}
     if isinstance(value, bool) and "from_bool" in meta:  # a former bool field: false / true -> its choices
         value = meta["from_bool"][value]
+    if value == "auto" and meta.get("auto_ok"):  # a list field that may also be chosen by measurement
+        return value
     if origin is Literal:
         choices = typing.get_args(typ)
         if value not in choices:

@@ -28,13 +28,15 @@ def registry_names(kind: str) -> tuple[str, ...]:
 
 
 def knob(default, *, ge=None, gt=None, lt=None, le=None, registry: str | None = None, empty_ok: bool = False,
-         from_bool: tuple[str, str] | None = None):
+         auto_ok: bool = False, from_bool: tuple[str, str] | None = None):
     """A field with its rule: numeric bounds (for lists: every element), or a registry of names
     (empty_ok: "" is allowed too, meaning "the default one"). from_bool: a choice field that was a
-    bool once takes TOML false / true as these two choices, so old configs keep working."""
+    bool once takes TOML false / true as these two choices, so old configs keep working. auto_ok:
+    the string "auto" is allowed too (chosen by measurement)."""
     meta = {k: v for k, v in dict(ge=ge, gt=gt, lt=lt, le=le, registry=registry,
                                   from_bool=from_bool).items() if v is not None}
     meta["empty_ok"] = empty_ok
+    meta["auto_ok"] = auto_ok
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -205,7 +207,13 @@ class DistConfig:
     # "auto" = nccl with cuda:LOCAL_RANK when CUDA is available, else gloo; "gloo" | "nccl"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     timeout_s: float = knob(300.0, gt=0.0)  # collective and point-to-point timeout
-    placement: list[int] = knob([], ge=1, empty_ok=True)  # blocks per rank, contiguous; empty = even split
+    # blocks per rank, contiguous: [] = an even split (earlier ranks take the remainder) | [2, 1, 1] |
+    # "auto" = the split whose slowest rank is fastest, from every block's training step timed at
+    # start-up on the real input shape and device (engine/dist/placement.py); the plan is printed
+    placement: list[int] = knob([], ge=1, empty_ok=True, auto_ok=True)
+    # dist.placement="auto": a rank's blocks may need at most this many MiB (parameters, gradients,
+    # optimizer state and the activations a step saves, as measured); 0 = no cap
+    max_stage_mem_mb: float = knob(0.0, ge=0.0)
     max_inflight: int = knob(2, ge=1)  # isends a rank may have outstanding (2 = double buffering)
     debug_delay_ms: float = knob(0.0, ge=0.0)  # chaos testing: sleep U(0, this) ms before every step
     # dtype of the activations between blocks (on the wire between ranks, and at the block boundaries

@@ -22,6 +22,7 @@ from ..run import Run, prepare_run_dir
 from ..stage import Stage, build_stages
 from . import world as W
 from .pipeline import Pipeline
+from .placement import measure_blocks, placement
 from .sources import HandoffCache
 from .transport import Link
 
@@ -30,24 +31,6 @@ def block_budgets(cfg: JobConfig, num_blocks: int) -> list[int]:
     """Epochs each block trains (cascade: growing with depth); known to every rank without building heads."""
     spec = OBJECTIVES[cfg.objective.name]
     return [spec.epochs_for(cfg.objective, j, cfg.train) for j in range(num_blocks)]
-
-
-def placement(cfg: JobConfig, num_blocks: int, world: int) -> list[list[int]]:
-    """Consecutive blocks per rank: dist.placement if given, else an even split (earlier ranks take
-    the remainder). Raises ConfigError before anything trains."""
-    if world > num_blocks:
-        raise ConfigError(f"world size {world} > {num_blocks} blocks: every rank needs a block; launch at most "
-                          f"{num_blocks} ranks (--nproc-per-node) or split the model finer (model.blocks)")
-    counts = list(cfg.dist.placement)
-    if counts:
-        if len(counts) != world or sum(counts) != num_blocks:
-            raise ConfigError(f"dist.placement={counts} must list one block count per rank ({world} ranks) "
-                              f"summing to the {num_blocks} blocks")
-    else:
-        q, r = divmod(num_blocks, world)
-        counts = [q + (i < r) for i in range(world)]
-    starts = [sum(counts[:i]) for i in range(world)]
-    return [list(range(s, s + c)) for s, c in zip(starts, counts)]
 
 
 @torch.no_grad()
@@ -106,6 +89,27 @@ class RankSetup:
     run: Run
     pipeline: Pipeline
     plan: list[list[int]]  # blocks per rank
+    predicted_stage_s: list[float] | None = None  # dist.placement="auto": each rank's predicted s/epoch
+
+
+def _measure(cfg: JobConfig, world: W.World, input_shape, num_classes: int, n_train: int):
+    """dist.placement="auto": rank 0 times every block's training step (and measures its memory) on
+    its device; every rank gets the numbers. None otherwise."""
+    if cfg.dist.placement != "auto":
+        return None, None
+    with W.agreement(world, "placement") as verdict:
+        if world.rank == 0:
+            verdict.payload = measure_blocks(cfg, input_shape, num_classes, world.device)
+    return verdict.all[0]
+
+
+def _print_plan(plan: list[list[int]], costs: list[float], mem: list[float], steps: int, batch: int) -> list[float]:
+    """The auto placement, with each rank's predicted seconds per epoch and the throughput bound."""
+    per_rank = [sum(costs[j] for j in g) * steps for g in plan]
+    print(f"decoupled: dist.placement=auto: blocks per rank {[len(g) for g in plan]} ({plan}); predicted "
+          f"s/epoch per rank {[round(t, 3) for t in per_rank]}, bound {steps * batch / max(per_rank):.0f} samples/s; "
+          f"measured MiB per rank {[round(sum(mem[j] for j in g) / 2**20, 1) for g in plan]}", flush=True)
+    return per_rank
 
 
 def _data(cfg: JobConfig, world: W.World) -> tuple[Data | None, tuple]:
@@ -153,10 +157,11 @@ def setup_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World) ->
 
     # Build, place and dry-run the blocks; every rank learns every rank's verdict before anyone
     # trains, so a rank that cannot start never leaves its peers waiting for it.
+    costs, mem = _measure(cfg, world, input_shape, num_classes, n_train)
     plan: list[list[int]] = []
 
     def select(num_blocks: int) -> list[int]:
-        plan.extend(placement(cfg, num_blocks, world.size))
+        plan.extend(placement(cfg, num_blocks, world.size, costs, mem))
         return plan[rank]
 
     with W.agreement(world, "setup") as verdict:
@@ -165,6 +170,11 @@ def setup_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World) ->
         if rank == 0:  # only once everything can start; the others open it after this agreement
             prepare_run_dir(cfg, out, resume)
     handshake(verdict.all, rank)
+    steps = -(-n_train // cfg.data.batch_size)
+    predicted = None
+    if costs is not None:
+        predicted = ([sum(costs[j] for j in g) * steps for g in plan] if rank
+                     else _print_plan(plan, costs, mem, steps, cfg.data.batch_size))
 
     run = Run(cfg, data, stages, device, out, Recorder(out / "metrics.jsonl"), rank=rank,
               distributed=True)
@@ -180,5 +190,5 @@ def setup_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World) ->
     epochs = max(block_budgets(cfg, sum(len(p) for p in plan)))
     pipe = Pipeline(run, epochs, recv, send, start_epoch=start, handoff=handoff,
                     stop_after=handoffs[rank + 1] if rank + 1 < world.size else None, board=world.board,
-                    steps_per_epoch=-(-n_train // cfg.data.batch_size))
-    return RankSetup(run, pipe, plan)
+                    steps_per_epoch=steps)
+    return RankSetup(run, pipe, plan, predicted)
