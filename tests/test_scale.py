@@ -95,11 +95,20 @@ def test_control_queue_is_bounded_under_a_slow_rank():
     cfg = load(None, ["train.mode=async", "dist.max_inflight=2"])
     rx = Receiver(FakeLink(evals), 1, cfg)
     rx.start()
-    time.sleep(0.5)  # the training thread handles nothing meanwhile
+    wait_until(lambda: len(rx.control) == 2)
+    time.sleep(0.3)  # the training thread handles nothing meanwhile: the receiver must stay blocked
     assert len(rx.control) == 2 and rx.link.read <= 3
     handled = [rx.next_control() for _ in range(2)]
+    wait_until(lambda: len(rx.control) == 2)
     time.sleep(0.3)
     assert [m.step for m in handled] == [0, 1] and len(rx.control) == 2 and rx.link.read <= 5
+
+
+def wait_until(predicate, timeout: float = 30.0) -> None:
+    t0 = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - t0 < timeout, "timed out"
+        time.sleep(0.01)
 
 
 def test_staleness_counts_source_steps_across_epochs(tmp_path):
