@@ -102,8 +102,9 @@ class Live:
         tb = {"throughput/samples_per_s": samples / seconds if seconds > 0 else 0.0, "time/epoch_s": seconds}
         for s in stages:
             tb[f"lr/block{s.index}"] = s.optimizer.param_groups[0]["lr"]
-        if self.memory is not None and self.memory.peak_bytes() is not None:
-            tb["memory/peak_mib"] = self.memory.peak_bytes() / 2 ** 20
+        peak = self.memory.peak_bytes() if self.memory is not None else None
+        if peak is not None:
+            tb["memory/peak_mib"] = peak / 2 ** 20
         return tb
 
     # ------------------------------------------------------------------ single-process modes

@@ -181,8 +181,11 @@ def plot_all(groups, benches, out: Path) -> list[Path]:
 
 
 def load_all(paths: list[Path]):
-    """(run paths, groups of summaries, bench folders, bench.json contents) under `paths`."""
+    """(run paths, groups of summaries, bench folders, bench.json contents) under `paths`; raises
+    FileNotFoundError when a path is missing or holds neither a run nor a bench."""
     runs, bench_dirs = find(paths)
+    if not runs and not bench_dirs:
+        raise FileNotFoundError(f"no summary.json or bench.json under {', '.join(map(str, paths))}")
     return runs, load_runs(runs), bench_dirs, [json.loads((b / "bench.json").read_text()) for b in bench_dirs]
 
 
@@ -195,9 +198,6 @@ def main(argv: list[str] | None = None) -> int:
         runs, groups, _, benches = load_all(args.runs)
     except FileNotFoundError as e:
         print(f"plots: {e}", file=sys.stderr)
-        return 2
-    if not runs and not benches:
-        print(f"plots: no summary.json or bench.json under {', '.join(map(str, args.runs))}", file=sys.stderr)
         return 2
     written = plot_all(groups, benches, args.out)
     print(f"plots: {len(runs)} runs in {len(groups)} configurations, {len(benches)} bench folders ->")

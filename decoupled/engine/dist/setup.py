@@ -103,13 +103,11 @@ def _measure(cfg: JobConfig, world: W.World, input_shape, num_classes: int, n_tr
     return verdict.all[0]
 
 
-def _print_plan(plan: list[list[int]], costs: list[float], mem: list[float], steps: int, batch: int) -> list[float]:
+def _print_plan(plan: list[list[int]], per_rank: list[float], mem: list[float], steps: int, batch: int) -> None:
     """The auto placement, with each rank's predicted seconds per epoch and the throughput bound."""
-    per_rank = [sum(costs[j] for j in g) * steps for g in plan]
     print(f"decoupled: dist.placement=auto: blocks per rank {[len(g) for g in plan]} ({plan}); predicted "
           f"s/epoch per rank {[round(t, 3) for t in per_rank]}, bound {steps * batch / max(per_rank):.0f} samples/s; "
           f"measured MiB per rank {[round(sum(mem[j] for j in g) / 2**20, 1) for g in plan]}", flush=True)
-    return per_rank
 
 
 def _data(cfg: JobConfig, world: W.World) -> tuple[Data | None, tuple]:
@@ -173,8 +171,9 @@ def setup_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World) ->
     steps = -(-n_train // cfg.data.batch_size)
     predicted = None
     if costs is not None:
-        predicted = ([sum(costs[j] for j in g) * steps for g in plan] if rank
-                     else _print_plan(plan, costs, mem, steps, cfg.data.batch_size))
+        predicted = [sum(costs[j] for j in g) * steps for g in plan]  # each rank's seconds per epoch
+        if rank == 0:
+            _print_plan(plan, predicted, mem, steps, cfg.data.batch_size)
 
     run = Run(cfg, data, stages, device, out, Recorder(out / "metrics.jsonl"), rank=rank,
               distributed=True)
