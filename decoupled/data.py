@@ -36,6 +36,11 @@ class Data:
     num_classes: int
     val: Split | None = None  # data.val_fraction > 0: held out of the training set (README: validation)
 
+    @property
+    def class_counts(self) -> torch.Tensor:
+        """|T_0 ∩ c|: the training set's class sizes, which QuickNet's class balancing weights by."""
+        return torch.bincount(self.train.y, minlength=self.num_classes)
+
 
 @dataclass
 class Batch:

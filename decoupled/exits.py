@@ -9,12 +9,14 @@ exit answers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 
 import torch
 
 from .data import Split, batches
-from .flops import inference_flops, stage_costs
+from .engine.evaluate import eval_stages
+from .flops import exit_flops, stage_costs
 from .objectives.quicknet import confidence
 
 # thresholds of the default sweep: normalised-entropy confidence crowds near 1 on trained exits
@@ -35,24 +37,61 @@ class ExitOutputs:
     y: torch.Tensor
 
 
+def wanted(cfg) -> bool:
+    """The early-exit curve is what QuickNets are for: every trainer reports it for them."""
+    return cfg.objective.name == "quicknet"
+
+
+class ExitRecorder:
+    """Every exit's answer, batch by batch, for the blocks that see the batches: the `on_exit` hook
+    of engine/evaluate.eval_stages. In one process that is every block; on a rank, its own blocks
+    (their parts are joined on rank 0 with `concat`)."""
+
+    def __init__(self):
+        self.ids: list[torch.Tensor] = []
+        self.y: list[torch.Tensor] = []
+        self.rows: dict[int, list[tuple]] = {}  # block index -> per batch (conf, commit, pred)
+
+    def batch(self, ids: torch.Tensor, y: torch.Tensor) -> None:
+        self.ids.append(ids)
+        self.y.append(y)
+
+    def __call__(self, s, h: torch.Tensor, logits: torch.Tensor) -> None:
+        c = confidence(logits)
+        m = s.objective.commitment(h.float()).float() if uses_commitment(s) else torch.full_like(c, float("inf"))
+        self.rows.setdefault(s.index, []).append((c, m, logits.argmax(-1)))  # on the device: no sync per batch
+
+    def outputs(self) -> ExitOutputs:
+        """Blocks in index order, samples in id order (however the batches arrived)."""
+        order = torch.cat(self.ids).cpu().argsort()
+        blocks = [self.rows[j] for j in sorted(self.rows)]
+
+        def part(k: int) -> torch.Tensor:
+            return torch.stack([torch.cat([r[k] for r in rows]).cpu()[order] for rows in blocks])
+
+        return ExitOutputs(part(0), part(1), part(2), torch.cat(self.y).cpu()[order])
+
+
+def concat(parts: list[ExitOutputs]) -> ExitOutputs:
+    """Consecutive blocks' outputs (ranks in order) as one network's."""
+    return ExitOutputs(*(torch.cat([getattr(p, k) for p in parts]) for k in ("conf", "commit", "pred")),
+                       parts[0].y)
+
+
 @torch.no_grad()
 def collect(stages, split: Split, batch_size: int, device: torch.device) -> ExitOutputs:
-    conf, commit, pred, ys = [], [], [], []
+    rec = ExitRecorder()
     for b in batches(split, batch_size, shuffle=False):
-        h = b.x.to(device)
-        c, m, p = [], [], []
-        for s in stages:
-            h = s.forward(h)
-            logits = s.logits(h).float()
-            c.append(confidence(logits))
-            p.append(logits.argmax(-1))
-            m.append(s.objective.commitment(h.float()).float() if uses_commitment(s)
-                     else torch.full_like(c[-1], float("inf")))
-        conf.append(torch.stack(c).cpu())
-        commit.append(torch.stack(m).cpu())
-        pred.append(torch.stack(p).cpu())
-        ys.append(b.y)
-    return ExitOutputs(torch.cat(conf, 1), torch.cat(commit, 1), torch.cat(pred, 1), torch.cat(ys))
+        rec.batch(b.ids, b.y)
+        eval_stages(stages, b.x.to(device), b.y.to(device), 0.0, {}, rec)
+    return rec.outputs()
+
+
+def block_costs(stages, flop_batch: int) -> list[tuple[float, float, float]]:
+    """Per block, what the exit curve charges (flops.py): its share of reaching and deciding at any
+    later exit, its forward, and its exit head. Computed where the block lives; joined by listing."""
+    costs = [stage_costs(s, flop_batch) for s in stages]
+    return [(exit_flops(s, uses_commitment(s), flop_batch), c["forward"], c["exit"]) for s, c in zip(stages, costs)]
 
 
 def choose_exit(conf: torch.Tensor, commit: torch.Tensor, threshold: float,
@@ -103,18 +142,14 @@ def plot(curve: list[dict], exit_points: list[tuple[float, float]], path: Path, 
     plt.close(fig)
 
 
-def report(stages, split: Split, batch_size: int, device: torch.device, thresholds, fallback: str,
-           layer_acc: list[float], png: Path | None = None, title: str = "",
-           flop_batch: int = 64) -> tuple[list[dict], list[float]]:
-    """The exit curve over `split`, and each exit's inference FLOPs under the exit rule (every
-    block, exit and used commitment head up to it); plotted to `png` when given."""
-    cum = inference_flops(stages, [uses_commitment(s) for s in stages], flop_batch)
-    curve = exit_curve(collect(stages, split, batch_size, device), cum, sorted(set(thresholds)), fallback)
-    if png is not None:
-        blocks, single = 0.0, []  # every sample leaves at exit j: blocks up to j and that one head
-        for s in stages:
-            c = stage_costs(s, flop_batch)
-            blocks += c["forward"]
-            single.append(blocks + c["exit"])
+def report(outs: ExitOutputs, costs: list[tuple[float, float, float]], thresholds, fallback: str,
+           layer_acc: list[float], png: Path | None = None, title: str = "") -> tuple[list[dict], list[float]]:
+    """The exit curve of `outs`, and each exit's inference FLOPs under the exit rule (every block,
+    exit and used commitment head up to it), from `block_costs`; plotted to `png` when given."""
+    cum = list(accumulate(c[0] for c in costs))
+    curve = exit_curve(outs, cum, sorted(set(thresholds)), fallback)
+    if png is not None:  # every sample leaves at exit j: blocks up to j and that one head
+        reach = accumulate(c[1] for c in costs)
+        single = [blocks + c[2] for blocks, c in zip(reach, costs)]
         plot(curve, list(zip(single, layer_acc)), png, title)
     return curve, cum

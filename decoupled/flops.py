@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import weakref
+from itertools import accumulate
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -104,12 +105,14 @@ def train_flops(stages, mode: str, num_blocks: int, batch: int = 64) -> list[flo
     return out
 
 
+def exit_flops(stage, uses_commit: bool, batch: int = 64) -> float:
+    """One block's share of every later exit's inference cost: its eval-mode forward, its exit head
+    and (where the exit rule uses it) its commitment head."""
+    c = stage_costs(stage, batch)
+    return c["forward"] + c["exit"] + (c["commit"] if uses_commit else 0.0)
+
+
 def inference_flops(stages, commit: list[bool], batch: int = 64) -> list[float]:
     """Per exit: the FLOPs for one sample to reach and decide there, i.e. every block, exit head and
     (where used) commitment head up to and including that exit."""
-    total, out = 0.0, []
-    for s, uses in zip(stages, commit):
-        c = stage_costs(s, batch)
-        total += c["forward"] + c["exit"] + (c["commit"] if uses else 0.0)
-        out.append(total)
-    return out
+    return list(accumulate(exit_flops(s, uses, batch) for s, uses in zip(stages, commit)))

@@ -32,16 +32,30 @@ def costs(cfg: JobConfig, stages, layer_rows: list[dict]) -> dict:
 
 def exit_curve(cfg: JobConfig, stages, test, device, out: Path, layer_rows: list[dict],
                thresholds=None, fallback: str | None = None) -> dict:
-    """The early-exit curve (exits.py) into summary fields, and exit_curve.png."""
+    """The early-exit curve of a network held in one process (every block in `stages`)."""
+    return exit_fields(cfg, exits.collect(stages, test, cfg.data.eval_batch_size, device),
+                       exits.block_costs(stages, cfg.data.batch_size), out, layer_rows, thresholds, fallback)
+
+
+def exit_fields(cfg: JobConfig, outs: exits.ExitOutputs, costs: list[tuple], out: Path, layer_rows: list[dict],
+                thresholds=None, fallback: str | None = None) -> dict:
+    """The early-exit curve (exits.py) of every exit's test answers `outs` and the blocks' costs
+    (exits.block_costs) into summary fields, and exit_curve.png; one process or joined ranks alike."""
     thresholds = thresholds or (*exits.THRESHOLDS, cfg.objective.quicknet_threshold)
     fallback = fallback or cfg.objective.exit_fallback
-    curve, per_exit = exits.report(stages, test, cfg.data.eval_batch_size, device, thresholds, fallback,
-                                   [layer["test_acc"] for layer in layer_rows], out / "exit_curve.png",
-                                   f"{cfg.objective.name} / {cfg.model.name} on {cfg.data.name} (fallback: {fallback})",
-                                   cfg.data.batch_size)
+    curve, per_exit = exits.report(outs, costs, thresholds, fallback, [layer["test_acc"] for layer in layer_rows],
+                                   out / "exit_curve.png",
+                                   f"{cfg.objective.name} / {cfg.model.name} on {cfg.data.name} (fallback: {fallback})")
     for layer, flops in zip(layer_rows, per_exit):
         layer["inference_flops"] = flops
     return {"exit_fallback": fallback, "exit_curve": curve}
+
+
+def joined_exit_fields(cfg: JobConfig, parts: list[tuple], out: Path, layer_rows: list[dict]) -> dict:
+    """A distributed run's early-exit curve: each rank's (exit answers, exits.block_costs), ranks in
+    block order, joined into one network's."""
+    return exit_fields(cfg, exits.concat([outs for outs, _ in parts]), [c for _, costs in parts for c in costs],
+                       out, layer_rows)
 
 
 def rank_report(rank: int, stages, memory: PeakMemory, train_s: float, extra: dict) -> dict:

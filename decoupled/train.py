@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import summary as S
+from . import exits, summary as S
 from .config import DISTRIBUTED_MODES, ConfigError, JobConfig
 from .data import build_data
 from .device import resolve_device, synchronize
@@ -51,7 +51,7 @@ def train(cfg: JobConfig, out: Path | None = None, resume: bool | str = False) -
     out = out or default_out()
     torch.manual_seed(cfg.train.seed)
     data = build_data(cfg.data, cfg.train.seed)
-    stages = build_rank_stages(cfg, data.input_shape, data.num_classes, device)
+    stages = build_rank_stages(cfg, data.input_shape, data.num_classes, device, class_counts=data.class_counts)
     prepare_run_dir(cfg, out, resume)
     run = Run(cfg, data, stages, device, out, Recorder(out / "metrics.jsonl"))
     start = 0
@@ -73,7 +73,7 @@ def train(cfg: JobConfig, out: Path | None = None, resume: bool | str = False) -
         val_acc = {s.index: a for s, a in zip(stages, vev["layer_acc"])}
     layers = S.layers(stages, {s.index: a for s, a in zip(stages, ev["layer_acc"])}, val_acc)
     costs = S.costs(cfg, stages, layers)
-    if cfg.objective.name == "quicknet":  # the early-exit curve is what QuickNets are for
+    if exits.wanted(cfg):
         costs.update(S.exit_curve(cfg, stages, data.test, device, out, layers))
     summary = S.write(cfg, out, 1, device, t_start, layers, ev["ensemble_acc"],
                       [S.rank_report(0, stages, memory, train_s, {})], **costs)
@@ -127,13 +127,18 @@ def _train_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World, t
     report = {"layers": layers, "ensemble": final.get("ensemble_acc"),
               "rank": S.rank_report(world.rank, run.stages, memory, train_s, extra)}
     S.save_rank_report(out, world.rank, report)  # kept even if the final exchange never happens
-    reports = W.gather_to_0(report, world, group=world.patient)
+    # the early-exit curve: this rank's exits' answers in the final evaluation, and its blocks' costs
+    exit_part = ((pipe.tally.last_exits, exits.block_costs(run.stages, cfg.data.batch_size))
+                 if exits.wanted(cfg) else None)
+    gathered = W.gather_to_0((report, exit_part), world, group=world.patient)
     run.recorder.close()
     run.live.close()
     if world.rank != 0:
         return None
+    reports = [r for r, _ in gathered]
     layers = S.merge_rank_layers(reports)
+    curve = S.joined_exit_fields(cfg, [p for _, p in gathered], out, layers) if exits.wanted(cfg) else {}
     return S.write(cfg, out, world.size, world.device, t_start, layers, reports[-1]["ensemble"],
                    [r["rank"] for r in reports], placement=setup.plan, backend=world.backend,
                    **({"predicted_stage_s": setup.predicted_stage_s} if setup.predicted_stage_s else {}),
-                   train_flops=sum(layer["train_flops"] for layer in layers))
+                   train_flops=sum(layer["train_flops"] for layer in layers), **curve)

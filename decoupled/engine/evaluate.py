@@ -11,13 +11,16 @@ from ..data import Split, batches
 
 
 @torch.no_grad()
-def eval_stages(stages, h: torch.Tensor, y: torch.Tensor, z, correct: dict):
+def eval_stages(stages, h: torch.Tensor, y: torch.Tensor, z, correct: dict, on_exit=None):
     """Forward a test batch through `stages`, count each head's correct answers into `correct`
     (block index -> count), and add each head's vote to the ensemble Z = sum_j 2^j softmax(z_j)
-    (j = 1..J). Returns the last output and the running ensemble."""
+    (j = 1..J). Returns the last output and the running ensemble. `on_exit(stage, h, logits)`, when
+    given, sees every exit's input and answer (exits.ExitRecorder: the early-exit curve)."""
     for s in stages:
         h = s.forward(h)
         logits = s.logits(h).float()
+        if on_exit is not None:
+            on_exit(s, h, logits)
         # a device tensor: counted without a host sync per batch (read once, at the end)
         correct[s.index] = correct.get(s.index, 0) + (logits.argmax(-1) == y).sum()
         z = z + 2.0 ** (s.index + 1) * logits.softmax(-1)

@@ -40,7 +40,8 @@ def init_module(module: nn.Module, seed: int) -> None:
 
 class Stage:
     def __init__(self, index: int, block: nn.Module, objective: Objective, in_shape, out_shape, epochs: int,
-                 cfg: JobConfig, device: torch.device, outlet: nn.Module | None = None):
+                 cfg: JobConfig, device: torch.device, outlet: nn.Module | None = None,
+                 class_counts: torch.Tensor | None = None):
         self.index = index
         self.block = block.to(device)
         # applied to what goes on to the next block, after the local loss (model.dropout_position)
@@ -79,9 +80,10 @@ class Stage:
         self.work: Counter[str] = Counter()
         self.info: dict = {}
         # Routing (QuickNets across blocks), if the objective's spec declares it: the router decides
-        # which samples go on, trains the commitment head online and re-batches this stage's input.
+        # which samples go on, trains the commitment head online and re-batches this stage's input,
+        # class-balanced by the training set's class sizes `class_counts` (objectives/router.py).
         build_router = OBJECTIVES[cfg.objective.name].build_router
-        self.router = build_router(self.objective, cfg, index, lr) if build_router else None
+        self.router = build_router(self.objective, cfg, index, lr, class_counts) if build_router else None
 
     def parameters(self):
         return list(self.block.parameters()) + list(self.objective.parameters())
@@ -231,9 +233,10 @@ class Stage:
 
 
 def build_stages(cfg: JobConfig, input_shape, num_classes: int, device: torch.device,
-                 select=None) -> list[Stage]:
+                 select=None, class_counts: torch.Tensor | None = None) -> list[Stage]:
     """Build the network, cut it into blocks and wrap the blocks that `select(num_blocks)` picks
-    (default: all) as stages, each initialised from its own seed. Blocks not picked are freed."""
+    (default: all) as stages, each initialised from its own seed. Blocks not picked are freed.
+    class_counts (Data.class_counts): what routed blocks re-batch by; unused by timing or scoring."""
     built = build_model(cfg.model, tuple(input_shape), num_classes)
     indices = range(len(built.blocks)) if select is None else select(len(built.blocks))
     stages = []
@@ -245,7 +248,7 @@ def build_stages(cfg: JobConfig, input_shape, num_classes: int, device: torch.de
         epochs = objective.epochs_for(cfg.objective, j, cfg.train)
         in_shape = tuple(input_shape) if j == 0 else built.shapes[j - 1]
         stages.append(Stage(j, block, objective, in_shape, built.shapes[j], epochs, cfg, device,
-                            built.outlets[j]))
+                            built.outlets[j], class_counts))
     return stages
 
 

@@ -2,7 +2,8 @@
 
 Each entry is a spec: the Objective class (head, loss, epoch budget) and the optional capabilities
 it brings, declared here and never probed: `build_router` for an objective that passes on only the
-samples it has not learned (QuickNets), called by the stage with (objective, cfg, block, lr).
+samples it has not learned (QuickNets), called by the stage with
+(objective, cfg, block, lr, class_counts).
 """
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ import random
 import time
 from typing import Iterable
 
+from ... import exits
 from ...data import resolve_augment
 from ..run import Run
 from ..stage import drain_chain, feed_chain
@@ -54,7 +55,7 @@ class Pipeline:
         self.epoch = start_epoch  # epochs this rank has completed (tags its outputs)
         self.steps = 0  # messages this rank has trained on
         self.last_step = 0  # source step of the newest batch trained on
-        self.tally = EvalTally(self.is_sink)
+        self.tally = EvalTally(self.is_sink, exits.wanted(self.cfg))
         self.results: dict[int, dict] = {}  # epoch -> this rank's test accuracies
         self.delay = random.Random(self.cfg.train.seed * 7919 + self.rank) if self.cfg.dist.debug_delay_ms else None
 

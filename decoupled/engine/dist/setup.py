@@ -77,9 +77,10 @@ def cascade_handoffs(cfg: JobConfig, plan: list[list[int]], start: int) -> list[
     return out
 
 
-def build_rank_stages(cfg: JobConfig, input_shape, num_classes: int, device, select=None) -> list[Stage]:
+def build_rank_stages(cfg: JobConfig, input_shape, num_classes: int, device, select=None,
+                      class_counts: torch.Tensor | None = None) -> list[Stage]:
     try:
-        return build_stages(cfg, input_shape, num_classes, device, select)
+        return build_stages(cfg, input_shape, num_classes, device, select, class_counts)
     except ModelError as e:  # a model that cannot be built is a config error, raised before training
         raise ConfigError(str(e)) from None
 
@@ -111,12 +112,12 @@ def _print_plan(plan: list[list[int]], per_rank: list[float], mem: list[float], 
 
 
 def _data(cfg: JobConfig, world: W.World) -> tuple[Data | None, tuple]:
-    """Only rank 0 reads the dataset; the others learn its shape from it (or its error)."""
+    """Only rank 0 reads the dataset; the others learn its shape and class sizes from it (or its error)."""
     data, meta = None, None
     if world.rank == 0:
         try:
             data = build_data(cfg.data, cfg.train.seed)
-            meta = (data.input_shape, data.num_classes, len(data.train), len(data.test))
+            meta = (data.input_shape, data.num_classes, len(data.train), len(data.test), data.class_counts)
         except (ConfigError, OSError) as e:
             meta = ConfigError(str(e))
     # Loading a large dataset takes as long as it takes (minutes for ImageNet-sized folders): the
@@ -151,7 +152,7 @@ def _resume_epoch(run: Run, world: W.World, resume: bool | str, out: Path) -> in
 def setup_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World) -> RankSetup:
     rank, device = world.rank, world.device
     torch.manual_seed(cfg.train.seed)
-    data, (input_shape, num_classes, n_train, n_test) = _data(cfg, world)
+    data, (input_shape, num_classes, n_train, n_test, class_counts) = _data(cfg, world)
 
     # Build, place and dry-run the blocks; every rank learns every rank's verdict before anyone
     # trains, so a rank that cannot start never leaves its peers waiting for it.
@@ -163,7 +164,7 @@ def setup_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World) ->
         return plan[rank]
 
     with W.agreement(world, "setup") as verdict:
-        stages = build_rank_stages(cfg, input_shape, num_classes, device, select)
+        stages = build_rank_stages(cfg, input_shape, num_classes, device, select, class_counts)
         verdict.payload = {"shapes": dry_run(stages, input_shape if rank == 0 else stages[0].in_shape, device)}
         if rank == 0:  # only once everything can start; the others open it after this agreement
             prepare_run_dir(cfg, out, resume)

@@ -147,7 +147,7 @@ def exit_pass(run: Run, s: Stage, feats: Inputs, remaining: torch.Tensor, learne
 def train_quicknet(run: Run, start_epoch: int = 0) -> None:
     cfg, train = run.cfg, run.data.train
     where = cache_mode(run.cfg)
-    counts0 = torch.bincount(train.y, minlength=run.data.num_classes)  # |T_0 ∩ c|
+    counts0 = run.data.class_counts  # |T_0 ∩ c|
     remaining = torch.arange(len(train))  # T_j, as sample ids
     inputs = Inputs(train.x, [], None, run.device, resolve_augment(cfg.data))
     done = 0  # epochs of all blocks so far: names the checkpoints
