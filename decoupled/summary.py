@@ -2,6 +2,7 @@
 epochs, parameters, training and inference FLOPs; per rank: measured memory, time and traffic."""
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -74,16 +75,34 @@ def save_rank_report(out: Path, rank: int, report: dict) -> None:
     tmp.replace(folder / f"rank{rank}.json")
 
 
-def merge_rank_layers(reports: list[dict]) -> list[dict]:
-    """Every rank's layers in block order; a sample reaching an exit on rank r went through every
-    earlier rank's blocks, so inference FLOPs accumulate across ranks."""
+def merge_rank_layers(groups: list[list[dict]]) -> list[dict]:
+    """Every stage group's layers in block order, each block once: a group's replicas each trained on
+    and scored a share of the data, so samples, training FLOPs and test counts add up over them.
+    A sample reaching an exit in group g went through every earlier group's blocks, so inference
+    FLOPs accumulate across groups."""
     out, offset = [], 0.0
-    for r in reports:
-        for layer in r["layers"]:
+    for replicas in groups:
+        first = replicas[0]
+        tested = sum(r["tested"] for r in replicas)
+        for k, layer in enumerate(first["layers"]):
+            rows = [r["layers"][k] for r in replicas]
+            layer["test_acc"] = sum(r["correct"][layer["block"]] for r in replicas) / max(tested, 1)
+            for key in ("train_samples", "train_flops"):
+                layer[key] = sum(row[key] for row in rows)
+            layer["epoch_samples"] = [sum(e) for e in zip(*(row["epoch_samples"] for row in rows))]
             layer["inference_flops"] += offset
-        offset = r["layers"][-1]["inference_flops"]
-        out += r["layers"]
+        offset = first["layers"][-1]["inference_flops"]
+        out += first["layers"]
     return out
+
+
+def params_sha(stages) -> str:
+    """A hash of the blocks' parameters (and heads'): the replicas of a stage group must agree."""
+    h = hashlib.sha256()
+    for s in stages:
+        for p in s.parameters():
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def write(cfg: JobConfig, out: Path, world_size: int, device, t_start: float, layer_rows, ensemble, ranks,

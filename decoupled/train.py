@@ -18,6 +18,7 @@ from .config import DISTRIBUTED_MODES, ConfigError, JobConfig
 from .data import build_data
 from .device import resolve_device, synchronize
 from .engine.dist import world as W
+from .engine.dist.placement import reference_replication
 from .engine.dist.setup import build_rank_stages, setup_rank
 from .engine.evaluate import evaluate
 from .engine.loops import LOOPS
@@ -51,7 +52,8 @@ def train(cfg: JobConfig, out: Path | None = None, resume: bool | str = False) -
     out = out or default_out()
     torch.manual_seed(cfg.train.seed)
     data = build_data(cfg.data, cfg.train.seed)
-    stages = build_rank_stages(cfg, data.input_shape, data.num_classes, device, class_counts=data.class_counts)
+    stages = build_rank_stages(cfg, data.input_shape, data.num_classes, device,
+                               replication=reference_replication(cfg), class_counts=data.class_counts)
     prepare_run_dir(cfg, out, resume)
     run = Run(cfg, data, stages, device, out, Recorder(out / "metrics.jsonl"))
     start = 0
@@ -124,7 +126,10 @@ def _train_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World, t
         extra["replay"] = pipe.buffer.stats.as_dict()
     layers = S.layers(run.stages, final["layer_acc"])
     S.costs(cfg, run.stages, layers)  # this rank's FLOPs; exits' inference cost is cumulative below
-    report = {"layers": layers, "ensemble": final.get("ensemble_acc"),
+    lay = setup.layout
+    extra.update(stage=lay.group_of(world.rank), replica=lay.replica_of(world.rank), params_sha=S.params_sha(run.stages))
+    report = {"layers": layers, "ensemble": final.get("ensemble_acc"), "tested": final["n"],
+              "correct": final["correct"], "ensemble_correct": final.get("ensemble_correct"),
               "rank": S.rank_report(world.rank, run.stages, memory, train_s, extra)}
     S.save_rank_report(out, world.rank, report)  # kept even if the final exchange never happens
     # the early-exit curve: this rank's exits' answers in the final evaluation, and its blocks' costs
@@ -136,9 +141,12 @@ def _train_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World, t
     if world.rank != 0:
         return None
     reports = [r for r, _ in gathered]
-    layers = S.merge_rank_layers(reports)
+    groups = [[reports[r] for r in lay.ranks(g)] for g in range(len(lay.replicas))]
+    layers = S.merge_rank_layers(groups)
     curve = S.joined_exit_fields(cfg, [p for _, p in gathered], out, layers) if exits.wanted(cfg) else {}
-    return S.write(cfg, out, world.size, world.device, t_start, layers, reports[-1]["ensemble"],
-                   [r["rank"] for r in reports], placement=setup.plan, backend=world.backend,
+    sink = groups[-1]  # each replica of the last group scored the ensemble on its share of the test set
+    ensemble = sum(r["ensemble_correct"] for r in sink) / max(sum(r["tested"] for r in sink), 1)
+    return S.write(cfg, out, world.size, world.device, t_start, layers, ensemble,
+                   [r["rank"] for r in reports], placement=setup.plan, replicas=lay.replicas, backend=world.backend,
                    **({"predicted_stage_s": setup.predicted_stage_s} if setup.predicted_stage_s else {}),
                    train_flops=sum(layer["train_flops"] for layer in layers), **curve)

@@ -57,8 +57,8 @@ def test_dry_run_and_handshake_catch_shape_mismatches():
     stages[1].out_shape = (7,)  # a builder that lies about its output
     with pytest.raises(ConfigError, match=r"block 1 produces \(5,\) but declares \(7,\)"):
         dry_run(stages, (1, 8, 8), torch.device("cpu"))
-    with pytest.raises(ConfigError, match="rank 0 sends .6,. but rank 1 expects .5,."):
-        handshake([{"shapes": [(1, 8, 8), (6,)]}, {"shapes": [(5,), (5,)]}], rank=1)
+    with pytest.raises(ConfigError, match="stage group 0 sends .6,. but group 1 expects .5,."):
+        handshake([{"shapes": [(1, 8, 8), (6,)]}, {"shapes": [(5,), (5,)]}], group=1)
 
 
 # ---------------------------------------------------------------------------- divergence
@@ -78,14 +78,16 @@ def test_nan_stops_every_rank_naming_block_and_step(tmp_path):
 
 def _long_job(tmp_path: Path, timeout_s: float, mode: str = "sync") -> tuple:
     out = tmp_path / "long"
-    cfg = {**SMALL, "train.mode": mode, "train.epochs": 500, "dist.timeout_s": timeout_s, "train.eval_every": 0}
+    replicas = {"dist.replicas": [2, 1]} if mode.endswith("-replicas") else {}  # rank 1 = block group 0's 2nd replica
+    cfg = {**SMALL, "train.mode": mode.removesuffix("-replicas"), "train.epochs": 500, "dist.timeout_s": timeout_s,
+           "train.eval_every": 0, **replicas}
     agent = torchrun_popen(3, ["--out", str(out), *sets(cfg)])
     wait_for(lambda: len(checkpoint.epochs(out, 2)) > 0 or agent.poll() is not None, 120, "training to start")
     assert agent.poll() is None, agent.communicate()[1][-3000:]
     return agent, workers(agent)
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("mode", ["sync", "async", "sync-replicas"])
 def test_killed_rank_ends_the_whole_job(tmp_path, mode):
     agent, procs = _long_job(tmp_path, timeout_s=10, mode=mode)
     try:

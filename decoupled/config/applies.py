@@ -13,7 +13,7 @@ import dataclasses
 import sys
 from typing import Callable
 
-from .schema import DISTRIBUTED_MODES, ConfigError, JobConfig
+from .schema import DISTRIBUTED_MODES, REPLICA_MODES, ConfigError, JobConfig, replicated
 
 TORCHVISION = ("mnist", "fashion-mnist", "cifar10", "cifar100")
 CONV_HIERARCHY = ("vgg", "resnet", "simcnn")
@@ -77,6 +77,12 @@ APPLIES: dict[str, Rule] = {
     # single-process modes (so that sync equals simultaneous); end-to-end backprop has no boundary
     "dist.wire_dtype": (lambda c: c.train.mode != "e2e", "train.mode other than 'e2e' (block boundaries)", "mode"),
     "dist.max_stage_mem_mb": (lambda c: c.dist.placement == "auto", "dist.placement='auto'", "choice"),
+    # stage groups: the simultaneous reference accumulates R batches per step where sync has R replicas,
+    # and needs the blocks-to-groups split for that
+    **{f"dist.{k}": (lambda c: c.train.mode in REPLICA_MODES, f"train.mode in {REPLICA_MODES}", "mode")
+       for k in ("replicas", "placement")},
+    "dist.sync_bn": (lambda c: c.train.mode in DISTRIBUTED_MODES and replicated(c.dist),
+                     "train.mode in ('sync', 'async') with dist.replicas (a group of more than one rank)", "choice"),
 }
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from .applies import check_applies
 from .parse import _coerce, _fields, _sections
-from .schema import EARLY_STOP_MODES, PLATEAU_MODES, ConfigError, JobConfig
+from .schema import EARLY_STOP_MODES, PLATEAU_MODES, ConfigError, JobConfig, replicated
 
 def validate(cfg: JobConfig) -> None:
     """Every field against its type and rules, then the rules that tie fields together."""
@@ -64,3 +64,31 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"data.augment={d.augment!r} crops images, but data.synthetic_shape="
                           f"{d.synthetic_shape} is flat; set data.augment='none' or a [C,H,W] shape")
     check_applies(cfg)
+    _check_replicas(cfg)
+
+
+def _check_replicas(cfg: JobConfig) -> None:
+    """Stage groups (dist.replicas): what can be checked before the world size is known."""
+    d, t = cfg.dist, cfg.train
+    if t.mode not in ("simultaneous", "sync", "async") or not replicated(d):
+        return
+    from ..objectives import OBJECTIVES  # the registry, not a probe of the objective
+    if OBJECTIVES[cfg.objective.name].build_router is not None:
+        raise ConfigError(f"dist.replicas={d.replicas} with objective.name={cfg.objective.name!r}: a routing "
+                          "objective trains on a data-dependent number of samples per block, so the replicas of "
+                          "a group could not step together; use one rank per group (dist.replicas=[])")
+    if t.mode == "async" and cfg.replay.budget == "upstream":
+        raise ConfigError(f"dist.replicas={d.replicas} with replay.budget='upstream': replicas average their "
+                          "gradients every step, so they must make the same number of steps, which only "
+                          "replay.budget='steps' guarantees; use replay.budget='steps' (the default)")
+    if d.replicas == "auto" and not d.placement:
+        raise ConfigError("dist.replicas='auto' chooses replica counts from measured block times for a split: "
+                          "set dist.placement='auto' (or a list of blocks per group)")
+    if t.mode == "simultaneous" and "auto" in (d.replicas, d.placement):
+        raise ConfigError(f"train.mode='simultaneous' with dist.replicas={d.replicas!r} and dist.placement="
+                          f"{d.placement!r}: the reference needs the groups spelled out; give dist.replicas and "
+                          "dist.placement as lists (the plan a sync run printed)")
+    if isinstance(d.placement, list) and d.placement and isinstance(d.replicas, list) \
+            and len(d.placement) != len(d.replicas):
+        raise ConfigError(f"dist.placement={d.placement} and dist.replicas={d.replicas} must have one entry per "
+                          "stage group each (blocks per group, ranks per group)")

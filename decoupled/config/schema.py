@@ -44,6 +44,7 @@ def knob(default, *, ge=None, gt=None, lt=None, le=None, registry: str | None = 
 
 Mode = Literal["e2e", "sequential", "simultaneous", "quicknet", "sync", "async"]
 DISTRIBUTED_MODES = ("sync", "async")
+REPLICA_MODES = ("simultaneous", "sync", "async")  # dist.replicas: the reference and the two engines
 EARLY_STOP_MODES = ("e2e", "quicknet")  # train.patience: a block (or the e2e network) stops early
 # train.plateau_factor: every single-process mode in which a block trains to an epoch budget (cascade's
 # divide-by-10 rule) or until early stopping; not sync/async (README: validation)
@@ -207,10 +208,21 @@ class DistConfig:
     # "auto" = nccl with cuda:LOCAL_RANK when CUDA is available, else gloo; "gloo" | "nccl"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     timeout_s: float = knob(300.0, gt=0.0)  # collective and point-to-point timeout
-    # blocks per rank, contiguous: [] = an even split (earlier ranks take the remainder) | [2, 1, 1] |
-    # "auto" = the split whose slowest rank is fastest, from every block's training step timed at
-    # start-up on the real input shape and device (engine/dist/placement.py); the plan is printed
+    # blocks per stage group, contiguous: [] = an even split (earlier groups take the remainder) |
+    # [2, 1, 1] | "auto" = the split whose slowest group is fastest, from every block's training step
+    # timed at start-up on the real input shape and device (engine/dist/placement.py); plan printed
     placement: list[int] = knob([], ge=1, empty_ok=True, auto_ok=True)
+    # ranks per stage group (engine/dist/groups.py): [] = one rank per group | [2, 1, 1] (sum = world
+    # size): a group's replicas train the same blocks on different batches (batch b of an epoch goes
+    # to replica b mod R) and average their gradients every step, so a slow stage can be held by
+    # several ranks | "auto" = chosen with the split from the measured block times (needs
+    # dist.placement "auto" or a list). In train.mode="simultaneous" a block of a group with R
+    # replicas accumulates R batches per optimizer step: the reference sync with replicas equals
+    replicas: list[int] = knob([], ge=1, empty_ok=True, auto_ok=True)
+    # replicas: BatchNorm over the union of the replicas' batches (torch SyncBatchNorm; CUDA only).
+    # false = each replica normalises its own batch and the running statistics are averaged over
+    # the group after every step, so every replica holds the same buffers too
+    sync_bn: bool = False
     # dist.placement="auto": a rank's blocks may need at most this many MiB (parameters, gradients,
     # optimizer state and the activations a step saves, as measured); 0 = no cap
     max_stage_mem_mb: float = knob(0.0, ge=0.0)
@@ -220,6 +232,11 @@ class DistConfig:
     # of the single-process modes, so that sync equals simultaneous): "float32" | "bfloat16" |
     # "float16" (half the bytes); cast back to float32 where the next block reads them
     wire_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+def replicated(d: "DistConfig") -> bool:
+    """Whether some stage group may be held by more than one rank (dist.replicas)."""
+    return d.replicas == "auto" or any(r > 1 for r in d.replicas)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from ..objectives import OBJECTIVES, Objective, build_objective
 from ..optim import build_optimizer, build_scheduler
 from ..rng import RngState, derive_seed
 from .early_stop import EarlyStopping
+from .replicated import Accumulate, AllReduce
 
 
 class NonFiniteError(RuntimeError):
@@ -41,7 +42,7 @@ def init_module(module: nn.Module, seed: int) -> None:
 class Stage:
     def __init__(self, index: int, block: nn.Module, objective: Objective, in_shape, out_shape, epochs: int,
                  cfg: JobConfig, device: torch.device, outlet: nn.Module | None = None,
-                 class_counts: torch.Tensor | None = None):
+                 class_counts: torch.Tensor | None = None, replicas: int = 1, replica: int | None = None):
         self.index = index
         self.block = block.to(device)
         # applied to what goes on to the next block, after the local loss (model.dropout_position)
@@ -61,7 +62,17 @@ class Stage:
         self.plateau = (EarlyStopping(self.optimizer, cfg.train)
                         if cfg.train.plateau_factor < 1.0 and cfg.train.mode in ("sequential", "simultaneous")
                         else None)
-        self.rng = RngState(derive_seed(cfg.train.seed, "stage-rng", index), device)
+        # dist.replicas (replicated.py): R > 1 takes one step per R batches; `replica` None = this
+        # process plays every replica's slot (the simultaneous reference), else it is that replica of
+        # its stage group, whose process group `join` gives it once the ranks are connected
+        self.replicas = replicas
+        self.rounds = (None if replicas == 1 else Accumulate(self, replicas) if replica is None
+                       else AllReduce(self, replicas, replica))
+        self.epoch_rounds: int | None = None  # sync replicas: the group's rounds per epoch (pads the last)
+        slots = range(replicas) if self.rounds is not None and replica is None else [replica or 0]
+        self.rngs = {k: RngState(derive_seed(cfg.train.seed, "stage-rng", index, *(("slot", k) if k else ())), device)
+                     for k in slots}
+        self.rng = self.rngs[min(slots)]
         # precision: autocast of this stage's work, fp16 with its own loss scaler; wire: the dtype
         # of what this stage passes on (cast back to float32 where the next stage reads it)
         self.autocast_dtype = AUTOCAST[cfg.train.precision]
@@ -72,7 +83,8 @@ class Stage:
         self._checked = 0  # steps checked so far
         self.timer = StepTimer(device)
         self.epochs_done = 0
-        self.steps = 0
+        self.steps = 0  # batches trained on
+        self.updates = 0  # optimizer steps (fewer than batches with replicas)
         self.samples = 0  # samples this block actually trained on
         self.epoch_samples: list[int] = []  # of those, per epoch (end_epoch)
         # samples of other training work by kind (frozen forwards, commitment steps...), for
@@ -84,6 +96,12 @@ class Stage:
         # class-balanced by the training set's class sizes `class_counts` (objectives/router.py).
         build_router = OBJECTIVES[cfg.objective.name].build_router
         self.router = build_router(self.objective, cfg, index, lr, class_counts) if build_router else None
+
+    def join(self, group, sync_bn: bool) -> None:
+        """A replica: its stage group's process group (all-reduces; SyncBatchNorm with dist.sync_bn)."""
+        self.rounds.group = group
+        if sync_bn:
+            self.block = nn.SyncBatchNorm.convert_sync_batchnorm(self.block, process_group=group)
 
     def parameters(self):
         return list(self.block.parameters()) + list(self.objective.parameters())
@@ -115,17 +133,24 @@ class Stage:
         through its outlet, detached: no gradient ever crosses stages) and the objective's LocalOutput.
         The outlet's dropout draws from this stage's RNG stream, so every mode draws the same masks."""
         t0 = self.timer.start()
-        with self.rng:
+        rounds = self.rounds
+        if rounds is not None:
+            rounds.begin()
+        with self.rngs[rounds.slot()] if rounds is not None else self.rng:
             self.block.train()
             self.objective.train()
             with self.autocast():
                 out = self.block(self._input(x))
                 res = self.objective(out, y, mask)
             self._finite &= torch.isfinite(res.loss.detach()) & torch.isfinite(out.detach()).all()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(res.loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            if rounds is None:
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(res.loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.updates += 1
+            else:  # weighted by its samples: the round's step is on the union of its batches
+                self.scaler.scale(res.loss * len(y)).backward()
             self.outlet.train()
             nxt = self.outlet(out.detach())
         self.steps += 1
@@ -134,6 +159,8 @@ class Stage:
         self._loss_sum += res.loss.detach().float() * n
         self._loss_n += n
         self.timer.stop(t0)
+        if rounds is not None:
+            rounds.end(len(y))  # may close the round: all-reduce (timed apart) and step
         if self.steps - self._checked >= self.check_every:
             self.check_finite()
         return self._output(nxt), res
@@ -156,6 +183,8 @@ class Stage:
         if self.router is not None and self.router.rebatcher is not None:
             for b in self.router.rebatcher.flush():
                 yield from self._step(*b, log)
+        if self.rounds is not None and self.training:
+            self.rounds.pad_epoch(self.epoch_rounds)  # the epoch's last round steps
 
     def _step(self, x, y, ids, log):
         if self.training:
@@ -211,6 +240,7 @@ class Stage:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "rng": self.rng.state_dict(), "epochs_done": self.epochs_done, "steps": self.steps,
+                "updates": self.updates, "rng_slots": {k: r.state_dict() for k, r in self.rngs.items()},
                 "samples": self.samples, "epoch_samples": self.epoch_samples, "work": dict(self.work),
                 "router": self.router.state_dict() if self.router else None,
                 "plateau": self.plateau.state_dict() if self.plateau else None}
@@ -224,7 +254,11 @@ class Stage:
         if sd.get("scaler"):
             self.scaler.load_state_dict(sd["scaler"])
         self.rng.load_state_dict(sd["rng"])
+        for k, r in self.rngs.items():
+            if k in sd.get("rng_slots", {}):
+                r.load_state_dict(sd["rng_slots"][k])
         self.epochs_done, self.steps, self.samples = sd["epochs_done"], sd["steps"], sd["samples"]
+        self.updates = sd.get("updates", self.steps)
         self.epoch_samples, self.work = list(sd.get("epoch_samples", [])), Counter(sd.get("work", {}))
         if self.plateau is not None and sd.get("plateau"):
             self.plateau.load_state_dict(sd["plateau"])
@@ -233,12 +267,15 @@ class Stage:
 
 
 def build_stages(cfg: JobConfig, input_shape, num_classes: int, device: torch.device,
-                 select=None, class_counts: torch.Tensor | None = None) -> list[Stage]:
+                 select=None, replication=None, class_counts: torch.Tensor | None = None) -> list[Stage]:
     """Build the network, cut it into blocks and wrap the blocks that `select(num_blocks)` picks
     (default: all) as stages, each initialised from its own seed. Blocks not picked are freed.
+    `replication(num_blocks)` (dist.replicas; replicated.py): (block -> replicas of its stage group,
+    this process's replica index or None: the reference plays every replica's slot).
     class_counts (Data.class_counts): what routed blocks re-batch by; unused by timing or scoring."""
     built = build_model(cfg.model, tuple(input_shape), num_classes)
     indices = range(len(built.blocks)) if select is None else select(len(built.blocks))
+    replicas, replica = replication(len(built.blocks)) if replication else ({}, None)
     stages = []
     for j in indices:
         block = built.blocks[j]
@@ -248,7 +285,7 @@ def build_stages(cfg: JobConfig, input_shape, num_classes: int, device: torch.de
         epochs = objective.epochs_for(cfg.objective, j, cfg.train)
         in_shape = tuple(input_shape) if j == 0 else built.shapes[j - 1]
         stages.append(Stage(j, block, objective, in_shape, built.shapes[j], epochs, cfg, device,
-                            built.outlets[j], class_counts))
+                            built.outlets[j], class_counts, replicas.get(j, 1), replica))
     return stages
 
 

@@ -35,9 +35,12 @@ class EvalTally:
     def result(self, stages) -> dict:
         """Accuracies of this evaluation (and a fresh tally for the next)."""
         n = max(self.n, 1)
-        res = {"layer_acc": {s.index: int(self.correct.get(s.index, 0)) / n for s in stages}}
+        correct = {s.index: int(self.correct.get(s.index, 0)) for s in stages}
+        # the counts too: the replicas of a stage group each score a share of the test set
+        res = {"layer_acc": {j: c / n for j, c in correct.items()}, "n": self.n, "correct": correct}
         if self.scores_ensemble:
             res["ensemble_acc"] = int(self.ens) / n
+            res["ensemble_correct"] = int(self.ens)
         if self.exits is not None:
             self.last_exits = self.exits.outputs()
         self.reset()

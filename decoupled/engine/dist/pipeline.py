@@ -6,6 +6,11 @@ sources.py); every other rank reads the same stream from its upstream neighbour 
 trains its blocks on it and passes it on with its own detached output. The handlers below are the
 same on every rank; only where messages come from differs.
 
+Stage groups (groups.py): a rank is replica i of R of its group. It trains batch b of an epoch
+when b mod R = i (the source group reads only those), sends its output of batch b (and evaluation
+batch b) to replica b mod R' of the next group, and every marker to all of them; its blocks'
+replicas average their gradients every step (replicated.py).
+
 sync:  rank j's step t consumes rank j-1's step-t output, in order. Together with per-block RNG
        streams (stage.py) and per-(seed, epoch) batches (data.py) this equals the single-process
        `simultaneous` trainer bit for bit.
@@ -29,28 +34,32 @@ from ..stage import drain_chain, feed_chain
 from .evaluation import EvalTally
 from .receiver import Receiver
 from .sources import DatasetSource, HandoffCache
+from .groups import share
 from .transport import Kind, Link, Message, PeerAbort, handover
 
 
 class Pipeline:
-    def __init__(self, run: Run, total_epochs: int, recv: Link | None, send: Link | None, start_epoch: int = 0,
+    def __init__(self, run: Run, total_epochs: int, recv: list[Link], send: list[Link], start_epoch: int = 0,
                  handoff: HandoffCache | None = None, stop_after: int | None = None, board=None,
-                 steps_per_epoch: int = 0):
+                 source_steps: int = 0, share: tuple[int, int] = (0, 1)):
         self.run, self.cfg, self.stages = run, run.cfg, run.stages
         self.rank = run.rank
-        self.recv_link, self.send_link = recv, send
-        self.is_source = recv is None  # reads the dataset (rank 0)
-        self.is_sink = send is None  # the last rank: scores the ensemble, sends nothing
+        self.recv_links, self.send_links = recv, send  # by upstream / downstream replica
+        self.share = share  # (this rank's replica index, its group's replicas)
+        self.source_steps = source_steps  # batches of a source epoch
+        self.is_source = not recv  # reads the dataset (the first stage group)
+        self.is_sink = not send  # the last stage group: scores the ensemble, sends nothing
         self.is_async = self.cfg.train.mode == "async"
         # replay.budget="steps": a stage's epoch is steps_per_epoch of its own steps, and this rank
         # tells the board when all its stages are done (the sources stream until all ranks are)
         self.own_epochs = self.is_async and self.cfg.replay.budget == "steps"
-        self.board, self.steps_per_epoch = board, steps_per_epoch
+        self.board = board
+        self.steps_per_epoch = -(-source_steps // share[1])  # the batches this replica gets per epoch
         self.total_epochs, self.start_epoch = total_epochs, start_epoch
         # async cascade: cache upstream's outputs of the hand-off epoch, then be our own source;
         # stop after epoch `stop_after` because downstream has cached ours by then
         self.handoff, self.stop_after = handoff, stop_after
-        self.receiver = None if self.is_source else Receiver(recv, self.rank, self.cfg,
+        self.receiver = None if self.is_source else Receiver(recv, self.rank, self.cfg, share, source_steps,
                                                              tap=handoff.offer if handoff else None)
         self.epoch = start_epoch  # epochs this rank has completed (tags its outputs)
         self.steps = 0  # messages this rank has trained on
@@ -142,8 +151,13 @@ class Pipeline:
         self.send(Message(Kind.END_EVAL, epoch))
 
     def send(self, m: Message) -> None:
-        if not self.is_sink:
-            self.send_link.send(m)
+        """A batch to the downstream replica that takes it, a marker to every one."""
+        links = self.send_links
+        if len(links) > 1 and m.kind in (Kind.TRAIN, Kind.EVAL):
+            index = m.step % self.source_steps if m.kind == Kind.TRAIN else m.step
+            links = [links[share(index, len(links))]]
+        for link in links:
+            link.send(m)
 
     # ------------------------------------------------------------------ loops
     def run_loop(self) -> None:
@@ -151,8 +165,8 @@ class Pipeline:
             self._run_loop()
         except BaseException as e:
             # Tell downstream before dying; upstream learns from its failing sends (or torchrun).
-            if not self.is_sink:
-                self.send_link.abort(e.origin if isinstance(e, PeerAbort) else self.rank)
+            for link in self.send_links:
+                link.abort(e.origin if isinstance(e, PeerAbort) else self.rank)
             raise
 
     def _run_loop(self) -> None:
@@ -162,7 +176,7 @@ class Pipeline:
         if self.is_source:  # trains each batch once in both modes
             d = self.run.data
             self.consume(DatasetSource(self.run, d.train, d.test, self.start_epoch, last,
-                                       augment=resolve_augment(self.cfg.data), more=more))
+                                       augment=resolve_augment(self.cfg.data), more=more, share=self.share))
         else:
             self.receiver.start()
             if self.is_async:
@@ -173,8 +187,8 @@ class Pipeline:
             if self.buffer is not None:
                 self.buffer.clear()
             self.consume(self.handoff.source(last, more))
-        if not self.is_sink:
-            self.send_link.flush()
+        for link in self.send_links:
+            link.flush()
 
     def consume(self, messages: Iterable[Message]) -> None:
         for m in messages:
@@ -200,11 +214,13 @@ class Pipeline:
 
     # ------------------------------------------------------------------ report
     def rank_metrics(self) -> dict:
-        send, recv = self.send_link, self.recv_link
+        send, recv = self.send_links, self.recv_links
+        replicated = [s.rounds.comm_s for s in self.stages if s.rounds is not None]
         return {"compute_s": sum(s.compute_s for s in self.stages),
-                "comm_s": send.blocked_s if send else 0.0,
+                "comm_s": sum(link.blocked_s for link in send),
                 "idle_s": self.receiver.idle_s if self.receiver else 0.0,
-                "bytes_sent": send.bytes if send else 0, "bytes_recv": recv.bytes if recv else 0,
-                "steps": self.steps, "optimizer_steps": [s.steps for s in self.stages],
-                "samples_trained": sum(s.samples for s in self.stages), "samples_sent": send.samples if send else 0,
-                "samples_recv": recv.samples if recv else 0}
+                **({"allreduce_s": sum(replicated)} if replicated else {}),  # replicas: the gradient all-reduces
+                "bytes_sent": sum(link.bytes for link in send), "bytes_recv": sum(link.bytes for link in recv),
+                "steps": self.steps, "optimizer_steps": [s.updates for s in self.stages],
+                "samples_trained": sum(s.samples for s in self.stages),
+                "samples_sent": sum(link.samples for link in send), "samples_recv": sum(link.samples for link in recv)}

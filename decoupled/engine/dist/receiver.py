@@ -1,4 +1,5 @@
-"""The receiving end of a rank's upstream link: a thread that reads messages ahead of training.
+"""The receiving end of a rank's upstream links (one per replica of the upstream stage group): a
+thread per link that reads messages ahead of training.
 
 sync:  messages go into a FIFO of depth dist.max_inflight, consumed in order; upstream waits only
        when this rank is that far behind.
@@ -6,7 +7,12 @@ async: train batches go into the replay buffer (replay.py), every other message 
        queue, handled in order; an end-of-epoch is ready once every batch of that epoch has been
        trained on or dropped.
 
-The link's process group is used by this thread alone (the sender side of a link is another
+Several upstream replicas (groups.py): batch b comes from replica b mod R of the upstream group,
+so sync reads its links in the order that implies (the merged stream equals one upstream rank's);
+a marker is handed on once, when every link has delivered it; async puts every link's batches in
+the one replay buffer and merges the markers the same way.
+
+A link's process group is used by its thread alone (the sender side of a link is another
 group), so no process group is ever driven from two threads at once. A failure on the thread is
 kept and raised on the training thread by `check`.
 """
@@ -20,20 +26,23 @@ import time
 from typing import Callable, Iterator
 
 from ...config import JobConfig
+from .groups import next_index
 from .replay import Entry, ReplayBuffer
 from .transport import Kind, Link, Message, PeerAbort, PeerError
 
 
 class Receiver:
-    def __init__(self, link: Link, rank: int, cfg: JobConfig, tap: Callable[[Message], None] | None = None):
-        self.link, self.rank = link, rank
+    def __init__(self, links: list[Link], rank: int, cfg: JobConfig, share: tuple[int, int] = (0, 1),
+                 source_steps: int = 1, tap: Callable[[Message], None] | None = None):
+        self.links, self.rank = links, rank
+        self.share, self.source_steps = share, source_steps  # (replica, replicas) of this rank's group
         self.timeout = cfg.dist.timeout_s
         self.is_async = cfg.train.mode == "async"
         self.tap = tap  # sees every data message first, on the receiver thread (the cascade hand-off cache)
         r = cfg.replay
         self.buffer = (ReplayBuffer(r.capacity, r.policy, r.max_reuse, seed=cfg.train.seed * 1000 + rank)
                        if self.is_async else None)
-        self.inbox: queue.Queue = queue.Queue(maxsize=cfg.dist.max_inflight)  # sync
+        self.inboxes = [queue.Queue(maxsize=cfg.dist.max_inflight) for _ in links]  # sync, one per link
         # async: non-train messages in order, at most `max_control` evaluation batches among them:
         # those carry activations, and a slow rank must not hold the whole test set's (back-pressure
         # instead: the thread stops reading, upstream's isends wait, upstream blocks on
@@ -42,6 +51,7 @@ class Receiver:
         # stop the arrivals that evict them, making upstream wait for a slow rank after all.
         self.control: collections.deque = collections.deque()
         self.max_control = cfg.dist.max_inflight
+        self.marks: collections.Counter = collections.Counter()  # async: (kind, epoch) -> links that sent it
         self.ready = threading.Condition()  # async: notified on every arrival and every hand-out
         self.error: BaseException | None = None
         self.idle_s = 0.0  # the training thread's time waiting for input
@@ -52,27 +62,28 @@ class Receiver:
             # The receiver needs the GIL for a moment after every transfer; with the default 5 ms
             # switch interval a training thread that never waits would make upstream's sends stall.
             sys.setswitchinterval(0.0005)
-        threading.Thread(target=self._receive, name=f"recv-from-{self.rank - 1}", daemon=True).start()
+        for i, link in enumerate(self.links):
+            threading.Thread(target=self._receive, args=(i,), name=f"recv-from-{link.peer}", daemon=True).start()
 
-    def _receive(self) -> None:
+    def _receive(self, i: int) -> None:
         try:
             while True:
-                m = self.link.recv()
+                m = self.links[i].recv()
                 self.last_recv = time.perf_counter()
                 if m.kind == Kind.ABORT:
                     raise PeerAbort(m.step, self.rank)
                 if self.tap is not None and m.kind in (Kind.TRAIN, Kind.EVAL):
                     self.tap(m)
-                self._deliver(m)
+                self._deliver(i, m)
                 if m.kind == Kind.STOP:
                     return
         except BaseException as e:  # noqa: BLE001 - surfaced on the training thread by check()
             self.error = e
-            self._deliver(None)
+            self._deliver(i, None)
 
-    def _deliver(self, m: Message | None) -> None:
+    def _deliver(self, i: int, m: Message | None) -> None:
         if not self.is_async:
-            self.inbox.put(m)
+            self.inboxes[i].put(m)
             return
         if m is not None and m.kind == Kind.TRAIN:
             self.buffer.put(Entry(m.x, m.y, m.ids, m.epoch, m.step, ready=m.ready))
@@ -81,33 +92,65 @@ class Receiver:
                 if m is not None and m.kind == Kind.EVAL:
                     self.ready.wait_for(lambda: sum(c is not None and c.kind == Kind.EVAL
                                                     for c in self.control) < self.max_control)
-                self.control.append(m)
+                    self.control.append(m)
+                elif m is None or self._merged(m):
+                    self.control.append(m)
         with self.ready:
             self.ready.notify_all()
 
+    def _merged(self, m: Message) -> bool:
+        """async: whether marker `m` has now come from every link (it is handed on once, then)."""
+        key = (m.kind, m.epoch)
+        self.marks[key] += 1
+        if self.marks[key] < len(self.links):
+            return False
+        del self.marks[key]
+        return True
+
     def check(self) -> None:
-        """Raise what went wrong on the receiver thread, if anything."""
+        """Raise what went wrong on a receiver thread, if anything."""
         if isinstance(self.error, PeerError):
             raise self.error
         if self.error is not None:
             raise PeerError(str(self.error)) from self.error
 
-    def _silent(self) -> PeerError:
-        return PeerError(f"rank {self.rank}: nothing from rank {self.rank - 1} for {self.timeout:.0f}s "
+    def _silent(self, who: str) -> PeerError:
+        return PeerError(f"rank {self.rank}: nothing from {who} for {self.timeout:.0f}s "
                          "(dist.timeout_s); it is hung or dead")
 
     # ------------------------------------------------------------------ sync
+    def _get(self, i: int) -> Message:
+        t0 = time.perf_counter()
+        try:
+            m = self.inboxes[i].get(timeout=self.timeout)
+        except queue.Empty:
+            raise self._silent(f"rank {self.links[i].peer}") from None
+        self.idle_s += time.perf_counter() - t0
+        if m is None:
+            self.check()
+        return m
+
     def messages(self) -> Iterator[Message]:
-        """Every message in arrival order, until STOP."""
+        """Every message in source order, until STOP: batch b of a phase (an epoch's training, an
+        evaluation) from the link of upstream replica b mod R; a marker once every link has sent it."""
+        replica, replicas = self.share
+        cursor = 0  # the next batch index of the current phase this rank may take
         while True:
-            t0 = time.perf_counter()
-            try:
-                m = self.inbox.get(timeout=self.timeout)
-            except queue.Empty:
-                raise self._silent() from None
-            self.idle_s += time.perf_counter() - t0
-            if m is None:
-                self.check()
+            index = next_index(cursor, replica, replicas)
+            i = index % len(self.links)
+            m = self._get(i)
+            if m.kind in (Kind.TRAIN, Kind.EVAL):
+                cursor = (m.step % self.source_steps if m.kind == Kind.TRAIN else m.step) + 1
+                yield m
+                continue
+            for j in range(len(self.links)):  # that link's phase is over: so is every other's
+                if j != i:
+                    other = self._get(j)
+                    if (other.kind, other.epoch) != (m.kind, m.epoch):
+                        raise PeerError(f"rank {self.rank}: upstream replicas out of step: {m.kind.name} of epoch "
+                                        f"{m.epoch} from rank {self.links[i].peer}, {other.kind.name} of epoch "
+                                        f"{other.epoch} from rank {self.links[j].peer}")
+            cursor = 0
             yield m
             if m.kind == Kind.STOP:
                 return
@@ -121,10 +164,10 @@ class Receiver:
                 return None
             m = self.control[0]
             if m is None:
-                return None  # the thread died; check() raises next round
+                return None  # a thread died; check() raises next round
             if m.kind == Kind.END_EPOCH and not self.buffer.epoch_done(m.epoch):
                 return None
-            self.ready.notify_all()  # room in the control queue: the thread may read on
+            self.ready.notify_all()  # room in the control queue: the threads may read on
             return self.control.popleft()
 
     def wait(self, poll_s: float = 1.0) -> None:
@@ -135,4 +178,4 @@ class Receiver:
             self.ready.wait_for(lambda: self.buffer.entries or self.control, timeout=poll_s)
         self.idle_s += time.perf_counter() - t0
         if not (self.buffer.entries or self.control) and time.perf_counter() - self.last_recv > self.timeout:
-            raise self._silent()
+            raise self._silent(" or ".join(f"rank {link.peer}" for link in self.links))

@@ -22,7 +22,8 @@ from ..run import Run, prepare_run_dir
 from ..stage import Stage, build_stages
 from . import world as W
 from .pipeline import Pipeline
-from .placement import measure_blocks, placement
+from .groups import Layout
+from .placement import BlockCosts, layout, measure_allreduce, measure_blocks
 from .sources import HandoffCache
 from .transport import Link
 
@@ -48,17 +49,18 @@ def dry_run(stages: list[Stage], in_shape, device) -> list[tuple]:
     return shapes
 
 
-def handshake(verdicts: list[dict], rank: int) -> None:
-    """Each rank's input shape must be its upstream neighbour's output shape."""
-    if rank > 0:
-        up, mine = verdicts[rank - 1]["shapes"][-1], verdicts[rank]["shapes"][0]
+def handshake(verdicts: list[dict], group: int) -> None:
+    """Each stage group's input shape must be its upstream neighbour's output shape (`verdicts`: one
+    per group, from its first rank)."""
+    if group > 0:
+        up, mine = verdicts[group - 1]["shapes"][-1], verdicts[group]["shapes"][0]
         if up != mine:
-            raise ConfigError(f"rank {rank - 1} sends {up} but rank {rank} expects {mine}: the block split "
-                              "does not chain (model.blocks / model.block_sizes / dist.placement)")
+            raise ConfigError(f"stage group {group - 1} sends {up} but group {group} expects {mine}: the block "
+                              "split does not chain (model.blocks / model.block_sizes / dist.placement)")
 
 
 def cascade_handoffs(cfg: JobConfig, plan: list[list[int]], start: int) -> list[int | None]:
-    """Per rank: the epoch whose upstream outputs it caches in async mode, or None.
+    """Per stage group: the epoch whose upstream outputs it caches in async mode, or None.
 
     Every block upstream of rank r is frozen from epoch U_r = max budget of those blocks on; if
     epochs remain after U_r, rank r caches epoch U_r and its upstream neighbour stops after it.
@@ -78,9 +80,9 @@ def cascade_handoffs(cfg: JobConfig, plan: list[list[int]], start: int) -> list[
 
 
 def build_rank_stages(cfg: JobConfig, input_shape, num_classes: int, device, select=None,
-                      class_counts: torch.Tensor | None = None) -> list[Stage]:
+                      replication=None, class_counts: torch.Tensor | None = None) -> list[Stage]:
     try:
-        return build_stages(cfg, input_shape, num_classes, device, select, class_counts)
+        return build_stages(cfg, input_shape, num_classes, device, select, replication, class_counts)
     except ModelError as e:  # a model that cannot be built is a config error, raised before training
         raise ConfigError(str(e)) from None
 
@@ -89,26 +91,38 @@ def build_rank_stages(cfg: JobConfig, input_shape, num_classes: int, device, sel
 class RankSetup:
     run: Run
     pipeline: Pipeline
-    plan: list[list[int]]  # blocks per rank
-    predicted_stage_s: list[float] | None = None  # dist.placement="auto": each rank's predicted s/epoch
+    layout: Layout  # the stage groups: blocks and ranks of each
+    predicted_stage_s: list[float] | None = None  # dist.placement/replicas "auto": each group's predicted s/epoch
+
+    @property
+    def plan(self) -> list[list[int]]:
+        return self.layout.blocks
 
 
-def _measure(cfg: JobConfig, world: W.World, input_shape, num_classes: int, n_train: int):
-    """dist.placement="auto": rank 0 times every block's training step (and measures its memory) on
-    its device; every rank gets the numbers. None otherwise."""
-    if cfg.dist.placement != "auto":
-        return None, None
+def _measure(cfg: JobConfig, world: W.World, input_shape, num_classes: int) -> BlockCosts | None:
+    """dist.placement or dist.replicas "auto": rank 0 times every block's training step (and measures
+    its memory) on its device, and with dist.replicas="auto" every rank times an all-reduce of the
+    model's gradient bytes on the job's backend; every rank gets the numbers. None otherwise."""
+    if "auto" not in (cfg.dist.placement, cfg.dist.replicas):
+        return None
     with W.agreement(world, "placement") as verdict:
         if world.rank == 0:
             verdict.payload = measure_blocks(cfg, input_shape, num_classes, world.device)
-    return verdict.all[0]
+    costs = verdict.all[0]
+    if cfg.dist.replicas == "auto":
+        with W.agreement(world, "placement") as verdict:
+            verdict.payload = measure_allreduce(sum(costs.grad_bytes), world.device, world.size)
+        costs.comm_s_per_byte = max(verdict.all)
+    return costs
 
 
-def _print_plan(plan: list[list[int]], per_rank: list[float], mem: list[float], steps: int, batch: int) -> None:
-    """The auto placement, with each rank's predicted seconds per epoch and the throughput bound."""
-    print(f"decoupled: dist.placement=auto: blocks per rank {[len(g) for g in plan]} ({plan}); predicted "
-          f"s/epoch per rank {[round(t, 3) for t in per_rank]}, bound {steps * batch / max(per_rank):.0f} samples/s; "
-          f"measured MiB per rank {[round(sum(mem[j] for j in g) / 2**20, 1) for g in plan]}", flush=True)
+def _print_plan(cfg: JobConfig, lay: Layout, predicted: list[float], costs: BlockCosts, steps: int) -> None:
+    """The measured layout, with each group's predicted seconds per epoch and the throughput bound."""
+    mib = [round(sum(costs.mem[j] for j in g) / 2**20, 1) for g in lay.blocks]
+    print(f"decoupled: dist.placement={cfg.dist.placement} dist.replicas={cfg.dist.replicas}: blocks per group "
+          f"{[len(g) for g in lay.blocks]} ({lay.blocks}), ranks per group {lay.replicas}; predicted s/epoch per "
+          f"group {[round(t, 3) for t in predicted]}, bound {steps * cfg.data.batch_size / max(predicted):.0f} "
+          f"samples/s; measured MiB per rank {mib}", flush=True)
 
 
 def _data(cfg: JobConfig, world: W.World) -> tuple[Data | None, tuple]:
@@ -149,46 +163,68 @@ def _resume_epoch(run: Run, world: W.World, resume: bool | str, out: Path) -> in
     return 0
 
 
+def _build(cfg: JobConfig, world: W.World, meta: tuple, costs: BlockCosts | None, out: Path, resume):
+    """Place, build and dry-run this rank's blocks; every rank learns every rank's verdict before anyone
+    trains, so a rank that cannot start never leaves its peers waiting for it."""
+    rank = world.rank
+    input_shape, num_classes, _, _, class_counts = meta
+    found: list[Layout] = []
+
+    def select(num_blocks: int) -> list[int]:
+        found.append(layout(cfg, num_blocks, world.size, costs))
+        return found[0].blocks[found[0].group_of(rank)]
+
+    def replication(num_blocks: int):
+        return found[0].block_replicas(), found[0].replica_of(rank)
+
+    with W.agreement(world, "setup") as verdict:
+        stages = build_rank_stages(cfg, input_shape, num_classes, world.device, select, replication, class_counts)
+        lay = found[0]
+        first = lay.group_of(rank) == 0
+        verdict.payload = {"shapes": dry_run(stages, input_shape if first else stages[0].in_shape, world.device)}
+        if rank == 0:  # only once everything can start; the others open it after this agreement
+            prepare_run_dir(cfg, out, resume)
+    handshake([verdict.all[lay.ranks(g)[0]] for g in range(len(lay.replicas))], lay.group_of(rank))
+    return stages, lay
+
+
 def setup_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World) -> RankSetup:
     rank, device = world.rank, world.device
     torch.manual_seed(cfg.train.seed)
-    data, (input_shape, num_classes, n_train, n_test, class_counts) = _data(cfg, world)
-
-    # Build, place and dry-run the blocks; every rank learns every rank's verdict before anyone
-    # trains, so a rank that cannot start never leaves its peers waiting for it.
-    costs, mem = _measure(cfg, world, input_shape, num_classes, n_train)
-    plan: list[list[int]] = []
-
-    def select(num_blocks: int) -> list[int]:
-        plan.extend(placement(cfg, num_blocks, world.size, costs, mem))
-        return plan[rank]
-
-    with W.agreement(world, "setup") as verdict:
-        stages = build_rank_stages(cfg, input_shape, num_classes, device, select, class_counts)
-        verdict.payload = {"shapes": dry_run(stages, input_shape if rank == 0 else stages[0].in_shape, device)}
-        if rank == 0:  # only once everything can start; the others open it after this agreement
-            prepare_run_dir(cfg, out, resume)
-    handshake(verdict.all, rank)
-    steps = -(-n_train // cfg.data.batch_size)
+    data, meta = _data(cfg, world)
+    input_shape, num_classes, n_train, n_test, _ = meta
+    costs = _measure(cfg, world, input_shape, num_classes)
+    stages, lay = _build(cfg, world, meta, costs, out, resume)
+    group, replica, replicas = lay.group_of(rank), lay.replica_of(rank), lay.replicas[lay.group_of(rank)]
+    if lay.replicas[0] > 1:  # every replica of the source group reads the dataset (seeded: the same)
+        with W.agreement(world, "data"):
+            if group == 0 and data is None:
+                data = build_data(cfg.data, cfg.train.seed)
+    world.connect(lay)
+    steps = -(-n_train // cfg.data.batch_size)  # source batches per epoch
+    for s in stages:
+        if s.rounds is not None:
+            s.join(world.replica_group, cfg.dist.sync_bn)
+            # sync: the group's rounds per epoch; async epochs end by step count, without padding
+            s.epoch_rounds = -(-steps // replicas) if cfg.train.mode == "sync" else None
     predicted = None
-    if costs is not None:
-        predicted = [sum(costs[j] for j in g) * steps for g in plan]  # each rank's seconds per epoch
+    if costs is not None:  # each group's predicted seconds per epoch
+        predicted = [costs.group_s(g, r) * steps for g, r in zip(lay.blocks, lay.replicas)]
         if rank == 0:
-            _print_plan(plan, predicted, mem, steps, cfg.data.batch_size)
+            _print_plan(cfg, lay, predicted, costs, steps)
 
     run = Run(cfg, data, stages, device, out, Recorder(out / "metrics.jsonl"), rank=rank,
               distributed=True)
     start = _resume_epoch(run, world, resume, out) if resume else 0
     t = cfg.dist
     wire = max(cfg.data.batch_size, cfg.data.eval_batch_size)
-    recv = Link(world.links[rank], rank - 1, device, t.timeout_s, wire, t.max_inflight) if rank > 0 else None
-    send = (Link(world.links[rank + 1], rank + 1, device, t.timeout_s, wire, t.max_inflight)
-            if rank < world.size - 1 else None)
-    handoffs = cascade_handoffs(cfg, plan, start)
-    handoff = (HandoffCache(run, handoffs[rank], n_train, n_test, num_classes)
-               if handoffs[rank] is not None else None)
-    epochs = max(block_budgets(cfg, sum(len(p) for p in plan)))
+    recv = [Link(world.recv_groups[u], u, device, t.timeout_s, wire, t.max_inflight) for u in lay.upstream(rank)]
+    send = [Link(world.send_groups[d], d, device, t.timeout_s, wire, t.max_inflight) for d in lay.downstream(rank)]
+    handoffs = cascade_handoffs(cfg, lay.blocks, start)  # per group (never with replicas: config rules)
+    handoff = (HandoffCache(run, handoffs[group], n_train, n_test, num_classes)
+               if handoffs[group] is not None else None)
+    epochs = max(block_budgets(cfg, sum(len(p) for p in lay.blocks)))
     pipe = Pipeline(run, epochs, recv, send, start_epoch=start, handoff=handoff,
-                    stop_after=handoffs[rank + 1] if rank + 1 < world.size else None, board=world.board,
-                    steps_per_epoch=steps)
-    return RankSetup(run, pipe, plan, predicted)
+                    stop_after=handoffs[group + 1] if group + 1 < len(lay.blocks) else None, board=world.board,
+                    source_steps=steps, share=(replica, replicas))
+    return RankSetup(run, pipe, lay, predicted)

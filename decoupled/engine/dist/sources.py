@@ -15,6 +15,7 @@ import torch
 from ...data import Augment, Split, batches
 from ..cache import PseudoInputs, cache_mode
 from ..run import Run
+from .groups import share
 from .transport import Kind, Message, PeerError
 
 
@@ -40,9 +41,16 @@ class DatasetSource:
     accuracy is then measured once, at the end, when every block is final."""
 
     def __init__(self, run: Run, train: Split, test: Split, start: int, last: int, test_aux=None,
-                 augment: Augment | None = None, more=None):
+                 augment: Augment | None = None, more=None, share: tuple[int, int] = (0, 1)):
         self.run, self.train, self.test = run, train, test
         self.start, self.last, self.test_aux, self.augment, self.more = start, last, test_aux, augment, more
+        self.share = share  # (replica, replicas) of the source group: this rank streams batches b = replica mod R
+
+    def _mine(self, batches_):
+        """This replica's batches. Every batch is still drawn (and augmented), so each one is the
+        same whichever replica streams it."""
+        replica, replicas = self.share
+        return (b for b in batches_ if share(b.step, replicas) == replica)
 
     def _epochs(self) -> Iterator[int]:
         epoch = self.start
@@ -64,7 +72,7 @@ class DatasetSource:
                 complete = True
                 train = batches(self.train, cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch,
                                 augment=self.augment)
-                for b, tensors in prefetched(train, run.to_device):
+                for b, tensors in prefetched(self._mine(train), run.to_device):
                     if epoch > self.last and not self.more():
                         complete = False  # every rank is done: no need to finish the epoch
                         break
@@ -84,7 +92,7 @@ class DatasetSource:
         yield Message(Kind.STOP, self.last if final is None else final)
 
     def _evaluation(self, epoch: int) -> Iterator[Message]:
-        for b in batches(self.test, self.run.cfg.data.eval_batch_size, shuffle=False):
+        for b in self._mine(batches(self.test, self.run.cfg.data.eval_batch_size, shuffle=False)):
             aux = None if self.test_aux is None else self.test_aux[b.ids]
             yield Message(Kind.EVAL, epoch, b.step, *self.run.to_device(b.x, b.y, b.ids), aux=aux)
         yield Message(Kind.END_EVAL, epoch)

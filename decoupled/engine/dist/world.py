@@ -1,4 +1,5 @@
-"""The world of a distributed run: process groups, one two-rank group per pipeline edge, and the
+"""The world of a distributed run: process groups (one two-rank group per link between the ranks of
+neighbouring stage groups, one group per replicated stage group for its all-reduces), and the
 object collectives that start-up and the end-of-run report use.
 
 Backend auto: NCCL with device cuda:LOCAL_RANK when CUDA is available, gloo on CPU. Object
@@ -30,9 +31,30 @@ class World:
     backend: str
     device: torch.device
     ctrl: object  # gloo group for object collectives
-    links: list  # links[j]: the two-rank group of edge (j-1 -> j); links[0] is None
     patient: object = None  # gloo group for waits on a peer's work, not its liveness: no deadline (see init)
     board: "BudgetBoard | None" = None  # which ranks have spent their step budgets (replay.budget="steps")
+    timeout: timedelta = timedelta(seconds=300)
+    # after connect(): this rank's links by peer rank, in replica order, and its stage group's group
+    recv_groups: dict = None
+    send_groups: dict = None
+    replica_group: object = None
+
+    def connect(self, layout) -> None:
+        """Every group the layout needs, created by every rank in the same order (torch requires it)."""
+        self.recv_groups, self.send_groups = {}, {}
+        for g in range(1, len(layout.replicas)):
+            for up in layout.ranks(g - 1):
+                for down in layout.ranks(g):
+                    group = dist.new_group([up, down], timeout=self.timeout)
+                    if self.rank == down:
+                        self.recv_groups[up] = group
+                    if self.rank == up:
+                        self.send_groups[down] = group
+        for g, r in enumerate(layout.replicas):
+            if r > 1:  # the backend of the job: NCCL all-reduces the gradients on GPU
+                group = dist.new_group(layout.ranks(g), timeout=self.timeout)
+                if self.rank in layout.ranks(g):
+                    self.replica_group = group
 
 
 class BudgetBoard:
@@ -71,6 +93,9 @@ def resolve_backend(cfg: JobConfig) -> tuple[str, torch.device]:
         if cfg.train.device == "cpu":
             raise ConfigError("dist.backend='nccl' cannot carry train.device='cpu' tensors; use dist.backend='gloo'")
         return backend, torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if cfg.dist.sync_bn:
+        raise ConfigError("dist.sync_bn=true needs CUDA (torch's SyncBatchNorm runs on GPU only); on CPU leave it "
+                          "false: each replica normalises its own batch and the running statistics are averaged")
     if cfg.train.device == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("train.device='cuda' but no CUDA device is visible; use 'cpu' or 'auto'")
@@ -100,8 +125,6 @@ def init(cfg: JobConfig) -> World:
         dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
     rank, size = dist.get_rank(), dist.get_world_size()
     ctrl = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
-    # one group per edge, created by every rank in the same order
-    links = [None] + [dist.new_group([j - 1, j], timeout=timeout) for j in range(1, size)]
     # Waits on a peer's *work* rather than its liveness: rank 0 loading a large dataset, every rank
     # building and dry-running its blocks (start-up agreements), and the end-of-run report, where a
     # rank whose blocks froze early (async cascade) finishes hours before the last one. None of
@@ -109,7 +132,7 @@ def init(cfg: JobConfig) -> World:
     # dies is seen by torchrun, which ends the whole job; once training runs, a dead or hung peer
     # fails its neighbours' links within dist.timeout_s.
     patient = dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
-    return World(rank, size, backend, device, ctrl, links, patient, BudgetBoard(store, size))
+    return World(rank, size, backend, device, ctrl, patient, BudgetBoard(store, size), timeout)
 
 
 def broadcast_from_0(obj, world: World, group=None):

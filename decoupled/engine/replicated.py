@@ -1,0 +1,168 @@
+"""A stage held by R replicas (dist.replicas) takes one optimizer step per R batches, on their union:
+
+    grad = sum_i grad(n_i * loss_i) / N,   N = sum_i n_i   (batch i has n_i samples)
+
+Two ways to get there, equal bit for bit where the sum's order allows (always at R = 2):
+- `Accumulate` (train.mode="simultaneous", the reference): one process holds all R slots; slot i
+  is the i-th batch of a round; autograd accumulates the R gradients, the step closes the round.
+- `AllReduce` (sync / async): replica i holds slot i only; every batch is a round, closed by one
+  all-reduce (sum) of the gradients over the group's process group, so every replica steps with the
+  same gradient and the parameters stay identical. At the end of a sync epoch whose batches do not
+  divide by R, a replica without a batch in the last round joins it with zero gradient and n = 0.
+
+Every slot has its own RNG stream (dropout), seeded from (seed, block, slot); slot 0's is the stream
+of a stage without replicas. BatchNorm: each slot normalises its own batch (training-mode statistics
+are per replica); the running statistics are averaged over the slots when the round closes (float
+buffers: sum / R; a slot without a batch contributes the round's starting values), and integer
+buffers (num_batches_tracked) advance by one per round. With dist.sync_bn (CUDA) SyncBatchNorm
+normalises over the union instead; then the averaging leaves identical buffers as they are.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..device import StepTimer
+
+
+def _buffers(stage) -> list[torch.Tensor]:
+    return [b for m in (stage.block, stage.objective) for b in m.buffers()]
+
+
+class Rounds:
+    """What both ways share: the round's bookkeeping and its closing arithmetic."""
+
+    def __init__(self, stage, replicas: int):
+        self.stage, self.replicas = stage, replicas
+        self.pos = 0  # batches of the current round taken by this process
+        self.n = 0  # their samples
+        self.start: list[torch.Tensor] = []  # the buffers when the round began
+        self.epoch_batches = 0  # batches this epoch (AllReduce pads the last round with it)
+
+    def slot(self) -> int:
+        raise NotImplementedError
+
+    def begin(self) -> None:
+        """Before a batch's forward: a new round zeroes the gradients and records the buffers; a later
+        slot of the same round starts from those buffers again, as its replica would."""
+        bufs = _buffers(self.stage)
+        if self.pos == 0:
+            self.stage.optimizer.zero_grad(set_to_none=False)
+            self.start = [b.detach().clone() for b in bufs]
+        else:
+            for b, s in zip(bufs, self.start):
+                b.copy_(s)
+
+    def _finish(self, float_sums: list[torch.Tensor], n: torch.Tensor) -> None:
+        """Gradients / N (`n`: a float32 tensor of one element, on the device: no host sync), float
+        buffers = their sum over slots / R, integer counters + 1; then the step."""
+        s = self.stage
+        n = n.clamp(min=1.0)
+        for p in s.local_parameters():
+            if p.grad is not None:
+                p.grad.div_(n)
+        floats = iter(float_sums)
+        for b, start in zip(_buffers(s), self.start):
+            if b.is_floating_point():
+                b.copy_(next(floats).div_(self.replicas))
+            elif b.dtype != torch.bool:
+                b.copy_(start + 1)
+        t0 = s.timer.start()  # the step is compute; the all-reduce before it is not
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+        s.timer.stop(t0)
+        s.updates += 1
+        self.pos, self.n = 0, 0
+
+    def pad_epoch(self, rounds: int | None) -> None:
+        self.epoch_batches = 0
+
+
+class Accumulate(Rounds):
+    """The reference: one process plays every slot of a round in turn."""
+
+    def __init__(self, stage, replicas: int):
+        super().__init__(stage, replicas)
+        self.slot_buffers: list[list[torch.Tensor]] = []
+
+    def slot(self) -> int:
+        return self.pos
+
+    def end(self, n: int) -> None:
+        self.n += n
+        self.pos += 1
+        self.epoch_batches += 1
+        self.slot_buffers.append([b.detach().clone() for b in _buffers(self.stage) if b.is_floating_point()])
+        if self.pos == self.replicas:
+            self.close()
+
+    def close(self) -> None:
+        """The round's step; slots without a batch (an epoch's last round) contribute the start buffers."""
+        if self.pos == 0:
+            return
+        start = [b for b in self.start if b.is_floating_point()]
+        slots = self.slot_buffers + [start] * (self.replicas - len(self.slot_buffers))
+        sums = [sum(parts[1:], parts[0].clone()) for parts in zip(*slots)] if start else []
+        self.slot_buffers = []
+        self._finish(sums, torch.tensor([float(self.n)], device=self.stage.device))
+
+    def pad_epoch(self, rounds: int | None) -> None:
+        self.close()  # a partial last round steps on what it has
+        super().pad_epoch(rounds)
+
+
+class AllReduce(Rounds):
+    """One replica of a group: its batches are slot `replica` of successive rounds."""
+
+    def __init__(self, stage, replicas: int, replica: int, group=None):
+        super().__init__(stage, replicas)
+        self.replica, self.group = replica, group  # the group: Stage.join, once the ranks are connected
+        self.timer = StepTimer(stage.device)  # the all-reduces: communication, not compute
+
+    def slot(self) -> int:
+        return self.replica
+
+    def end(self, n: int) -> None:
+        self.n += n
+        self.pos += 1
+        self.epoch_batches += 1
+        self.close()
+
+    def close(self) -> None:
+        """One all-reduce of [gradients, float buffers, n] over the group, then the step."""
+        s = self.stage
+        params = s.local_parameters()
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        floats = [b for b in _buffers(s) if b.is_floating_point()]
+        parts = [p.grad.reshape(-1) for p in params] + [b.reshape(-1).float() for b in floats]
+        flat = torch.cat(parts + [torch.tensor([float(self.n)], device=s.device)])
+        t0 = self.timer.start()
+        dist.all_reduce(flat, group=self.group)
+        self.timer.stop(t0)
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+        sums = []
+        for b in floats:
+            sums.append(flat[offset:offset + b.numel()].view_as(b).to(b.dtype))
+            offset += b.numel()
+        self._finish(sums, flat[-1:])
+
+    def pad_epoch(self, rounds: int | None) -> None:
+        """Sync: a replica with fewer batches this epoch than the group has rounds joins the last one
+        with nothing (zero gradient, n = 0), so the group's all-reduces pair up."""
+        while rounds is not None and self.epoch_batches < rounds:
+            s = self.stage
+            self.begin()
+            if s.scaler.is_enabled():
+                s.scaler.scale(torch.zeros((), device=s.device))  # the scale exists before its first step
+            self.epoch_batches += 1
+            self.close()
+        super().pad_epoch(rounds)
+
+    @property
+    def comm_s(self) -> float:
+        return self.timer.seconds
