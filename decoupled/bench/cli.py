@@ -20,6 +20,7 @@ training samples per second of that median epoch.
 
     decoupled bench --config launch/configs/bench_cpu.toml --ranks 2 --out runs/bench
     decoupled bench --sweep depth --config launch/configs/bench_cpu.toml --out runs/sweep
+    decoupled bench --sweep layouts --config launch/configs/layouts_cpu.toml --ranks 3 --out runs/layouts
 
 Writes bench.json, bench.md and bench.png (sweep: sweep.json, sweep.md, sweep.png) into --out.
 """
@@ -31,6 +32,7 @@ from pathlib import Path
 from ..config import ConfigError
 from .rows import MICROBATCHES, ROWS, bench
 from .report import markdown
+from .layouts import layouts
 from .straggler import straggler
 from .sweep import DEFAULT_HIERARCHIES, parse_lists, sweep_depth
 
@@ -48,9 +50,10 @@ def add_parser(sub) -> None:
                    help="gpipe / 1f1b: microbatch counts to sweep, comma-separated (those that divide the batch "
                         "and are >= --ranks run; the row reports the fastest)")
     b.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
-    b.add_argument("--sweep", choices=["depth", "straggler"],
+    b.add_argument("--sweep", choices=["depth", "straggler", "layouts"],
                    help="instead: depth = e2e vs per-rank peak memory as VGG depth grows; straggler = sync vs "
-                        "async (each replay.budget) with one slow rank (dist.placement)")
+                        "async (each replay.budget) with one slow rank (dist.placement); layouts = sync on --ranks "
+                        "ranks with an even split, dist.placement=auto, and auto with dist.replicas=auto")
     b.add_argument("--hierarchies", default=DEFAULT_HIERARCHIES,
                    help="--sweep depth: VGG hierarchies, one block and one rank per stage")
     b.add_argument("--mmap-threshold", type=int,
@@ -74,6 +77,10 @@ def main(args) -> int:
         threshold = 65536 if args.mmap_threshold is None else args.mmap_threshold
         sweep_depth(args.config, args.overrides, out, parse_lists(args.hierarchies), args.timeout, threshold)
         print((out / "sweep.md").read_text() + f"written: {out}/sweep.json, sweep.md, sweep.png")
+        return 0
+    if args.sweep == "layouts":
+        layouts(args.config, args.overrides, args.ranks, out, args.timeout)
+        print((out / "layouts.md").read_text() + f"written: {out}/layouts.json, layouts.md")
         return 0
     if args.sweep == "straggler":
         straggler(args.config, args.overrides, out, args.timeout)

@@ -49,8 +49,8 @@ def markdown(runs: list[Path], bench_dirs: list[Path], figures: list[Path]) -> s
     for r in runs:
         lines += run_section(str(r), json.loads((r / "summary.json").read_text()))
     for b in bench_dirs:
-        md = b / "bench.md"
-        lines += [f"## bench {b}", "", md.read_text() if md.exists() else "(no bench.md)", ""]
+        md = next((b / n for n in ("bench.md", "layouts.md") if (b / n).exists()), None)
+        lines += [f"## bench {b}", "", md.read_text() if md else "(no bench.md)", ""]
     return "\n".join(lines)
 
 

@@ -38,9 +38,10 @@ def find(paths: list[Path]) -> tuple[list[Path], list[Path]]:
         if not p.exists():
             raise FileNotFoundError(f"{p} does not exist")
         runs |= {s.parent for s in ([p / "summary.json"] if (p / "summary.json").exists() else p.rglob("summary.json"))}
-        benches |= {b.parent for b in ([p / "bench.json"] if (p / "bench.json").exists() else p.rglob("bench.json"))}
+        for name in ("bench.json", "layouts.json"):  # `decoupled bench` and its --sweep layouts
+            benches |= {b for b in ([p / name] if (p / name).exists() else p.rglob(name))}
     # a bench folder's own row runs (bench/sync, bench/e2e, ...) are drawn from bench.json
-    runs = {r for r in runs if not any(b in r.parents for b in benches)}
+    runs = {r for r in runs if not any(b.parent in r.parents for b in benches)}
     return sorted(runs), sorted(benches)
 
 
@@ -153,8 +154,8 @@ def throughput_vs_ranks(groups, benches, out, written):
     for b in benches:
         for row in b["rows"]:
             if row.get("samples_per_s"):
-                k = b["ranks"] if row["mode"] in ("sync", "async", "gpipe", "1f1b") else (
-                    row.get("threads", 1) if row["mode"] == "e2e-Kthreads" else 1)
+                k = row.get("world") or (b["ranks"] if row["mode"] in ("sync", "async", "gpipe", "1f1b") else (
+                    row.get("threads", 1) if row["mode"] == "e2e-Kthreads" else 1))
                 series.setdefault(f"bench {row['mode']}", []).append((k, row["samples_per_s"]))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, pts in sorted(series.items()):
@@ -186,7 +187,7 @@ def load_all(paths: list[Path]):
     runs, bench_dirs = find(paths)
     if not runs and not bench_dirs:
         raise FileNotFoundError(f"no summary.json or bench.json under {', '.join(map(str, paths))}")
-    return runs, load_runs(runs), bench_dirs, [json.loads((b / "bench.json").read_text()) for b in bench_dirs]
+    return runs, load_runs(runs), [b.parent for b in bench_dirs], [json.loads(b.read_text()) for b in bench_dirs]
 
 
 def main(argv: list[str] | None = None) -> int:
