@@ -117,6 +117,10 @@ def _launch_train(args, raw: list[str]) -> int:
         if n > 1 and cfg.train.mode not in DISTRIBUTED_MODES:
             raise ConfigError(f"--nproc-per-node {n} with train.mode={cfg.train.mode!r}, which runs in one process: "
                               "add --set train.mode=sync (or async)")
+        reps = cfg.dist.replicas
+        if isinstance(reps, list) and reps and sum(reps) != n and cfg.train.mode in DISTRIBUTED_MODES:
+            raise ConfigError(f"dist.replicas={reps} holds {sum(reps)} ranks but --nproc-per-node is {n}; make "
+                              f"them agree (--nproc-per-node {sum(reps)})")
     except ConfigError as e:
         return _fail(f"config error: {e}", 2)
     from .train import default_out

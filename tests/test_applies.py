@@ -36,6 +36,7 @@ REFUSED = {
     "train.keep_checkpoints": ("1", ["train.checkpoint=false"]),
     "train.plateau_patience": ("2", ["train.mode=e2e"]),
     "dist.max_stage_mem_mb": ("100", ["train.mode=sync"]),
+    "dist.sync_bn": ("true", ["train.mode=sync"]),
 }
 
 
@@ -64,10 +65,12 @@ def test_key_refused_where_it_does_nothing(key):
 def test_other_mode_keys_are_a_notice(key, capsys):
     default = getattr(getattr(JobConfig(), key.split(".")[0]), key.split(".")[1])
     named = {"train.cache": '"disk"', "dist.backend": '"gloo"', "dist.placement": "[1, 2]", "replay.policy": '"random"',
+             "dist.replicas": "[2, 1]",
              "replay.budget": '"upstream"', "dist.wire_dtype": '"bfloat16"',
              "train.e2e_loss": '"local"', "train.activation_checkpointing": "true"}
     value = named[key] if key in named else repr(default + 1)
-    mode = "e2e" if key == "dist.wire_dtype" else "simultaneous"  # wire_dtype acts at simultaneous' block boundaries
+    # wire_dtype acts at simultaneous' block boundaries; simultaneous accumulates over dist.replicas
+    mode = "e2e" if key in ("dist.wire_dtype", "dist.replicas") else "simultaneous"
     load(None, [f"train.mode={mode}", f"{key}={value}"])
     assert key in capsys.readouterr().err
 

@@ -81,7 +81,9 @@ def test_bench_writes_every_row(tmp_path):
         assert len(row["ranks"]) == want, row
         for r in row["ranks"]:
             assert set(r) >= {"rank", "peak_mem_bytes", "compute_s", "comm_s", "idle_s"}
-            assert r["peak_mem_bytes"] >= 0 and r["compute_s"] > 0
+            # async (replay.budget="steps"): a rank may make its whole budget (replaying) before the
+            # first end-of-epoch marker reaches it on a loaded machine, leaving 0 s in the timed window
+            assert r["peak_mem_bytes"] >= 0 and (r["compute_s"] > 0 or row["mode"] == "async" and r["compute_s"] == 0)
     for mode in ("sync", "async"):
         row = next(r for r in res["rows"] if r["mode"] == mode)
         assert row["bound_samples_per_s"] == pytest.approx(res["bound_samples_per_s"])

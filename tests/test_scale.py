@@ -79,6 +79,7 @@ class FakeLink:
     def __init__(self, messages):
         self.messages, self.read = list(messages), 0
         self.samples = self.bytes = 0
+        self.peer = 0
 
     def recv(self):
         if self.read < len(self.messages):
@@ -93,15 +94,15 @@ def test_control_queue_is_bounded_under_a_slow_rank():
     x = torch.zeros(4, 8)
     evals = [Message(Kind.EVAL, 0, i, x, torch.zeros(4, dtype=torch.int64), torch.arange(4)) for i in range(20)]
     cfg = load(None, ["train.mode=async", "dist.max_inflight=2"])
-    rx = Receiver(FakeLink(evals), 1, cfg)
+    rx = Receiver([FakeLink(evals)], 1, cfg)
     rx.start()
     wait_until(lambda: len(rx.control) == 2)
     time.sleep(0.3)  # the training thread handles nothing meanwhile: the receiver must stay blocked
-    assert len(rx.control) == 2 and rx.link.read <= 3
+    assert len(rx.control) == 2 and rx.links[0].read <= 3
     handled = [rx.next_control() for _ in range(2)]
     wait_until(lambda: len(rx.control) == 2)
     time.sleep(0.3)
-    assert [m.step for m in handled] == [0, 1] and len(rx.control) == 2 and rx.link.read <= 5
+    assert [m.step for m in handled] == [0, 1] and len(rx.control) == 2 and rx.links[0].read <= 5
 
 
 def wait_until(predicate, timeout: float = 30.0) -> None:

@@ -79,8 +79,10 @@ APPLIES: dict[str, Rule] = {
     "dist.max_stage_mem_mb": (lambda c: c.dist.placement == "auto", "dist.placement='auto'", "choice"),
     # stage groups: the simultaneous reference accumulates R batches per step where sync has R replicas,
     # and needs the blocks-to-groups split for that
-    **{f"dist.{k}": (lambda c: c.train.mode in REPLICA_MODES, f"train.mode in {REPLICA_MODES}", "mode")
-       for k in ("replicas", "placement")},
+    "dist.replicas": (lambda c: c.train.mode in REPLICA_MODES, f"train.mode in {REPLICA_MODES}", "mode"),
+    "dist.placement": (lambda c: c.train.mode in DISTRIBUTED_MODES or (c.train.mode == "simultaneous"
+                                                                       and replicated(c.dist)),
+                       f"train.mode in {DISTRIBUTED_MODES}, or 'simultaneous' with dist.replicas", "mode"),
     "dist.sync_bn": (lambda c: c.train.mode in DISTRIBUTED_MODES and replicated(c.dist),
                      "train.mode in ('sync', 'async') with dist.replicas (a group of more than one rank)", "choice"),
 }

@@ -104,7 +104,7 @@ class Accumulate(Rounds):
         slots = self.slot_buffers + [start] * (self.replicas - len(self.slot_buffers))
         sums = [sum(parts[1:], parts[0].clone()) for parts in zip(*slots)] if start else []
         self.slot_buffers = []
-        self._finish(sums, torch.tensor([float(self.n)], device=self.stage.device))
+        self._finish(sums, torch.full((1,), float(self.n), device=self.stage.device))
 
     def pad_epoch(self, rounds: int | None) -> None:
         self.close()  # a partial last round steps on what it has
@@ -137,7 +137,8 @@ class AllReduce(Rounds):
                 p.grad = torch.zeros_like(p)
         floats = [b for b in _buffers(s) if b.is_floating_point()]
         parts = [p.grad.reshape(-1) for p in params] + [b.reshape(-1).float() for b in floats]
-        flat = torch.cat(parts + [torch.tensor([float(self.n)], device=s.device)])
+        # n by a fill kernel: a host-to-device copy of a pageable scalar would synchronise the stream
+        flat = torch.cat(parts + [torch.full((1,), float(self.n), device=s.device)])
         t0 = self.timer.start()
         dist.all_reduce(flat, group=self.group)
         self.timer.stop(t0)
