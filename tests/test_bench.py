@@ -125,3 +125,25 @@ def test_microbatch_candidates_divide_the_batch_and_cover_the_stages():
 def test_bench_refuses_unknown_rows(tmp_path, capsys):
     assert main(["bench", "--rows", "e2e,pipedream", "--out", str(tmp_path)]) == 2
     assert "--rows must be among" in capsys.readouterr().err
+
+
+def test_sweep_layouts_compares_even_auto_and_replicas(tmp_path):
+    """--sweep layouts: the same sync job laid out evenly, by auto placement, with auto replicas and
+    with the config's replicas; each row reports its layout, predictions beside measurements, shares."""
+    out = tmp_path / "layouts"
+    cmd = [sys.executable, "-m", "decoupled", "bench", "--sweep", "layouts", "--ranks", "2", "--out", str(out),
+           "--timeout", "150", *sets({**TINY, "train.epochs": 1, "dist.replicas": [2]})]
+    p = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads((out / "layouts.json").read_text())
+    rows = {r["layout"]: r for r in res["rows"]}
+    assert list(rows) == ["even", "auto", "auto+replicas", "auto+replicas=[2]"]
+    assert rows["even"]["placement"] == [[0], [1]] and rows["even"]["predicted_stage_s"] is None
+    assert rows["auto+replicas=[2]"]["replicas"] == [2] and rows["auto+replicas=[2]"]["placement"] == [[0, 1]]
+    for r in rows.values():
+        assert "error" not in r, r
+        assert r["samples_per_s"] > 0 and sum(r["replicas"]) == 2 and len(r["ranks_facts"]) == 2
+        assert len(r["measured_stage_s"]) == len(r["placement"])
+        if r["layout"] != "even":
+            assert len(r["predicted_stage_s"]) == len(r["placement"])
+    assert "| auto+replicas |" in (out / "layouts.md").read_text()

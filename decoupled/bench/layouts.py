@@ -1,7 +1,8 @@
 """`decoupled bench --sweep layouts`: the same sync job on the same number of ranks, laid out three
 ways: an even split of the blocks (one rank per group), dist.placement="auto" (the split from
 measured block times), and dist.placement="auto" with dist.replicas="auto" (a slow stage held by
-several ranks that average their gradients). Per layout: throughput, the predicted per-group time
+several ranks that average their gradients); when the config gives dist.replicas as a list, a fourth
+layout uses it with dist.placement="auto". Per layout: throughput, the predicted per-group time
 against each rank's measured compute, and each rank's idle and blocked shares.
 
     decoupled bench --sweep layouts --config launch/configs/layouts_cpu.toml --ranks 3 --out runs/layouts
@@ -26,18 +27,21 @@ def layouts(config: str | None, overrides: list[str], ranks: int, out: Path, tim
     base = load(config, [*overrides, "train.mode=sync", "train.checkpoint=false"])
     result = {"machine": machine(), "config": str(config), "overrides": list(overrides), "ranks": ranks,
               "rows": []}
-    for name, sets in VARIANTS:
+    variants = list(VARIANTS)
+    if isinstance(base.dist.replicas, list) and any(r > 1 for r in base.dist.replicas):
+        variants.append((f"auto+replicas={base.dist.replicas}", ["dist.placement=\"auto\""]))
+    for name, sets in variants:
         cfg = load(None, sets, base=base)
-        cfg_path = out / name / "config.toml"
+        cfg_path = out / _folder(name) / "config.toml"
         cfg_path.parent.mkdir(parents=True, exist_ok=True)
         cfg_path.write_text(to_toml(cfg))
-        cmd = torchrun(ranks, ["decoupled", "train", "--config", str(cfg_path), "--out", str(out / name / "run")])
-        err = run(cmd, out / name / "train.log", 1, timeout)
+        cmd = torchrun(ranks, ["decoupled", "train", "--config", str(cfg_path), "--out", str(cfg_path.parent / "run")])
+        err = run(cmd, cfg_path.parent / "train.log", 1, timeout)
         row = {"mode": f"sync {name}", "layout": name, "world": ranks, "cmd": " ".join(cmd)}
         if err:
             row["error"] = err
         else:
-            row.update(facts(json.loads((out / name / "run" / "summary.json").read_text())))
+            row.update(facts(json.loads((cfg_path.parent / "run" / "summary.json").read_text())))
         result["rows"].append(row)
         print(f"  {name:14s} " + (f"{row['samples_per_s']:.0f} samples/s, groups {row['placement']} x "
                                   f"{row['replicas']}" if "samples_per_s" in row else f"FAILED: {row['error']}"),
@@ -46,6 +50,10 @@ def layouts(config: str | None, overrides: list[str], ranks: int, out: Path, tim
     (out / "layouts.json").write_text(json.dumps(result, indent=2))
     (out / "layouts.md").write_text(markdown(result))
     return result
+
+
+def _folder(name: str) -> str:
+    return name.replace("=", "-").replace("[", "").replace("]", "").replace(", ", "-").replace(",", "-")
 
 
 def facts(s: dict) -> dict:
@@ -68,7 +76,9 @@ def facts(s: dict) -> dict:
 
 def markdown(result: dict) -> str:
     f = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
-    lines = [f"{result['ranks']} ranks, sync; {result['machine'].get('cpus', '?')} CPUs", "",
+    m = result["machine"]
+    lines = [f"{result['ranks']} ranks, sync, on {m.get('cpus_usable', '?')} usable CPUs ({m.get('cpu_model', '?')}), "
+             f"torch {m.get('torch')}, {m.get('time')}", "",
              "| layout | blocks per group | ranks per group | samples/s | predicted s/epoch per group | "
              "measured s/epoch per group | idle share per rank | last block acc |",
              "|---|---|---|---:|---|---|---|---:|"]
