@@ -147,3 +147,9 @@ def test_sweep_layouts_compares_even_auto_and_replicas(tmp_path):
         if r["layout"] != "even":
             assert len(r["predicted_stage_s"]) == len(r["placement"])
     assert "| auto+replicas |" in (out / "layouts.md").read_text()
+    # `decoupled report` draws the layouts into throughput_vs_ranks.png and lists their table
+    p = subprocess.run([sys.executable, "-m", "decoupled", "report", str(out), "--out", str(tmp_path / "rep")],
+                       env=env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (tmp_path / "rep" / "throughput_vs_ranks.png").stat().st_size > 0
+    assert "| auto+replicas |" in (tmp_path / "rep" / "report.md").read_text()

@@ -89,15 +89,17 @@ def test_resume_extends_a_sync_run_bit_for_bit(tmp_path):
     assert_same_states(tmp_path / "ref", run, 2, 1)
 
 
-def test_two_torchrun_agents_multi_node(tmp_path):
-    """--nnodes=2 through the c10d rendezvous on loopback: two agents, one rank each."""
-    ref = reference(tmp_path, MLP)
+@pytest.mark.parametrize("extra", [{}, {"dist.replicas": [2]}], ids=["pipeline", "one-group-two-replicas"])
+def test_two_torchrun_agents_multi_node(tmp_path, extra):
+    """--nnodes=2 through the c10d rendezvous on loopback: two agents, one rank each; either a
+    pipeline across the nodes, or one stage group whose two replicas all-reduce across them."""
+    ref = reference(tmp_path, {**MLP, **extra})
     port = free_port()
     procs = []
     for node in range(2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=mn-{port}",
-               "-m", "decoupled", "train", "--out", str(tmp_path / "mn"), *sets({**MLP, "train.mode": "sync"})]
+               "-m", "decoupled", "train", "--out", str(tmp_path / "mn"), *sets({**MLP, **extra, "train.mode": "sync"})]
         procs.append(subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
     try:

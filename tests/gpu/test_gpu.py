@@ -78,6 +78,44 @@ def test_train_step_makes_no_host_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
+def test_replicas_reference_on_cuda(tmp_path):
+    """train.mode=simultaneous with dist.replicas: blocks accumulate R batches per step on the GPU."""
+    s = train(load(None, SMALL + ["train.mode=simultaneous", "dist.replicas=[2,1]"]), tmp_path / "acc")
+    assert all(0 <= l["test_acc"] <= 1 for l in s["layers"])
+
+
+def test_replicated_step_makes_no_host_sync(tmp_path):
+    """A replica's step (replicated.AllReduce): gradients, BN buffers and the sample count in one NCCL
+    all-reduce, the division on the device; no host sync. One GPU hosts one NCCL rank, so the group
+    here is a world of one playing replica 0 of 2 (the all-reduce then sums one contribution)."""
+    import torch.distributed as dist
+    from decoupled.engine.stage import build_stages
+    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1,
+                            device_id=torch.device("cuda", 0))
+    try:
+        cfg = load(None, SMALL + ["train.check_every=1000", "train.log_every=100000"])
+        stages = build_stages(cfg, (3, 16, 16), 10, torch.device("cuda"),
+                              replication=lambda n: ({j: 2 for j in range(n)}, 0))
+        for s in stages:
+            s.join(dist.group.WORLD, sync_bn=False)
+        x = torch.randn(64, 3, 16, 16, device="cuda")
+        y = torch.randint(0, 10, (64,), device="cuda")
+        h = x
+        for s in stages:  # warm-up: lazy initialisation (and NCCL's communicator) may sync
+            h, _ = s.train_step(h, y)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(5):
+                h = x
+                for s in stages:
+                    h, _ = s.train_step(h, y)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert all(s.updates == 6 for s in stages)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_simultaneous_vs_e2e_throughput_vgg11(tmp_path, capsys):
     sets = ["data.name=synthetic", "data.synthetic_shape=[3,32,32]", "data.synthetic_train=8192",
             "data.synthetic_test=512", "model.name=vgg", "model.hierarchy=[1,1,2,2,2]", "model.width=64",
