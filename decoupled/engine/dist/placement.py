@@ -3,9 +3,11 @@
 ("auto") the layout whose slowest group is fastest, from every block's training step measured at
 start-up. The same split search gives the pipeline baselines of `decoupled bench` their own best split.
 
-The cost model: a group of blocks B held by R replicas needs sum(step_s[B]) / R seconds per batch,
-plus, when R > 1, the all-reduce of its gradients each step: 2 (R-1)/R x bytes(B) x a per-byte cost
-measured on the job's own backend at start-up (a ring all-reduce moves that much per rank).
+The cost model: each replica of a group of blocks B held by R ranks takes every R-th batch, so per
+batch of the source it needs (sum(step_s[B]) + allreduce(B)) / R seconds, where allreduce(B) is 0
+for R = 1 and otherwise latency + 2 (R-1)/R x bytes(B) x seconds per byte (a ring all-reduce moves
+that much per rank), both measured on the job's own backend at start-up. It assumes one core (or
+device) per rank: on an oversubscribed machine the measured times exceed it.
 """
 from __future__ import annotations
 
@@ -30,13 +32,15 @@ class BlockCosts:
     mem: list[float]  # bytes a rank holding the block needs
     grad_bytes: list[float]  # what a replica all-reduces per step
     comm_s_per_byte: float = 0.0
+    comm_latency_s: float = 0.0  # one all-reduce of a single element
 
     def group_s(self, blocks: range | list[int], replicas: int) -> float:
         """Seconds per batch of the source, for the group of `blocks` held by `replicas` ranks."""
-        t = sum(self.step_s[j] for j in blocks) / replicas
+        t = sum(self.step_s[j] for j in blocks)
         if replicas > 1:
-            t += 2 * (replicas - 1) / replicas * sum(self.grad_bytes[j] for j in blocks) * self.comm_s_per_byte
-        return t
+            nbytes = sum(self.grad_bytes[j] for j in blocks)
+            t += self.comm_latency_s + 2 * (replicas - 1) / replicas * nbytes * self.comm_s_per_byte
+        return t / replicas
 
 
 def placement(cfg: JobConfig, num_blocks: int, world: int, costs: list[float] | None = None,
@@ -134,20 +138,24 @@ def measure_blocks(cfg: JobConfig, input_shape, num_classes: int, device: torch.
     return BlockCosts(costs, mem, grads)
 
 
-def measure_allreduce(nbytes: float, device: torch.device, world: int, steps: int = 3) -> float:
-    """Seconds per byte of a ring all-reduce, timed on the job's default process group (every rank
-    calls it): an all-reduce of `nbytes` over `world` ranks moves 2 (W-1)/W x nbytes per rank."""
+def measure_allreduce(nbytes: float, device: torch.device, world: int, steps: int = 5) -> tuple[float, float]:
+    """(latency s, s per byte) of an all-reduce on the job's default process group (every rank calls
+    it): one of a single element, then one of `nbytes`, which a ring moves 2 (W-1)/W x per rank."""
     if world < 2 or nbytes <= 0:
-        return 0.0
-    buf = torch.zeros(max(1, int(nbytes) // 4), device=device)
-    times = []
-    for _ in range(steps + 1):
-        synchronize(device)
-        t0 = time.perf_counter()
-        dist.all_reduce(buf)
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times[1:])[len(times[1:]) // 2] / (2 * (world - 1) / world * buf.numel() * 4)
+        return 0.0, 0.0
+
+    def timed(numel: int) -> float:
+        buf, times = torch.zeros(numel, device=device), []
+        for _ in range(steps + 1):
+            synchronize(device)
+            t0 = time.perf_counter()
+            dist.all_reduce(buf)
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+        return sorted(times[1:])[len(times[1:]) // 2]
+
+    latency, full = timed(1), timed(max(1, int(nbytes) // 4))
+    return latency, max(full - latency, 0.0) / (2 * (world - 1) / world * nbytes)
 
 
 def best_split(costs: list[float], k: int, mem: list[float] | None = None, cap: float = 0.0,

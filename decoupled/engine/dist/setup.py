@@ -112,7 +112,8 @@ def _measure(cfg: JobConfig, world: W.World, input_shape, num_classes: int) -> B
     if cfg.dist.replicas == "auto":
         with W.agreement(world, "placement") as verdict:
             verdict.payload = measure_allreduce(sum(costs.grad_bytes), world.device, world.size)
-        costs.comm_s_per_byte = max(verdict.all)
+        costs.comm_latency_s = max(v[0] for v in verdict.all)
+        costs.comm_s_per_byte = max(v[1] for v in verdict.all)
     return costs
 
 
