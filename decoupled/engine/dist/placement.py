@@ -5,8 +5,9 @@ start-up. The same split search gives the pipeline baselines of `decoupled bench
 
 The cost model: each replica of a group of blocks B held by R ranks takes every R-th batch, so per
 batch of the source it needs (sum(step_s[B]) + allreduce(B)) / R seconds, where allreduce(B) is 0
-for R = 1 and otherwise latency + 2 (R-1)/R x bytes(B) x seconds per byte (a ring all-reduce moves
-that much per rank), both measured on the job's own backend at start-up. It assumes one core (or
+for R = 1 and otherwise |B| x latency (each block's step all-reduces on its own) + 2 (R-1)/R x
+bytes(B) x seconds per byte (a ring all-reduce moves that much per rank), both measured on the job's
+own backend at start-up. It assumes one core (or
 device) per rank: on an oversubscribed machine the measured times exceed it.
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ class BlockCosts:
         t = sum(self.step_s[j] for j in blocks)
         if replicas > 1:
             nbytes = sum(self.grad_bytes[j] for j in blocks)
-            t += self.comm_latency_s + 2 * (replicas - 1) / replicas * nbytes * self.comm_s_per_byte
+            t += len(blocks) * self.comm_latency_s + 2 * (replicas - 1) / replicas * nbytes * self.comm_s_per_byte
         return t / replicas
 
 
