@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -220,6 +220,13 @@ def resolve_augment(cfg: DataConfig) -> Augment | None:
     return auto if cfg.augment == "auto" else Augment(auto.pad, flip=cfg.augment == "crop-flip")
 
 
+def augment_draws(n: int, g: torch.Generator, pad: int, flip: bool):
+    """The random numbers one augmented batch of n samples takes from `g`: offsets dy, dx, flips."""
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    return dy, dx, (torch.rand(n, generator=g) < 0.5) if flip else None
+
+
 def augment_batch(x: torch.Tensor, g: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
     """Zero-padded random crop (and random horizontal flip) of a (N, C, H, W) batch, for all samples
     at once by index arithmetic. Draws dy, dx, then the flips from `g`: a pure function of g's state."""
@@ -228,12 +235,10 @@ def augment_batch(x: torch.Tensor, g: torch.Generator, pad: int = 4, flip: bool 
                          "set data.augment='none' for flat features")
     n, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
+    dy, dx, mirror = (t.to(x.device) if t is not None else None for t in augment_draws(n, g, pad, flip))
     rows = dy[:, None] + torch.arange(h, device=x.device)  # (N, H): the crop's rows in the padded image
     cols = dx[:, None] + torch.arange(w, device=x.device)  # (N, W)
     if flip:
-        mirror = (torch.rand(n, generator=g) < 0.5).to(x.device)
         cols = torch.where(mirror[:, None], cols.flip(1), cols)
     idx = torch.arange(n, device=x.device)[:, None, None, None]
     ch = torch.arange(c, device=x.device)[None, :, None, None]
@@ -245,8 +250,10 @@ def num_batches(n: int, batch_size: int) -> int:
 
 
 def batches(split: Split, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True,
-            augment: Augment | bool | None = None) -> Iterator[Batch]:
-    """augment: a resolved data.augment (resolve_augment); True = the CIFAR recipe, False/None = none."""
+            augment: Augment | bool | None = None, keep: Callable[[int], bool] | None = None) -> Iterator[Batch]:
+    """augment: a resolved data.augment (resolve_augment); True = the CIFAR recipe, False/None = none.
+    keep(step): only those batches are gathered and yielded (a stage group's replica); the others
+    still take their random numbers, so every batch is the same whoever yields it."""
     if augment is True:
         augment = CIFAR
     n = len(split)
@@ -254,6 +261,10 @@ def batches(split: Split, batch_size: int, *, seed: int = 0, epoch: int = 0, shu
     g = generator(seed, "augment", epoch)
     for step, start in enumerate(range(0, n, batch_size)):
         ids = order[start:start + batch_size]
+        if keep is not None and not keep(step):
+            if augment:
+                augment_draws(len(ids), g, augment.pad, augment.flip)
+            continue
         x = split.x[ids]
         if augment:
             x = augment_batch(x, g, augment.pad, augment.flip)

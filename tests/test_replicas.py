@@ -75,15 +75,23 @@ def test_resume_with_replicas_continues_bit_for_bit(tmp_path):
     assert_replicas_match_reference(tmp_path / "ref", run, Layout([[0, 1], [2]], [2, 1]), 1)
 
 
-def test_async_with_replicas_keeps_them_identical(tmp_path):
-    cfg = {**MLP, "dist.replicas": [1, 2], "train.mode": "async", "replay.capacity": 2}
+@pytest.mark.parametrize("replicas", [[1, 2], [2, 1]], ids=["sink-replicated", "source-replicated"])
+def test_async_with_replicas_keeps_them_identical(tmp_path, replicas):
+    # 280 / 32 = 9 batches an epoch: a replicated source streams by global step, alternating across
+    # epoch ends, and the replicas stop (in whatever epoch each has reached) when all made their budget
+    cfg = {**MLP, "data.limit_train": 280, "dist.replicas": replicas, "train.mode": "async", "replay.capacity": 2}
     check(torchrun(3, ["--out", str(tmp_path / "async"), *sets(cfg)]))
     got = summary(tmp_path / "async")
-    assert got["ranks"][1]["params_sha"] == got["ranks"][2]["params_sha"]
-    # replay.budget="steps": each replica makes its share of the epoch's steps, in lockstep
-    steps = -(-(-(-300 // 32)) // 2) * 2
-    assert got["ranks"][1]["optimizer_steps"] == got["ranks"][2]["optimizer_steps"] == [steps]
+    lay = Layout(got["placement"], replicas)
+    group = [got["ranks"][r] for r in lay.ranks(replicas.index(2))]
+    assert group[0]["params_sha"] == group[1]["params_sha"]
+    # replay.budget="steps": each replica makes ceil(9 / 2) steps an epoch, in lockstep
+    assert group[0]["optimizer_steps"] == group[1]["optimizer_steps"] == [5 * 2] * len(group[0]["optimizer_steps"])
     assert all(0.0 <= l["test_acc"] <= 1.0 for l in got["layers"])
+    # resumed: the replicas continue from one state (each checkpointed when its own buffer was done)
+    check(torchrun(3, ["--resume", str(tmp_path / "async"), "--set", "train.epochs=3"]))
+    again = summary(tmp_path / "async")
+    assert len({again["ranks"][r]["params_sha"] for r in lay.ranks(replicas.index(2))}) == 1
 
 
 def test_which_replica_takes_what():
@@ -106,6 +114,12 @@ def test_auto_layout_replicates_the_dominant_block():
     # a costly all-reduce keeps one rank per group
     slow = BlockCosts([4.0, 1.0, 1.0, 1.0], [0.0] * 4, [1e6] * 4, comm_s_per_byte=1e-5)
     assert best_layout(slow, 4, 4) == ([1, 1, 1, 1], [1, 1, 1, 1])
+
+
+def test_bench_pipelines_ignore_replicas():
+    from decoupled.engine.dist.placement import placement
+    cfg = load(None, ["train.mode=sync", "dist.replicas=[2, 1]"])
+    assert placement(cfg, 3, 3) == [[0], [1], [2]]  # one rank per group for gpipe / 1f1b / stage timings
 
 
 def test_bad_replicas_are_refused_before_training(tmp_path):

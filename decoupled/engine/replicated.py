@@ -34,6 +34,7 @@ class Rounds:
 
     def __init__(self, stage, replicas: int):
         self.stage, self.replicas = stage, replicas
+        self.missing = False  # AllReduce: this replica lacked some gradient in the round being closed
         self.pos = 0  # batches of the current round taken by this process
         self.n = 0  # their samples
         self.start: list[torch.Tensor] = []  # the buffers when the round began
@@ -53,12 +54,19 @@ class Rounds:
             for b, s in zip(bufs, self.start):
                 b.copy_(s)
 
-    def _finish(self, float_sums: list[torch.Tensor], n: torch.Tensor) -> None:
+    def _finish(self, float_sums: list[torch.Tensor], n: torch.Tensor, had: torch.Tensor | None = None) -> None:
         """Gradients / N (`n`: a float32 tensor of one element, on the device: no host sync), float
-        buffers = their sum over slots / R, integer counters + 1; then the step."""
+        buffers = their sum over slots / R, integer counters + 1; then the step. `had` (AllReduce):
+        per parameter, how many replicas gave it a gradient; 0 = none (read on the host only when
+        some parameter may lack one, which the stage knows from its own backward)."""
         s = self.stage
         n = n.clamp(min=1.0)
-        for p in s.local_parameters():
+        params = s.local_parameters()
+        if had is not None and self.missing:
+            for p, h in zip(params, had.tolist()):
+                if h == 0:
+                    p.grad = None
+        for p in params:
             if p.grad is not None:
                 p.grad.div_(n)
         floats = iter(float_sums)
@@ -129,16 +137,22 @@ class AllReduce(Rounds):
         self.close()
 
     def close(self) -> None:
-        """One all-reduce of [gradients, float buffers, n] over the group, then the step."""
+        """One all-reduce of [gradients, float buffers, which parameters had a gradient, n] over the
+        group, then the step. A parameter no replica gave a gradient stays without one, so the
+        optimizer skips it as it does in the reference."""
         s = self.stage
         params = s.local_parameters()
+        # by fill kernels: a host-to-device copy of a pageable scalar would synchronise the stream
+        had = [torch.full((1,), float(p.grad is not None), device=s.device) for p in params]
+        # a parameter ends without a gradient only if every replica had none, so only a replica that
+        # had none itself needs to read the counts (on the host)
+        self.missing = any(p.grad is None for p in params)
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         floats = [b for b in _buffers(s) if b.is_floating_point()]
         parts = [p.grad.reshape(-1) for p in params] + [b.reshape(-1).float() for b in floats]
-        # n by a fill kernel: a host-to-device copy of a pageable scalar would synchronise the stream
-        flat = torch.cat(parts + [torch.full((1,), float(self.n), device=s.device)])
+        flat = torch.cat(parts + had + [torch.full((1,), float(self.n), device=s.device)])
         t0 = self.timer.start()
         dist.all_reduce(flat, group=self.group)
         self.timer.stop(t0)
@@ -150,7 +164,7 @@ class AllReduce(Rounds):
         for b in floats:
             sums.append(flat[offset:offset + b.numel()].view_as(b).to(b.dtype))
             offset += b.numel()
-        self._finish(sums, flat[-1:])
+        self._finish(sums, flat[-1:], flat[offset:offset + len(params)])
 
     def pad_epoch(self, rounds: int | None) -> None:
         """Sync: a replica with fewer batches this epoch than the group has rounds joins the last one

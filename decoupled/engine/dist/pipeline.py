@@ -34,7 +34,7 @@ from ..stage import drain_chain, feed_chain
 from .evaluation import EvalTally
 from .receiver import Receiver
 from .sources import DatasetSource, HandoffCache
-from .groups import share
+from .groups import batch_index, share
 from .transport import Kind, Link, Message, PeerAbort, handover
 
 
@@ -144,7 +144,8 @@ class Pipeline:
     def end_eval(self, epoch: int) -> None:
         res = self.tally.result(self.stages)
         self.results[epoch] = res
-        self.run.recorder.log(kind="eval", rank=self.rank, epoch=epoch,
+        # a replica scores its share of the test set: `tested` says how many (summary.json merges them)
+        self.run.recorder.log(kind="eval", rank=self.rank, epoch=epoch, tested=res["n"],
                               test_acc={str(k): v for k, v in res["layer_acc"].items()},
                               ensemble_test_acc=res.get("ensemble_acc"))
         self.run.live.rank_eval(epoch, res["layer_acc"], res.get("ensemble_acc"))
@@ -154,7 +155,7 @@ class Pipeline:
         """A batch to the downstream replica that takes it, a marker to every one."""
         links = self.send_links
         if len(links) > 1 and m.kind in (Kind.TRAIN, Kind.EVAL):
-            index = m.step % self.source_steps if m.kind == Kind.TRAIN else m.step
+            index = batch_index(m.step, self.source_steps, self.is_async) if m.kind == Kind.TRAIN else m.step
             links = [links[share(index, len(links))]]
         for link in links:
             link.send(m)

@@ -12,6 +12,7 @@ device) per rank: on an oversubscribed machine the measured times exceed it.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -46,7 +47,9 @@ class BlockCosts:
 
 def placement(cfg: JobConfig, num_blocks: int, world: int, costs: list[float] | None = None,
               mem: list[float] | None = None) -> list[list[int]]:
-    """Consecutive blocks per rank (one rank per group; the bench's pipelines): see `layout`."""
+    """Consecutive blocks per rank, one rank per group whatever dist.replicas says (the bench's
+    pipelines and per-rank stage timings): see `layout`."""
+    cfg = dataclasses.replace(cfg, dist=dataclasses.replace(cfg.dist, replicas=[]))
     lay = layout(cfg, num_blocks, world, BlockCosts(costs, mem or [0.0] * num_blocks, [0.0] * num_blocks)
                  if costs is not None else None)
     return [lay.blocks[lay.group_of(r)] for r in range(world)]

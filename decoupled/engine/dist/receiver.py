@@ -51,7 +51,8 @@ class Receiver:
         # stop the arrivals that evict them, making upstream wait for a slow rank after all.
         self.control: collections.deque = collections.deque()
         self.max_control = cfg.dist.max_inflight
-        self.marks: collections.Counter = collections.Counter()  # async: (kind, epoch) -> links that sent it
+        self.marks: collections.Counter = collections.Counter()  # async: marker key -> links that sent it
+        self.newest: dict = {}  # async: marker key -> the newest epoch it came with
         self.ready = threading.Condition()  # async: notified on every arrival and every hand-out
         self.error: BaseException | None = None
         self.idle_s = 0.0  # the training thread's time waiting for input
@@ -99,11 +100,16 @@ class Receiver:
             self.ready.notify_all()
 
     def _merged(self, m: Message) -> bool:
-        """async: whether marker `m` has now come from every link (it is handed on once, then)."""
-        key = (m.kind, m.epoch)
+        """async: whether marker `m` has now come from every link (it is handed on once, then, tagged
+        with the newest epoch any link gave it). End-of-epoch markers count per epoch; the last
+        evaluation's and the stop per kind: replicated sources streaming on for a steps budget stop
+        when the board says so, each in whatever epoch it has reached."""
+        key = (m.kind, m.epoch) if m.kind == Kind.END_EPOCH else (m.kind,)
         self.marks[key] += 1
+        self.newest[key] = max(self.newest.get(key, m.epoch), m.epoch)
         if self.marks[key] < len(self.links):
             return False
+        m.epoch = self.newest.pop(key)
         del self.marks[key]
         return True
 
@@ -120,11 +126,17 @@ class Receiver:
 
     # ------------------------------------------------------------------ sync
     def _get(self, i: int) -> Message:
+        """Link i's next message. Waits in short slices: a failure on another link's thread is raised
+        at once rather than after this link's silence reaches dist.timeout_s."""
         t0 = time.perf_counter()
-        try:
-            m = self.inboxes[i].get(timeout=self.timeout)
-        except queue.Empty:
-            raise self._silent(f"rank {self.links[i].peer}") from None
+        while True:
+            try:
+                m = self.inboxes[i].get(timeout=min(1.0, self.timeout))
+                break
+            except queue.Empty:
+                self.check()
+                if time.perf_counter() - t0 > self.timeout:
+                    raise self._silent(f"rank {self.links[i].peer}") from None
         self.idle_s += time.perf_counter() - t0
         if m is None:
             self.check()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ...config import ConfigError, JobConfig
 from ...data import Data, build_data
@@ -189,6 +190,28 @@ def _build(cfg: JobConfig, world: W.World, meta: tuple, costs: BlockCosts | None
     return stages, lay
 
 
+def to_cpu(obj):
+    """A state dict with every tensor on the host (so it pickles the same from any device)."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def _align_replicas(stages: list[Stage], world: W.World, lay: Layout) -> None:
+    """Async resume: the replicas of a group each checkpointed when their own buffers finished the
+    epoch, possibly a step apart; all continue from replica 0's state (each keeps its RNG slot)."""
+    first = lay.ranks(lay.group_of(world.rank))[0]
+    box = [[to_cpu(s.state_dict()) for s in stages] if world.rank == first else None]
+    dist.broadcast_object_list(box, src=first, group=world.replica_group)
+    for s, sd in zip(stages, box[0]):
+        sd.update(rng=s.rng.state_dict(), rng_slots={k: r.state_dict() for k, r in s.rngs.items()})
+        s.load_state_dict(sd)
+
+
 def setup_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World) -> RankSetup:
     rank, device = world.rank, world.device
     torch.manual_seed(cfg.train.seed)
@@ -201,8 +224,12 @@ def setup_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World) ->
         with W.agreement(world, "data"):
             if group == 0 and data is None:
                 data = build_data(cfg.data, cfg.train.seed)
-    world.connect(lay)
     steps = -(-n_train // cfg.data.batch_size)  # source batches per epoch
+    if cfg.dist.sync_bn and cfg.train.mode == "sync" and any(steps % r for r in lay.replicas):
+        raise ConfigError(f"dist.sync_bn=true with dist.replicas={lay.replicas}: an epoch of {steps} batches does "
+                          "not divide by every group's replicas, and a replica padding the last round would skip "
+                          "SyncBatchNorm's collectives; choose data.batch_size / data.limit_train so it divides")
+    world.connect(lay)
     for s in stages:
         if s.rounds is not None:
             s.join(world.replica_group, cfg.dist.sync_bn)
@@ -217,6 +244,8 @@ def setup_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World) ->
     run = Run(cfg, data, stages, device, out, Recorder(out / "metrics.jsonl"), rank=rank,
               distributed=True)
     start = _resume_epoch(run, world, resume, out) if resume else 0
+    if start and cfg.train.mode == "async" and world.replica_group is not None:
+        _align_replicas(stages, world, lay)
     t = cfg.dist
     wire = max(cfg.data.batch_size, cfg.data.eval_batch_size)
     recv = [Link(world.recv_groups[u], u, device, t.timeout_s, wire, t.max_inflight) for u in lay.upstream(rank)]

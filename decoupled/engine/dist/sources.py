@@ -44,13 +44,16 @@ class DatasetSource:
                  augment: Augment | None = None, more=None, share: tuple[int, int] = (0, 1)):
         self.run, self.train, self.test = run, train, test
         self.start, self.last, self.test_aux, self.augment, self.more = start, last, test_aux, augment, more
-        self.share = share  # (replica, replicas) of the source group: this rank streams batches b = replica mod R
+        self.share = share  # (replica, replicas) of the source group: this rank streams its share (groups.py)
 
-    def _mine(self, batches_):
-        """This replica's batches. Every batch is still drawn (and augmented), so each one is the
-        same whichever replica streams it."""
+    def _keep(self, epoch: int, steps: int):
+        """Which batches of `epoch` this replica streams (data.batches still draws every batch's
+        random numbers, so each batch is the same whichever replica streams it), or None: all."""
         replica, replicas = self.share
-        return (b for b in batches_ if share(b.step, replicas) == replica)
+        if replicas == 1:
+            return None
+        first = epoch * steps if self.run.cfg.train.mode == "async" else 0  # groups.batch_index
+        return lambda b: share(first + b, replicas) == replica
 
     def _epochs(self) -> Iterator[int]:
         epoch = self.start
@@ -71,8 +74,8 @@ class DatasetSource:
             for epoch in self._epochs():
                 complete = True
                 train = batches(self.train, cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch,
-                                augment=self.augment)
-                for b, tensors in prefetched(self._mine(train), run.to_device):
+                                augment=self.augment, keep=self._keep(epoch, steps))
+                for b, tensors in prefetched(train, run.to_device):
                     if epoch > self.last and not self.more():
                         complete = False  # every rank is done: no need to finish the epoch
                         break
@@ -92,7 +95,7 @@ class DatasetSource:
         yield Message(Kind.STOP, self.last if final is None else final)
 
     def _evaluation(self, epoch: int) -> Iterator[Message]:
-        for b in self._mine(batches(self.test, self.run.cfg.data.eval_batch_size, shuffle=False)):
+        for b in batches(self.test, self.run.cfg.data.eval_batch_size, shuffle=False, keep=self._keep(0, 0)):
             aux = None if self.test_aux is None else self.test_aux[b.ids]
             yield Message(Kind.EVAL, epoch, b.step, *self.run.to_device(b.x, b.y, b.ids), aux=aux)
         yield Message(Kind.END_EVAL, epoch)
