@@ -8,7 +8,12 @@ from decoupled.console import format_summary
 
 def _allocate_and_measure(mem: metrics.PeakMemory) -> dict:
     mem.reset()
-    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    # 64 MiB above the process's lifetime peak, touched: ru_maxrss cannot be reset, so after earlier
+    # tests in this process grew and freed more than 64 MiB, a plain 64 MiB would not raise it (a
+    # test-order flake); the lifetime peak minus the current RSS is what the allocation must exceed
+    import psutil
+    headroom = max(0, (metrics._maxrss_bytes() or 0) - psutil.Process().memory_info().rss)
+    x = torch.ones((headroom + 64 * 2**20) // 4)
     x += 1
     import time
     time.sleep(0.05)  # a sampling method gets to see it
