@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..config import load, to_toml
 from .runner import machine, run, torchrun
-from .straggler import rank_facts
+from .straggler import fmt, rank_facts
 
 VARIANTS = [("even", ["dist.placement=[]", "dist.replicas=[]"]),
             ("auto", ["dist.placement=\"auto\"", "dist.replicas=[]"]),
@@ -75,7 +75,7 @@ def facts(s: dict) -> dict:
 
 
 def markdown(result: dict) -> str:
-    f = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+    f = fmt
     m = result["machine"]
     lines = [f"{result['ranks']} ranks, sync, on {m.get('cpus_usable', '?')} usable CPUs ({m.get('cpu_model', '?')}), "
              f"torch {m.get('torch')}, {m.get('time')}", "",

@@ -65,8 +65,13 @@ def straggler(config: str | None, overrides: list[str], out: Path, timeout: floa
     return result
 
 
+def fmt(v, p: int = 2) -> str:
+    """A table cell: the number to p decimals, or "-" when unknown."""
+    return "-" if v is None else f"{v:.{p}f}"
+
+
 def markdown(result: dict) -> str:
-    f = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+    f = fmt
     lines = [f"placement {result['placement']} on {result['ranks']} ranks", "",
              "| run | wall s | samples/s | test acc per block | ensemble | per rank: steps / dropped / blocked share |",
              "|---|---:|---:|---|---:|---|"]

@@ -40,8 +40,18 @@ class Rounds:
         self.start: list[torch.Tensor] = []  # the buffers when the round began
         self.epoch_batches = 0  # batches this epoch (AllReduce pads the last round with it)
 
+    round_size = 1  # batches this process takes per round
+
     def slot(self) -> int:
         raise NotImplementedError
+
+    def end(self, n: int) -> None:
+        """After a batch's backward: count it; the round's last batch closes the round."""
+        self.n += n
+        self.pos += 1
+        self.epoch_batches += 1
+        if self.pos == self.round_size:
+            self.close()
 
     def begin(self) -> None:
         """Before a batch's forward: a new round zeroes the gradients and records the buffers; a later
@@ -91,18 +101,15 @@ class Accumulate(Rounds):
 
     def __init__(self, stage, replicas: int):
         super().__init__(stage, replicas)
+        self.round_size = replicas
         self.slot_buffers: list[list[torch.Tensor]] = []
 
     def slot(self) -> int:
         return self.pos
 
     def end(self, n: int) -> None:
-        self.n += n
-        self.pos += 1
-        self.epoch_batches += 1
         self.slot_buffers.append([b.detach().clone() for b in _buffers(self.stage) if b.is_floating_point()])
-        if self.pos == self.replicas:
-            self.close()
+        super().end(n)
 
     def close(self) -> None:
         """The round's step; slots without a batch (an epoch's last round) contribute the start buffers."""
@@ -129,12 +136,6 @@ class AllReduce(Rounds):
 
     def slot(self) -> int:
         return self.replica
-
-    def end(self, n: int) -> None:
-        self.n += n
-        self.pos += 1
-        self.epoch_batches += 1
-        self.close()
 
     def close(self) -> None:
         """One all-reduce of [gradients, float buffers, which parameters had a gradient, n] over the

@@ -61,21 +61,28 @@ def test_side_stream_handover_while_the_side_stream_is_busy():
     assert torch.allclose(got, (a @ a).sum(), rtol=1e-3)
 
 
-def test_train_step_makes_no_host_sync():
-    from decoupled.engine.stage import build_stages
-    cfg = load(None, SMALL + ["train.check_every=1000", "train.log_every=100000"])
-    stages = build_stages(cfg, (3, 16, 16), 10, torch.device("cuda"))
+def _steps_without_host_sync(stages, warm: int, steps: int = 5) -> None:
+    """A warm-up step through the first `warm` stages (lazy initialisation may sync), then `steps`
+    steps through all of them under torch.cuda.set_sync_debug_mode("error"): any host sync raises."""
     x = torch.randn(64, 3, 16, 16, device="cuda")
     y = torch.randint(0, 10, (64,), device="cuda")
-    stages[0].train_step(x, y)  # warm-up: lazy initialisation may sync
+    h = x
+    for s in stages[:warm]:
+        h, _ = s.train_step(h, y)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for _ in range(5):
+        for _ in range(steps):
             h = x
             for s in stages:
                 h, _ = s.train_step(h, y)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_train_step_makes_no_host_sync():
+    from decoupled.engine.stage import build_stages
+    cfg = load(None, SMALL + ["train.check_every=1000", "train.log_every=100000"])
+    _steps_without_host_sync(build_stages(cfg, (3, 16, 16), 10, torch.device("cuda")), warm=1)
 
 
 def test_replicas_reference_on_cuda(tmp_path):
@@ -98,19 +105,7 @@ def test_replicated_step_makes_no_host_sync(tmp_path):
                               replication=lambda n: ({j: 2 for j in range(n)}, 0))
         for s in stages:
             s.join(dist.group.WORLD, sync_bn=False)
-        x = torch.randn(64, 3, 16, 16, device="cuda")
-        y = torch.randint(0, 10, (64,), device="cuda")
-        h = x
-        for s in stages:  # warm-up: lazy initialisation (and NCCL's communicator) may sync
-            h, _ = s.train_step(h, y)
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for _ in range(5):
-                h = x
-                for s in stages:
-                    h, _ = s.train_step(h, y)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        _steps_without_host_sync(stages, warm=len(stages))  # the warm-up also creates NCCL's communicators
         assert all(s.updates == 6 for s in stages)
     finally:
         dist.destroy_process_group()
