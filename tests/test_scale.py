@@ -90,10 +90,12 @@ class FakeLink:
 
 def test_control_queue_is_bounded_under_a_slow_rank():
     """Evaluation messages carry activations: a rank that is slow to handle them must make its
-    receiver (and so upstream) wait, not hold the whole test set."""
+    receiver (and so upstream) wait once it holds replay.eval_buffer_mb of them, not hold the whole
+    test set."""
     x = torch.zeros(4, 8)
     evals = [Message(Kind.EVAL, 0, i, x, torch.zeros(4, dtype=torch.int64), torch.arange(4)) for i in range(20)]
-    cfg = load(None, ["train.mode=async", "dist.max_inflight=2"])
+    two = 2 * (4 * 8 * 4 + 2 * 4 * 8)  # two messages' bytes: activations, labels, ids
+    cfg = load(None, ["train.mode=async", f"replay.eval_buffer_mb={two / 2**20}"])
     rx = Receiver([FakeLink(evals)], 1, cfg)
     rx.start()
     wait_until(lambda: len(rx.control) == 2)

@@ -254,6 +254,10 @@ class ReplayConfig:
     # "upstream": a rank trains while its upstream streams; what it is too slow to take is dropped,
     #   its epochs follow upstream's: a slowdown costs updates, not time
     budget: Literal["steps", "upstream"] = "steps"
+    # MiB of evaluation batches a rank may hold from upstream before upstream waits: a slow rank then
+    # evaluates while its upstream trains on, and only a test set larger than this (at that link's
+    # activation size) makes upstream wait during an evaluation; 0 = one batch at a time
+    eval_buffer_mb: float = knob(256.0, ge=0.0)
 
 
 @dataclass

@@ -31,6 +31,10 @@ from .replay import Entry, ReplayBuffer
 from .transport import Kind, Link, Message, PeerAbort, PeerError
 
 
+def _nbytes(m: Message) -> int:
+    return sum(t.numel() * t.element_size() for t in (m.x, m.y, m.ids, m.aux) if t is not None)
+
+
 class Receiver:
     def __init__(self, links: list[Link], rank: int, cfg: JobConfig, share: tuple[int, int] = (0, 1),
                  source_steps: int = 1, tap: Callable[[Message], None] | None = None):
@@ -43,14 +47,15 @@ class Receiver:
         self.buffer = (ReplayBuffer(r.capacity, r.policy, r.max_reuse, seed=cfg.train.seed * 1000 + rank)
                        if self.is_async else None)
         self.inboxes = [queue.Queue(maxsize=cfg.dist.max_inflight) for _ in links]  # sync, one per link
-        # async: non-train messages in order, at most `max_control` evaluation batches among them:
-        # those carry activations, and a slow rank must not hold the whole test set's (back-pressure
-        # instead: the thread stops reading, upstream's isends wait, upstream blocks on
-        # dist.max_inflight). Markers (end of epoch / evaluation, stop) carry nothing and never
-        # block: an end-of-epoch waits for its epoch's batches, and holding the thread on it would
-        # stop the arrivals that evict them, making upstream wait for a slow rank after all.
+        # async: non-train messages in order, with at most replay.eval_buffer_mb of evaluation batches
+        # among them: those carry activations, and a slow rank must not hold an unbounded test set's
+        # (beyond it, back-pressure: the thread stops reading, upstream's isends wait). Within it, a
+        # slow rank evaluates while upstream trains on (a smaller bound made upstream block through
+        # every evaluation). Markers carry nothing and never block: an end-of-epoch waits for its
+        # epoch's batches, and holding the thread on it would stop the arrivals that evict them.
         self.control: collections.deque = collections.deque()
-        self.max_control = cfg.dist.max_inflight
+        self.eval_bytes = 0  # held evaluation batches' bytes
+        self.max_eval_bytes = int(r.eval_buffer_mb * 2**20)
         self.marks: collections.Counter = collections.Counter()  # async: marker key -> links that sent it
         self.newest: dict = {}  # async: marker key -> the newest epoch it came with
         self.ready = threading.Condition()  # async: notified on every arrival and every hand-out
@@ -91,8 +96,9 @@ class Receiver:
         else:
             with self.ready:
                 if m is not None and m.kind == Kind.EVAL:
-                    self.ready.wait_for(lambda: sum(c is not None and c.kind == Kind.EVAL
-                                                    for c in self.control) < self.max_control)
+                    size = _nbytes(m)
+                    self.ready.wait_for(lambda: self.eval_bytes == 0 or self.eval_bytes + size <= self.max_eval_bytes)
+                    self.eval_bytes += size
                     self.control.append(m)
                 elif m is None or self._merged(m):
                     self.control.append(m)
@@ -180,6 +186,8 @@ class Receiver:
             if m.kind == Kind.END_EPOCH and not self.buffer.epoch_done(m.epoch):
                 return None
             self.ready.notify_all()  # room in the control queue: the threads may read on
+            if m.kind == Kind.EVAL:
+                self.eval_bytes -= _nbytes(m)
             return self.control.popleft()
 
     def wait(self, poll_s: float = 1.0) -> None:

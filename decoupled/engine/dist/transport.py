@@ -1,20 +1,42 @@
 """Point-to-point messages between neighbouring ranks.
 
-A message is a fixed 12-int64 header, followed for data messages by the labels and sample ids (one
-int64 tensor of 2n), the activations (dist.wire_dtype) and optionally an auxiliary float tensor
-(the running head ensemble during evaluation). The header says what follows, so shapes may change
-from message to message (last batch, sample subsets) and every rank knows when an epoch ends. Every
-transfer has exactly the size of its content: bytes on the wire are the data's, not padding's (an
-earlier format carried labels in a header padded to the largest batch: 8 KiB per message).
+Wire format (note [one transfer per message]). A message is one contiguous byte buffer: a fixed
+13-int64 header, then for data messages the labels and sample ids (2n int64), the activations
+(dist.wire_dtype) and optionally an auxiliary float32 tensor (the running head ensemble during
+evaluation), each segment starting on an 8-byte boundary so the receiver can view it in place.
+Both ends of a link track the same number `expect`: the byte size of the link's previous data
+message (a header's size at first). A message of at most `expect` bytes goes as one transfer of
+exactly `expect` bytes (NCCL needs the sizes to match; the tail is padding); a larger one goes as a
+header-sized announcement of `expect` bytes, then itself. In steady state (same batch shape) every
+message is one transfer: a rendezvous on gloo costs ~100-150 µs on 2 cores, and three per message
+(header, labels, activations) made a slow downstream block its upstream in async. Markers carry no
+data and do not change `expect`, so a train batch after an end-of-epoch is still one transfer.
+The receiver posts the next irecv as soon as it has read a header (it knows the next size then), so
+the transfer overlaps its handling of the current message.
 
-Each link (rank j-1 -> rank j) has its own two-rank process group: the sender uses it only from
-its main thread and the receiver only from its receiver thread, so no process group is ever driven
-from two threads at once. The same code runs over gloo (CPU) and NCCL (CUDA).
+Each link (rank j-1 -> rank j) has its own two-rank process group: the sender uses it only from its
+main thread and the receiver only from its receiver thread, so no process group is ever driven from
+two threads at once. The same code runs over gloo (CPU) and NCCL (CUDA), see note [NCCL issue lock].
+
+Note [NCCL issue lock]. NCCL is not safe to drive from several threads at once, even on separate
+communicators of one device (NCCL's thread-safety notes; torch warns about it), and a rank does:
+its receiver threads post irecvs while its training thread posts isends and replica all-reduces.
+Every NCCL call is therefore *issued* under one process-wide lock (`issue`), which is held only
+while the call enqueues its kernel, never while waiting for one, so a blocked receive cannot stall
+the sends. Issuing everything from one thread would serialise the waits too. On gloo the lock is
+not taken (gloo's pairs are thread-safe and its calls block in its own threads).
+
+Note [waiting on NCCL]. `WorkNCCL::wait(timeout)` polls completion with a 1 ms sleep, so a receive
+waited that way costs at least 1 ms. Here a host that must know a transfer is done (the header it
+reads, the back-pressure on sends) polls `Work.is_completed()` (an event query) with a short
+backoff and its own deadline (dist.timeout_s), then calls `wait()` without a timeout, which only
+makes the current stream wait for NCCL's. On gloo `wait(timeout)` blocks on a condition variable.
 """
 from __future__ import annotations
 
 import contextlib
 import enum
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,9 +44,17 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-HEADER_LEN = 12
+HEADER_LEN = 13
+HEADER_BYTES = HEADER_LEN * 8
 MAX_DIMS = 5
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+_ISSUE_LOCK = threading.Lock()  # note [NCCL issue lock]
+
+
+def issue(device: torch.device):
+    """Context for enqueuing an NCCL call (note [NCCL issue lock]); nothing on CPU/gloo."""
+    return _ISSUE_LOCK if device.type == "cuda" else contextlib.nullcontext()
 
 
 class Kind(enum.IntEnum):
@@ -62,11 +92,32 @@ class Message:
         return 0 if self.x is None else len(self.x)
 
 
+def _align(n: int) -> int:
+    return -(-n // 8) * 8
+
+
+def layout(count: int, dims: list[int], dtype: torch.dtype, aux_width: int) -> tuple[list[int], int]:
+    """Byte offsets of labels+ids, activations and aux in a message, and its total size."""
+    offsets, at = [], HEADER_BYTES
+    for nbytes in (2 * count * 8, count * _numel(dims) * dtype.itemsize, count * aux_width * 4):
+        offsets.append(at)
+        at += _align(nbytes)
+    return offsets, at
+
+
+def _numel(dims: list[int]) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n
+
+
 def header_meta(m: Message, max_count: int) -> list[int]:
-    """The fixed fields of a header: kind, epoch, step, count, ndim, dims[5], dtype, aux width."""
+    """The header: kind, epoch, step, count, ndim, dims[5], dtype, aux width, message bytes."""
     if m.count > max_count:
         raise ValueError(f"a message of {m.count} samples exceeds the wire limit of {max_count}")
     meta = [int(m.kind), m.epoch, m.step, m.count] + [0] * (HEADER_LEN - 4)
+    meta[12] = HEADER_BYTES
     if m.x is not None:
         dims = list(m.x.shape[1:])
         if len(dims) > MAX_DIMS:
@@ -74,26 +125,55 @@ def header_meta(m: Message, max_count: int) -> list[int]:
         meta[4], meta[5:5 + len(dims)] = len(dims), dims
         meta[10] = DTYPES.index(m.x.dtype)
         meta[11] = 0 if m.aux is None else m.aux.shape[1]
+        meta[12] = layout(m.count, dims, m.x.dtype, meta[11])[1]
     return meta
 
 
-def encode_header(m: Message, max_count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The header on `device`, built without a host sync: the fixed fields go up from (pinned) host
-    memory asynchronously. Returns the header and the host tensor it was copied from (kept alive
-    until the send completes)."""
-    meta = torch.tensor(header_meta(m, max_count), dtype=torch.int64)
+def pack(m: Message, meta: list[int], size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The message as one byte buffer of `size` >= its own size, filled without a host sync: the
+    header goes up from (pinned) host memory asynchronously. Returns the buffer and the host header
+    (kept alive until the send completes)."""
+    host = torch.tensor(meta, dtype=torch.int64)
     if device.type == "cuda":
-        meta = meta.pin_memory()
-    return meta.to(device, non_blocking=True), meta
+        host = host.pin_memory()
+    buf = torch.empty(size, dtype=torch.uint8, device=device)
+    buf[:HEADER_BYTES].view(torch.int64).copy_(host, non_blocking=True)
+    if m.x is not None:
+        n = m.count
+        (lab, act, aux), _ = layout(n, list(m.x.shape[1:]), m.x.dtype, meta[11])
+        ints = buf[lab:lab + 16 * n].view(torch.int64)
+        ints[:n].copy_(m.y)  # dtype cast on the device: no sync
+        ints[n:].copy_(m.ids)
+        buf[act:act + m.x.numel() * m.x.element_size()].view(m.x.dtype).view(m.x.shape).copy_(m.x)
+        if m.aux is not None:
+            buf[aux:aux + 4 * m.aux.numel()].view(torch.float32).view(m.aux.shape).copy_(m.aux)
+    return buf, host
+
+
+def unpack(buf: torch.Tensor, header: list[int]) -> Message:
+    """The message a buffer holds, as views of it (no copy)."""
+    kind = Kind(int(header[0]))
+    m = Message(kind, epoch=int(header[1]), step=int(header[2]))
+    if kind in (Kind.TRAIN, Kind.EVAL):
+        n, ndim, aux_w = int(header[3]), int(header[4]), int(header[11])
+        dims, dtype = [int(d) for d in header[5:5 + ndim]], DTYPES[int(header[10])]
+        (lab, act, aux), _ = layout(n, dims, dtype, aux_w)
+        ints = buf[lab:lab + 16 * n].view(torch.int64)
+        m.y, m.ids = ints[:n], ints[n:]
+        m.x = buf[act:act + n * _numel(dims) * dtype.itemsize].view(dtype).view(n, *dims)
+        if aux_w:
+            m.aux = buf[aux:aux + 4 * n * aux_w].view(torch.float32).view(n, aux_w)
+    return m
 
 
 def handover(ready, *tensors) -> None:
     """Make tensors the receiver thread produced on its side stream safe to use on the current
-    (training) stream: that stream waits for the side stream's event `ready` (the host does not),
-    and the caching allocator learns that it uses them. A no-op on CPU (ready is None)."""
+    stream of *their* device: that stream waits for the side stream's event `ready` (the host does
+    not), and the caching allocator learns that it uses them. A no-op on CPU (ready is None)."""
     if ready is None:
         return
-    stream = torch.cuda.current_stream()
+    device = next(t.device for t in tensors if t is not None)
+    stream = torch.cuda.current_stream(device)
     stream.wait_event(ready)
     for t in tensors:
         if t is not None:
@@ -110,29 +190,34 @@ class Link:
         self.timeout = timedelta(seconds=timeout_s)
         self.max_inflight = max_inflight
         self.inflight: list[tuple[list, list[torch.Tensor]]] = []  # (works, tensors kept alive)
-        self.bytes = 0
+        self.expect = HEADER_BYTES  # the size of the next transfer, as both ends know it
+        self.bytes = 0  # bytes on the wire (padding and announcements included)
+        self.messages = 0
         self.samples = 0  # samples carried by data messages (routing makes this shrink downstream)
         self.blocked_s = 0.0  # time spent waiting on this link
         self.stream = None  # CUDA: the receiver thread's stream (made on first receive, on that thread)
         self.header_host = None
+        self.posted = None  # receiving: the irecv already posted for the next transfer, and its buffer
 
     # ------------------------------------------------------------------ sending (main thread)
     def send(self, m: Message) -> None:
         # On NCCL the isend runs on NCCL's stream, which first waits for the current (training)
         # stream: the activations are complete when they go, and training never waits for the send.
-        header, meta = encode_header(m, self.max_count, self.device)
-        tensors = [header]
+        meta = header_meta(m, self.max_count)
+        size = meta[12]
+        if size <= self.expect:
+            bufs, keep = zip(pack(m, meta, self.expect, self.device))
+        else:  # announce the size first, in the transfer the receiver has posted, then the message
+            bufs, keep = zip(pack(Message(m.kind, m.epoch, m.step), meta, self.expect, self.device),
+                             pack(m, meta, size, self.device))
         if m.x is not None:
-            tensors.append(torch.cat([m.y.to(torch.int64), m.ids.to(torch.int64)]))  # on the device: no sync
-            tensors.append(m.x.contiguous())
-            if m.aux is not None:
-                tensors.append(m.aux.float().contiguous())
+            self.expect = size
         # Never touch (or free) a tensor before its isend completes: keep them until wait().
-        works = [dist.isend(t, group=self.group, group_dst=self.peer_in_group()) for t in tensors]
-        self.bytes += sum(t.numel() * t.element_size() for t in tensors)
-        tensors.append(meta)
+        works = [self._issue(dist.isend, b) for b in bufs]
+        self.bytes += sum(b.numel() for b in bufs)
+        self.messages += 1
         self.samples += m.count
-        self.inflight.append((works, tensors))
+        self.inflight.append((works, [*bufs, *keep]))
         while len(self.inflight) > self.max_inflight:
             self._wait_oldest()
 
@@ -154,7 +239,7 @@ class Link:
         works, _ = self.inflight.pop(0)
         t0 = time.perf_counter()
         for w in works:
-            self._wait(w, "send to")
+            self._await(w, "send to")
         self.blocked_s += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ receiving (receiver thread)
@@ -173,49 +258,72 @@ class Link:
         if self.device.type != "cuda":
             return contextlib.nullcontext()
         if self.stream is None:
+            torch.cuda.set_device(self.device)  # this thread's current device: no context on cuda:0
             self.stream = torch.cuda.Stream(self.device)
             self.header_host = torch.empty(HEADER_LEN, dtype=torch.int64).pin_memory()
         return torch.cuda.stream(self.stream)
 
     def _read_header(self, raw: torch.Tensor) -> list[int]:
+        head = raw[:HEADER_BYTES].view(torch.int64)
         if self.stream is None:
-            return raw[:HEADER_LEN].tolist()
+            return head.tolist()
         # into pinned memory, then wait for the receiver's stream only (not the device)
-        self.header_host.copy_(raw[:HEADER_LEN], non_blocking=True)
+        self.header_host.copy_(head, non_blocking=True)
         self.stream.synchronize()
         return self.header_host.tolist()
 
-    def _recv_message(self) -> Message:
-        header = self._read_header(self._recv(torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)))
-        kind = Kind(int(header[0]))
-        m = Message(kind, epoch=int(header[1]), step=int(header[2]))
-        if kind in (Kind.TRAIN, Kind.EVAL):
-            n, ndim = int(header[3]), int(header[4])
-            dims = [int(d) for d in header[5:5 + ndim]]
-            labels = self._recv(torch.empty(2 * n, dtype=torch.int64, device=self.device))
-            m.y, m.ids = labels[:n], labels[n:]
-            m.x = self._recv(torch.empty((n, *dims), dtype=DTYPES[int(header[10])], device=self.device))
-            self.samples += n
-            if int(header[11]):
-                m.aux = self._recv(torch.empty((n, int(header[11])), dtype=torch.float32, device=self.device))
-        return m
+    def _post(self, size: int) -> None:
+        buf = torch.empty(size, dtype=torch.uint8, device=self.device)
+        self.posted = (self._issue(dist.irecv, buf), buf)
 
-    def _recv(self, t: torch.Tensor) -> torch.Tensor:
-        self._wait(dist.irecv(t, group=self.group, group_src=self.peer_in_group()), "receive from")
-        self.bytes += t.numel() * t.element_size()
-        return t
+    def _take(self) -> tuple[torch.Tensor, list[int]]:
+        if self.posted is None:
+            self._post(self.expect)
+        work, buf = self.posted
+        self.posted = None
+        self._await(work, "receive from")
+        self.bytes += buf.numel()
+        return buf, self._read_header(buf)
+
+    def _recv_message(self) -> Message:
+        buf, header = self._take()
+        size = int(header[12])
+        if size > len(buf):  # an announcement: the message follows, in a transfer of its size
+            self._post(size)
+            buf, header = self._take()
+        kind = Kind(int(header[0]))
+        if kind in (Kind.TRAIN, Kind.EVAL):
+            self.expect = size
+            self.samples += int(header[3])
+        self.messages += 1
+        if kind not in (Kind.STOP, Kind.ABORT):  # more follows: let it land while we handle this one
+            self._post(self.expect)
+        return unpack(buf, header)
 
     # ------------------------------------------------------------------ helpers
     def peer_in_group(self) -> int:
         # two-rank groups hold (lower, higher) global ranks as group ranks 0 and 1
         return 0 if self.peer < dist.get_rank() else 1
 
-    def _wait(self, work, what: str) -> None:
+    def _issue(self, op, buf: torch.Tensor):
+        with issue(self.device):
+            if op is dist.isend:
+                return dist.isend(buf, group=self.group, group_dst=self.peer_in_group())
+            return dist.irecv(buf, group=self.group, group_src=self.peer_in_group())
+
+    def _await(self, work, what: str) -> None:
+        """Until `work` is done, or dist.timeout_s (note [waiting on NCCL])."""
         try:
-            ok = work.wait(self.timeout)
+            if self.device.type != "cuda":
+                work.wait(self.timeout)
+                return
+            deadline, pause = time.monotonic() + self.timeout.total_seconds(), 2e-5
+            while not work.is_completed():
+                if time.monotonic() > deadline:
+                    raise RuntimeError("no completion")
+                time.sleep(pause)
+                pause = min(2 * pause, 1e-3)
+            work.wait()  # stream-ordered only: the current stream waits for NCCL's
         except RuntimeError as e:
             raise PeerError(f"rank {dist.get_rank()}: {what} rank {self.peer} failed or timed out after "
                             f"{self.timeout.total_seconds():.0f}s (dist.timeout_s): {e}") from e
-        if ok is False:
-            raise PeerError(f"rank {dist.get_rank()}: {what} rank {self.peer} timed out after "
-                            f"{self.timeout.total_seconds():.0f}s (dist.timeout_s)")
