@@ -43,8 +43,7 @@ class Live:
         self.loss_steps: dict[int, int] = {}
         self.memory = None  # PeakMemory, set by train.py once it exists
         self.bar = None  # the terminal's progress bar, if one is shown
-        self.shown: dict[int, float] = {}
-        self._bar_t = 0.0
+        self.shown: dict[int, torch.Tensor] = {}  # latest loss per block, for the progress bar
         self.t0 = time.perf_counter()  # start of the current epoch
         self.marks: dict[str, float] = {}  # cumulative counters at the last epoch end
         self.pending: tuple[int, str] | None = None  # a rank's epoch line waiting for its evaluation
@@ -66,13 +65,15 @@ class Live:
         s = self.loss_sum.get(block)
         self.loss_sum[block] = d if s is None else s + d  # stays on the device
         self.loss_steps[block] = self.loss_steps.get(block, 0) + 1
-        if self.bar is not None:  # a terminal: show the current losses, read at most twice a second
-            now = time.perf_counter()
-            self.shown[block] = d
-            if now - self._bar_t > 0.5:
-                self._bar_t = now
-                self.bar.set_postfix_str("loss " + " ".join(f"b{j}={float(v):.3f}" for j, v in sorted(self.shown.items())),
-                                         refresh=False)
+        self.shown[block] = d  # the latest loss of every block, read only when the bar redraws
+
+    def bar_text(self) -> str:
+        """The progress bar's postfix: every block's latest loss. Called by the bar itself each time it
+        redraws (tqdm throttles the redraws, at most every 0.1 s): what it shows never depends on how
+        fast the epoch runs, and the losses are read from the device only then."""
+        if not self.shown:
+            return ""
+        return "loss " + " ".join(f"b{j}={float(v):.3f}" for j, v in sorted(self.shown.items()))
 
     def take_losses(self) -> dict[int, float]:
         """Mean training loss per block since the last call (one read per block)."""

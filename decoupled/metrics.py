@@ -153,6 +153,17 @@ def interactive() -> bool:
     return sys.stderr.isatty() and not os.environ.get("CI")
 
 
-def progress(total: int, desc: str):
+def progress(total: int, desc: str, postfix=None):
+    """A tqdm bar on a terminal (disabled elsewhere). `postfix`: a callable giving the text after the
+    counts, called at every redraw, so the bar always shows the values of that moment."""
     from tqdm import tqdm
-    return tqdm(total=total, desc=desc, disable=not interactive(), leave=False, dynamic_ncols=True)
+
+    class Bar(tqdm):
+        @property
+        def format_dict(self):
+            d = super().format_dict
+            if postfix is not None and not self.disable:
+                d["postfix"] = postfix() or d.get("postfix")
+            return d
+
+    return Bar(total=total, desc=desc, disable=not interactive(), leave=False, dynamic_ncols=True)

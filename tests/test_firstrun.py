@@ -85,11 +85,26 @@ def test_single_process_lines_and_quiet(tmp_path, capsys):
 
 
 def test_terminal_progress_bar_shows_the_losses(tmp_path, monkeypatch, capsys):
+    """Every redraw shows every block's latest loss, however fast the epoch runs: the bar reads the
+    losses when it draws (tqdm's own time throttle is taken away here, so every step redraws)."""
+    import decoupled.engine.run
     import decoupled.metrics
     monkeypatch.setattr(decoupled.metrics, "interactive", lambda: True)  # as on a terminal
+    bars = []
+
+    def progress(total, desc, postfix=None):
+        bar = decoupled.metrics.progress(total, desc, postfix)
+        bar.mininterval = 0  # redraw at every update: what is drawn no longer depends on the clock
+        bars.append(bar)
+        return bar
+    monkeypatch.setattr(decoupled.engine.run, "progress", progress)
     train(load(None, ["model.widths=[16,16]", "train.epochs=1", "data.batch_size=4", "train.checkpoint=false",
                       "train.quiet=true"]), tmp_path)
-    assert re.search(r"loss b0=\d\.\d{3} b1=\d\.\d{3}", capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert len(bars) == 1
+    drawn = re.findall(r"loss (b0=\d\.\d{3} b1=\d\.\d{3})", err)
+    assert len(drawn) > 100, err[-2000:]  # 1438 / 4 steps, each drawn with both blocks' losses
+    assert len(set(drawn)) > 1  # the latest losses, not the first ones
 
 
 def test_tensorboard_missing_is_a_config_error(tmp_path, monkeypatch, capsys):

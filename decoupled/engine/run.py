@@ -45,7 +45,7 @@ class Run:
         return [(t.pin_memory() if t.device.type == "cpu" else t).to(self.device, non_blocking=True) for t in tensors]
 
     def progress(self, total: int, desc: str):
-        bar = progress(total, desc)
+        bar = progress(total, desc, postfix=self.live.bar_text)
         self.live.bar = None if bar.disable else bar  # a terminal: the bar shows the current losses
         return bar
 
