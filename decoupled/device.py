@@ -14,14 +14,21 @@ import torch
 from .config import ConfigError
 
 
+def local_cuda_index() -> int:
+    """This process's GPU: LOCAL_RANK modulo the visible devices, so one GPU per process made visible
+    with CUDA_VISIBLE_DEVICES (every rank then sees a single device 0) works as well as all visible."""
+    local, visible = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    return local % visible if visible else local
+
+
 def resolve_device(name: str) -> torch.device:
-    """"auto" = cuda when available; under torchrun cuda:LOCAL_RANK."""
+    """"auto" = cuda when available; under torchrun cuda:(LOCAL_RANK mod visible devices)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("train.device='cuda' but no CUDA device is visible; use train.device='cpu' or 'auto'")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", local_cuda_index())
     return torch.device("cpu")
 
 

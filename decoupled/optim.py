@@ -8,13 +8,21 @@ import torch
 from .config import OptimConfig
 
 
+def _fused(params: list) -> dict:
+    """CUDA: the fused implementation, whose step also takes GradScaler's scale and inf flag on the
+    device (fp16 then never syncs the host: with an unfused optimizer GradScaler.step reads found_inf
+    with .item() every step). CPU: torch's default implementation, unchanged (the CPU tests compare
+    modes bit for bit)."""
+    return {"fused": True} if params and all(p.is_cuda for p in params) else {}
+
+
 def build_optimizer(params, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     params = list(params)
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=cfg.nesterov and cfg.momentum > 0)
+                               nesterov=cfg.nesterov and cfg.momentum > 0, **_fused(params))
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.name]
-    return cls(params, lr=lr, weight_decay=cfg.weight_decay)
+    return cls(params, lr=lr, weight_decay=cfg.weight_decay, **_fused(params))
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, epochs: int):

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..device import StepTimer
+from .dist.transport import issue
 
 
 def _buffers(stage) -> list[torch.Tensor]:
@@ -41,21 +42,34 @@ class Rounds:
         self.epoch_batches = 0  # batches this epoch (AllReduce pads the last round with it)
 
     round_size = 1  # batches this process takes per round
+    defer = False  # whether a full round waits for settle() to close (AllReduce: see there)
+    due = False  # a full round not closed yet
 
     def slot(self) -> int:
         raise NotImplementedError
 
     def end(self, n: int) -> None:
-        """After a batch's backward: count it; the round's last batch closes the round."""
+        """After a batch's backward: count it; the round's last batch closes the round (or, deferred,
+        is due to close at the next settle)."""
         self.n += n
         self.pos += 1
         self.epoch_batches += 1
         if self.pos == self.round_size:
+            self.due = True
+            if not self.defer:
+                self.settle()
+
+    def settle(self) -> None:
+        """Close a round that is due. Called before anything reads or changes the stage's state (the
+        next batch, the epoch's end, a checkpoint), so deferring never changes what is computed."""
+        if self.due:
+            self.due = False
             self.close()
 
     def begin(self) -> None:
         """Before a batch's forward: a new round zeroes the gradients and records the buffers; a later
         slot of the same round starts from those buffers again, as its replica would."""
+        self.settle()
         bufs = _buffers(self.stage)
         if self.pos == 0:
             self.stage.optimizer.zero_grad(set_to_none=False)
@@ -127,7 +141,14 @@ class Accumulate(Rounds):
 
 
 class AllReduce(Rounds):
-    """One replica of a group: its batches are slot `replica` of successive rounds."""
+    """One replica of a group: its batches are slot `replica` of successive rounds.
+
+    The round's all-reduce waits for the slowest replica, so it is deferred (`defer`): the rank sends
+    the batch's activations downstream first, then settles (pipeline.train_batch), and downstream
+    never waits for this group's slowest replica. The step only has to happen before the stage's next
+    forward, which `begin` ensures; the outputs were computed before it either way."""
+
+    defer = True
 
     def __init__(self, stage, replicas: int, replica: int, group=None):
         super().__init__(stage, replicas)
@@ -155,7 +176,8 @@ class AllReduce(Rounds):
         parts = [p.grad.reshape(-1) for p in params] + [b.reshape(-1).float() for b in floats]
         flat = torch.cat(parts + had + [torch.full((1,), float(self.n), device=s.device)])
         t0 = self.timer.start()
-        dist.all_reduce(flat, group=self.group)
+        with issue(flat.device):  # note [NCCL issue lock]: the receiver threads issue NCCL calls too
+            dist.all_reduce(flat, group=self.group)
         self.timer.stop(t0)
         offset = 0
         for p in params:
@@ -170,6 +192,7 @@ class AllReduce(Rounds):
     def pad_epoch(self, rounds: int | None) -> None:
         """Sync: a replica with fewer batches this epoch than the group has rounds joins the last one
         with nothing (zero gradient, n = 0), so the group's all-reduces pair up."""
+        self.settle()
         while rounds is not None and self.epoch_batches < rounds:
             s = self.stage
             self.begin()

@@ -103,6 +103,12 @@ class Stage:
         if sync_bn:
             self.block = nn.SyncBatchNorm.convert_sync_batchnorm(self.block, process_group=group)
 
+    def settle(self) -> None:
+        """A replica: close its round if one is due (replicated.AllReduce defers the all-reduce and
+        step until the batch's outputs have been sent on)."""
+        if self.rounds is not None:
+            self.rounds.settle()
+
     def parameters(self):
         return list(self.block.parameters()) + list(self.objective.parameters())
 
@@ -160,7 +166,7 @@ class Stage:
         self._loss_n += n
         self.timer.stop(t0)
         if rounds is not None:
-            rounds.end(len(y))  # may close the round: all-reduce (timed apart) and step
+            rounds.end(len(y))  # may close the round (all-reduce, timed apart, and step), or defer it
         if self.steps - self._checked >= self.check_every:
             self.check_finite()
         return self._output(nxt), res
@@ -214,6 +220,7 @@ class Stage:
         return float(self._loss_sum) / max(self._loss_n, 1)
 
     def end_epoch(self, step_scheduler: bool = True) -> None:
+        self.settle()  # the epoch's last step comes before the scheduler's
         self.check_finite()
         self._loss_sum.zero_()
         self._loss_n = 0

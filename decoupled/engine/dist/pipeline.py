@@ -104,6 +104,8 @@ class Pipeline:
                     s.end_epoch()
             self._maybe_done()
         self._send_flow(flow, step)
+        for s in self.stages:  # replicas: the round's all-reduce and step, after the send (replicated.AllReduce)
+            s.settle()
 
     def _maybe_done(self) -> None:
         """replay.budget="steps": once every stage here has made its budget, count this rank in; from

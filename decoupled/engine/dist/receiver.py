@@ -25,14 +25,24 @@ import threading
 import time
 from typing import Callable, Iterator
 
+import torch
+
 from ...config import JobConfig
 from .groups import next_index
 from .replay import Entry, ReplayBuffer
-from .transport import Kind, Link, Message, PeerAbort, PeerError
+from .transport import Kind, Link, Message, PeerAbort, PeerError, handover
 
 
 def _nbytes(m: Message) -> int:
     return sum(t.numel() * t.element_size() for t in (m.x, m.y, m.ids, m.aux) if t is not None)
+
+
+def _use_device(device: torch.device) -> None:
+    """Make the link's device this thread's current device. A new thread starts on cuda:0, and leaving
+    a `torch.cuda.stream` context restores that device's stream through cudaSetDevice, which since
+    CUDA 12 creates a context (hundreds of MB) on GPU 0 for every receiver thread of every rank."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
 
 class Receiver:
@@ -73,19 +83,28 @@ class Receiver:
 
     def _receive(self, i: int) -> None:
         try:
+            _use_device(self.links[i].device)
             while True:
                 m = self.links[i].recv()
                 self.last_recv = time.perf_counter()
                 if m.kind == Kind.ABORT:
                     raise PeerAbort(m.step, self.rank)
                 if self.tap is not None and m.kind in (Kind.TRAIN, Kind.EVAL):
-                    self.tap(m)
+                    self._tap(m)
                 self._deliver(i, m)
                 if m.kind == Kind.STOP:
                     return
         except BaseException as e:  # noqa: BLE001 - surfaced on the training thread by check()
             self.error = e
             self._deliver(i, None)
+
+    def _tap(self, m: Message) -> None:
+        """The tap reads the message on this thread's current stream (the device's default stream,
+        which training uses too): hand the tensors over to it first. Without that it could read them
+        before the transfer lands, and the caching allocator, which knows only the link's side stream,
+        could give their block to the next irecv while the tap's copies are still queued."""
+        handover(m.ready, m.x, m.y, m.ids, m.aux)
+        self.tap(m)
 
     def _deliver(self, i: int, m: Message | None) -> None:
         if not self.is_async:

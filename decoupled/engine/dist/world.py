@@ -2,7 +2,7 @@
 neighbouring stage groups, one group per replicated stage group for its all-reduces), and the
 object collectives that start-up and the end-of-run report use.
 
-Backend auto: NCCL with device cuda:LOCAL_RANK when CUDA is available, gloo on CPU. Object
+Backend auto: NCCL with device cuda:(LOCAL_RANK mod visible GPUs) when CUDA is available, gloo on CPU. Object
 collectives (metadata, errors, the summary) always go over a gloo group, so they work and time out
 the same way whatever carries the activations.
 """
@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ...config import ConfigError, JobConfig
+from ...device import local_cuda_index
 from .transport import PeerError
 
 
@@ -92,7 +93,7 @@ def resolve_backend(cfg: JobConfig) -> tuple[str, torch.device]:
             raise ConfigError("dist.backend='nccl' needs CUDA, which is not available; use dist.backend='gloo' or 'auto'")
         if cfg.train.device == "cpu":
             raise ConfigError("dist.backend='nccl' cannot carry train.device='cpu' tensors; use dist.backend='gloo'")
-        return backend, torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return backend, torch.device("cuda", local_cuda_index())
     if cfg.dist.sync_bn:
         raise ConfigError("dist.sync_bn=true needs CUDA (torch's SyncBatchNorm runs on GPU only); on CPU leave it "
                           "false: each replica normalises its own batch and the running statistics are averaged")
@@ -104,11 +105,33 @@ def resolve_backend(cfg: JobConfig) -> tuple[str, torch.device]:
     return backend, torch.device("cpu")
 
 
+# What ProcessGroupNCCL reads when it is created, unless the user set it (nccl_env_defaults).
+NCCL_ENV_DEFAULTS = {
+    # a failed or timed-out collective tears the process down instead of hanging it
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    # No flight-recorder dump signal on a timeout: the watchdog writes it (key "exception_dump") to the
+    # store *beneath* our per-attempt prefix (ProcessGroupNCCL's globalStore_ unwraps PrefixStores),
+    # torchrun keeps that store across restarts, and every later attempt's heartbeat monitor would
+    # see the key, dump, wait TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC and abort: restarts after an NCCL
+    # timeout would die minutes in. (Set it to 1 to get the dumps, with TORCH_NCCL_TRACE_BUFFER_SIZE.)
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "0",
+    # how long the watchdog waits for a dump before it aborts the process (torch: 15-60 s, by
+    # version): our error is reported already, so a process that failed exits promptly
+    "TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC": "1000",
+}
+
+
+def nccl_env_defaults() -> None:
+    """Our NCCL settings, each unless the environment has it; before the first NCCL process group."""
+    for name, value in NCCL_ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
 def init(cfg: JobConfig) -> World:
     backend, device = resolve_backend(cfg)
     timeout = timedelta(seconds=cfg.dist.timeout_s)
-    # NCCL: a failed or timed-out collective tears the process down instead of hanging it
-    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    if backend == "nccl":
+        nccl_env_defaults()
     if "WORLD_SIZE" in os.environ:  # launched by torchrun (env:// rendezvous)
         if device.type == "cuda":
             torch.cuda.set_device(device)
