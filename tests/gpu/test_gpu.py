@@ -1,10 +1,17 @@
 """What one GPU can show (skipped without CUDA). Two NCCL ranks need two GPUs, so the multi-rank NCCL
 path is covered by design (transport.py, receiver.py) and by the CPU tests of the same code; here:
-every single-process mode on CUDA, AMP, the side-stream hand-over, no host sync in a train step, and
-a throughput reading (printed, never asserted)."""
+every single-process mode on CUDA, AMP, the side-stream hand-over (also against allocator reuse and
+under the CUDA sanitizer), no host sync in a train step (fp32, bf16, fp16, a replica's) or from the
+async hand-off cache's source, NCCL's wait(timeout) against our completion poll on a world of one,
+and a throughput reading (printed, never asserted)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -75,14 +82,21 @@ def _steps_without_host_sync(stages, warm: int, steps: int = 5) -> None:
             h = x
             for s in stages:
                 h, _ = s.train_step(h, y)
+            for s in stages:  # a replica's round closes after the send (replicated.AllReduce)
+                s.settle()
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_train_step_makes_no_host_sync():
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_train_step_makes_no_host_sync(precision):
+    """fp16: the optimizers are fused on CUDA, so GradScaler.step passes the inf flag on the device
+    instead of reading it with .item() (optim._fused)."""
     from decoupled.engine.stage import build_stages
-    cfg = load(None, SMALL + ["train.check_every=1000", "train.log_every=100000"])
-    _steps_without_host_sync(build_stages(cfg, (3, 16, 16), 10, torch.device("cuda")), warm=1)
+    cfg = load(None, SMALL + ["train.check_every=1000", "train.log_every=100000", f"train.precision={precision}"])
+    stages = build_stages(cfg, (3, 16, 16), 10, torch.device("cuda"))
+    assert all(g.get("fused") for s in stages for g in s.optimizer.param_groups)
+    _steps_without_host_sync(stages, warm=len(stages))
 
 
 def test_replicas_reference_on_cuda(tmp_path):
@@ -123,3 +137,97 @@ def test_simultaneous_vs_e2e_throughput_vgg11(tmp_path, capsys):
         rates[mode] = s["ranks"][0]["samples_per_s"]
         print(f"{mode}: {rates[mode]:.0f} samples/s ({time.perf_counter() - t0:.1f}s) on {torch.cuda.get_device_name()}")
     assert all(r > 0 for r in rates.values())
+
+
+HANDOVER_REUSE = """
+import torch
+from decoupled.engine.dist.transport import handover
+side = torch.cuda.Stream()
+with torch.cuda.stream(side):  # the receiver: a message lands in a block of the side stream's pool
+    x = torch.ones(1 << 20, device="cuda")
+    ready = torch.cuda.Event()
+    ready.record(side)
+handover(ready, x)  # the training (default) stream takes it
+torch.cuda._sleep(200_000_000)  # a long queue ahead of the read on the default stream
+got = x.clone()  # queued behind the sleep
+x_ptr = x.data_ptr()
+del x  # freed by the host while the read is still queued
+with torch.cuda.stream(side):  # the next irecv: the same size, on the side stream
+    z = torch.empty(1 << 20, device="cuda")
+    z.fill_(2.0)
+torch.cuda.synchronize()
+assert z.data_ptr() != x_ptr, "the block was reused while the default stream still had to read it"
+assert bool((got == 1).all()), "the read saw the next message"
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("sanitizer", [False, True], ids=["plain", "TORCH_CUDA_SANITIZER"])
+def test_handover_keeps_a_freed_block_from_the_next_receive(sanitizer):
+    """transport.handover: record_stream makes the allocator wait for the training stream's queued
+    read before it gives the block to the side stream again (the hand-off tap and the replay buffer
+    rely on it). In a subprocess: the sanitizer is switched on at import."""
+    env = {**os.environ, **({"TORCH_CUDA_SANITIZER": "1"} if sanitizer else {})}
+    r = subprocess.run([sys.executable, "-c", HANDOVER_REUSE], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+
+
+def test_wait_with_timeout_polls_slower_than_our_completion_poll(tmp_path, capsys):
+    """NCCL's WorkNCCL::wait(timeout) polls isCompleted() with a 1 ms sleep; transport.Link._await
+    polls is_completed() with a short backoff, then wait() without a timeout. A world of one: a small
+    all-reduce (point-to-point to oneself is not allowed)."""
+    import torch.distributed as dist
+    from decoupled.engine.dist.transport import Link
+    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1,
+                            device_id=torch.device("cuda", 0))
+    try:
+        link = Link(dist.group.WORLD, 0, torch.device("cuda", 0), timeout_s=30, max_count=1)
+        t = torch.zeros(256, device="cuda")
+
+        def per_op(wait, n=200) -> float:
+            dist.all_reduce(t)  # warm
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                wait(dist.all_reduce(t, async_op=True))
+            torch.cuda.synchronize()
+            return (time.perf_counter() - t0) / n
+
+        timed = per_op(lambda w: w.wait(timedelta(seconds=30)))
+        polled = per_op(lambda w: link._await(w, "all-reduce"))
+        print(f"per all-reduce: wait(timeout) {timed * 1e6:.0f} us, poll + wait() {polled * 1e6:.0f} us "
+              f"on {torch.cuda.get_device_name()}")
+        assert polled < timed
+    finally:
+        dist.destroy_process_group()
+
+
+def test_handoff_source_makes_no_host_sync(tmp_path):
+    """The async cascade hand-off: a memory cache filled by offer() serves its epochs (train batches,
+    markers, the evaluation with the ensemble votes) without a host sync: the epoch's order goes to
+    the device once, from pinned memory, and every gather indexes device data with device ids."""
+    import contextlib
+    from decoupled.engine.dist.sources import HandoffCache
+    from decoupled.engine.dist.transport import Kind, Message
+    from decoupled.engine.run import Run
+    cfg = load(None, SMALL + ["train.mode=async", "train.cache=memory", "train.eval_every=0", "data.eval_batch_size=64"])
+    bar = SimpleNamespace(update=lambda *a: None)
+    run = SimpleNamespace(cfg=cfg, rank=0, device=torch.device("cuda"), out=tmp_path,
+                          recorder=SimpleNamespace(log=lambda **kw: None),
+                          progress=lambda total, desc: contextlib.nullcontext(bar))
+    run.to_device = lambda *ts: Run.to_device(run, *ts)
+    n_train, n_test, classes = 96, 40, 10
+    cache = HandoffCache(run, 0, n_train, n_test, classes)
+    for kind, n in ((Kind.TRAIN, n_train), (Kind.EVAL, n_test)):
+        for ids in torch.arange(n, device="cuda").split(32):
+            aux = torch.randn(len(ids), classes, device="cuda") if kind == Kind.EVAL else None
+            cache.offer(Message(kind, 0, 0, torch.randn(len(ids), 8, 4, 4, device="cuda"),
+                                torch.randint(0, classes, (len(ids),), device="cuda"), ids, aux))
+    source = cache.source(last=2)  # checks completeness: one read, before serving
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        kinds = [m.kind for m in source]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert kinds.count(Kind.TRAIN) == 2 * 2 and kinds.count(Kind.EVAL) == 1 and kinds[-1] == Kind.STOP
