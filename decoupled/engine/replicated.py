@@ -61,7 +61,8 @@ class Rounds:
 
     def settle(self) -> None:
         """Close a round that is due. Called before anything reads or changes the stage's state (the
-        next batch, the epoch's end, a checkpoint), so deferring never changes what is computed."""
+        next batch, the epoch's padding and end, which come before any checkpoint), so deferring
+        never changes what is computed."""
         if self.due:
             self.due = False
             self.close()
