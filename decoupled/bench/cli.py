@@ -21,6 +21,7 @@ training samples per second of that median epoch.
     decoupled bench --config launch/configs/bench_cpu.toml --ranks 2 --out runs/bench
     decoupled bench --sweep depth --config launch/configs/bench_cpu.toml --out runs/sweep
     decoupled bench --sweep layouts --config launch/configs/layouts_cpu.toml --ranks 3 --out runs/layouts
+    decoupled bench --guard                     the speed guard (guard.py): ratios against committed thresholds
 
 Writes bench.json, bench.md and bench.png (sweep: sweep.json, sweep.md, sweep.png) into --out.
 """
@@ -34,6 +35,7 @@ from .rows import MICROBATCHES, ROWS, bench
 from .report import markdown
 from .layouts import layouts
 from .straggler import straggler
+from .guard import main as guard_main
 from .sweep import DEFAULT_HIERARCHIES, parse_lists, sweep_depth
 
 
@@ -59,6 +61,10 @@ def add_parser(sub) -> None:
     b.add_argument("--mmap-threshold", type=int,
                    help="MALLOC_MMAP_THRESHOLD_ for every process, so CPU VmHWM tracks tensor bytes rather than "
                         "glibc heap growth (slows steps); default 65536 for --sweep, 0 (glibc's own) for the bench")
+    b.add_argument("--guard", action="store_true",
+                   help="the speed guard instead: machine-independent ratios (async blocking under a straggler, sync "
+                        "over its bound, e2e overhead, wire bytes, receive cost) against committed thresholds; "
+                        "exits 1 on a miss (about 1.5 minutes on 2 cores; bench/guard.py)")
     b.add_argument("--timeout", type=float, default=900.0, help="seconds per row before it counts as failed")
 
 
@@ -72,6 +78,8 @@ def main(args) -> int:
     if bad or args.ranks < 1 or args.repeats < 1 or not micro or min(micro) < 1:
         raise ConfigError(f"bench: --rows must be among {', '.join(ROWS)} (got {bad}); --ranks, --repeats and "
                           "--microbatches must be >= 1")
+    if args.guard:
+        return guard_main(args.out)
     out = args.out or Path("runs") / time.strftime("bench-%Y%m%d-%H%M%S")
     if args.sweep == "depth":
         threshold = 65536 if args.mmap_threshold is None else args.mmap_threshold

@@ -40,7 +40,7 @@ def markdown(result: dict) -> str:
             lines.append(f"| {name} | failed | | | | {r.get('error', '')[:200]} |")
             continue
         vs = f"{r['samples_per_s'] / e2e['samples_per_s']:.2f}x" if e2e else ""
-        ob = f"{r['of_bound']:.2f}" if "of_bound" in r else ""
+        ob = f"{r['of_bound']:.2f}" if r.get("of_bound") else ""
         fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
         per = "; ".join(f"{x['compute_s']:.2f} / {fmt(x['comm_s'])} / {fmt(x['idle_s'])}" for x in r["ranks"])
         lines.append(f"| {name} | {r['samples_per_s']:.1f} | {vs} | {ob} | {mib(peak(r)):.1f} | {per} |")

@@ -98,14 +98,25 @@ class Pipeline:
         flow = feed_chain(self.stages, [(x, y, ids)], self._log)  # train (or forward if frozen), route
         self.last_step = max(self.last_step, step)
         self.steps += 1
-        if self.own_epochs:
-            for s in self.stages:
-                if s.training and s.steps >= (s.epochs_done + 1) * self.steps_per_epoch:
-                    s.end_epoch()
-            self._maybe_done()
         self._send_flow(flow, step)
         for s in self.stages:  # replicas: the round's all-reduce and step, after the send (replicated.AllReduce)
             s.settle()
+        if self.own_epochs:
+            self._end_own_epochs()
+
+    def _end_own_epochs(self) -> None:
+        """replay.budget="steps": a stage's epoch is steps_per_epoch of its own steps. The rank stamps
+        each of its own epoch ends (`own_epoch_end`, what the bench times), not only the stream's
+        markers: a rank that replays through its budget before upstream's marker arrives would
+        otherwise show an epoch of marker spacing with no compute in it."""
+        ended = [s for s in self.stages if s.training and s.steps >= (s.epochs_done + 1) * self.steps_per_epoch]
+        for s in ended:
+            s.end_epoch()
+        if ended:
+            extra = {"replay": self.buffer.stats.as_dict()} if self.buffer is not None else {}
+            self.run.recorder.log(kind="own_epoch_end", rank=self.rank, epoch=ended[0].epochs_done - 1,
+                                  **self.rank_metrics(), **extra)
+        self._maybe_done()
 
     def _maybe_done(self) -> None:
         """replay.budget="steps": once every stage here has made its budget, count this rank in; from

@@ -1,0 +1,180 @@
+"""`decoupled bench --guard`: a speed check between releases, in one invocation, on any machine.
+
+Every figure is a ratio of two things measured in the same invocation on the same cores, so it
+does not depend on how fast the machine is; each is compared to a threshold committed here
+(THRESHOLDS) and the command exits non-zero when one misses. About 1.5 minutes on 2 cores.
+
+  async_blocked_upstream / async_blocked_steps
+      A straggler (MLP [150, 800, 800] on 8000 synthetic 28x28 samples, dist.placement=[1, 2]:
+      rank 1 holds ~7x rank 0's work), async under each replay.budget: the share of rank 0's own
+      training epochs it spends blocked on sends. Async exists to make this small.
+  sync_of_bound
+      Sync throughput over its bound n / max_k(t_k), where t_k is rank k's compute per epoch as
+      the engine itself times it (Stage.train_step, in the same run): the pipeline's efficiency.
+      Stages timed in another process drift from the run (the bench read 1.05 and 1.11 "of the
+      bound" that way); spread = the figure's range over the timed epochs.
+  e2e_overhead
+      The e2e mode's epoch time over a plain PyTorch loop's (same network, batch, optimizer, data),
+      both in one process, alternated (e2e, plain, e2e, plain), medians of the timed epochs.
+  wire_bytes_per_sample
+      Bytes rank 0 sent per training sample (headers, labels, ids, padding included) over the
+      activation's own bytes per sample, in the straggler's upstream-budget run.
+  recv_cost
+      Per-message time of a Link (send / receive loop, small messages) over one raw isend/irecv
+      of the same bytes waited in turn: what the message protocol and the receiver add.
+
+    decoupled bench --guard [--out runs/guard]
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from ..config import load, to_toml
+from .runner import machine, median, read_jsonl, run, timed, torchrun
+
+# figure -> (comparison, threshold). Committed: change one only with a measured reason.
+THRESHOLDS = {
+    "async_blocked_upstream": ("<=", 0.10),
+    "async_blocked_steps": ("<=", 0.10),
+    "sync_of_bound": (">=", 0.85),
+    "e2e_overhead": ("<=", 1.05),
+    "wire_bytes_per_sample": ("<=", 1.10),
+    "recv_cost": ("<=", 1.25),
+}
+
+STRAGGLER = ["data.name=synthetic", "data.synthetic_shape=[1,28,28]", "data.synthetic_train=8000",
+             "data.synthetic_test=500", "data.batch_size=64", "data.eval_batch_size=500", "model.name=mlp",
+             "model.widths=[150,800,800]", "objective.name=khidden", "train.mode=async", "train.epochs=2",
+             "train.seed=11", "train.eval_every=0", "train.checkpoint=false", "optim.name=sgd", "optim.lr=0.05",
+             "optim.momentum=0.9", "dist.placement=[1,2]", "replay.capacity=4", "replay.policy=priority-lifo"]
+# the bench's VGG (launch/configs/bench_cpu.toml), on half its data: two blocks of equal cost
+VGG = ["data.name=synthetic", "data.synthetic_shape=[3,32,32]", "data.synthetic_train=512",
+       "data.synthetic_test=64", "data.batch_size=64", "data.eval_batch_size=64", "model.name=vgg",
+       "model.hierarchy=[1,1,1,1]", "model.channels=[24,64,128,256]", "model.blocks=2",
+       "objective.name=khidden", "objective.k=1", "train.device=cpu", "train.seed=0", "train.eval_every=0",
+       "train.checkpoint=false", "train.probe_epochs=0", "optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9"]
+TIMED = 3  # timed epochs after one warm-up epoch
+
+
+def guard(out: Path, timeout: float = 300.0) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, dict] = {}
+    for budget in ("upstream", "steps"):
+        figures[f"async_blocked_{budget}"], wire = straggler(out / f"async-{budget}", budget, timeout)
+        figures.setdefault("wire_bytes_per_sample", wire)
+    figures["sync_of_bound"] = sync_of_bound(out / "sync", timeout)
+    figures["e2e_overhead"] = worker(out, "e2e", ["e2e", str(out / "e2e.json")], timeout)
+    figures["recv_cost"] = worker(out, "recv", ["recv", str(out / "recv.json")], timeout, ranks=2)
+    rows = [verdict(name, figures[name]) for name in THRESHOLDS]
+    result = {"machine": machine(), "figures": figures, "rows": rows, "ok": all(r["ok"] for r in rows)}
+    (out / "guard.json").write_text(json.dumps(result, indent=2))
+    (out / "guard.md").write_text(markdown(result))
+    return result
+
+
+def verdict(name: str, fig: dict) -> dict:
+    op, limit = THRESHOLDS[name]
+    v = fig.get("value")
+    ok = v is not None and (v <= limit if op == "<=" else v >= limit)
+    return {"figure": name, "value": v, "threshold": f"{op} {limit}", "ok": ok, "detail": fig.get("detail", fig.get("error", ""))}
+
+
+def markdown(result: dict) -> str:
+    lines = ["| figure | value | threshold | verdict | detail |", "|---|---:|---|---|---|"]
+    for r in result["rows"]:
+        v = "-" if r["value"] is None else f"{r['value']:.3f}"
+        lines.append(f"| {r['figure']} | {v} | {r['threshold']} | {'ok' if r['ok'] else 'MISS'} | {r['detail']} |")
+    m = result["machine"]
+    lines.append(f"\n{m.get('cpu_model', '?')}, {m['cpus_usable']} usable cores, load {m['loadavg_start'][0]:.1f}, "
+                 f"torch {m['torch']}, {m['time']}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- torchrun figures
+
+def _train(d: Path, sets: list[str], ranks: int, timeout: float) -> str | None:
+    cfg = load(None, sets)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.toml").write_text(to_toml(cfg))
+    cmd = torchrun(ranks, ["decoupled", "train", "--config", str(d / "config.toml"), "--out", str(d / "run")])
+    return run(cmd, d / "train.log", 1, timeout)
+
+
+def _epoch_ends(run_dir: Path, rank: int) -> list[dict]:
+    return sorted((m for m in read_jsonl(run_dir / "metrics.jsonl")
+                   if m.get("kind") == "epoch_end" and m.get("rank") == rank), key=lambda m: m["epoch"])
+
+
+def straggler(d: Path, budget: str, timeout: float) -> tuple[dict, dict]:
+    """Rank 0's blocked share over its own training epochs (under a steps budget it streams on
+    through its frozen block afterwards, with nothing to train: waiting then costs nothing), and
+    its bytes on the wire per sample over the activation's (a marker costs one transfer of the
+    batch's size: 1/125 here, see transport.py)."""
+    err = _train(d, [*STRAGGLER, f"replay.budget={budget}"], 2, timeout)
+    if err:
+        return {"value": None, "error": err}, {"value": None, "error": err}
+    cfg = load(d / "config.toml")
+    own = [m for m in _epoch_ends(d / "run", 0) if m["epoch"] < cfg.train.epochs]
+    if len(own) < cfg.train.epochs:
+        miss = {"value": None, "error": f"rank 0 logged {len(own)} of {cfg.train.epochs} epoch ends"}
+        return miss, miss
+    end = own[-1]
+    per_epoch = [(b["comm_s"] - a["comm_s"]) / (b["time_s"] - a["time_s"]) for a, b in zip([{"comm_s": 0, "time_s": 0}, *own], own)]
+    blocked = {"value": end["comm_s"] / end["time_s"], "detail": f"rank 0 blocked {end['comm_s']:.3f}s of "
+               f"{end['time_s']:.2f}s; per epoch " + " / ".join(f"{p:.3f}" for p in per_epoch)}
+    sent, act = end["bytes_sent"] / end["samples_sent"], activation_bytes(cfg)
+    wire = {"value": sent / act, "detail": f"{sent:.0f} B/sample on the wire, activation {act} B/sample"}
+    return blocked, wire
+
+
+def sync_of_bound(d: Path, timeout: float) -> dict:
+    err = _train(d, [*VGG, "train.mode=sync", f"train.epochs={1 + TIMED}"], 2, timeout)
+    if err:
+        return {"value": None, "error": err}
+    ends = [_epoch_ends(d / "run", r) for r in (0, 1)]
+    cfg = load(d / "config.toml")
+    n = cfg.data.synthetic_train
+    # per timed epoch: the slowest rank's compute over the last rank's epoch (it closes each epoch)
+    epoch_s = timed([m["time_s"] for m in ends[1]])
+    compute = [timed([m["compute_s"] for m in e]) for e in ends]
+    per = [max(c[i] for c in compute) / epoch_s[i] for i in range(len(epoch_s))]
+    bound_s = max(median(c) for c in compute)
+    return {"value": bound_s / median(epoch_s),
+            "detail": f"{n / median(epoch_s):.0f} samples/s, bound {n / bound_s:.0f} (t_k "
+                      f"{', '.join(f'{median(c):.3f}' for c in compute)} s/epoch); per epoch {min(per):.3f}-{max(per):.3f}"}
+
+
+def activation_bytes(cfg) -> int:
+    """Bytes of one sample's output of rank 0's blocks, in dist.wire_dtype."""
+    import torch
+
+    from ..data import build_data
+    from ..engine.dist.placement import placement
+    from ..engine.stage import build_stages
+    data = build_data(cfg.data, cfg.train.seed)
+    stages = build_stages(cfg, data.input_shape, data.num_classes, torch.device("cpu"))
+    h = data.train.x[:1]
+    with torch.no_grad():
+        for j in placement(cfg, len(stages), 2)[0]:
+            h = stages[j].forward(h)
+    return h[0].numel() * getattr(torch, cfg.dist.wire_dtype).itemsize
+
+
+def worker(out: Path, name: str, args: list[str], timeout: float, ranks: int = 0) -> dict:
+    module = ["decoupled.bench.guard_worker", *args]
+    cmd = torchrun(ranks, module) if ranks else [sys.executable, "-m", *module]
+    err = run(cmd, out / f"{name}.log", 1, timeout)
+    if err:
+        return {"value": None, "error": err}
+    return json.loads(Path(args[-1]).read_text())
+
+
+def main(out: Path | None) -> int:
+    out = out or Path("runs") / time.strftime("guard-%Y%m%d-%H%M%S")
+    t0 = time.perf_counter()
+    result = guard(out)
+    print(markdown(result) + f"guard: {time.perf_counter() - t0:.0f}s; written: {out}/guard.json, guard.md")
+    return 0 if result["ok"] else 1

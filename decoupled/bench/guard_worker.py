@@ -1,0 +1,114 @@
+"""Workers of `decoupled bench --guard` (guard.py), each a fresh process that writes one figure.
+
+    python -m decoupled.bench.guard_worker e2e OUT.json      e2e mode vs a plain PyTorch loop
+    torchrun --nproc-per-node 2 -m decoupled.bench.guard_worker recv OUT.json   Link vs raw p2p
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..config import load
+from .guard import TIMED, VGG
+from .runner import median, read_jsonl, timed
+
+
+def e2e_overhead(out: str) -> None:
+    """The e2e trainer's epoch over a plain loop's, alternated twice in this one process (the same
+    network, batches of the same size, SGD with the same settings, no augmentation, no evaluation)."""
+    from ..data import build_data
+    from ..engine.loops import train_e2e
+    from ..engine.run import Run
+    from ..engine.stage import build_stages
+    from ..metrics import Recorder
+    cfg = load(None, [*VGG, "train.mode=e2e", f"train.epochs={1 + TIMED}", "data.augment=none"])
+    data = build_data(cfg.data, cfg.train.seed)
+    steps = -(-len(data.train) // cfg.data.batch_size)
+    cfg = load(None, [f"train.log_every={steps}"], base=cfg)  # one `step` stamp per epoch
+    cpu = torch.device("cpu")
+    e2e, plain = [], []
+    for _ in range(2):
+        torch.manual_seed(cfg.train.seed)
+        with tempfile.TemporaryDirectory() as d:
+            stages = build_stages(cfg, data.input_shape, data.num_classes, cpu)
+            run = Run(cfg, data, stages, cpu, Path(d), Recorder(Path(d) / "metrics.jsonl"))
+            train_e2e(run)
+            run.recorder.close()
+            stamps = [m["time_s"] for m in read_jsonl(Path(d) / "metrics.jsonl") if m.get("kind") == "step"]
+        e2e += timed(stamps[:1 + TIMED])  # stamps[0] closes the warm-up epoch
+        plain += plain_loop(cfg, data, build_stages)
+    ratio = median(e2e) / median(plain)
+    Path(out).write_text(json.dumps({"value": ratio, "detail": f"e2e {median(e2e):.3f} s/epoch, plain loop "
+                                     f"{median(plain):.3f} s/epoch (medians of {len(e2e)} epochs each)"}))
+
+
+def plain_loop(cfg, data, build_stages) -> list[float]:
+    """What a user would write: the blocks and the last head as one nn.Sequential, torch.optim.SGD."""
+    torch.manual_seed(cfg.train.seed)
+    stages = build_stages(cfg, data.input_shape, data.num_classes, torch.device("cpu"))
+    net = torch.nn.Sequential(*[m for s in stages for m in (s.block, s.outlet)], stages[-1].objective.head).train()
+    o = cfg.optim
+    opt = torch.optim.SGD(net.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    x, y, B = data.train.x, data.train.y, cfg.data.batch_size
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    times = []
+    for _ in range(1 + TIMED):
+        t0 = time.perf_counter()
+        perm = torch.randperm(len(y), generator=g)
+        for i in range(0, len(y), B):
+            idx = perm[i:i + B]
+            loss = F.cross_entropy(net(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        times.append(time.perf_counter() - t0)
+    return times[1:]
+
+
+def recv_cost(out: str, messages: int = 2000) -> None:
+    """Per message: a Link (one transfer, its receiver's next irecv posted ahead) against one raw
+    isend/irecv of the same bytes, each waited in turn. Small messages, so fixed costs dominate."""
+    import torch.distributed as dist
+
+    from ..engine.dist.transport import Kind, Link, Message, layout
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    group, raw_group = dist.new_group([0, 1]), dist.new_group([0, 1])  # the Link keeps an irecv posted
+    n, width = 64, 16
+    m = Message(Kind.TRAIN, 0, 0, torch.randn(n, width), torch.zeros(n, dtype=torch.int64), torch.arange(n))
+    nbytes = layout(n, [width], torch.float32, 0)[1]
+    link = Link(group, 1 - rank, torch.device("cpu"), 60.0, n)
+    raw = torch.empty(nbytes, dtype=torch.uint8)
+
+    def link_loop():
+        for _ in range(messages):
+            link.send(m) if rank == 0 else link.recv()
+        link.flush()
+
+    def raw_loop():
+        for _ in range(messages):
+            (dist.isend(raw, 1, group=raw_group) if rank == 0 else dist.irecv(raw, 0, group=raw_group)).wait()
+
+    result = {}
+    for name, loop in [("link", link_loop), ("raw", raw_loop)] * 2:  # alternated; the second round counts
+        dist.barrier(group)
+        t0 = time.perf_counter()
+        loop()
+        dist.barrier(group)
+        result[name] = (time.perf_counter() - t0) / messages * 1e6
+    if rank == 0:
+        Path(out).write_text(json.dumps({"value": result["link"] / result["raw"],
+                                         "detail": f"Link {result['link']:.0f} µs/message, raw p2p {result['raw']:.0f} µs "
+                                                   f"({nbytes} B messages, {messages} each)"}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    what, out = sys.argv[1], sys.argv[2]
+    {"e2e": e2e_overhead, "recv": recv_cost}[what](out)
