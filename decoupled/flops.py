@@ -25,13 +25,13 @@ import weakref
 from itertools import accumulate
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 META = torch.device("meta")
 _KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # stage -> {batch: costs}
 
 
 def count_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode  # imported on use: it costs every rank's start-up ~0.2 s
     with FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())

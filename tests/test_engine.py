@@ -13,52 +13,29 @@ from decoupled import checkpoint
 from decoupled.config import ConfigError, load
 from decoupled.train import train
 
-from torchrun_utils import REPO, check, env, free_port, overrides, sets, summary, torchrun
+from torchrun_utils import (MLP, REPO, assert_same_results, assert_same_states, check, copy_run, env, free_port,
+                            overrides, sets, summary, torchrun)
 
-MLP = {"data.limit_train": 300, "model.widths": [24, 24, 24], "model.dropout": 0.1, "train.epochs": 2,
-       "data.batch_size": 32}
 # conv + batch norm + dropout, cascade budgets 1, 2, 3 epochs: exercises frozen blocks and BN buffers
 VGG = {"data.limit_train": 200, "model.name": "vgg", "model.hierarchy": [1, 1, 1], "model.width": 4,
        "model.dropout": 0.1, "objective.name": "cascade", "objective.aux_width": 16, "data.batch_size": 32}
 
 
-def reference(tmp_path: Path, cfg: dict, name: str = "ref") -> dict:
-    """The single-process simultaneous trainer, in this process."""
-    return train(load(None, overrides({**cfg, "train.mode": "simultaneous"})), tmp_path / name)
-
-
-def assert_same_states(ref_dir: Path, dist_dir: Path, world: int, epoch: int) -> None:
-    ref = checkpoint.load(checkpoint.path(ref_dir, 0, epoch))["stages"]
-    got = [s for r in range(world) for s in checkpoint.load(checkpoint.path(dist_dir, r, epoch))["stages"]]
-    assert [s["index"] for s in got] == [s["index"] for s in ref]
-    for a, b in zip(ref, got):
-        for part in ("block", "objective"):
-            for k in a[part]:
-                assert torch.equal(a[part][k], b[part][k]), f"block {a['index']} {part}.{k} differs"
-        assert torch.equal(a["rng"]["cpu"], b["rng"]["cpu"])
-
-
-def assert_same_results(ref: dict, got: dict) -> None:
-    key = lambda s: [(l["block"], l["test_acc"], l["train_samples"], l["epochs"]) for l in s["layers"]]  # noqa
-    assert key(got) == key(ref)
-    assert got["ensemble_test_acc"] == ref["ensemble_test_acc"]
-
-
 @pytest.mark.parametrize("cfg,world", [(MLP, 2), (VGG, 3)], ids=["mlp-2ranks-grouped", "vgg-cascade-3ranks"])
-def test_sync_equals_simultaneous_bit_for_bit(tmp_path, cfg, world):
-    ref = reference(tmp_path, cfg)
-    check(torchrun(world, ["--out", str(tmp_path / "sync"), *sets({**cfg, "train.mode": "sync"})]))
-    got = summary(tmp_path / "sync")
+def test_sync_equals_simultaneous_bit_for_bit(shared_run, shared_reference, cfg, world):
+    ref_dir, ref = shared_reference(cfg)
+    run, _ = shared_run(world, {**cfg, "train.mode": "sync"})
+    got = summary(run)
     assert got["world_size"] == world and len(got["ranks"]) == world
     assert_same_results(ref, got)
-    last = max(checkpoint.epochs(tmp_path / "ref", 0))
-    assert_same_states(tmp_path / "ref", tmp_path / "sync", world, last)
+    last = max(checkpoint.epochs(ref_dir, 0))
+    assert_same_states(ref_dir, run, world, last)
     if world == 2:  # 3 blocks on 2 ranks: contiguous, earlier rank takes the extra block
         assert got["placement"] == [[0, 1], [2]]
 
 
-def test_sync_in_one_process_equals_simultaneous(tmp_path):
-    ref = reference(tmp_path, MLP)
+def test_sync_in_one_process_equals_simultaneous(tmp_path, shared_reference):
+    _, ref = shared_reference(MLP)
     got = train(load(None, overrides({**MLP, "train.mode": "sync"})), tmp_path / "sync1")
     assert_same_results(ref, got)
 
@@ -79,21 +56,22 @@ def test_async_completes_within_buffer_bounds(tmp_path):
     assert s["ranks"][0]["bytes_sent"] > 0 and "replay" not in s["ranks"][0]
 
 
-def test_resume_extends_a_sync_run_bit_for_bit(tmp_path):
-    ref = reference(tmp_path, MLP)  # 2 epochs uninterrupted
-    run = tmp_path / "resumed"
-    check(torchrun(2, ["--out", str(run), *sets({**MLP, "train.mode": "sync", "train.epochs": 1})]))
-    assert summary(run)["layers"][0]["epochs"] == 1
-    check(torchrun(2, ["--resume", str(run), "--set", "train.epochs=2"]))
+def test_resume_extends_a_sync_run_bit_for_bit(tmp_path, shared_run, shared_reference):
+    """A finished 2-epoch sync run, resumed with train.epochs=3, ends where an uninterrupted 3-epoch
+    run ends: same accuracies, same weights, heads and RNG states."""
+    ref_dir, ref = shared_reference({**MLP, "train.epochs": 3})
+    run = copy_run(shared_run(2, {**MLP, "train.mode": "sync"})[0], tmp_path / "resumed")
+    assert summary(run)["layers"][0]["epochs"] == 2
+    check(torchrun(2, ["--resume", str(run), "--set", "train.epochs=3"]))
     assert_same_results(ref, summary(run))
-    assert_same_states(tmp_path / "ref", run, 2, 1)
+    assert_same_states(ref_dir, run, 2, 2)
 
 
 @pytest.mark.parametrize("extra", [{}, {"dist.replicas": [2]}], ids=["pipeline", "one-group-two-replicas"])
-def test_two_torchrun_agents_multi_node(tmp_path, extra):
+def test_two_torchrun_agents_multi_node(tmp_path, shared_reference, extra):
     """--nnodes=2 through the c10d rendezvous on loopback: two agents, one rank each; either a
     pipeline across the nodes, or one stage group whose two replicas all-reduce across them."""
-    ref = reference(tmp_path, {**MLP, **extra})
+    _, ref = shared_reference({**MLP, **extra})
     port = free_port()
     procs = []
     for node in range(2):
@@ -141,9 +119,9 @@ def test_placement_and_backend_choice(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 1, reason="needs a GPU")
-def test_nccl_sync_equals_simultaneous_on_gpu(tmp_path):
+def test_nccl_sync_equals_simultaneous_on_gpu(tmp_path, shared_reference):
     cfg = {**MLP, "train.device": "cuda"}
-    ref = reference(tmp_path, cfg)
+    _, ref = shared_reference(cfg)
     n = min(2, torch.cuda.device_count())
     check(torchrun(n, ["--out", str(tmp_path / "nccl"), *sets({**cfg, "train.mode": "sync"})]))
     got = summary(tmp_path / "nccl")

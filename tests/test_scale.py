@@ -20,10 +20,8 @@ from decoupled.engine.dist.sources import DatasetSource
 from decoupled.engine.dist.transport import Kind, Message
 from decoupled.train import train
 
-from torchrun_utils import check, overrides, sets, summary, torchrun
-
-MLP = {"data.limit_train": 300, "model.widths": [24, 24, 24], "model.dropout": 0.1, "train.epochs": 2,
-       "data.batch_size": 32}
+from torchrun_utils import (MLP, assert_same_results, assert_same_states, check, copy_run, overrides, sets, summary,
+                            torchrun)
 
 
 def records(run: Path, kind: str) -> list[dict]:
@@ -130,13 +128,23 @@ def test_staleness_counts_source_steps_across_epochs(tmp_path):
     assert buf.pick().step == 0 and buf.stats.staleness_max == 5
 
 
-def test_epoch_end_logs_replay_stats_even_with_an_empty_buffer():
+def test_epoch_end_logs_replay_stats_even_with_an_empty_buffer(tmp_path):
     """Root cause of the bench's KeyError('replay') race: an empty ReplayBuffer is falsy (__len__),
     and `if self.buffer` dropped the stats from epoch ends at which the buffer happened to be empty."""
-    from decoupled.engine.dist import pipeline
-    src = Path(pipeline.__file__).read_text()
-    buf = ReplayBuffer(capacity=2, policy="fifo", max_reuse=1, seed=0)
-    assert not buf and "if self.buffer is not None" in src and "if self.buffer else" not in src
+    from decoupled.engine.dist.pipeline import Pipeline
+    from decoupled.engine.run import Run
+    from decoupled.metrics import Recorder
+    from decoupled.engine.stage import build_stages
+    cfg = load(None, ["train.mode=async", "replay.budget=upstream", "train.eval_every=0", "train.checkpoint=false",
+                      "train.quiet=true", "model.widths=[6]"])
+    stages = build_stages(cfg, (1, 8, 8), 10, torch.device("cpu"))
+    run = Run(cfg, None, stages, torch.device("cpu"), None, Recorder(tmp_path / "metrics.jsonl"))
+    rank = Pipeline(run, 1, recv=[FakeLink([])], send=[], source_steps=3)  # a downstream rank, receiver not started
+    assert rank.buffer is not None and len(rank.buffer) == 0 and not rank.buffer
+    rank.end_epoch(0)
+    run.recorder.close()
+    (end,) = records(tmp_path, "epoch_end")
+    assert end["replay"] == rank.buffer.stats.as_dict() and end["replay"]["occupancy_max"] == 0
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -155,14 +163,18 @@ def test_truncated_newest_checkpoint_falls_back(tmp_path, capsys):
     assert [l["test_acc"] for l in got["layers"]] == [l["test_acc"] for l in ref["layers"]]
 
 
-def test_truncated_checkpoint_on_one_rank_falls_back_on_every_rank(tmp_path):
-    run = tmp_path / "run"
-    check(torchrun(2, ["--out", str(run), *sets({**MLP, "train.mode": "sync"})]))
+def test_truncated_checkpoint_on_one_rank_falls_back_on_every_rank(tmp_path, shared_run, shared_reference):
+    """Rank 1's newest checkpoint is damaged: every rank resumes from the epoch before (rank 0's newest
+    is fine), and the run ends where an uninterrupted one ends."""
+    run = copy_run(shared_run(2, {**MLP, "train.mode": "sync"})[0], tmp_path / "run")
     bad = checkpoint.path(run, 1, 1)
     bad.write_bytes(b"PK\x03\x04 truncated")
     p = check(torchrun(2, ["--resume", str(run), "--set", "train.epochs=3"]))
     assert str(bad) in p.stderr
+    ref_dir, ref = shared_reference({**MLP, "train.epochs": 3})
     assert [l["epochs"] for l in summary(run)["layers"]] == [3, 3, 3]
+    assert_same_results(ref, summary(run))
+    assert_same_states(ref_dir, run, 2, 2)
 
 
 # ---------------------------------------------------------------------------- precision and the wire
@@ -170,43 +182,18 @@ def test_truncated_checkpoint_on_one_rank_falls_back_on_every_rank(tmp_path):
 @pytest.mark.parametrize("objective,precision,wire", [
     ("khidden", "fp32", "bfloat16"), ("predsim", "bf16", "bfloat16"), ("cascade", "fp16", "float16"),
     ("quicknet", "bf16", "float16")])
-def test_sync_equals_simultaneous_for_precision_and_wire(tmp_path, objective, precision, wire):
+def test_sync_equals_simultaneous_for_precision_and_wire(shared_run, shared_reference, objective, precision, wire):
+    """Every block's weights and buffers, its head, and its RNG state equal the reference's, bit for bit
+    (and every block is there: the ranks hold exactly the reference's blocks)."""
     cfg = {**MLP, "objective.name": objective, "train.precision": precision, "dist.wire_dtype": wire}
-    ref = train(load(None, overrides({**cfg, "train.mode": "simultaneous"})), tmp_path / "ref")
-    check(torchrun(2, ["--out", str(tmp_path / "sync"), *sets({**cfg, "train.mode": "sync"})]))
-    got = summary(tmp_path / "sync")
-    key = lambda s: [(l["block"], l["test_acc"], l["train_samples"], l["epochs"]) for l in s["layers"]]  # noqa
-    assert key(got) == key(ref) and got["ensemble_test_acc"] == ref["ensemble_test_acc"]
-    for a, b in zip(checkpoint.load(checkpoint.path(tmp_path / "ref", 0, 1))["stages"],
-                    [s for r in range(2) for s in checkpoint.load(checkpoint.path(tmp_path / "sync", r, 1))["stages"]]):
-        assert all(torch.equal(a["block"][k], b["block"][k]) for k in a["block"])
+    ref_dir, ref = shared_reference(cfg)
+    run, _ = shared_run(2, {**cfg, "train.mode": "sync"})
+    assert_same_results(ref, summary(run))
+    assert_same_states(ref_dir, run, 2, 1)
 
 
-def test_wire_dtype_halves_the_bytes(tmp_path):
-    got = {}
-    for wire in ("float32", "bfloat16"):
-        check(torchrun(2, ["--out", str(tmp_path / wire), *sets({**MLP, "train.mode": "sync", "dist.wire_dtype": wire})]))
-        got[wire] = summary(tmp_path / wire)["ranks"][0]["bytes_sent"]
+def test_wire_dtype_halves_the_bytes(shared_run):
+    got = {wire: summary(shared_run(2, {**MLP, "train.mode": "sync", "dist.wire_dtype": wire})[0])["ranks"][0]["bytes_sent"]
+           for wire in ("float32", "bfloat16")}
     # activations are half the bytes; headers (labels, ids) are not: well under 0.75x in total
     assert got["bfloat16"] < 0.75 * got["float32"], got
-
-
-# ---------------------------------------------------------------------------- stragglers
-
-def test_straggler_drops_upstream_and_replays_downstream(tmp_path):
-    """Rank 1 holds 5 of 8 blocks. async: the slow rank drops what it cannot take (and reports it),
-    the fast rank after it replays batches (reuse counts > 1); sync trains every batch on every rank.
-    How long upstream is blocked in each mode is a timing claim: `decoupled bench --sweep straggler`
-    measures it (README: Async budgets), a test on 2 shared cores cannot."""
-    cfg = {"data.limit_train": 1024, "model.widths": [512] * 8, "data.batch_size": 16, "train.epochs": 2,
-           "dist.placement": [2, 5, 1], "train.eval_every": 0, "train.checkpoint": False,
-           "replay.capacity": 2, "replay.max_reuse": 4}
-    runs = {}
-    for mode in ("sync", "async"):
-        check(torchrun(3, ["--out", str(tmp_path / mode), *sets({**cfg, "train.mode": mode})]))
-        runs[mode] = summary(tmp_path / mode)["ranks"]
-    assert all(r["optimizer_steps"] == [2 * 64] * len(r["blocks"]) for r in runs["sync"])
-    assert runs["async"][1]["replay"]["dropped"] > 0
-    reuse = {int(k): v for k, v in runs["async"][2]["replay"]["reuse_at_eviction"].items()}
-    assert any(k > 1 for k in reuse), reuse
-    assert all(r["comm_s"] >= 0 and r["idle_s"] >= 0 for r in runs["async"])

@@ -11,7 +11,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+# The tests' common 2-3 rank job: 300 / 32 = 10 batches an epoch, 3 blocks, dropout (per-block RNG streams)
+MLP = {"data.limit_train": 300, "model.widths": [24, 24, 24], "model.dropout": 0.1, "train.epochs": 2,
+       "data.batch_size": 32}
+
+
 def free_port() -> int:
+    """A port that was free a moment ago, for a rendezvous two agents must share (--nnodes=2); it is
+    closed before torchrun binds it, so another process may take it first. Single-agent jobs use
+    --standalone, whose store binds port 0 itself."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -21,10 +29,14 @@ def env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def torchrun_cmd(nproc: int, args: list[str], extra: list[str] = ()) -> list[str]:
+    """One agent on this machine: --standalone (a c10d store on a port the OS picks; no port race)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *extra,
+            "-m", "decoupled", "train", *args]
+
+
 def torchrun(nproc: int, args: list[str], timeout: float = 240, extra: list[str] = ()) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", *extra,
-           "-m", "decoupled", "train", *args]
+    cmd = torchrun_cmd(nproc, args, extra)
     return subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
@@ -35,6 +47,35 @@ def check(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def copy_run(run_dir: Path, dest: Path) -> Path:
+    """A private copy of a shared run folder, for a test that resumes or damages it."""
+    import shutil
+    shutil.copytree(run_dir, dest)
+    return dest
+
+
+def assert_same_states(ref_dir: Path, dist_dir: Path, world: int, epoch: int) -> None:
+    """Every block's weights, buffers, head and RNG state after `epoch` equal the reference's, bit for
+    bit, and the ranks together hold exactly the reference's blocks."""
+    import torch
+    from decoupled import checkpoint
+    ref = checkpoint.load(checkpoint.path(ref_dir, 0, epoch))["stages"]
+    got = [s for r in range(world) for s in checkpoint.load(checkpoint.path(dist_dir, r, epoch))["stages"]]
+    assert [s["index"] for s in got] == [s["index"] for s in ref]
+    for a, b in zip(ref, got):
+        for part in ("block", "objective"):
+            assert sorted(a[part]) == sorted(b[part]), f"block {a['index']} {part}: other entries"
+            for k in a[part]:
+                assert torch.equal(a[part][k], b[part][k]), f"block {a['index']} {part}.{k} differs"
+        assert torch.equal(a["rng"]["cpu"], b["rng"]["cpu"])
+
+
+def assert_same_results(ref: dict, got: dict) -> None:
+    key = lambda s: [(l["block"], l["test_acc"], l["train_samples"], l["epochs"]) for l in s["layers"]]  # noqa
+    assert key(got) == key(ref)
+    assert got["ensemble_test_acc"] == ref["ensemble_test_acc"]
 
 
 def overrides(cfg: dict) -> list[str]:
@@ -49,9 +90,7 @@ def sets(cfg: dict) -> list[str]:
 
 def torchrun_popen(nproc: int, args: list[str], extra: list[str] = ()) -> subprocess.Popen:
     """A torchrun job in the background (for killing or stopping its workers)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", *extra,
-           "-m", "decoupled", "train", *args]
+    cmd = torchrun_cmd(nproc, args, extra)
     return subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
