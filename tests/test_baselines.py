@@ -46,11 +46,29 @@ def test_no_val_split_by_default():
 
 
 @pytest.mark.parametrize("mode", ["e2e", "sequential", "simultaneous"])
-def test_val_acc_in_summary_and_plateau_runs(tmp_path, mode):
+def test_val_acc_in_summary_and_plateau_runs(tmp_path, monkeypatch, mode):
+    """The plateau rule fires: at a learning rate too small to move the validation loss by the rule's
+    relative threshold (1e-4), the second epoch is no new minimum, and with plateau_patience=0 each
+    block's (e2e: the network's) LR is divided by 10 once, after it."""
+    fired = []
+    step = torch.optim.lr_scheduler.ReduceLROnPlateau.step
+
+    def spy(self, metrics, *a, **kw):
+        before = [g["lr"] for g in self.optimizer.param_groups]
+        step(self, metrics, *a, **kw)
+        fired.append((id(self), before, [g["lr"] for g in self.optimizer.param_groups]))
+    monkeypatch.setattr(torch.optim.lr_scheduler.ReduceLROnPlateau, "step", spy)
     s = train(load(None, SMALL + [f"train.mode={mode}", "data.val_fraction=0.1", "train.plateau_factor=0.1",
+                                  "train.plateau_patience=0", "optim.lr=1e-7",
                                   "train.probe_epochs=0" if mode == "e2e" else "train.seed=0"]), tmp_path / mode)
     for layer in s["layers"]:
         assert 0.0 <= layer["val_acc"] <= 1.0
+    rules = {}
+    for rule, before, after in fired:
+        rules.setdefault(rule, []).append((before[0], after[0]))
+    assert len(rules) == (1 if mode == "e2e" else 2)  # one rule per block (e2e: one for the network)
+    for steps in rules.values():  # epoch 1 sets the minimum, epoch 2 is no better: LR / 10 after it
+        assert steps == [(pytest.approx(1e-7), pytest.approx(1e-7)), (pytest.approx(1e-7), pytest.approx(1e-8))]
     assert "val_acc" not in train(load(None, SMALL), tmp_path / "plain")["layers"][0]
 
 

@@ -22,11 +22,26 @@ def _allocate_and_measure(mem: metrics.PeakMemory) -> dict:
     return out
 
 
-def test_proc_method_on_linux():
+def _clear_refs_writable() -> bool:
+    try:
+        with open(metrics.CLEAR_REFS, "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def test_proc_method_on_linux(monkeypatch, tmp_path):
     if metrics._proc_status_kib("VmHWM") is None:
         pytest.skip("no /proc here")
     r = _allocate_and_measure(metrics.PeakMemory(torch.device("cpu")))
     assert r["mem_method"] == "proc-vmhwm" and r["peak_mem_bytes"] >= 32 * 2**20
+    # the high-water mark was reset at the start where the kernel allows it, and the report says so
+    assert r["hwm_reset"] is _clear_refs_writable()
+    # where it does not (an older kernel, a sandbox): still measured, and the report says it was not reset
+    monkeypatch.setattr(metrics, "CLEAR_REFS", str(tmp_path / "no-clear-refs" / "clear_refs"))
+    r = _allocate_and_measure(metrics.PeakMemory(torch.device("cpu")))
+    assert r["mem_method"] == "proc-vmhwm" and r["hwm_reset"] is False and r["peak_mem_bytes"] >= 32 * 2**20
 
 
 @pytest.mark.parametrize("method", ["resource-maxrss", "psutil-sampled"])
