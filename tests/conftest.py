@@ -49,3 +49,12 @@ def shared_reference(tmp_path_factory):
             done[key] = (out, train(load(None, overrides(cfg)), out))
         return done[key]
     return get
+
+
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory):
+    """data.root of a tiny MNIST in torchvision's layout (tests/idx_fixture.py): 60 train, 20 test."""
+    from idx_fixture import write_mnist
+    root = tmp_path_factory.mktemp("mnist")
+    write_mnist(root)
+    return root

@@ -156,6 +156,35 @@ def test_mnist():
     assert set(d.test.y.unique().tolist()) == set(range(10))
 
 
+def test_mnist_idx_files(tmp_path):
+    """torchvision's MNIST loader on idx files written here (tests/idx_fixture.py): sizes, shape,
+    classes, and the pixels and labels as written, scaled to [0, 1] and normalised on the training split."""
+    from idx_fixture import write_mnist
+    xtr, ytr, xte, yte = write_mnist(tmp_path, n_train=50, n_test=20)
+    d = build_data(DataConfig(name="mnist", root=str(tmp_path)), seed=0)
+    assert d.name == "mnist" and d.input_shape == (1, 28, 28) and d.num_classes == 10
+    assert len(d.train) == 50 and len(d.test) == 20
+    assert d.train.y.tolist() == ytr.tolist() and d.test.y.tolist() == yte.tolist()
+    raw = torch.tensor(xtr, dtype=torch.float32).unsqueeze(1) / 255
+    mean, std = raw.mean(), raw.std()
+    assert torch.allclose(d.train.x, (raw - mean) / std, atol=1e-5)
+    assert torch.allclose(d.test.x, (torch.tensor(xte, dtype=torch.float32).unsqueeze(1) / 255 - mean) / std, atol=1e-5)
+    sub = build_data(DataConfig(name="mnist", root=str(tmp_path), limit_train=30, limit_test=10), seed=0)
+    assert len(sub.train) == 30 and len(sub.test) == 10
+    assert resolve_augment(DataConfig(name="mnist", root=str(tmp_path), augment="auto")) == Augment(2, False)
+
+
+def test_trains_on_mnist_idx_files(tmp_path, mnist_root):
+    """A whole single-process run on data.name=mnist: the conv and MLP paths take 28 x 28 inputs."""
+    from decoupled.config import load
+    from decoupled.train import train
+    for model in (["model.widths=[32,32]"], ["model.name=vgg", "model.hierarchy=[1,1]", "model.width=4"]):
+        s = train(load(None, ["data.name=mnist", f"data.root={mnist_root}", "train.epochs=1", "train.quiet=true",
+                              "data.batch_size=16", *model]), tmp_path / model[0])
+        assert s["dataset"] == "mnist" and len(s["layers"]) == 2
+        assert all(layer["train_samples"] == 60 for layer in s["layers"])
+
+
 def test_missing_torchvision_dataset_names_root(tmp_path):
     from decoupled.config import ConfigError
     with pytest.raises(ConfigError, match=r"data\.root"):
