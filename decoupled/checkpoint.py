@@ -1,22 +1,65 @@
 """Atomic checkpoints: write to a temp file in the same folder, fsync, rename.
 
 A crash mid-write, a full disk or a permission error leaves the previous checkpoint intact.
+
+Checkpoints hold plain data only: tensors, numbers, strings, bools, None and lists, tuples and dicts
+of them (RNG states are uint8 tensors, counters ints). `save` refuses anything else and `load` reads
+with torch.load(weights_only=True), so a run directory on a shared filesystem cannot make the ranks
+that resume from it run code: a file holding a pickled Python object is refused, naming the file.
 """
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
+
+from .config.schema import ConfigError
 
 
 class CheckpointError(RuntimeError):
     pass
 
 
+class UnsafeCheckpointError(CheckpointError, ConfigError):
+    """A checkpoint file holds more than plain data (a pickled Python object): refused unread. Not a
+    damaged file to skip (writes are atomic, and an older epoch of the same folder deserves no more
+    trust): resuming stops, and the CLI reports it as a config error (the run directory is the input)."""
+
+
+_SCALARS = (int, float, bool, str, type(None))
+_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def check_plain(obj, where: str = "state") -> None:
+    """Raise TypeError naming the first value of `obj` (at `where`) that is not plain checkpoint data:
+    a tensor, number, string, bool, None, or a list, tuple or dict (keys: str / int) of them."""
+    kind = type(obj)
+    if kind in _SCALARS or kind in _TENSORS:
+        return
+    if kind in (list, tuple):
+        for i, v in enumerate(obj):
+            check_plain(v, f"{where}[{i}]")
+        return
+    if kind in (dict, OrderedDict):  # OrderedDict: what nn.Module.state_dict returns
+        for k, v in obj.items():
+            if type(k) not in (str, int):
+                raise TypeError(f"checkpoint state {where} has a key of type {type(k).__name__} ({k!r}); "
+                                "keys must be strings or ints")
+            check_plain(v, f"{where}[{k!r}]")
+        return
+    raise TypeError(f"checkpoint state {where} is a {kind.__module__}.{kind.__qualname__}; a checkpoint holds "
+                    "only tensors, numbers, strings, bools, None and lists/tuples/dicts of them (convert it "
+                    "in its state_dict: RNG states to tensors, counters to ints, a config to its TOML text)")
+
+
 def save(obj, path: str | os.PathLike) -> None:
     path = Path(path)
+    check_plain(obj)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -39,7 +82,21 @@ def save(obj, path: str | os.PathLike) -> None:
 
 
 def load(path: str | os.PathLike, map_location=None):
-    return torch.load(path, map_location=map_location, weights_only=False)
+    """The checkpoint's state, read as plain data only (torch.load weights_only=True). A file that asks
+    for any other Python object is refused without building it: UnsafeCheckpointError names the file."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # refused for naming a Python object (a GLOBAL) or building one; any other refusal ("Unsupported
+        # operand": a zero-filled or garbage file) is damage, reported and skipped by try_load
+        if not any(m in str(e) for m in ("GLOBAL", "Can only build", "Can only create new object")):
+            raise
+        asks = re.search(r"GLOBAL (\S+)", str(e))  # torch's own advice (allowlist it) is not ours
+        raise UnsafeCheckpointError(
+            f"checkpoint {path} holds a pickled Python object, not only tensors and plain values, and was "
+            f"refused without loading it{f' (it asks for {asks[1]})' if asks else ''}. It was not written by this "
+            "version of decoupled (whose checkpoints are plain data): do not resume from or evaluate a "
+            "run directory you do not trust; delete the file or start the run afresh") from None
 
 
 def path(run_dir: str | os.PathLike, rank: int, epoch: int) -> Path:
@@ -95,9 +152,12 @@ class Checkpointer:
         return max(frozen) if frozen else None
 
     def try_load(self, epoch: int, map_location=None):
-        """(state, None), or (None, why) when the file does not load (truncated, damaged)."""
+        """(state, None), or (None, why) when the file does not load (truncated, damaged). A file that
+        holds a pickled object (UnsafeCheckpointError) is not skipped: it raises, naming the file."""
         p = path(self.run_dir, self.rank, epoch)
         try:
             return load(p, map_location=map_location), None
+        except UnsafeCheckpointError:
+            raise
         except Exception as e:  # noqa: BLE001 - any unreadable file is reported and skipped
             return None, f"checkpoint {p} does not load ({type(e).__name__}: {e})"

@@ -55,4 +55,5 @@ class RngState:
         return {"cpu": self.cpu, "cuda": self.cuda}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.cpu, self.cuda = sd["cpu"], sd["cuda"]
+        # uint8 tensors; torch.(cuda.)set_rng_state takes host tensors whatever map_location loaded them to
+        self.cpu, self.cuda = sd["cpu"].cpu(), sd["cuda"].cpu() if sd["cuda"] is not None else None
