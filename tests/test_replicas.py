@@ -10,21 +10,14 @@ from decoupled import checkpoint
 from decoupled.config import ConfigError, load
 from decoupled.engine.dist.groups import Layout, next_index, share
 from decoupled.engine.dist.placement import BlockCosts, best_layout, best_replicas, layout
-from decoupled.train import train
 
-from torchrun_utils import check, overrides, sets, summary, torchrun
+from torchrun_utils import MLP, check, copy_run, sets, summary, torchrun
 
-# 300 samples / 32 = 10 batches an epoch (even rounds); 3 blocks, dropout: per-slot RNG streams
-MLP = {"data.limit_train": 300, "model.widths": [24, 24, 24], "model.dropout": 0.1, "train.epochs": 2,
-       "data.batch_size": 32}
+# MLP: 300 samples / 32 = 10 batches an epoch (even rounds); 3 blocks, dropout: per-slot RNG streams
 # conv + BN + dropout, cascade budgets 1, 2, 3: frozen blocks, averaged BN buffers; 200 / 32 = 7
 # batches an epoch, so a replica pads the last round of every epoch
 VGG = {"data.limit_train": 200, "model.name": "vgg", "model.hierarchy": [1, 1, 1], "model.width": 4,
        "model.dropout": 0.1, "objective.name": "cascade", "objective.aux_width": 16, "data.batch_size": 32}
-
-
-def reference(tmp_path, cfg: dict, name: str = "ref") -> dict:
-    return train(load(None, overrides({**cfg, "train.mode": "simultaneous"})), tmp_path / name)
 
 
 def assert_replicas_match_reference(ref_dir, dist_dir, lay: Layout, epoch: int) -> None:
@@ -43,11 +36,11 @@ def assert_replicas_match_reference(ref_dir, dist_dir, lay: Layout, epoch: int) 
 
 @pytest.mark.parametrize("cfg,replicas", [(MLP, [2, 1]), (VGG, [1, 2])], ids=["mlp-source-replicated",
                                                                            "vgg-cascade-sink-replicated"])
-def test_sync_with_replicas_equals_the_accumulating_reference(tmp_path, cfg, replicas):
+def test_sync_with_replicas_equals_the_accumulating_reference(shared_run, shared_reference, cfg, replicas):
     cfg = {**cfg, "dist.replicas": replicas}
-    ref = reference(tmp_path, cfg)
-    check(torchrun(3, ["--out", str(tmp_path / "sync"), *sets({**cfg, "train.mode": "sync"})]))
-    got = summary(tmp_path / "sync")
+    ref_dir, ref = shared_reference(cfg)
+    run, _ = shared_run(3, {**cfg, "train.mode": "sync"})
+    got = summary(run)
     key = lambda s: [(l["block"], l["test_acc"], l["train_samples"], l["epochs"]) for l in s["layers"]]  # noqa
     assert key(got) == key(ref) and got["ensemble_test_acc"] == ref["ensemble_test_acc"]
     assert got["replicas"] == replicas and got["placement"] == [[0, 1], [2]]
@@ -60,19 +53,21 @@ def test_sync_with_replicas_equals_the_accumulating_reference(tmp_path, cfg, rep
         assert layer["epoch_samples"] == [n] * layer["epochs"]
     replicated = [r for r in got["ranks"] if lay.replicas[r["stage"]] > 1]
     assert all(r["allreduce_s"] > 0 for r in replicated)
-    last = max(checkpoint.epochs(tmp_path / "ref", 0))
-    assert_replicas_match_reference(tmp_path / "ref", tmp_path / "sync", lay, last)
+    last = max(checkpoint.epochs(ref_dir, 0))
+    assert_replicas_match_reference(ref_dir, run, lay, last)
 
 
-def test_resume_with_replicas_continues_bit_for_bit(tmp_path):
+def test_resume_with_replicas_continues_bit_for_bit(tmp_path, shared_run, shared_reference):
+    """The finished 2-epoch sync run with replicas, resumed with train.epochs=3, ends where an
+    uninterrupted 3-epoch run ends."""
     cfg = {**MLP, "dist.replicas": [2, 1]}
-    ref = reference(tmp_path, cfg)
-    run = tmp_path / "resumed"
-    check(torchrun(3, ["--out", str(run), *sets({**cfg, "train.mode": "sync", "train.epochs": 1})]))
-    check(torchrun(3, ["--resume", str(run), "--set", "train.epochs=2"]))
+    ref_dir, ref = shared_reference({**cfg, "train.epochs": 3})
+    run = copy_run(shared_run(3, {**cfg, "train.mode": "sync"})[0], tmp_path / "resumed")
+    check(torchrun(3, ["--resume", str(run), "--set", "train.epochs=3"]))
     got = summary(run)
     assert [l["test_acc"] for l in got["layers"]] == [l["test_acc"] for l in ref["layers"]]
-    assert_replicas_match_reference(tmp_path / "ref", run, Layout([[0, 1], [2]], [2, 1]), 1)
+    assert [l["epochs"] for l in got["layers"]] == [3, 3, 3]
+    assert_replicas_match_reference(ref_dir, run, Layout([[0, 1], [2]], [2, 1]), 2)
 
 
 @pytest.mark.parametrize("replicas", [[1, 2], [2, 1]], ids=["sink-replicated", "source-replicated"])
