@@ -109,7 +109,8 @@ class PeakMemory:
             return max(0, (_proc_status_kib("VmHWM") or 0) * 1024 - self.baseline)
         if self.method == "resource-maxrss":
             return max(0, _maxrss_bytes() - self.baseline)
-        if self.method == "psutil-sampled":
+        if self.method == "psutil-sampled":  # the samples, and this moment (a sampler may not have run yet)
+            self._sampler.peak = max(self._sampler.peak, self._sampler.proc.memory_info().rss)
             return max(0, self._sampler.peak - self.baseline)
         return None
 

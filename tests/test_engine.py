@@ -168,12 +168,13 @@ def test_auto_placement_balances_measured_blocks(tmp_path):
     assert best_split([1, 1, 3], 2, mem=[1, 1, 5], cap=6) == [2, 1]
     with pytest.raises(ConfigError, match="max_stage_mem_mb"):
         best_split([1, 1, 1], 2, mem=[4, 4, 4], cap=6)  # a pair would need 8
-    # block 0 (64 -> 1024) and block 1 (1024 -> 1024) dwarf blocks 2-3 (1024 -> 8 -> 8): the heavy
-    # 1024 x 1024 block gets a rank of its own
-    cfg = {"model.widths": [1024, 1024, 8, 8], "data.limit_train": 256, "train.epochs": 1, "train.mode": "sync",
+    # blocks 1 and 2 (1024 -> 1024) each cost several times block 0 (64 -> 1024) and block 3 (1024 -> 8):
+    # [[0, 1], [2, 3]] is the one split near the best; every other has a rank with both heavy blocks, about
+    # twice as slow, so the choice does not hang on timing noise (a measured 5 % must not flip it)
+    cfg = {"model.widths": [1024, 1024, 1024, 8], "data.limit_train": 256, "train.epochs": 1, "train.mode": "sync",
            "dist.placement": "auto", "train.checkpoint": False}
     p = check(torchrun(2, ["--out", str(tmp_path / "auto"), *sets(cfg)]))
     s = summary(tmp_path / "auto")
     assert "dist.placement=auto" in p.stdout and len(s["predicted_stage_s"]) == 2
-    assert s["placement"] in ([[0], [1, 2, 3]], [[0, 1], [2, 3]])
+    assert s["placement"] == [[0, 1], [2, 3]], s["predicted_stage_s"]
     assert sum(len(g) for g in s["placement"]) == 4
