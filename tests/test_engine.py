@@ -51,7 +51,10 @@ def test_async_completes_within_buffer_bounds(tmp_path):
         rep = r["replay"]
         assert rep["occupancy_max"] <= 2
         assert all(int(k) <= 3 for k in rep["reuse_at_eviction"])
-        assert rep["received"] > 0 and rep["draws"] >= rep["received"] - rep["dropped"]
+        # every batch received was drawn fresh, dropped unused, or still in the buffer when the rank
+        # stopped (how many of each is up to the scheduler; that they add up is not)
+        assert rep["received"] > 0 and 0 <= rep["received"] - rep["fresh_draws"] - rep["dropped"] <= 2, rep
+        assert rep["draws"] == rep["fresh_draws"] + rep["replayed_draws"]
         assert r["bytes_recv"] > 0
     assert s["ranks"][0]["bytes_sent"] > 0 and "replay" not in s["ranks"][0]
 
