@@ -4,7 +4,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -37,12 +36,6 @@ def check_run(proc: subprocess.CompletedProcess, out: Path, blocks: int = 2) -> 
     return summary
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_python_m(tmp_path):
     out = tmp_path / "run"
     check_run(run([sys.executable, "-m", "decoupled", "train", *TINY, "--out", str(out)], tmp_path), out)
@@ -66,8 +59,8 @@ def test_launch_script_and_config_file(tmp_path):
 
 def test_torchrun_one_process(tmp_path):
     out = tmp_path / "run"
-    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1",
-                f"--master-port={free_port()}", "-m", "decoupled", "train", *TINY, "--out", str(out)], tmp_path)
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+                "-m", "decoupled", "train", *TINY, "--out", str(out)], tmp_path)
     summary = check_run(proc, out)
     assert summary["world_size"] == 1
 
