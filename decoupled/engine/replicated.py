@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..device import StepTimer
-from .dist.transport import issue
+from .dist.transport import PeerError, issue
 
 
 def _buffers(stage) -> list[torch.Tensor]:
@@ -177,8 +177,7 @@ class AllReduce(Rounds):
         parts = [p.grad.reshape(-1) for p in params] + [b.reshape(-1).float() for b in floats]
         flat = torch.cat(parts + had + [torch.full((1,), float(self.n), device=s.device)])
         t0 = self.timer.start()
-        with issue(flat.device):  # note [NCCL issue lock]: the receiver threads issue NCCL calls too
-            dist.all_reduce(flat, group=self.group)
+        self._all_reduce(flat)
         self.timer.stop(t0)
         offset = 0
         for p in params:
@@ -189,6 +188,17 @@ class AllReduce(Rounds):
             sums.append(flat[offset:offset + b.numel()].view_as(b).to(b.dtype))
             offset += b.numel()
         self._finish(sums, flat[-1:], flat[offset:offset + len(params)])
+
+    def _all_reduce(self, flat: torch.Tensor) -> None:
+        try:
+            with issue(flat.device):  # note [NCCL issue lock]: the receiver threads issue NCCL calls too
+                dist.all_reduce(flat, group=self.group)
+        except RuntimeError as e:  # a replica died or hung: name it, as a failed link names its peer
+            me = dist.get_rank()
+            others = [r for r in dist.get_process_group_ranks(self.group) if r != me]
+            names = ", ".join(map(str, others))
+            raise PeerError(f"rank {me}: gradient all-reduce with replica rank {names} failed or timed out "
+                            f"(dist.timeout_s): {e}", others[0] if len(others) == 1 else None) from e
 
     def pad_epoch(self, rounds: int | None) -> None:
         """Sync: a replica with fewer batches this epoch than the group has rounds joins the last one

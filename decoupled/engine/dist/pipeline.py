@@ -35,7 +35,7 @@ from .evaluation import EvalTally
 from .receiver import Receiver
 from .sources import DatasetSource, HandoffCache
 from .groups import batch_index, share
-from .transport import Kind, Link, Message, PeerAbort, handover
+from .transport import Kind, Link, Message, PeerError, handover
 
 
 class Pipeline:
@@ -180,7 +180,7 @@ class Pipeline:
         except BaseException as e:
             # Tell downstream before dying; upstream learns from its failing sends (or torchrun).
             for link in self.send_links:
-                link.abort(e.origin if isinstance(e, PeerAbort) else self.rank)
+                link.abort(e.culprit if isinstance(e, PeerError) and e.culprit is not None else self.rank)
             raise
 
     def _run_loop(self) -> None:

@@ -67,12 +67,18 @@ class Kind(enum.IntEnum):
 
 
 class PeerError(RuntimeError):
-    """A neighbouring rank failed, went silent, or sent something we cannot read."""
+    """A neighbouring rank failed, went silent, or sent something we cannot read. `culprit`: that
+    rank, when it is known (it is what the abort downstream names)."""
+
+    def __init__(self, message: str, culprit: int | None = None):
+        super().__init__(message)
+        self.culprit = culprit
 
 
 class PeerAbort(PeerError):
     def __init__(self, origin: int, me: int):
-        super().__init__(f"rank {me}: stopping because rank {origin} failed (its log has the reason)")
+        super().__init__(f"rank {me}: stopping because rank {origin} failed or timed out (the log of the rank "
+                         "that noticed has the reason)", origin)
         self.origin = origin
 
 
@@ -326,4 +332,4 @@ class Link:
             work.wait()  # stream-ordered only: the current stream waits for NCCL's
         except RuntimeError as e:
             raise PeerError(f"rank {dist.get_rank()}: {what} rank {self.peer} failed or timed out after "
-                            f"{self.timeout.total_seconds():.0f}s (dist.timeout_s): {e}") from e
+                            f"{self.timeout.total_seconds():.0f}s (dist.timeout_s): {e}", self.peer) from e
