@@ -77,7 +77,7 @@ class FakeLink:
     def __init__(self, messages):
         self.messages, self.read = list(messages), 0
         self.samples = self.bytes = 0
-        self.peer = 0
+        self.peer, self.device = 0, torch.device("cpu")
 
     def recv(self):
         if self.read < len(self.messages):
