@@ -61,7 +61,10 @@ def single_process_row(mode: str, out: Path, n: int) -> dict:
 
 def pipeline_row(mode: str, out: Path, n: int, batch: int) -> dict:
     """sync / async on K ranks: epoch-end stamps and cumulative counters per rank from
-    metrics.jsonl. The network's epoch time is the last rank's (it closes every epoch).
+    metrics.jsonl. The network's epoch time is the slowest rank's mean epoch over the timed window
+    (in sync every rank's; in async under a steps budget a rank replays, so a fast last rank's own
+    epochs say nothing of the flow), and a rank computes only between its own stamps, so the bound
+    n / max_k(compute_k) over the same window is never exceeded.
 
     A rank's epochs are its own: under replay.budget="steps" an async rank's epoch is its budget of
     steps (`own_epoch_end` stamps), not the spacing of upstream's markers. Throughput is the n
@@ -71,15 +74,15 @@ def pipeline_row(mode: str, out: Path, n: int, batch: int) -> dict:
     samples that reached the last block per second (`last_block_fresh_samples_per_s`)."""
     summary = json.loads((out / "summary.json").read_text())
     records = read_jsonl(out / "metrics.jsonl")
-    ranks, last = [], None
+    ranks, stamps = [], []
     for r in summary["ranks"]:
         e = _epoch_ends(records, r["rank"])
         k = max(len(e) - 1, 1)  # timed epochs
         per = lambda key: (e[-1].get(key, 0.0) - e[0].get(key, 0.0)) / k  # noqa: E731  (per timed epoch)
         row = rank_row(r, {"compute_s": per("compute_s"), "comm_s": per("comm_s"), "idle_s": per("idle_s")})
         row["steps_per_epoch"] = per("steps")
-        row["epoch_s"] = median(timed([m["time_s"] for m in e]))
         span = e[-1]["time_s"] - e[0]["time_s"]
+        row["epoch_s"] = span / k
         entered = per("samples_recv") if r["rank"] != summary["ranks"][0]["rank"] else per("samples_trained")
         row["entered_samples_per_s"] = entered * k / span if span > 0 else None
         fresh = entered
@@ -91,11 +94,12 @@ def pipeline_row(mode: str, out: Path, n: int, batch: int) -> dict:
             fresh = rp("fresh_draws") * batch  # full batches: the last batch of an epoch may be smaller
         row["fresh_samples_per_s"] = fresh * k / span if span > 0 else None
         ranks.append(row)
-        last = e
-    epoch_s = median(timed([m["time_s"] for m in last]))
+        stamps.append([m["time_s"] for m in e])
+    slowest = max(range(len(ranks)), key=lambda i: ranks[i]["epoch_s"])
+    epoch_s = ranks[slowest]["epoch_s"]
     return {"mode": mode, "samples_per_s": n / epoch_s, "epoch_s": epoch_s,
             "last_block_fresh_samples_per_s": ranks[-1]["fresh_samples_per_s"],
-            "epochs_timed": timed([m["time_s"] for m in last]), "ranks": ranks,
+            "epochs_timed": timed(stamps[slowest]), "ranks": ranks,
             "placement": summary.get("placement"), "backend": summary.get("backend")}
 
 
