@@ -105,6 +105,28 @@ def test_control_queue_is_bounded_under_a_slow_rank():
     assert [m.step for m in handled] == [0, 1] and len(rx.control) == 2 and rx.links[0].read <= 5
 
 
+def test_a_frozen_stream_is_paced_by_the_ranks_draws():
+    """Note [paced frozen stream]: batches through blocks that have made their budget are held back
+    while the buffer has two never trained on; each draw lets one more in. Unfrozen batches are not
+    paced (a slow rank must never hold up a training upstream)."""
+    x = torch.zeros(4, 8)
+    batch = lambda i, frozen: Message(Kind.TRAIN, 0, i, x, torch.zeros(4, dtype=torch.int64),  # noqa: E731
+                                      torch.arange(4), frozen=frozen)
+    cfg = load(None, ["train.mode=async", "replay.capacity=8", "replay.max_reuse=0"])
+    rx = Receiver([FakeLink([batch(i, True) for i in range(10)])], 1, cfg)
+    rx.start()
+    wait_until(lambda: len(rx.buffer) == 2)
+    time.sleep(0.3)  # nothing drawn meanwhile: the thread must stay held
+    assert len(rx.buffer) == 2 and rx.links[0].read <= 3
+    assert rx.buffer.pick() is not None
+    rx.picked()
+    wait_until(lambda: len(rx.buffer) == 3)
+    assert rx.buffer.unused() == 2
+    free = Receiver([FakeLink([batch(i, False) for i in range(6)])], 1, cfg)
+    free.start()
+    wait_until(lambda: len(free.buffer) == 6)  # a training upstream's batches all go in
+
+
 def wait_until(predicate, timeout: float = 30.0) -> None:
     t0 = time.monotonic()
     while not predicate():

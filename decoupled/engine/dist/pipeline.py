@@ -131,8 +131,9 @@ class Pipeline:
 
     def _send_flow(self, flow, step: int) -> None:
         """`step`: the source step of the batch these outputs come from (staleness downstream)."""
+        frozen = self.own_epochs and not any(s.training for s in self.stages)  # note [paced frozen stream]
         for h, y, ids in flow:  # routed samples only; a fully learned batch sends nothing
-            self.send(Message(Kind.TRAIN, self.epoch, step, h, y, ids))
+            self.send(Message(Kind.TRAIN, self.epoch, step, h, y, ids, frozen=frozen))
 
     def end_epoch(self, epoch: int) -> None:
         self._send_flow(drain_chain(self.stages, self._log), self.last_step)  # routed remainders, before the marker
@@ -220,6 +221,7 @@ class Pipeline:
                 continue
             e = rx.buffer.pick()
             if e is not None:
+                rx.picked()  # a paced frozen stream may deliver its next batch
                 handover(e.ready, e.x, e.y, e.ids)
                 e.ready = None
                 self.train_batch(e.x, e.y, e.ids, e.step)

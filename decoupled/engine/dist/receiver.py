@@ -7,6 +7,15 @@ async: train batches go into the replay buffer (replay.py), every other message 
        queue, handled in order; an end-of-epoch is ready once every batch of that epoch has been
        trained on or dropped.
 
+Note [paced frozen stream]. Under replay.budget="steps" an upstream rank that has made its budget
+streams on through its frozen blocks until every rank is done, only so that a slow rank trains on
+fresh batches. Unpaced, it sent as fast as it could forward: on 2 cores the straggler's receiver took
+in 3350 batches to evict 2715 of them, on the cores it needed for its own steps. Such batches are
+marked `frozen`, and the receiver holds one back while the buffer has two batches never trained on:
+the frozen stream then runs at the pace the rank trains, still fresh, and upstream (with nothing
+left to train) waits on its sends instead. A rank's own training is never paced: that would make
+upstream wait on a slow downstream, which async exists to prevent.
+
 Several upstream replicas (groups.py): batch b comes from replica b mod R of the upstream group,
 so sync reads its links in the order that implies (the merged stream equals one upstream rank's);
 a marker is handed on once, when every link has delivered it; async puts every link's batches in
@@ -111,6 +120,9 @@ class Receiver:
             self.inboxes[i].put(m)
             return
         if m is not None and m.kind == Kind.TRAIN:
+            if m.frozen:  # note [paced frozen stream]
+                with self.ready:
+                    self.ready.wait_for(lambda: self.buffer.unused() < 2)
             self.buffer.put(Entry(m.x, m.y, m.ids, m.epoch, m.step, ready=m.ready))
         else:
             with self.ready:
@@ -121,6 +133,11 @@ class Receiver:
                     self.control.append(m)
                 elif m is None or self._merged(m):
                     self.control.append(m)
+        with self.ready:
+            self.ready.notify_all()
+
+    def picked(self) -> None:
+        """The training thread drew a batch (a paced frozen stream waits for that)."""
         with self.ready:
             self.ready.notify_all()
 

@@ -121,6 +121,11 @@ class ReplayBuffer:
                 self._evict(e)
             return e
 
+    def unused(self) -> int:
+        """Entries never trained on yet."""
+        with self.lock:
+            return sum(e.uses == 0 for e in self.entries)
+
     def epoch_done(self, epoch: int) -> bool:
         """Every batch of `epoch` (and earlier) has been trained on at least once or dropped."""
         with self.lock:

@@ -1,7 +1,7 @@
 """Point-to-point messages between neighbouring ranks.
 
 Wire format (note [one transfer per message]). A message is one contiguous byte buffer: a fixed
-13-int64 header, then for data messages the labels and sample ids (2n int64), the activations
+14-int64 header, then for data messages the labels and sample ids (2n int64), the activations
 (dist.wire_dtype) and optionally an auxiliary float32 tensor (the running head ensemble during
 evaluation), each segment starting on an 8-byte boundary so the receiver can view it in place.
 Both ends of a link track the same number `expect`: the byte size of the link's previous data
@@ -44,7 +44,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-HEADER_LEN = 13
+HEADER_LEN = 14
 HEADER_BYTES = HEADER_LEN * 8
 MAX_DIMS = 5
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -92,6 +92,7 @@ class Message:
     ids: torch.Tensor | None = None
     aux: torch.Tensor | None = None
     ready: object = None  # CUDA: event recorded on the receiver's stream once the tensors have landed
+    frozen: bool = False  # a batch through blocks that have made their budget (note [paced frozen stream])
 
     @property
     def count(self) -> int:
@@ -119,11 +120,12 @@ def _numel(dims: list[int]) -> int:
 
 
 def header_meta(m: Message, max_count: int) -> list[int]:
-    """The header: kind, epoch, step, count, ndim, dims[5], dtype, aux width, message bytes."""
+    """The header: kind, epoch, step, count, ndim, dims[5], dtype, aux width, message bytes, frozen."""
     if m.count > max_count:
         raise ValueError(f"a message of {m.count} samples exceeds the wire limit of {max_count}")
     meta = [int(m.kind), m.epoch, m.step, m.count] + [0] * (HEADER_LEN - 4)
     meta[12] = HEADER_BYTES
+    meta[13] = int(m.frozen)
     if m.x is not None:
         dims = list(m.x.shape[1:])
         if len(dims) > MAX_DIMS:
@@ -165,7 +167,7 @@ def _segment(t: torch.Tensor) -> list[torch.Tensor]:
 def unpack(buf: torch.Tensor, header: list[int]) -> Message:
     """The message a buffer holds, as views of it (no copy)."""
     kind = Kind(int(header[0]))
-    m = Message(kind, epoch=int(header[1]), step=int(header[2]))
+    m = Message(kind, epoch=int(header[1]), step=int(header[2]), frozen=bool(header[13]))
     if kind in (Kind.TRAIN, Kind.EVAL):
         n, ndim, aux_w = int(header[3]), int(header[4]), int(header[11])
         dims, dtype = [int(d) for d in header[5:5 + ndim]], DTYPES[int(header[10])]
