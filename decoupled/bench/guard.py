@@ -16,7 +16,8 @@ does not depend on how fast the machine is; each is compared to a threshold comm
       bound" that way); spread = the figure's range over the timed epochs.
   e2e_overhead
       The e2e mode's epoch time over a plain PyTorch loop's (same network, batch, optimizer, data),
-      both in one process, alternated three times, the fastest timed epoch of each.
+      both in one process, alternated four times (order flipped each round), the fastest timed
+      epoch of each. On this VM it moves +-15 % run to run (0.89-1.25): a miss wants a rerun on a quiet machine.
   wire_bytes_per_sample
       Bytes rank 0 sent per training sample (headers, labels, ids, padding included) over the
       activation's own bytes per sample, in the straggler's upstream-budget run.

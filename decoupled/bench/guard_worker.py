@@ -20,8 +20,9 @@ from .runner import median, read_jsonl, timed
 
 
 def e2e_overhead(out: str) -> None:
-    """The e2e trainer's epoch over a plain loop's, alternated three times in this one process (the same
-    network, batches of the same size, SGD with the same settings, no augmentation, no evaluation)."""
+    """The e2e trainer's epoch over a plain loop's, alternated four times in this one process (the
+    same network, batches of the same size, SGD with the same settings, no augmentation, no
+    evaluation)."""
     from ..data import build_data
     from ..engine.loops import train_e2e
     from ..engine.run import Run
@@ -33,16 +34,19 @@ def e2e_overhead(out: str) -> None:
     cfg = load(None, [f"train.log_every={steps}"], base=cfg)  # one `step` stamp per epoch
     cpu = torch.device("cpu")
     e2e, plain = [], []
-    for _ in range(3):
-        torch.manual_seed(cfg.train.seed)
-        with tempfile.TemporaryDirectory() as d:
-            stages = build_stages(cfg, data.input_shape, data.num_classes, cpu)
-            run = Run(cfg, data, stages, cpu, Path(d), Recorder(Path(d) / "metrics.jsonl"))
-            train_e2e(run)
-            run.recorder.close()
-            stamps = [m["time_s"] for m in read_jsonl(Path(d) / "metrics.jsonl") if m.get("kind") == "step"]
-        e2e += timed(stamps[:1 + TIMED])  # stamps[0] closes the warm-up epoch
-        plain += plain_loop(cfg, data, build_stages)
+    for r in range(4):  # alternated, the order flipped every round: a drift in machine speed cancels
+        for which in (("e2e", "plain") if r % 2 == 0 else ("plain", "e2e")):
+            if which == "plain":
+                plain += plain_loop(cfg, data, build_stages)
+                continue
+            torch.manual_seed(cfg.train.seed)
+            with tempfile.TemporaryDirectory() as d:
+                stages = build_stages(cfg, data.input_shape, data.num_classes, cpu)
+                run = Run(cfg, data, stages, cpu, Path(d), Recorder(Path(d) / "metrics.jsonl"))
+                train_e2e(run)
+                run.recorder.close()
+                stamps = [m["time_s"] for m in read_jsonl(Path(d) / "metrics.jsonl") if m.get("kind") == "step"]
+            e2e += timed(stamps[:1 + TIMED])  # stamps[0] closes the warm-up epoch
     # the fastest epoch of each: other load on the machine only ever adds time
     ratio = min(e2e) / min(plain)
     Path(out).write_text(json.dumps({"value": ratio, "detail": f"e2e {min(e2e):.3f} s/epoch, plain loop "
