@@ -45,9 +45,10 @@ THRESHOLDS = {
     "sync_of_bound": (">=", 0.85),
     "e2e_overhead": ("<=", 1.05),
     "wire_bytes_per_sample": ("<=", 1.10),
-    # a Link is 1.9-2.4x bare transfers in its pattern here (3 runs; its Python: header, pack, unpack);
-    # the three-transfer format cost 4.5x one bare transfer waited in turn (479-636 µs a message)
-    "recv_cost": ("<=", 3.0),
+    # a Link is 1.9-3.6x bare transfers in its pattern here (5 quiet runs; its Python per message:
+    # header, pack, unpack, and a receiver that reacts slower when the VM is slow); the
+    # three-transfer format cost 479-636 µs a message, 4.6-7.7x the same denominator (83-104 µs)
+    "recv_cost": ("<=", 4.0),
 }
 
 STRAGGLER = ["data.name=synthetic", "data.synthetic_shape=[1,28,28]", "data.synthetic_train=8000",
