@@ -187,3 +187,21 @@ def test_sweep_layouts_compares_even_auto_and_replicas(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert (tmp_path / "rep" / "throughput_vs_ranks.png").stat().st_size > 0
     assert "| auto+replicas |" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_guard_verdicts_and_the_sync_figure_from_stamps(tmp_path):
+    """bench --guard (a benchmark, never timed in pytest): each figure against its committed threshold;
+    sync_of_bound from the engine's own stamps is the slowest rank's compute over the slowest window."""
+    from decoupled.bench import guard
+    assert set(guard.THRESHOLDS) == {"async_blocked_upstream", "async_blocked_steps", "sync_of_bound", "e2e_overhead",
+                                     "wire_bytes_per_sample", "recv_cost"}
+    assert guard.verdict("async_blocked_steps", {"value": 0.05})["ok"]
+    assert not guard.verdict("async_blocked_steps", {"value": 0.5})["ok"]
+    assert not guard.verdict("sync_of_bound", {"value": 0.5})["ok"]
+    assert not guard.verdict("recv_cost", {"value": None, "error": "timed out"})["ok"]
+    # rank 0 computes 1.5 s per 2 s epoch, rank 1 1.0 s: the figure is 1.5 / 2.0
+    lines = [{"kind": "epoch_end", "rank": r, "epoch": e, "time_s": 1.0 + 2.0 * e + r, "compute_s": (1.5 - r / 2) * (e + 1)}
+             for e in range(4) for r in (0, 1)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in lines) + "\n")
+    fig = guard.sync_figure(tmp_path, 100)
+    assert fig["value"] == pytest.approx(0.75) and "50 samples/s" in fig["detail"]

@@ -140,15 +140,18 @@ def sync_of_bound(d: Path, timeout: float) -> dict:
     err = _train(d, [*VGG, "train.mode=sync", f"train.epochs={1 + TIMED}"], 2, timeout)
     if err:
         return {"value": None, "error": err}
-    ends = [_epoch_ends(d / "run", r) for r in (0, 1)]
-    n = load(d / "config.toml").data.synthetic_train
+    return sync_figure(d / "run", load(d / "config.toml").data.synthetic_train)
+
+
+def sync_figure(run_dir: Path, n: int) -> dict:
+    ends = [_epoch_ends(run_dir, r) for r in (0, 1)]
     # one window per rank (its timed epochs): a rank computes only between its own stamps, so the
     # slowest rank's compute over the slowest rank's window is at most 1 (a bound, never exceeded)
     span = [(e[-1]["time_s"] - e[0]["time_s"]) / (len(e) - 1) for e in ends]
     compute = [(e[-1]["compute_s"] - e[0]["compute_s"]) / (len(e) - 1) for e in ends]
     epoch_s, bound_s = max(span), max(compute)
     per = [max(timed([m["compute_s"] for m in e])[i] for e in ends) / max(timed([m["time_s"] for m in e])[i] for e in ends)
-           for i in range(TIMED)]
+           for i in range(len(ends[0]) - 1)]
     return {"value": bound_s / epoch_s,
             "detail": f"{n / epoch_s:.0f} samples/s, bound {n / bound_s:.0f} (t_k "
                       f"{', '.join(f'{c:.3f}' for c in compute)} s/epoch); per epoch {min(per):.3f}-{max(per):.3f}"}
