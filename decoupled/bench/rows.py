@@ -71,7 +71,7 @@ def pipeline_row(mode: str, out: Path, n: int, batch: int) -> dict:
     training samples that enter the pipeline per epoch over that time; async ranks may train on
     fewer fresh samples (drops) and more draws (replays) than n, so each rank also reports the
     samples that entered it and the fresh samples it trained on per second, and the row the fresh
-    samples that reached the last block per second (`last_block_fresh_samples_per_s`)."""
+    samples that reached the last block per second of its whole loop (`last_block_fresh_samples_per_s`)."""
     summary = json.loads((out / "summary.json").read_text())
     records = read_jsonl(out / "metrics.jsonl")
     ranks, stamps = [], []
@@ -98,9 +98,16 @@ def pipeline_row(mode: str, out: Path, n: int, batch: int) -> dict:
     slowest = max(range(len(ranks)), key=lambda i: ranks[i]["epoch_s"])
     epoch_s = ranks[slowest]["epoch_s"]
     return {"mode": mode, "samples_per_s": n / epoch_s, "epoch_s": epoch_s,
-            "last_block_fresh_samples_per_s": ranks[-1]["fresh_samples_per_s"],
+            "last_block_fresh_samples_per_s": _fresh_per_s(summary["ranks"][-1], batch),
             "epochs_timed": timed(stamps[slowest]), "ranks": ranks,
             "placement": summary.get("placement"), "backend": summary.get("backend")}
+
+
+def _fresh_per_s(r: dict, batch: int) -> float | None:
+    """Fresh samples the last block trained on per second of its whole loop. Over the whole run, not a
+    timed window: a replaying async rank may draw no fresh batch between two of its own epoch ends."""
+    fresh = r["replay"]["fresh_draws"] * batch if r.get("replay") else r.get("samples_trained", 0)
+    return fresh / r["train_s"] if r.get("train_s") else None
 
 
 def _epoch_ends(records: list[dict], rank: int) -> list[dict]:
