@@ -17,7 +17,8 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  early exit t={r['threshold']:g}: test_acc {r['accuracy']:.4f}  "
                      f"{r['avg_flops'] / 1e6:.4f} MFLOPs/sample  exits {[round(f, 3) for f in r['exit_fraction']]}")
     for r in summary["ranks"]:
-        line = (f"  rank {r['rank']} (blocks {r['blocks']}): peak_mem {mib_text(r['peak_mem_bytes'])} ({r.get('mem_method')})  "
+        line = (f"  rank {r['rank']} (blocks {r['blocks']}): "
+                f"peak_mem {mib_text(r['peak_mem_bytes'])} ({r.get('mem_method')})  "
                 f"{r['samples_per_s']:.0f} samples/s")
         if "comm_s" in r:
             line += f"  compute {r['compute_s']:.2f}s  comm {r['comm_s']:.2f}s  idle {r['idle_s']:.2f}s"

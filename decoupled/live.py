@@ -143,7 +143,8 @@ class Live:
         tb.update({f"loss/block{j}": v for j, v in losses.items()})
         tb.update({"time/compute_s": compute, "time/comm_s": comm, "time/idle_s": idle})
         share = (lambda x: 100 * x / seconds) if seconds > 0 else (lambda x: 0.0)
-        line = (f"epoch {epoch + 1}/{total}  loss {_accs(losses) or ('(no steps)' if any(s.training for s in stages) else '(budget done)')}  "
+        no_loss = "(no steps)" if any(s.training for s in stages) else "(budget done)"
+        line = (f"epoch {epoch + 1}/{total}  loss {_accs(losses) or no_loss}  "
                 f"{tb['throughput/samples_per_s']:.0f} samples/s  compute {share(compute):.0f}%  "
                 f"blocked {share(comm):.0f}%  idle {share(idle):.0f}%")
         if replay is not None:

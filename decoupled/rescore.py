@@ -9,7 +9,7 @@ from . import checkpoint, summary as S
 from .config import ConfigError, load
 from .data import build_data
 from .device import resolve_device
-from .engine.dist.setup import build_rank_stages
+from .engine.ranks.setup import build_rank_stages
 from .engine.evaluate import evaluate
 
 

@@ -2,7 +2,7 @@
 
 The run directory holds config.toml (resolved), metrics.jsonl, checkpoints/ and summary.json.
 Single-process modes (e2e, sequential, simultaneous, quicknet) run their loop (engine/loops/) here;
-sync and async run the same stages on torchrun ranks (engine/dist/).
+sync and async run the same stages on torchrun ranks (engine/ranks/).
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from . import exits, summary as S
 from .config import DISTRIBUTED_MODES, ConfigError, JobConfig
 from .data import build_data
 from .device import resolve_device, synchronize
-from .engine.dist import world as W
-from .engine.dist.placement import reference_replication
-from .engine.dist.setup import build_rank_stages, setup_rank
+from .engine.ranks import world as W
+from .engine.ranks.placement import reference_replication
+from .engine.ranks.setup import build_rank_stages, setup_rank
 from .engine.evaluate import evaluate
 from .engine.loops import LOOPS
 from .engine.run import Run, prepare_run_dir
@@ -127,7 +127,8 @@ def _train_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World, t
     layers = S.layers(run.stages, final["layer_acc"])
     S.costs(cfg, run.stages, layers)  # this rank's FLOPs; exits' inference cost is cumulative below
     lay = setup.layout
-    extra.update(stage=lay.group_of(world.rank), replica=lay.replica_of(world.rank), params_sha=S.params_sha(run.stages))
+    extra.update(stage=lay.group_of(world.rank), replica=lay.replica_of(world.rank),
+                 params_sha=S.params_sha(run.stages))
     report = {"layers": layers, "ensemble": final.get("ensemble_acc"), "tested": final["n"],
               "correct": final["correct"], "ensemble_correct": final.get("ensemble_correct"),
               "rank": S.rank_report(world.rank, run.stages, memory, train_s, extra)}

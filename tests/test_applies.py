@@ -9,7 +9,8 @@ from decoupled.config.applies import APPLIES
 
 # Keys that act on every job (audited: each is read by every mode / model / objective).
 ALWAYS = {"data.name", "data.batch_size", "data.eval_batch_size", "data.limit_train", "data.limit_test",
-          "data.augment", "data.val_fraction", "model.name", "model.activation", "model.block_sizes", "objective.name", "objective.head",
+          "data.augment", "data.val_fraction", "model.name", "model.activation", "model.block_sizes",
+          "objective.name", "objective.head",
           "objective.exit_fallback", "train.mode", "train.epochs", "train.seed", "train.device",
           "train.log_every", "train.eval_every", "train.checkpoint", "train.patience", "train.plateau_factor",
           "train.precision", "train.check_every", "train.quiet", "log.tensorboard",
@@ -79,6 +80,7 @@ def test_keys_act_where_they_apply():
     """Where a key applies it changes what is built (spot checks of each kind of rule)."""
     from decoupled.models import build_model
     a = load(None, ["model.batchnorm=true"])  # "on"; "auto" is off for the mlp
-    assert str(build_model(a.model, (1, 8, 8), 10).network) != str(build_model(JobConfig().model, (1, 8, 8), 10).network)
+    assert str(build_model(a.model, (1, 8, 8), 10).network) != str(build_model(JobConfig().model, (1, 8, 8),
+                                                                               10).network)
     load(None, ["objective.name=cascade", "objective.aux_width=64", "objective.cascade_epoch_increment=2"])
     load(None, ["model.name=vgg", "model.widths=[150, 150, 150]"])  # the default value is never "set"

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from decoupled.engine.dist.placement import best_split
+from decoupled.engine.ranks.placement import best_split
 from decoupled.config import ConfigError, JobConfig, load
 from decoupled.data import build_data, stratified_holdout
 from decoupled.engine.early_stop import EarlyStopping

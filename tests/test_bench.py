@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -80,7 +79,8 @@ def test_pipeline_row_times_a_ranks_own_epochs(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     lines = []
     for epoch in range(3):
-        lines.append({"kind": "epoch_end", "rank": 0, "epoch": epoch, "time_s": 1.0 + epoch, "compute_s": 0.5 * (epoch + 1),
+        lines.append({"kind": "epoch_end", "rank": 0, "epoch": epoch, "time_s": 1.0 + epoch,
+                      "compute_s": 0.5 * (epoch + 1),
                       "comm_s": 0.0, "idle_s": 0.0, "steps": 4 * (epoch + 1), "samples_trained": 128 * (epoch + 1)})
         # the marker-driven stamps of rank 1: its budget was spent before them (no compute between)
         lines.append({"kind": "epoch_end", "rank": 1, "epoch": epoch, "time_s": 9.0 + epoch, "compute_s": 6.0,
@@ -202,7 +202,8 @@ def test_guard_verdicts_and_the_sync_figure_from_stamps(tmp_path):
     assert not guard.verdict("sync_of_bound", {"value": 0.5})["ok"]
     assert not guard.verdict("recv_cost", {"value": None, "error": "timed out"})["ok"]
     # rank 0 computes 1.5 s per 2 s epoch, rank 1 1.0 s: the figure is 1.5 / 2.0
-    lines = [{"kind": "epoch_end", "rank": r, "epoch": e, "time_s": 1.0 + 2.0 * e + r, "compute_s": (1.5 - r / 2) * (e + 1)}
+    lines = [{"kind": "epoch_end", "rank": r, "epoch": e, "time_s": 1.0 + 2.0 * e + r,
+              "compute_s": (1.5 - r / 2) * (e + 1)}
              for e in range(4) for r in (0, 1)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in lines) + "\n")
     fig = guard.sync_figure(tmp_path, 100)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decoupled.engine.dist.replay import Entry, ReplayBuffer
+from decoupled.engine.ranks.replay import Entry, ReplayBuffer
 
 from torchrun_utils import check, sets, summary, torchrun
 

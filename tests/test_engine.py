@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -105,7 +104,7 @@ def test_world_larger_than_blocks_fails_before_training(tmp_path):
 
 
 def test_placement_and_backend_choice(monkeypatch):
-    from decoupled.engine.dist import placement as setup, world as distributed
+    from decoupled.engine.ranks import placement as setup, world as distributed
     cfg = load(None, ["train.mode=sync"])
     assert setup.placement(cfg, 5, 2) == [[0, 1, 2], [3, 4]]
     cfg.dist.placement = [1, 4]
@@ -113,12 +112,14 @@ def test_placement_and_backend_choice(monkeypatch):
     cfg.dist.placement = [2, 2]
     with pytest.raises(ConfigError, match="dist.placement"):
         setup.placement(cfg, 5, 2)
-    assert distributed.resolve_backend(load(None, ["train.mode=sync"]))[0] == ("nccl" if torch.cuda.is_available() else "gloo")
+    expected = "nccl" if torch.cuda.is_available() else "gloo"
+    assert distributed.resolve_backend(load(None, ["train.mode=sync"]))[0] == expected
     # auto picks NCCL on cuda:LOCAL_RANK wherever CUDA is present
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert distributed.resolve_backend(load(None, ["train.mode=sync"])) == ("nccl", torch.device("cuda", 1))
-    assert distributed.resolve_backend(load(None, ["train.mode=sync", "dist.backend=gloo", "train.device=cpu"]))[0] == "gloo"
+    assert distributed.resolve_backend(load(None, ["train.mode=sync", "dist.backend=gloo",
+                                                   "train.device=cpu"]))[0] == "gloo"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 1, reason="needs a GPU")
@@ -135,7 +136,7 @@ def test_nccl_sync_equals_simultaneous_on_gpu(tmp_path, shared_reference):
 
 
 def test_cascade_handoff_plan():
-    from decoupled.engine.dist.setup import cascade_handoffs
+    from decoupled.engine.ranks.setup import cascade_handoffs
     cfg = load(None, ["train.mode=async", "objective.name=cascade", "objective.cascade_initial_epochs=1",
                       "objective.cascade_epoch_increment=2"])  # budgets 1, 3, 5
     assert cascade_handoffs(cfg, [[0], [1], [2]], start=0) == [None, None, None]  # "steps": upstream streams on
@@ -166,7 +167,7 @@ def test_async_cascade_serves_cached_pseudo_inputs(tmp_path):
 def test_auto_placement_balances_measured_blocks(tmp_path):
     """dist.placement="auto": every block's training step is timed at start-up, the split whose slowest
     rank is fastest is chosen and printed, and summary.json carries the predictions."""
-    from decoupled.engine.dist.placement import best_split
+    from decoupled.engine.ranks.placement import best_split
     assert best_split([1, 1, 1, 1], 2) == [2, 2] and best_split([4, 1, 1, 1, 1], 2) == [1, 4]
     assert best_split([1, 1, 3], 2, mem=[1, 1, 5], cap=6) == [2, 1]
     with pytest.raises(ConfigError, match="max_stage_mem_mb"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import re
 import signal
 import time
@@ -16,7 +15,7 @@ import torch
 
 from decoupled import checkpoint
 from decoupled.config import ConfigError, load
-from decoupled.engine.dist.setup import dry_run, handshake
+from decoupled.engine.ranks.setup import dry_run, handshake
 from decoupled.train import train
 
 from torchrun_utils import (assert_same_results, assert_same_states, check, kill_tree, overrides, sets, summary,

@@ -78,7 +78,8 @@ def test_single_process_lines_and_quiet(tmp_path, capsys):
     cfg = load(None, ["model.widths=[16,16]", "train.epochs=2", "data.limit_train=256", "train.checkpoint=false"])
     train(cfg, tmp_path / "a")
     out = capsys.readouterr().out
-    assert re.search(r"^epoch 2/2  loss b0=\S+ b1=\S+  test_acc b0=\S+ b1=\S+ \(ensemble \S+\)  \d+ samples/s", out, re.M)
+    assert re.search(r"^epoch 2/2  loss b0=\S+ b1=\S+  test_acc b0=\S+ b1=\S+ \(ensemble \S+\)  \d+ samples/s",
+                     out, re.M)
     train(load(None, ["model.widths=[16,16]", "train.epochs=2", "data.limit_train=256", "train.quiet=true"]),
           tmp_path / "b")
     assert capsys.readouterr().out == ""
@@ -137,7 +138,8 @@ def test_tensorboard_scalars_async_ranks(tmp_path):
     p = decoupled(["train", "--nproc-per-node", "2", "--set", "train.mode=async", "--set", "log.tensorboard=true",
                    *TINY, "--out", str(tmp_path)])
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert re.search(r"^\[rank 1\] epoch 1/2 .* buffer \S+ \(max \d+\)  dropped \d+  staleness", p.stdout, re.M), p.stdout
+    assert re.search(r"^\[rank 1\] epoch 1/2 .* buffer \S+ \(max \d+\)  dropped \d+  staleness", p.stdout,
+                     re.M), p.stdout
     tags0, _ = _tags(tmp_path / "tb" / "rank0")
     tags1, _ = _tags(tmp_path / "tb" / "rank1")
     assert {"loss/block0", "time/compute_s", "time/comm_s", "time/idle_s", "test_acc/block0"} <= tags0, tags0

@@ -11,8 +11,8 @@ import torch.distributed as dist
 
 from decoupled import device as device_mod
 from decoupled.config import load
-from decoupled.engine.dist import pipeline, receiver as receiver_mod, world
-from decoupled.engine.dist.transport import Kind, Message
+from decoupled.engine.ranks import pipeline, receiver as receiver_mod, world
+from decoupled.engine.ranks.transport import Kind, Message
 from decoupled.engine.stage import build_stages
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from decoupled.engine.dist.replay import Entry, ReplayBuffer
+from decoupled.engine.ranks.replay import Entry, ReplayBuffer
 
 
 def entry(i: int, epoch: int = 0) -> Entry:

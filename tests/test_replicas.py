@@ -8,8 +8,8 @@ import torch
 
 from decoupled import checkpoint
 from decoupled.config import ConfigError, load
-from decoupled.engine.dist.groups import Layout, next_index, share
-from decoupled.engine.dist.placement import BlockCosts, best_layout, best_replicas, layout
+from decoupled.engine.ranks.groups import Layout, next_index, share
+from decoupled.engine.ranks.placement import BlockCosts, best_layout, best_replicas, layout
 
 from torchrun_utils import MLP, check, copy_run, sets, summary, torchrun
 
@@ -112,7 +112,7 @@ def test_auto_layout_replicates_the_dominant_block():
 
 
 def test_bench_pipelines_ignore_replicas():
-    from decoupled.engine.dist.placement import placement
+    from decoupled.engine.ranks.placement import placement
     cfg = load(None, ["train.mode=sync", "dist.replicas=[2, 1]"])
     assert placement(cfg, 3, 3) == [[0], [1], [2]]  # one rank per group for gpipe / 1f1b / stage timings
 
@@ -127,7 +127,7 @@ def test_bad_replicas_are_refused_before_training(tmp_path):
     with pytest.raises(ConfigError, match="one entry per stage group"):
         load(None, ["train.mode=sync", "dist.replicas=[2, 1]", "dist.placement=[1, 1, 1]"])
     with pytest.raises(ConfigError, match="dist.sync_bn=true needs CUDA"):
-        from decoupled.engine.dist.world import resolve_backend
+        from decoupled.engine.ranks.world import resolve_backend
         resolve_backend(load(None, ["train.mode=sync", "dist.replicas=[2, 1]", "dist.sync_bn=true",
                                     "train.device=cpu"]))
     p = torchrun(3, ["--out", str(tmp_path / "bad"), *sets({**MLP, "train.mode": "sync", "dist.replicas": [3, 1]})],

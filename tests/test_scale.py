@@ -13,11 +13,11 @@ import torch
 from decoupled import checkpoint
 from decoupled.config import load
 from decoupled.data import Split
-from decoupled.engine.dist.receiver import Receiver
-from decoupled.engine.dist.replay import Entry, ReplayBuffer
-from decoupled.engine.dist.setup import cascade_handoffs
-from decoupled.engine.dist.sources import DatasetSource
-from decoupled.engine.dist.transport import Kind, Message
+from decoupled.engine.ranks.receiver import Receiver
+from decoupled.engine.ranks.replay import Entry, ReplayBuffer
+from decoupled.engine.ranks.setup import cascade_handoffs
+from decoupled.engine.ranks.sources import DatasetSource
+from decoupled.engine.ranks.transport import Kind, Message
 from decoupled.train import train
 
 from torchrun_utils import (MLP, assert_same_results, assert_same_states, check, copy_run, overrides, sets, summary,
@@ -154,7 +154,7 @@ def test_staleness_counts_source_steps_across_epochs(tmp_path):
 def test_epoch_end_logs_replay_stats_even_with_an_empty_buffer(tmp_path):
     """Root cause of the bench's KeyError('replay') race: an empty ReplayBuffer is falsy (__len__),
     and `if self.buffer` dropped the stats from epoch ends at which the buffer happened to be empty."""
-    from decoupled.engine.dist.pipeline import Pipeline
+    from decoupled.engine.ranks.pipeline import Pipeline
     from decoupled.engine.run import Run
     from decoupled.metrics import Recorder
     from decoupled.engine.stage import build_stages
@@ -216,7 +216,8 @@ def test_sync_equals_simultaneous_for_precision_and_wire(shared_run, shared_refe
 
 
 def test_wire_dtype_halves_the_bytes(shared_run):
-    got = {wire: summary(shared_run(2, {**MLP, "train.mode": "sync", "dist.wire_dtype": wire})[0])["ranks"][0]["bytes_sent"]
+    got = {wire: summary(shared_run(2, {**MLP, "train.mode": "sync",
+                                        "dist.wire_dtype": wire})[0])["ranks"][0]["bytes_sent"]
            for wire in ("float32", "bfloat16")}
     # activations are half the bytes; headers (labels, ids) are not: well under 0.75x in total
     assert got["bfloat16"] < 0.75 * got["float32"], got

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from decoupled.engine.dist.transport import HEADER_BYTES, Kind, Message, header_meta, pack, unpack
+from decoupled.engine.ranks.transport import HEADER_BYTES, Kind, Message, header_meta, pack, unpack
 
 from torchrun_utils import REPO, env
 
@@ -52,17 +52,19 @@ def test_a_message_packs_into_a_larger_transfer():
 
 SCRIPT = textwrap.dedent("""
     import torch, torch.distributed as dist
-    from decoupled.engine.dist.transport import Kind, Link, Message
+    from decoupled.engine.ranks.transport import Kind, Link, Message
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     link = Link(dist.new_group([0, 1]), 1 - rank, torch.device("cpu"), 60.0, 1000)
     g = torch.Generator().manual_seed(0)
     def batch(kind, epoch, step, n, dims=(800,), dtype=torch.float32, aux=0):
         return Message(kind, epoch, step, torch.randn(n, *dims, generator=g).to(dtype),
-                       torch.randint(10, (n,), generator=g), torch.arange(n), torch.randn(n, aux, generator=g) if aux else None)
+                       torch.randint(10, (n,), generator=g), torch.arange(n),
+                       torch.randn(n, aux, generator=g) if aux else None)
     msgs = [batch(Kind.TRAIN, 0, i, 64) for i in range(4)]   # the first is announced, the rest one transfer each
     msgs += [batch(Kind.TRAIN, 0, 4, 17), Message(Kind.END_EPOCH, 0)]   # a smaller last batch, a padded marker
-    msgs += [batch(Kind.EVAL, 0, 0, 1000, (3, 3), torch.bfloat16, 10), batch(Kind.EVAL, 0, 1, 7, (3, 3), torch.bfloat16, 10)]
+    msgs += [batch(Kind.EVAL, 0, 0, 1000, (3, 3), torch.bfloat16, 10),
+             batch(Kind.EVAL, 0, 1, 7, (3, 3), torch.bfloat16, 10)]
     msgs += [Message(Kind.END_EVAL, 0), batch(Kind.TRAIN, 1, 5, 64), Message(Kind.STOP, 1)]
     if rank == 0:
         for m in msgs:

@@ -95,7 +95,7 @@ def torchrun_popen(nproc: int, args: list[str], extra: list[str] = ()) -> subpro
                             start_new_session=True)
 
 
-def workers(agent: subprocess.Popen) -> dict[int, "psutil.Process"]:
+def workers(agent: subprocess.Popen) -> dict:
     """The agent's worker processes by RANK."""
     import psutil
     out = {}

@@ -5,9 +5,10 @@ reads the rows, report.py writes bench.md / bench.png, sweep.py the depth sweep,
 gpipe.py are the workers it launches, split.py the pipelines' split search."""
 from .cli import add_parser, main
 from .rows import ROWS, bench, bound, bound_samples_per_s, pipeline_row
-from ..engine.dist.placement import best_split
+from ..engine.ranks.placement import best_split
 from .runner import median, timed
 from .sweep import parse_lists
 
-__all__ = ["add_parser", "main", "ROWS", "best_split", "bench", "bound", "bound_samples_per_s", "pipeline_row", "median",
+__all__ = ["add_parser", "main", "ROWS", "best_split", "bench", "bound", "bound_samples_per_s", "pipeline_row",
+           "median",
            "timed", "parse_lists"]

@@ -45,7 +45,8 @@ def add_parser(sub) -> None:
     b.add_argument("--config", help="TOML config (e.g. launch/configs/bench_cpu.toml)")
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (repeatable)")
-    b.add_argument("--ranks", type=int, default=2, help="K: torchrun ranks for sync/async/gpipe, threads of e2e-Kthreads")
+    b.add_argument("--ranks", type=int, default=2,
+                   help="K: torchrun ranks for sync/async/gpipe, threads of e2e-Kthreads")
     b.add_argument("--out", type=Path, help="output folder (default runs/bench-<timestamp>)")
     b.add_argument("--repeats", type=int, default=3, help="timed epochs per row, after one warm-up epoch")
     b.add_argument("--microbatches", default=",".join(map(str, MICROBATCHES)),

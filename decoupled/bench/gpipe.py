@@ -38,8 +38,8 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from ..config import load
 from ..data import batches, build_data, resolve_augment
 from ..device import synchronize
-from ..engine.dist.placement import placement
-from ..engine.dist.world import resolve_backend
+from ..engine.ranks.placement import placement
+from ..engine.ranks.world import resolve_backend
 from ..engine.stage import init_module
 from ..metrics import PeakMemory
 from ..models import build_model

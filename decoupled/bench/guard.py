@@ -85,7 +85,8 @@ def verdict(name: str, fig: dict) -> dict:
     op, limit = THRESHOLDS[name]
     v = fig.get("value")
     ok = v is not None and (v <= limit if op == "<=" else v >= limit)
-    return {"figure": name, "value": v, "threshold": f"{op} {limit}", "ok": ok, "detail": fig.get("detail", fig.get("error", ""))}
+    return {"figure": name, "value": v, "threshold": f"{op} {limit}", "ok": ok,
+            "detail": fig.get("detail", fig.get("error", ""))}
 
 
 def markdown(result: dict) -> str:
@@ -128,7 +129,8 @@ def straggler(d: Path, budget: str, timeout: float) -> tuple[dict, dict]:
         miss = {"value": None, "error": f"rank 0 logged {len(own)} of {cfg.train.epochs} epoch ends"}
         return miss, miss
     end = own[-1]
-    per_epoch = [(b["comm_s"] - a["comm_s"]) / (b["time_s"] - a["time_s"]) for a, b in zip([{"comm_s": 0, "time_s": 0}, *own], own)]
+    starts = [{"comm_s": 0, "time_s": 0}, *own]
+    per_epoch = [(b["comm_s"] - a["comm_s"]) / (b["time_s"] - a["time_s"]) for a, b in zip(starts, own)]
     blocked = {"value": end["comm_s"] / end["time_s"], "detail": f"rank 0 blocked {end['comm_s']:.3f}s of "
                f"{end['time_s']:.2f}s; per epoch " + " / ".join(f"{p:.3f}" for p in per_epoch)}
     sent, act = end["bytes_sent"] / end["samples_sent"], activation_bytes(cfg)
@@ -150,8 +152,9 @@ def sync_figure(run_dir: Path, n: int) -> dict:
     span = [(e[-1]["time_s"] - e[0]["time_s"]) / (len(e) - 1) for e in ends]
     compute = [(e[-1]["compute_s"] - e[0]["compute_s"]) / (len(e) - 1) for e in ends]
     epoch_s, bound_s = max(span), max(compute)
-    per = [max(timed([m["compute_s"] for m in e])[i] for e in ends) / max(timed([m["time_s"] for m in e])[i] for e in ends)
-           for i in range(len(ends[0]) - 1)]
+    def slowest(key: str, i: int) -> float:
+        return max(timed([m[key] for m in e])[i] for e in ends)
+    per = [slowest("compute_s", i) / slowest("time_s", i) for i in range(len(ends[0]) - 1)]
     return {"value": bound_s / epoch_s,
             "detail": f"{n / epoch_s:.0f} samples/s, bound {n / bound_s:.0f} (t_k "
                       f"{', '.join(f'{c:.3f}' for c in compute)} s/epoch); per epoch {min(per):.3f}-{max(per):.3f}"}
@@ -162,7 +165,7 @@ def activation_bytes(cfg) -> int:
     import torch
 
     from ..data import build_data
-    from ..engine.dist.placement import placement
+    from ..engine.ranks.placement import placement
     from ..engine.stage import build_stages
     data = build_data(cfg.data, cfg.train.seed)
     stages = build_stages(cfg, data.input_shape, data.num_classes, torch.device("cpu"))

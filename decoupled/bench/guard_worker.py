@@ -83,7 +83,7 @@ def recv_cost(out: str, messages: int = 1000) -> None:
     what the message format and its Python cost. Small messages, so fixed costs dominate."""
     import torch.distributed as dist
 
-    from ..engine.dist.transport import Kind, Link, Message, layout
+    from ..engine.ranks.transport import Kind, Link, Message, layout
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     group, raw_group = dist.new_group([0, 1]), dist.new_group([0, 1])  # the Link keeps an irecv posted
@@ -122,7 +122,8 @@ def recv_cost(out: str, messages: int = 1000) -> None:
         result[name] = min(result[name], (time.perf_counter() - t0) / messages * 1e6)
     if rank == 0:
         Path(out).write_text(json.dumps({"value": result["link"] / result["raw"],
-                                         "detail": f"Link {result['link']:.0f} µs/message, bare p2p in the same pattern {result['raw']:.0f} µs "
+                                         "detail": f"Link {result['link']:.0f} µs/message, "
+                                                   f"bare p2p in the same pattern {result['raw']:.0f} µs "
                                                    f"({nbytes} B messages; fastest of 8 rounds of {messages} each)"}))
     dist.destroy_process_group()
 

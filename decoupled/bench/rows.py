@@ -12,7 +12,7 @@ from ..config import JobConfig, load, to_toml
 from .report import chart, markdown
 from .runner import machine, median, read_jsonl, run, timed, torchrun
 
-from ..engine.dist.placement import best_split
+from ..engine.ranks.placement import best_split
 
 ROWS = ("e2e", "e2e-Kthreads", "e2e-checkpoint", "sequential", "sync", "async", "gpipe", "1f1b")
 PIPELINES = ("gpipe", "1f1b")  # the e2e network through torch.distributed.pipelining (gpipe.py)
@@ -153,7 +153,8 @@ def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repea
 
     print(f"bench: {n} training samples, batch {B}, {ranks} ranks, {repeats} timed epochs (+1 warm-up) per row")
     result: dict = {"rows": [], "machine": info, "config": str(config), "overrides": list(overrides),
-                    "n_train": n, "batch_size": B, "ranks": ranks, "repeats": repeats, "microbatches": list(microbatches),
+                    "n_train": n, "batch_size": B, "ranks": ranks, "repeats": repeats,
+                    "microbatches": list(microbatches),
                     "malloc_mmap_threshold": mmap_threshold or "glibc default (dynamic)"}
 
     # 1. each rank's stages alone: the bound

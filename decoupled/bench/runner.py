@@ -82,7 +82,8 @@ def run(cmd: list[str], log: Path, threads: int, timeout: float, mmap_threshold:
         f.write(" ".join(cmd) + "\n\n")
         f.flush()
         try:
-            p = subprocess.run(cmd, env=env(threads, mmap_threshold), stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+            p = subprocess.run(cmd, env=env(threads, mmap_threshold), stdout=f, stderr=subprocess.STDOUT,
+                               timeout=timeout)
         except subprocess.TimeoutExpired:
             return f"timed out after {timeout:.0f}s (see {log})"
     if p.returncode != 0:

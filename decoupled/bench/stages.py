@@ -5,7 +5,7 @@ sequential cache). Gives t_k per rank and so the pipeline bound.
 It also times every block's share of the e2e network (forward + backward of the block, input
 gradient included; the last block adds its head and the cross-entropy), seconds per epoch, into
 OUT's folder as e2e_block_costs.json: the pipeline baselines (gpipe, 1f1b) split on these
-(engine/dist/placement.py best_split).
+(engine/ranks/placement.py best_split).
 
     python -m decoupled.bench.stages CONFIG.toml RANKS OUT.json
 """
@@ -27,7 +27,7 @@ def time_stages(cfg_path: str, ranks: int, out: str) -> None:
 
     from ..data import Split, batches, build_data, resolve_augment
     from ..device import resolve_device, synchronize
-    from ..engine.dist.placement import placement
+    from ..engine.ranks.placement import placement
     from ..engine.stage import build_stages
     cfg = load(cfg_path)
     device = resolve_device(cfg.train.device)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..config import to_toml
-from .report import MiB, mib, peak
+from .report import mib, peak
 from .rows import prepare
 from .runner import machine, run, torchrun
 
@@ -55,11 +55,13 @@ def sweep_depth(config: str | None, overrides: list[str], out: Path, hierarchies
             point["params"] = sum(l["params"] for l in ss["layers"])
         result["points"].append(point)
         print(f"  {name}: " + (f"e2e {mib(point['e2e_peak_bytes']):.1f} MiB, max rank "
-                               f"{mib(point['max_rank_peak_bytes']):.1f} MiB, ratio {point['ratio'] or float('nan'):.2f}"
+                               f"{mib(point['max_rank_peak_bytes']):.1f} MiB, "
+                               f"ratio {point['ratio'] or float('nan'):.2f}"
                                if "ratio" in point else f"FAILED: {point['error']}"), flush=True)
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     (out / "sweep.json").write_text(json.dumps(result, indent=2))
-    lines = [f"peak = growth over the post-init baseline (summary.json ranks[].mem_method says how it was measured), one epoch; MALLOC_MMAP_THRESHOLD_="
+    lines = ["peak = growth over the post-init baseline (summary.json ranks[].mem_method says how it was "
+             f"measured), one epoch; MALLOC_MMAP_THRESHOLD_="
              f"{result['malloc_mmap_threshold']}", "",
              "| VGG hierarchy | convs | ranks | e2e peak MiB | per-rank peak MiB | max rank / e2e |",
              "|---|---:|---:|---:|---|---:|"]

@@ -17,7 +17,7 @@ from .schema import DISTRIBUTED_MODES, REPLICA_MODES, ConfigError, JobConfig, re
 
 TORCHVISION = ("mnist", "fashion-mnist", "cifar10", "cifar100")
 CONV_HIERARCHY = ("vgg", "resnet", "simcnn")
-DROPOUT_MODELS = ("mlp", "vgg", "resnet")  # builders that end every unit with dropout (models/__init__.py)
+DROPOUT_MODELS = ("mlp", "vgg", "resnet")  # builders that end every unit with dropout (models/base.py)
 
 
 def head_of(cfg: JobConfig) -> str:
@@ -32,7 +32,8 @@ def _hidden_head(c: JobConfig) -> bool:  # k-1 hidden layers of aux_width (heads
 # key -> (acts on cfg?, what it applies to, "choice" | "mode")
 Rule = tuple[Callable[[JobConfig], bool], str, str]
 APPLIES: dict[str, Rule] = {
-    "data.root": (lambda c: c.data.name not in ("digits", "synthetic"), "data.name other than digits/synthetic", "choice"),
+    "data.root": (lambda c: c.data.name not in ("digits", "synthetic"), "data.name other than digits/synthetic",
+                  "choice"),
     "data.download": (lambda c: c.data.name in TORCHVISION, f"data.name in {TORCHVISION}", "choice"),
     **{f"data.synthetic_{k}": (lambda c: c.data.name == "synthetic", "data.name='synthetic'", "choice")
        for k in ("shape", "classes", "train", "test")},

@@ -210,9 +210,9 @@ class DistConfig:
     timeout_s: float = knob(300.0, gt=0.0)  # collective and point-to-point timeout
     # blocks per stage group, contiguous: [] = an even split (earlier groups take the remainder) |
     # [2, 1, 1] | "auto" = the split whose slowest group is fastest, from every block's training step
-    # timed at start-up on the real input shape and device (engine/dist/placement.py); plan printed
+    # timed at start-up on the real input shape and device (engine/ranks/placement.py); plan printed
     placement: list[int] = knob([], ge=1, empty_ok=True, auto_ok=True)
-    # ranks per stage group (engine/dist/groups.py): [] = one rank per group | [2, 1, 1] (sum = world
+    # ranks per stage group (engine/ranks/groups.py): [] = one rank per group | [2, 1, 1] (sum = world
     # size): a group's replicas train the same blocks on different batches (batch b of an epoch goes
     # to replica b mod R) and average their gradients every step, so a slow stage can be held by
     # several ranks | "auto" = chosen with the split from the measured block times (needs
@@ -242,7 +242,7 @@ def replicated(d: "DistConfig") -> bool:
 @dataclass
 class ReplayConfig:
     capacity: int = knob(4, ge=1)  # async: batches a rank keeps from its upstream
-    # which buffered batch a rank trains on next (engine/dist/replay.py): "fifo" (oldest of the
+    # which buffered batch a rank trains on next (engine/ranks/replay.py): "fifo" (oldest of the
     # least used) | "random" | "priority-lifo" (newest of the least used: DGL's buffer)
     policy: Literal["fifo", "random", "priority-lifo"] = "fifo"
     max_reuse: int = knob(4, ge=0)  # a batch is trained on at most this many times; 0 = unlimited (DGL's code)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..device import StepTimer
-from .dist.transport import PeerError, issue
+from .ranks.transport import PeerError, issue
 
 
 def _buffers(stage) -> list[torch.Tensor]:

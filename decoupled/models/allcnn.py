@@ -3,7 +3,7 @@ classifier (final 1x1 conv to classes + global average pool live in the heads).
 Unit = one conv+BN+ReLU. Pad 1 everywhere so small inputs (8x8 digits) work."""
 from torch import nn
 
-from . import Features, ModelError, batchnorm_on, conv_bn_relu, image_hw
+from .base import Features, ModelError, batchnorm_on, conv_bn_relu, image_hw
 
 # (width multiplier, stride, kernel) per conv
 ALLCNN_C = [(1, 1, 3), (1, 1, 3), (1, 2, 3), (2, 1, 3), (2, 1, 3), (2, 2, 3), (2, 1, 3), (2, 1, 1)]

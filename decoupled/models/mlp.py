@@ -4,7 +4,7 @@ import math
 
 from torch import nn
 
-from . import Features, ModelError, batchnorm_on, check_dropout
+from .base import Features, ModelError, batchnorm_on, check_dropout
 
 
 def build_mlp(cfg, input_shape, num_classes):

@@ -5,7 +5,7 @@ ends with dropout (after its final ReLU: BN -> non-linearity -> dropout, as Ma e
 import torch
 from torch import nn
 
-from . import ModelError, check_downsamplings, check_dropout, check_hierarchy, image_hw
+from .base import ModelError, check_downsamplings, check_dropout, check_hierarchy, image_hw
 
 RESIDUALS = ("basic", "bottleneck")
 
@@ -47,7 +47,8 @@ def build_resnet(cfg, input_shape, num_classes):
     block = residual_unit(cfg.residual)
     cin, _, _ = image_hw(cfg, input_shape)
     check_downsamplings(cfg, input_shape, len(hierarchy) - 1)  # stage 0 keeps the resolution
-    stem = nn.Sequential(nn.Conv2d(cin, cfg.width, 3, 1, 1, bias=False), nn.BatchNorm2d(cfg.width), nn.ReLU(inplace=True))
+    stem = nn.Sequential(nn.Conv2d(cin, cfg.width, 3, 1, 1, bias=False), nn.BatchNorm2d(cfg.width),
+                         nn.ReLU(inplace=True))
     layers, inplanes = [], cfg.width
     for s, n in enumerate(hierarchy):
         planes = cfg.width * 2 ** s

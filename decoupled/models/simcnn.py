@@ -4,7 +4,7 @@ conv3x3+BN+ReLU layers; between stages an invertible downsampling (PixelUnshuffl
 together with the downsampling that precedes it."""
 from torch import nn
 
-from . import Features, batchnorm_on, check_downsamplings, check_hierarchy, conv_bn_relu, image_hw
+from .base import Features, batchnorm_on, check_downsamplings, check_hierarchy, conv_bn_relu, image_hw
 
 
 def build_simcnn(cfg, input_shape, num_classes):

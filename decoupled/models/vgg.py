@@ -3,7 +3,8 @@ VGG19 [2,2,4,4,4], VGG8b [2,2,1,1]). Unit = one conv3x3+BN+ReLU; a 2x2 max-pool 
 stage and belongs to the stage's last unit."""
 from torch import nn
 
-from . import ModelError, Features, batchnorm_on, check_downsamplings, check_dropout, check_hierarchy, conv_bn_relu, image_hw
+from .base import (Features, ModelError, batchnorm_on, check_downsamplings, check_dropout, check_hierarchy,
+                   conv_bn_relu, image_hw)
 
 
 def vgg_channels(cfg, hierarchy):

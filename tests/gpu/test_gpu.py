@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from decoupled.config import load
-from decoupled.engine.dist.transport import handover
+from decoupled.engine.ranks.transport import handover
 from decoupled.train import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -135,13 +135,14 @@ def test_simultaneous_vs_e2e_throughput_vgg11(tmp_path, capsys):
         t0 = time.perf_counter()
         s = train(load(None, sets + [f"train.mode={mode}"]), tmp_path / mode)
         rates[mode] = s["ranks"][0]["samples_per_s"]
-        print(f"{mode}: {rates[mode]:.0f} samples/s ({time.perf_counter() - t0:.1f}s) on {torch.cuda.get_device_name()}")
+        print(f"{mode}: {rates[mode]:.0f} samples/s ({time.perf_counter() - t0:.1f}s) "
+              f"on {torch.cuda.get_device_name()}")
     assert all(r > 0 for r in rates.values())
 
 
 HANDOVER_REUSE = """
 import torch
-from decoupled.engine.dist.transport import handover
+from decoupled.engine.ranks.transport import handover
 side = torch.cuda.Stream()
 with torch.cuda.stream(side):  # the receiver: a message lands in a block of the side stream's pool
     x = torch.ones(1 << 20, device="cuda")
@@ -177,7 +178,7 @@ def test_wait_with_timeout_polls_slower_than_our_completion_poll(tmp_path, capsy
     polls is_completed() with a short backoff, then wait() without a timeout. A world of one: a small
     all-reduce (point-to-point to oneself is not allowed)."""
     import torch.distributed as dist
-    from decoupled.engine.dist.transport import Link
+    from decoupled.engine.ranks.transport import Link
     dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1,
                             device_id=torch.device("cuda", 0))
     try:
@@ -207,10 +208,11 @@ def test_handoff_source_makes_no_host_sync(tmp_path):
     markers, the evaluation with the ensemble votes) without a host sync: the epoch's order goes to
     the device once, from pinned memory, and every gather indexes device data with device ids."""
     import contextlib
-    from decoupled.engine.dist.sources import HandoffCache
-    from decoupled.engine.dist.transport import Kind, Message
+    from decoupled.engine.ranks.sources import HandoffCache
+    from decoupled.engine.ranks.transport import Kind, Message
     from decoupled.engine.run import Run
-    cfg = load(None, SMALL + ["train.mode=async", "train.cache=memory", "train.eval_every=0", "data.eval_batch_size=64"])
+    cfg = load(None, SMALL + ["train.mode=async", "train.cache=memory", "train.eval_every=0",
+                              "data.eval_batch_size=64"])
     bar = SimpleNamespace(update=lambda *a: None)
     run = SimpleNamespace(cfg=cfg, rank=0, device=torch.device("cuda"), out=tmp_path,
                           recorder=SimpleNamespace(log=lambda **kw: None),

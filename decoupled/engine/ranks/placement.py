@@ -166,7 +166,8 @@ def best_split(costs: list[float], k: int, mem: list[float] | None = None, cap: 
                replicas: list[int] | None = None) -> list[int]:
     """Blocks per group (like dist.placement) of the contiguous split of `costs` into `k` non-empty
     groups whose largest summed cost is smallest; with `mem` and `cap`, only splits whose every group
-    sums to at most `cap` bytes; with `replicas`, group g's cost is divided by replicas[g]. Exact (dynamic programming, O(k n^2)); among equal maxima the split
+    sums to at most `cap` bytes; with `replicas`, group g's cost is divided by replicas[g].
+    Exact (dynamic programming, O(k n^2)); among equal maxima the split
     with the earliest, then smallest, first groups wins, so the answer is deterministic."""
     n = len(costs)
     if not 1 <= k <= n:

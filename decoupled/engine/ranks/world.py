@@ -90,7 +90,8 @@ def resolve_backend(cfg: JobConfig) -> tuple[str, torch.device]:
         backend = "nccl" if cuda else "gloo"
     if backend == "nccl":
         if not torch.cuda.is_available():
-            raise ConfigError("dist.backend='nccl' needs CUDA, which is not available; use dist.backend='gloo' or 'auto'")
+            raise ConfigError("dist.backend='nccl' needs CUDA, which is not available; "
+                              "use dist.backend='gloo' or 'auto'")
         if cfg.train.device == "cpu":
             raise ConfigError("dist.backend='nccl' cannot carry train.device='cpu' tensors; use dist.backend='gloo'")
         return backend, torch.device("cuda", local_cuda_index())

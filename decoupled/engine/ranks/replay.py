@@ -52,7 +52,8 @@ class ReplayStats:
         n = max(self.samples, 1)
         return {"received": self.received, "dropped": self.dropped, "evicted": self.evicted,
                 "draws": self.samples, "fresh_draws": self.fresh_draws,
-                "replayed_draws": self.samples - self.fresh_draws, "reuse_at_eviction": {str(k): v for k, v in sorted(self.reuse_hist.items())},
+                "replayed_draws": self.samples - self.fresh_draws,
+                "reuse_at_eviction": {str(k): v for k, v in sorted(self.reuse_hist.items())},
                 "occupancy_mean": self.occupancy_sum / n, "occupancy_max": self.occupancy_max,
                 "staleness_mean": self.staleness_sum / n, "staleness_max": self.staleness_max}
 
