@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,6 +7,15 @@ import torch
 # 2-core CI: one thread per process keeps tests fast and distributed tests from oversubscribing.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Note [torchrun marker] (tests/markers.py): mark the tests that launch torchrun."""
+    from markers import launching
+    for item in items:
+        found = launching(Path(str(item.fspath)))
+        if item.originalname in found or found & set(item.fixturenames):
+            item.add_marker(pytest.mark.torchrun)
 
 
 def _key(cfg: dict) -> str:

@@ -73,6 +73,7 @@ def test_ablate_rejects_a_bad_value_before_running(tmp_path):
     assert not list(tmp_path.glob("*/seed0"))
 
 
+@pytest.mark.torchrun
 def test_ablate_on_torchrun_ranks(tmp_path):
     run(["analysis/ablate.py", "--grid", "replay.capacity=2", *TINY, "--ranks", "2", "--out", str(tmp_path)])
     (row,) = {r["run_dir"]: r for r in read_csv(tmp_path / "ablation.csv")}.values()

@@ -98,6 +98,8 @@ def test_pipeline_row_times_a_ranks_own_epochs(tmp_path):
     assert row["last_block_fresh_samples_per_s"] == pytest.approx(10 * 32 / 8.0)  # over its whole loop
 
 
+@pytest.mark.torchrun
+@pytest.mark.slow
 def test_bench_writes_every_row(tmp_path):
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "decoupled", "bench", "--ranks", "2", "--repeats", "1", "--microbatches", "2",
@@ -139,6 +141,8 @@ def test_bench_writes_every_row(tmp_path):
     assert (out / "bench.png").stat().st_size > 0
 
 
+@pytest.mark.torchrun
+@pytest.mark.slow
 def test_sweep_depth_writes_points(tmp_path):
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "decoupled", "bench", "--sweep", "depth", "--hierarchies", "[1,1]", "--out", str(out),
@@ -163,6 +167,8 @@ def test_bench_refuses_unknown_rows(tmp_path, capsys):
     assert "--rows must be among" in capsys.readouterr().err
 
 
+@pytest.mark.torchrun
+@pytest.mark.slow
 def test_sweep_layouts_compares_even_auto_and_replicas(tmp_path):
     """--sweep layouts: the same sync job laid out evenly, by auto placement, with auto replicas and
     with the config's replicas; each row reports its layout, predictions beside measurements, shares."""

@@ -65,6 +65,7 @@ def straggler(shared_run):
                                 ("upstream", {"train.mode": "async", "replay.budget": "upstream"}))}
 
 
+@pytest.mark.slow
 def test_steps_budget_gives_the_slow_rank_the_sync_step_count(straggler):
     """sync: every block 2 x 32 steps. async "steps": the same, rank 0 streaming fresh data through its
     frozen block until rank 1 is done. async "upstream": rank 1 drops what it cannot take and makes
@@ -84,6 +85,7 @@ def test_steps_budget_gives_the_slow_rank_the_sync_step_count(straggler):
             assert rep["fresh_draws"] + rep["replayed_draws"] == rep["draws"]
 
 
+@pytest.mark.slow
 def test_straggler_drops_upstream_and_replays_downstream(straggler):
     """async: the slow rank drops what it cannot take (and reports it), the fast rank after it replays
     batches (reuse counts > 1); sync trains every batch on every rank. How long upstream is blocked in
@@ -105,6 +107,7 @@ def test_straggler_drops_upstream_and_replays_downstream(straggler):
             assert r["samples_trained"] == 16 * sum(r["optimizer_steps"]), r
 
 
+@pytest.mark.slow
 def test_steps_budget_with_cascade_budgets_streams_until_every_block_is_done(tmp_path):
     """Cascade budgets 1, 3, 5 epochs under "steps": no hand-off (a block's epochs are its own steps),
     the frozen upstream ranks stream on until the last block has made 5 epochs of steps, then stop."""

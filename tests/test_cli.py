@@ -74,6 +74,8 @@ def test_config_error_exit_2(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.torchrun
+@pytest.mark.slow
 def test_readme_main_command(tmp_path):
     """The README's quick-start `... && decoupled train ...   # main job` line runs, as written, on a
     fresh clone (cwd = a folder holding the repository's launch/), writing runs/<timestamp>/: the

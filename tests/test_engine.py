@@ -122,6 +122,7 @@ def test_placement_and_backend_choice(monkeypatch):
                                                    "train.device=cpu"]))[0] == "gloo"
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 1, reason="needs a GPU")
 def test_nccl_sync_equals_simultaneous_on_gpu(tmp_path, shared_reference):
     cfg = {**MLP, "train.device": "cuda"}

@@ -91,6 +91,7 @@ def _dead(p: psutil.Process) -> bool:
     return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sync", "async", "sync-replicas"])
 def test_killed_rank_ends_the_whole_job(tmp_path, mode):
     """A SIGKILLed rank: each peer fails with an error naming it (README: Fault tolerance), then torchrun
@@ -114,6 +115,7 @@ def test_killed_rank_ends_the_whole_job(tmp_path, mode):
         kill_tree(agent)
 
 
+@pytest.mark.slow
 def test_hung_rank_is_named_by_its_peers_within_the_timeout(tmp_path):
     timeout_s = 5
     agent, procs = _long_job(tmp_path, timeout_s=timeout_s)
@@ -160,6 +162,7 @@ def test_checkpoint_into_unwritable_place_is_reported(tmp_path):
         checkpoint.save({}, blocker / "rank0-epoch0.pt")
 
 
+@pytest.mark.slow
 def test_torchrun_restart_resumes_by_itself_bit_for_bit(tmp_path):
     """--max-restarts=1: a rank dies after epoch 1; the restarted job finds its checkpoints and
     ends exactly where an uninterrupted run ends: same accuracies, weights, heads and RNG states."""

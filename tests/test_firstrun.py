@@ -1,5 +1,5 @@
 """What a user sees: `decoupled train --nproc-per-node N`, live per-epoch lines, TensorBoard scalars,
-`decoupled report`, and the README's guide to adding an objective (its template, trained)."""
+`decoupled report`, and the guide to adding an objective, docs/extending.md (its template, trained)."""
 from __future__ import annotations
 
 import json
@@ -157,10 +157,10 @@ def test_report_writes_figures_and_page(two_ranks, tmp_path):
     assert decoupled(["report", str(tmp_path / "nothing-here")]).returncode == 2
 
 
-# ---------------------------------------------------------------------------- the README's guide
+# ---------------------------------------------------------------------------- the extension guide
 def _guide_code() -> str:
-    """The objective file of README "Adding an objective" (its first ```python block)."""
-    text = (REPO / "README.md").read_text()
+    """The objective file of docs/extending.md "Adding an objective" (its first ```python block)."""
+    text = (REPO / "docs" / "extending.md").read_text()
     section = text[text.index("## Adding an objective"):]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
