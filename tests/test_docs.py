@@ -9,7 +9,7 @@ import pytest
 
 from torchrun_utils import REPO
 
-PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+PAGES = [REPO / "README.md", REPO / "tests" / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 
@@ -67,6 +67,11 @@ def test_quick_start_lines_are_marked_once():
     assert len(tests) == 1 and "pytest" in tests[0], tests
 
 
+def _names(text: str, field: str) -> bool:
+    """`field`, "field", `ranks[].field`, `layers[]`, `exit_curve: [...]`: the field in code or quotes."""
+    return bool(re.search(rf"[`\"]([\w\[\].]*\.)?{re.escape(field)}(\[\])?(\.[\w\[\].]*)?[`\":]", text))
+
+
 def test_summary_and_metrics_fields_are_documented(tmp_path):
     """summary.json and metrics.jsonl fields are public interface: every field a run writes is named
     in docs/ (docs/outputs.md, or the page of the feature that adds it)."""
@@ -79,6 +84,5 @@ def test_summary_and_metrics_fields_are_documented(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     kinds = {r["kind"] for r in records}
     docs = "".join(p.read_text() for p in PAGES)  # code blocks included: the summary's schema is one
-    named = lambda f: re.search(rf"[`\"]([\w\[\].]*\.)?{re.escape(f)}(\[\])?(\.[\w\[\].]*)?[`\"]", docs)  # noqa: E731
-    missing = sorted(f for f in fields | kinds if not named(f))
+    missing = sorted(f for f in fields | kinds if not _names(docs, f))
     assert not missing, f"fields a run writes that no docs page names: {missing}"
