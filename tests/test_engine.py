@@ -12,15 +12,12 @@ from decoupled import checkpoint
 from decoupled.config import ConfigError, load
 from decoupled.train import train
 
-from torchrun_utils import (MLP, REPO, assert_same_results, assert_same_states, check, copy_run, env, free_port,
-                            overrides, sets, summary, torchrun)
-
-# conv + batch norm + dropout, cascade budgets 1, 2, 3 epochs: exercises frozen blocks and BN buffers
-VGG = {"data.limit_train": 200, "model.name": "vgg", "model.hierarchy": [1, 1, 1], "model.width": 4,
-       "model.dropout": 0.1, "objective.name": "cascade", "objective.aux_width": 16, "data.batch_size": 32}
+from configs import MLP, VGG_CASCADE
+from torchrun_utils import (REPO, assert_same_results, assert_same_states, check, copy_run, env, free_port, overrides,
+                            sets, summary, torchrun)
 
 
-@pytest.mark.parametrize("cfg,world", [(MLP, 2), (VGG, 3)], ids=["mlp-2ranks-grouped", "vgg-cascade-3ranks"])
+@pytest.mark.parametrize("cfg,world", [(MLP, 2), (VGG_CASCADE, 3)], ids=["mlp-2ranks-grouped", "vgg-cascade-3ranks"])
 def test_sync_equals_simultaneous_bit_for_bit(shared_run, shared_reference, cfg, world):
     ref_dir, ref = shared_reference(cfg)
     run, _ = shared_run(world, {**cfg, "train.mode": "sync"})

@@ -18,10 +18,9 @@ from decoupled.config import ConfigError, load
 from decoupled.engine.ranks.setup import dry_run, handshake
 from decoupled.train import train
 
+from configs import MLP_PLAIN
 from torchrun_utils import (assert_same_results, assert_same_states, check, kill_tree, overrides, sets, summary,
                             torchrun, torchrun_popen, wait_for, workers)
-
-SMALL = {"data.limit_train": 300, "model.widths": [24, 24, 24], "data.batch_size": 32, "train.epochs": 2}
 
 
 # ---------------------------------------------------------------------------- bad input, before training
@@ -31,7 +30,7 @@ SMALL = {"data.limit_train": 300, "model.widths": [24, 24, 24], "data.batch_size
     ({"model.name": "vgg", "model.hierarchy": [1, 1, 1, 1, 1], "model.widths": [150, 150, 150]}, "model.hierarchy"),
 ], ids=["missing-root", "hierarchy-vs-input"])
 def test_bad_input_fails_every_rank_before_training(tmp_path, bad, field):
-    p = torchrun(2, ["--out", str(tmp_path / "r"), *sets({**SMALL, "train.mode": "sync", **bad})], timeout=120)
+    p = torchrun(2, ["--out", str(tmp_path / "r"), *sets({**MLP_PLAIN, "train.mode": "sync", **bad})], timeout=120)
     assert p.returncode != 0
     assert field in p.stderr
     assert not list((tmp_path / "r").glob("checkpoints/*.pt")) and not (tmp_path / "r" / "summary.json").exists()
@@ -64,7 +63,7 @@ def test_dry_run_and_handshake_catch_shape_mismatches():
 # ---------------------------------------------------------------------------- divergence
 
 def test_nan_stops_every_rank_naming_block_and_step(tmp_path):
-    p = torchrun(3, ["--out", str(tmp_path / "nan"), *sets({**SMALL, "train.mode": "sync", "optim.lr": 1e30})],
+    p = torchrun(3, ["--out", str(tmp_path / "nan"), *sets({**MLP_PLAIN, "train.mode": "sync", "optim.lr": 1e30})],
                  timeout=120)
     assert p.returncode != 0
     assert "block 0 step" in p.stderr and "not finite" in p.stderr
@@ -79,7 +78,7 @@ def test_nan_stops_every_rank_naming_block_and_step(tmp_path):
 def _long_job(tmp_path: Path, timeout_s: float, mode: str = "sync", extra: list[str] = ()) -> tuple:
     out = tmp_path / "long"
     replicas = {"dist.replicas": [2, 1]} if mode.endswith("-replicas") else {}  # rank 1 = block group 0's 2nd replica
-    cfg = {**SMALL, "train.mode": mode.removesuffix("-replicas"), "train.epochs": 500, "dist.timeout_s": timeout_s,
+    cfg = {**MLP_PLAIN, "train.mode": mode.removesuffix("-replicas"), "train.epochs": 500, "dist.timeout_s": timeout_s,
            "train.eval_every": 0, **replicas}
     agent = torchrun_popen(3, ["--out", str(out), *sets(cfg)], extra=extra)
     wait_for(lambda: len(checkpoint.epochs(out, 2)) > 0 or agent.poll() is not None, 120, "training to start")
@@ -166,7 +165,7 @@ def test_checkpoint_into_unwritable_place_is_reported(tmp_path):
 def test_torchrun_restart_resumes_by_itself_bit_for_bit(tmp_path):
     """--max-restarts=1: a rank dies after epoch 1; the restarted job finds its checkpoints and
     ends exactly where an uninterrupted run ends: same accuracies, weights, heads and RNG states."""
-    cfg = {**SMALL, "train.epochs": 6, "dist.debug_delay_ms": 60.0}  # the delay only slows; numbers are unchanged
+    cfg = {**MLP_PLAIN, "train.epochs": 6, "dist.debug_delay_ms": 60.0}  # the delay only slows; numbers are unchanged
     ref_dir = tmp_path / "ref"
     ref = train(load(None, overrides({**cfg, "train.mode": "simultaneous"})), ref_dir)
     out = tmp_path / "restarted"
@@ -194,7 +193,7 @@ def test_torchrun_restart_resumes_by_itself_bit_for_bit(tmp_path):
 
 @pytest.mark.parametrize("policy,seed", [("random", 1), ("fifo", 2)])
 def test_async_with_random_delays_finishes_within_bounds(tmp_path, policy, seed):
-    cfg = {**SMALL, "train.mode": "async", "train.seed": seed, "dist.debug_delay_ms": 15.0,
+    cfg = {**MLP_PLAIN, "train.mode": "async", "train.seed": seed, "dist.debug_delay_ms": 15.0,
            "replay.capacity": 2, "replay.max_reuse": 2, "replay.policy": policy}
     check(torchrun(3, ["--out", str(tmp_path / "a"), *sets(cfg)], timeout=180))
     s = summary(tmp_path / "a")

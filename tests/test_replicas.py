@@ -11,13 +11,12 @@ from decoupled.config import ConfigError, load
 from decoupled.engine.ranks.groups import Layout, next_index, share
 from decoupled.engine.ranks.placement import BlockCosts, best_layout, best_replicas, layout
 
-from torchrun_utils import MLP, check, copy_run, sets, summary, torchrun
+from configs import MLP, VGG_CASCADE
+from torchrun_utils import check, copy_run, sets, summary, torchrun
 
 # MLP: 300 samples / 32 = 10 batches an epoch (even rounds); 3 blocks, dropout: per-slot RNG streams
-# conv + BN + dropout, cascade budgets 1, 2, 3: frozen blocks, averaged BN buffers; 200 / 32 = 7
+# VGG_CASCADE: conv + BN + dropout, cascade budgets 1, 2, 3: frozen blocks, averaged BN buffers; 200 / 32 = 7
 # batches an epoch, so a replica pads the last round of every epoch
-VGG = {"data.limit_train": 200, "model.name": "vgg", "model.hierarchy": [1, 1, 1], "model.width": 4,
-       "model.dropout": 0.1, "objective.name": "cascade", "objective.aux_width": 16, "data.batch_size": 32}
 
 
 def assert_replicas_match_reference(ref_dir, dist_dir, lay: Layout, epoch: int) -> None:
@@ -34,7 +33,7 @@ def assert_replicas_match_reference(ref_dir, dist_dir, lay: Layout, epoch: int) 
             assert torch.equal(a["rng_slots"].get(replica, a["rng"])["cpu"], s["rng"]["cpu"])
 
 
-@pytest.mark.parametrize("cfg,replicas", [(MLP, [2, 1]), (VGG, [1, 2])], ids=["mlp-source-replicated",
+@pytest.mark.parametrize("cfg,replicas", [(MLP, [2, 1]), (VGG_CASCADE, [1, 2])], ids=["mlp-source-replicated",
                                                                            "vgg-cascade-sink-replicated"])
 def test_sync_with_replicas_equals_the_accumulating_reference(shared_run, shared_reference, cfg, replicas):
     cfg = {**cfg, "dist.replicas": replicas}

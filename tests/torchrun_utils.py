@@ -8,12 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from configs import MLP  # noqa: F401  (named configs live in configs.py; tests also import MLP from here)
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-# The tests' common 2-3 rank job: 300 / 32 = 10 batches an epoch, 3 blocks, dropout (per-block RNG streams)
-MLP = {"data.limit_train": 300, "model.widths": [24, 24, 24], "model.dropout": 0.1, "train.epochs": 2,
-       "data.batch_size": 32}
 
 
 def free_port() -> int:
