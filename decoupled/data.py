@@ -34,7 +34,7 @@ class Data:
     test: Split
     input_shape: tuple[int, ...]
     num_classes: int
-    val: Split | None = None  # data.val_fraction > 0: held out of the training set (README: validation)
+    val: Split | None = None  # data.val_fraction > 0: held out of the training set (docs/configuration.md: validation)
 
     @property
     def class_counts(self) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Local multi-rank launching, shared by `decoupled train --nproc-per-node N` and `decoupled bench`
 (its sync / async / gpipe rows): torch's own elastic launcher (torch.distributed.run), with the
 semantics and environment of `torchrun --standalone --nproc-per-node N`. On a cluster, call torchrun
-yourself (README: Launching)."""
+yourself (docs/distributed.md: Launching)."""
 from __future__ import annotations
 
 import os

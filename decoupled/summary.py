@@ -1,4 +1,4 @@
-"""summary.json: what a finished run reports (README: Outputs). Per block: accuracy, samples,
+"""summary.json: what a finished run reports (docs/outputs.md). Per block: accuracy, samples,
 epochs, parameters, training and inference FLOPs; per rank: measured memory, time and traffic."""
 from __future__ import annotations
 

@@ -20,9 +20,10 @@ TINY = {"data.name": "synthetic", "data.synthetic_shape": [3, 8, 8], "data.synth
 
 
 def targets(result: dict) -> dict:
-    """The README's targets from a bench.json, against the best baseline of each kind: sync >= 0.85
-    of its bound; sync >= 1.3x the faster pipeline (gpipe or 1f1b, each on its own best split and
-    microbatch count); the largest rank's peak <= 0.6x e2e's and <= e2e-checkpoint's (>= 3 blocks)."""
+    """The bench targets (docs/results/2026-11-26-bench-cpu.md) from a bench.json, against the best
+    baseline of each kind: sync >= 0.85 of its bound; sync >= 1.3x the faster pipeline (gpipe or 1f1b,
+    each on its own best split and microbatch count); the largest rank's peak <= 0.6x e2e's and <=
+    e2e-checkpoint's (>= 3 blocks)."""
     rows = {r["mode"]: r for r in result["rows"] if r.get("samples_per_s")}
     peak = lambda row: max(r["peak_mem_bytes"] for r in row["ranks"])  # noqa: E731
     sync, e2e = rows["sync"], rows["e2e"]
@@ -134,7 +135,7 @@ def test_bench_writes_every_row(tmp_path):
     assert next(r for r in res["rows"] if r["mode"] == "e2e-checkpoint")["ranks"][0]["peak_mem_bytes"] is not None
     assert len(res["stages"]) == 2 and res["bound"] == pytest.approx(bound([s["epoch_s"] for s in res["stages"]]))
     assert {"cpu_count", "torch", "loadavg_start", "loadavg_end"} <= set(res["machine"])
-    # the README's targets are computable from every bench (they live in the README, not the library)
+    # the targets are computable from every bench (they live in docs/results/, not the library)
     assert set(targets(res)) == {"sync_of_bound", "sync_over_best_pipeline", "max_rank_peak_over_e2e_peak",
                                  "max_rank_peak_within_checkpointing"}
     assert "| sync |" in (out / "bench.md").read_text()

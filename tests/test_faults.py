@@ -93,7 +93,7 @@ def _dead(p: psutil.Process) -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sync", "async", "sync-replicas"])
 def test_killed_rank_ends_the_whole_job(tmp_path, mode):
-    """A SIGKILLed rank: each peer fails with an error naming it (README: Fault tolerance), then torchrun
+    """A SIGKILLed rank: each peer fails with an error naming it (docs/fault-tolerance.md), then torchrun
     ends the job non-zero, no orphans. torchrun looks at its workers only every --monitor-interval
     seconds, here longer than dist.timeout_s: the peers must fail by themselves, within dist.timeout_s,
     before torchrun would stop them (with its default 0.1 s it could stop them first, a race)."""

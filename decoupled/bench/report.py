@@ -1,4 +1,4 @@
-"""bench.md and bench.png from a bench result (the README states the targets these numbers meet)."""
+"""bench.md and bench.png from a bench result (docs/results/ states the targets these numbers meet)."""
 from __future__ import annotations
 
 from pathlib import Path
