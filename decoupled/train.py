@@ -18,6 +18,7 @@ from .config import DISTRIBUTED_MODES, ConfigError, JobConfig
 from .data import build_data
 from .device import resolve_device, synchronize
 from .engine.ranks import world as W
+from .engine.ranks.feed import AsyncFeed, SyncFeed
 from .engine.ranks.placement import reference_replication
 from .engine.ranks.setup import build_rank_stages, setup_rank
 from .engine.evaluate import evaluate
@@ -52,8 +53,9 @@ def train(cfg: JobConfig, out: Path | None = None, resume: bool | str = False) -
     out = out or default_out()
     torch.manual_seed(cfg.train.seed)
     data = build_data(cfg.data, cfg.train.seed)
+    replication = reference_replication(cfg.dist) if cfg.train.mode == "simultaneous" else None
     stages = build_rank_stages(cfg, data.input_shape, data.num_classes, device,
-                               replication=reference_replication(cfg), class_counts=data.class_counts)
+                               replication=replication, class_counts=data.class_counts)
     prepare_run_dir(cfg, out, resume)
     run = Run(cfg, data, stages, device, out, Recorder(out / "metrics.jsonl"))
     start = 0
@@ -109,7 +111,7 @@ def train_distributed(cfg: JobConfig, out: Path | None, resume: bool | str) -> d
 
 
 def _train_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World, t_start: float) -> dict | None:
-    setup = setup_rank(cfg, out, resume, world)
+    setup = setup_rank(cfg, out, resume, world, AsyncFeed if cfg.train.mode == "async" else SyncFeed)
     run, pipe = setup.run, setup.pipeline
     memory = PeakMemory(world.device)
     run.live.memory = memory

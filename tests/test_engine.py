@@ -134,16 +134,17 @@ def test_nccl_sync_equals_simultaneous_on_gpu(tmp_path, shared_reference):
 
 
 def test_cascade_handoff_plan():
+    from decoupled.engine.ranks.feed import AsyncFeed, SyncFeed
     from decoupled.engine.ranks.setup import cascade_handoffs
     cfg = load(None, ["train.mode=async", "objective.name=cascade", "objective.cascade_initial_epochs=1",
                       "objective.cascade_epoch_increment=2"])  # budgets 1, 3, 5
-    assert cascade_handoffs(cfg, [[0], [1], [2]], start=0) == [None, None, None]  # "steps": upstream streams on
+    assert cascade_handoffs(cfg, [[0], [1], [2]], 0, AsyncFeed) == [None, None, None]  # "steps": upstream streams on
     cfg.replay.budget = "upstream"
-    assert cascade_handoffs(cfg, [[0], [1], [2]], start=0) == [None, 1, 3]
-    assert cascade_handoffs(cfg, [[0, 1], [2]], start=0) == [None, 3]
-    assert cascade_handoffs(cfg, [[0], [1], [2]], start=4) == [None, None, None]  # resumed late: nothing left
-    cfg.train.mode = "sync"  # sync recomputes: it must equal the single-process trainer bit for bit
-    assert cascade_handoffs(cfg, [[0], [1], [2]], start=0) == [None, None, None]
+    assert cascade_handoffs(cfg, [[0], [1], [2]], 0, AsyncFeed) == [None, 1, 3]
+    assert cascade_handoffs(cfg, [[0, 1], [2]], 0, AsyncFeed) == [None, 3]
+    assert cascade_handoffs(cfg, [[0], [1], [2]], 4, AsyncFeed) == [None, None, None]  # resumed late: nothing left
+    # sync recomputes: it must equal the single-process trainer bit for bit
+    assert cascade_handoffs(cfg, [[0], [1], [2]], 0, SyncFeed) == [None, None, None]
 
 
 def test_async_cascade_serves_cached_pseudo_inputs(tmp_path):

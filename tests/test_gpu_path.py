@@ -11,7 +11,8 @@ import torch.distributed as dist
 
 from decoupled import device as device_mod
 from decoupled.config import load
-from decoupled.engine.ranks import pipeline, receiver as receiver_mod, world
+from decoupled.engine.ranks import feed as feed_mod, pipeline, receiver as receiver_mod, world
+from decoupled.engine.ranks.budget import UpstreamEpochs
 from decoupled.engine.ranks.transport import Kind, Message
 from decoupled.engine.stage import build_stages
 
@@ -40,7 +41,8 @@ def _receiver(monkeypatch, messages, tap=None):
     monkeypatch.setattr(torch.cuda, "set_device", set_device)
     monkeypatch.setattr(receiver_mod, "_current", None, raising=False)
     link = FakeLink(torch.device("cuda", 3), messages, log)
-    r = receiver_mod.Receiver([link], rank=1, cfg=load(None, ["train.mode=sync"]), tap=tap)
+    cfg = load(None, ["train.mode=sync"])
+    r = feed_mod.SyncFeed([link], 1, cfg.dist, cfg.replay, cfg.train.seed, tap=tap)
     r.start()
     got = []
     while not got or got[-1] is None or got[-1].kind != Kind.STOP:
@@ -123,7 +125,7 @@ def test_a_replica_sends_before_it_closes_the_round(monkeypatch):
     stages = build_stages(cfg, (1, 8, 8), 10, torch.device("cpu"), replication=lambda n: ({j: 2 for j in range(n)}, 0))
     for s in stages:
         s.join(None, sync_bn=False)
-    fake = SimpleNamespace(delay=None, stages=stages, _log=None, last_step=0, steps=0, own_epochs=False,
+    fake = SimpleNamespace(delay=None, stages=stages, _log=None, last_step=0, steps=0, budget=UpstreamEpochs(0),
                            _maybe_done=lambda: None,
                            _send_flow=lambda flow, step: events.extend("send" for _ in flow))
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))

@@ -102,7 +102,7 @@ def test_auto_layout_replicates_the_dominant_block():
     costs = BlockCosts([4.0, 1.0, 1.0, 1.0, 1.0], [0.0] * 5, [1e6] * 5, comm_s_per_byte=1e-8)
     assert best_layout(costs, 5, 4) == ([1, 2, 2], [2, 1, 1])
     cfg = load(None, ["train.mode=sync", "dist.placement=auto", "dist.replicas=auto"])
-    assert layout(cfg, 5, 4, costs) == Layout([[0], [1, 2], [3, 4]], [2, 1, 1])
+    assert layout(cfg.dist, 5, 4, costs) == Layout([[0], [1, 2], [3, 4]], [2, 1, 1])
     # a fixed split: spare ranks go to the slowest group
     assert best_replicas(costs, [[0], [1, 2, 3, 4]], 4) == [2, 2]
     # a costly all-reduce keeps one rank per group
@@ -118,7 +118,7 @@ def test_bench_pipelines_ignore_replicas():
 
 def test_bad_replicas_are_refused_before_training(tmp_path):
     with pytest.raises(ConfigError, match="dist.replicas=.2, 2. holds 4 ranks but the world has 3"):
-        layout(load(None, ["train.mode=sync", "dist.replicas=[2, 2]"]), 3, 3)
+        layout(load(None, ["train.mode=sync", "dist.replicas=[2, 2]"]).dist, 3, 3)
     with pytest.raises(ConfigError, match="routing objective"):
         load(None, ["train.mode=sync", "dist.replicas=[2, 1]", "objective.name=quicknet"])
     with pytest.raises(ConfigError, match="replay.budget='steps'"):

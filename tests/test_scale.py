@@ -13,7 +13,7 @@ import torch
 from decoupled import checkpoint
 from decoupled.config import load
 from decoupled.data import Split
-from decoupled.engine.ranks.receiver import Receiver
+from decoupled.engine.ranks.feed import AsyncFeed
 from decoupled.engine.ranks.replay import Entry, ReplayBuffer
 from decoupled.engine.ranks.setup import cascade_handoffs
 from decoupled.engine.ranks.sources import DatasetSource
@@ -66,7 +66,7 @@ def test_cache_auto_with_augmentation_never_freezes_a_view():
     cfg = load(None, ["train.mode=async", "objective.name=cascade", "objective.cascade_epoch_increment=2",
                       "model.name=vgg", "model.hierarchy=[1,1,1]", "data.augment=true", "replay.budget=upstream"])
     assert cfg.train.cache == "auto"
-    assert cascade_handoffs(cfg, [[0], [1], [2]], start=0) == [None, None, None]  # recompute, as sequential does
+    assert cascade_handoffs(cfg, [[0], [1], [2]], 0, AsyncFeed) == [None, None, None]  # recompute, as sequential does
 
 
 # ---------------------------------------------------------------------------- receiver and buffer
@@ -94,7 +94,7 @@ def test_control_queue_is_bounded_under_a_slow_rank():
     evals = [Message(Kind.EVAL, 0, i, x, torch.zeros(4, dtype=torch.int64), torch.arange(4)) for i in range(20)]
     two = 2 * (4 * 8 * 4 + 2 * 4 * 8)  # two messages' bytes: activations, labels, ids
     cfg = load(None, ["train.mode=async", f"replay.eval_buffer_mb={two / 2**20}"])
-    rx = Receiver([FakeLink(evals)], 1, cfg)
+    rx = AsyncFeed([FakeLink(evals)], 1, cfg.dist, cfg.replay, cfg.train.seed)
     rx.start()
     wait_until(lambda: len(rx.control) == 2)
     time.sleep(0.3)  # the training thread handles nothing meanwhile: the receiver must stay blocked
@@ -113,7 +113,7 @@ def test_a_frozen_stream_is_paced_by_the_ranks_draws():
     batch = lambda i, frozen: Message(Kind.TRAIN, 0, i, x, torch.zeros(4, dtype=torch.int64),  # noqa: E731
                                       torch.arange(4), frozen=frozen)
     cfg = load(None, ["train.mode=async", "replay.capacity=8", "replay.max_reuse=0"])
-    rx = Receiver([FakeLink([batch(i, True) for i in range(10)])], 1, cfg)
+    rx = AsyncFeed([FakeLink([batch(i, True) for i in range(10)])], 1, cfg.dist, cfg.replay, cfg.train.seed)
     rx.start()
     wait_until(lambda: len(rx.buffer) == 2)
     time.sleep(0.3)  # nothing drawn meanwhile: the thread must stay held
@@ -122,7 +122,7 @@ def test_a_frozen_stream_is_paced_by_the_ranks_draws():
     rx.picked()
     wait_until(lambda: len(rx.buffer) == 3)
     assert rx.buffer.unused() == 2
-    free = Receiver([FakeLink([batch(i, False) for i in range(6)])], 1, cfg)
+    free = AsyncFeed([FakeLink([batch(i, False) for i in range(6)])], 1, cfg.dist, cfg.replay, cfg.train.seed)
     free.start()
     wait_until(lambda: len(free.buffer) == 6)  # a training upstream's batches all go in
 
@@ -154,6 +154,7 @@ def test_staleness_counts_source_steps_across_epochs(tmp_path):
 def test_epoch_end_logs_replay_stats_even_with_an_empty_buffer(tmp_path):
     """Root cause of the bench's KeyError('replay') race: an empty ReplayBuffer is falsy (__len__),
     and `if self.buffer` dropped the stats from epoch ends at which the buffer happened to be empty."""
+    from decoupled.engine.ranks.budget import UpstreamEpochs
     from decoupled.engine.ranks.pipeline import Pipeline
     from decoupled.engine.run import Run
     from decoupled.metrics import Recorder
@@ -162,7 +163,8 @@ def test_epoch_end_logs_replay_stats_even_with_an_empty_buffer(tmp_path):
                       "train.quiet=true", "model.widths=[6]"])
     stages = build_stages(cfg, (1, 8, 8), 10, torch.device("cpu"))
     run = Run(cfg, None, stages, torch.device("cpu"), None, Recorder(tmp_path / "metrics.jsonl"))
-    rank = Pipeline(run, 1, recv=[FakeLink([])], send=[], source_steps=3)  # a downstream rank, receiver not started
+    feed = AsyncFeed([FakeLink([])], 1, cfg.dist, cfg.replay, cfg.train.seed, source_steps=3)  # not started
+    rank = Pipeline(run, feed, UpstreamEpochs(0), 1, recv=feed.links, send=[], batch_index=lambda step: step)
     assert rank.buffer is not None and len(rank.buffer) == 0 and not rank.buffer
     rank.end_epoch(0)
     run.recorder.close()

@@ -1,21 +1,11 @@
-"""Cached pseudo-inputs (Marquez et al. 2018): a frozen block's outputs over the whole training set,
-computed once and reused every epoch of the next block, in memory or in a .npy file on disk."""
+"""The store of cached pseudo-inputs (Marquez et al. 2018): a frozen block's outputs over the whole
+training set, indexed by sample id, in memory or in a .npy file on disk (frozen.py decides when)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import torch
-
-from ..config import JobConfig
-
-
-def cache_mode(cfg: JobConfig) -> str:
-    """train.cache resolved, the same way in every trainer: "auto" = memory, unless the data is
-    augmented (a frozen block's outputs then change every epoch and must be recomputed)."""
-    if cfg.train.cache == "auto":
-        return "recompute" if cfg.data.augment != "none" else "memory"
-    return cfg.train.cache
 
 
 class PseudoInputs:
@@ -45,18 +35,6 @@ class PseudoInputs:
             path.parent.mkdir(parents=True, exist_ok=True)
             return cls(np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, *shape)), device)
         return cls(torch.empty((n, *shape), dtype=torch.float32, device=device), device)
-
-    @classmethod
-    def compute(cls, stage, source, batch_size: int, where: str, path: Path | None,
-                device: torch.device) -> "PseudoInputs":
-        """Run `source` (the previous PseudoInputs or the raw training tensor) through the frozen
-        stage in eval mode, chunk by chunk."""
-        cache = cls.allocate(len(source), stage.out_shape, where, path, device)
-        for start in range(0, len(source), batch_size):
-            ids = torch.arange(start, min(start + batch_size, len(source)))
-            cache.put(ids, stage.forward(source[ids].to(device)))
-        cache.flush()
-        return cache
 
     def flush(self) -> None:
         if not isinstance(self.store, torch.Tensor):

@@ -15,56 +15,20 @@ training loss; the commitment head's watch its training BCE (engine/early_stop.p
 
 A frozen block's outputs over T_j are computed once, in eval mode, and kept as train.cache says:
 they feed the commitment head, the learned mask and the next block (recompute: pushed through the
-frozen blocks each time, as augmentation needs). Every forward made for training is counted in
-stage.work, so flops.train_flops charges for it.
+frozen blocks each time, as augmentation needs): engine/frozen.py, note [cache or recompute].
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from ...data import Augment, augment_batch, num_batches, resolve_augment
+from ...data import num_batches, resolve_augment
 from ...objectives.quicknet import class_sample_weights
 from ...optim import build_optimizer
 from ...rng import generator
-from ..cache import PseudoInputs, cache_mode
 from ..early_stop import EarlyStopping, monitored_loss
+from ..frozen import FrozenInputs, cache_mode
 from ..run import Run
 from ..stage import Stage
-
-
-class Inputs:
-    """One block's inputs, looked up by training-sample id: the cached outputs of the frozen block
-    before it, or the raw data pushed through the frozen blocks."""
-
-    def __init__(self, raw: torch.Tensor, frozen: list[Stage], cache: PseudoInputs | None, device: torch.device,
-                 augment: Augment | None = None):
-        self.raw, self.frozen, self.cache, self.device = raw, frozen, cache, device
-        self.augment = augment  # resolved data.augment, applied to raw inputs (never to cached ones)
-
-    def get(self, ids: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
-        if self.cache is not None:
-            return self.cache.get(ids)
-        x = self.raw[ids]
-        if g is not None:
-            x = augment_batch(x, g, self.augment.pad, self.augment.flip)
-        x = x.to(self.device)
-        for f in self.frozen:
-            x = f.forward(x)
-            f.work["forward"] += len(ids)
-        return x.float()  # the wire dtype (dist.wire_dtype) back to float32, as a cache stores it
-
-    def after(self, stage: Stage, ids: torch.Tensor, where: str, path: Path | None, chunk: int) -> "Inputs":
-        """The inputs of the block after `stage`, for the samples `ids`: `stage`'s frozen outputs."""
-        if where == "recompute":
-            return Inputs(self.raw, self.frozen + [stage], None, self.device, self.augment)
-        cache = PseudoInputs.allocate(len(self.raw), stage.out_shape, where, path, self.device)
-        for part in ids.split(chunk):
-            cache.put(part, stage.forward(self.get(part)))
-        stage.work["forward"] += len(ids)
-        cache.flush()
-        return Inputs(self.raw, [], cache, self.device, self.augment)
 
 
 def draw(remaining: torch.Tensor, weights: torch.Tensor, seed: int, *names) -> torch.Tensor:
@@ -73,7 +37,7 @@ def draw(remaining: torch.Tensor, weights: torch.Tensor, seed: int, *names) -> t
     return remaining[picks]
 
 
-def train_block(run: Run, s: Stage, inputs: Inputs, remaining: torch.Tensor, weights: torch.Tensor,
+def train_block(run: Run, s: Stage, inputs: FrozenInputs, remaining: torch.Tensor, weights: torch.Tensor,
                 done: int) -> int:
     """Phase 1: block + exit on T_j until early stopping. Returns the epochs of all blocks so far."""
     cfg = run.cfg
@@ -101,7 +65,7 @@ def train_block(run: Run, s: Stage, inputs: Inputs, remaining: torch.Tensor, wei
     return done
 
 
-def train_commitment(run: Run, s: Stage, feats: Inputs, remaining: torch.Tensor, weights: torch.Tensor,
+def train_commitment(run: Run, s: Stage, feats: FrozenInputs, remaining: torch.Tensor, weights: torch.Tensor,
                      correct: torch.Tensor) -> int:
     """Phase 2: the commitment head alone, its own optimizer and early stopping, on the frozen
     block's features of T_j; target = whether the frozen exit predicts the sample right."""
@@ -130,7 +94,7 @@ def train_commitment(run: Run, s: Stage, feats: Inputs, remaining: torch.Tensor,
 
 
 @torch.no_grad()
-def exit_pass(run: Run, s: Stage, feats: Inputs, remaining: torch.Tensor, learned: bool) -> torch.Tensor:
+def exit_pass(run: Run, s: Stage, feats: FrozenInputs, remaining: torch.Tensor, learned: bool) -> torch.Tensor:
     """Eval-mode pass of the frozen exit over T_j: (|T_j|,) bool, whether the exit is right, or
     (learned=True) whether it counts the sample as learned."""
     obj, y_all, parts = s.objective.eval(), run.data.train.y, []
@@ -146,10 +110,10 @@ def exit_pass(run: Run, s: Stage, feats: Inputs, remaining: torch.Tensor, learne
 
 def train_quicknet(run: Run, start_epoch: int = 0) -> None:
     cfg, train = run.cfg, run.data.train
-    where = cache_mode(run.cfg)
+    where = cache_mode(cfg.train, cfg.data)
     counts0 = run.data.class_counts  # |T_0 ∩ c|
     remaining = torch.arange(len(train))  # T_j, as sample ids
-    inputs = Inputs(train.x, [], None, run.device, resolve_augment(cfg.data))
+    inputs = FrozenInputs(train.x, run.device, augment=resolve_augment(cfg.data))
     done = 0  # epochs of all blocks so far: names the checkpoints
     for s in run.stages:
         s.info.update(train_set=len(remaining),

@@ -4,7 +4,7 @@ The network's blocks are cut into consecutive stage groups (dist.placement); gro
 R_g ranks (dist.replicas), its replicas, numbered 0..R_g-1 in rank order. Ranks are numbered group
 after group, so [2, 1, 1] is ranks 0-1 (group 0), rank 2 (group 1), rank 3 (group 2).
 
-Which replica takes what (`share`, `batch_index`): in sync, batch b of an epoch (and evaluation
+Which replica takes what (`share`, by the feed's `batch_index`, feed.py): in sync, batch b of an epoch (and evaluation
 batch b) goes to replica b mod R of every group, so a replica of group g+1 receives batch b from
 replica b mod R_g of group g, and the order in which it reads its upstream links is known in
 advance: runs are deterministic, and an epoch that does not divide by R ends with a padded round
@@ -57,11 +57,6 @@ class Layout:
 def share(index: int, replicas: int) -> int:
     """The replica of a group with `replicas` ranks that takes batch `index` (of an epoch or an evaluation)."""
     return index % replicas
-
-
-def batch_index(step: int, source_steps: int, is_async: bool) -> int:
-    """What a training message's source step `step` (= epoch x S + b) is shared by: b in sync, t in async."""
-    return step if is_async else step % source_steps
 
 
 def next_index(cursor: int, replica: int, replicas: int) -> int:

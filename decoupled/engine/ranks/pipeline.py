@@ -1,66 +1,45 @@
 """The decoupled engine: what one torchrun rank does with its consecutive blocks.
 
-Data flows one way: loader -> rank 0 -> ... -> rank K-1. The source rank (rank 0) turns the
-dataset into a stream of messages (train batches, end-of-epoch, eval batches, end-of-eval, stop;
-sources.py); every other rank reads the same stream from its upstream neighbour (receiver.py),
-trains its blocks on it and passes it on with its own detached output. The handlers below are the
-same on every rank; only where messages come from differs.
+Data flows one way: loader -> rank 0 -> ... -> rank K-1. The source group turns the dataset into a
+stream of messages (train batches, end-of-epoch, eval batches, end-of-eval, stop; sources.py); every
+other rank reads the same stream from its upstream neighbour, trains its blocks on it and passes it
+on with its own detached output. A rank is one loop, `for m in feed: handle(m)`, the same on every
+rank and in both modes (the shape of torch.distributed.pipelining: schedules over one stage API):
+- the feed (feed.py, chosen once at setup) says where messages come from and in what order: the
+  dataset, the sync FIFO, the async replay buffer + control queue, or the cascade hand-off's cache;
+- the budget (budget.py, from replay.budget) says what a block's epoch is: upstream's, ended by the
+  stream's markers, or its own `steps_per_epoch` optimizer steps.
 
 Stage groups (groups.py): a rank is replica i of R of its group. It trains batch b of an epoch
 when b mod R = i (the source group reads only those), sends its output of batch b (and evaluation
 batch b) to replica b mod R' of the next group, and every marker to all of them; its blocks'
 replicas average their gradients every step (replicated.py).
-
-sync:  rank j's step t consumes rank j-1's step-t output, in order. Together with per-block RNG
-       streams (stage.py) and per-(seed, epoch) batches (data.py) this equals the single-process
-       `simultaneous` trainer bit for bit.
-async: the receiver fills a bounded replay buffer while the rank keeps training on samples of it
-       (replay.py). Control messages are handled in order; an end-of-epoch is handled once every
-       batch of that epoch has been trained on or dropped. replay.budget says what a block's epoch
-       is: "upstream" = upstream's (a slow rank drops what it cannot take and makes fewer steps),
-       "steps" = its own `steps_per_epoch` optimizer steps (every block makes its full budget; the
-       sources keep streaming until every rank is done, config/schema.py ReplayConfig).
 """
 from __future__ import annotations
 
 import random
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 from ... import exits
-from ...data import resolve_augment
 from ..run import Run
 from ..stage import drain_chain, feed_chain
+from .budget import OwnSteps, UpstreamEpochs
 from .evaluation import EvalTally
-from .receiver import Receiver
-from .sources import DatasetSource, HandoffCache
-from .groups import batch_index, share
+from .groups import share
 from .transport import Kind, Link, Message, PeerError, handover
 
 
 class Pipeline:
-    def __init__(self, run: Run, total_epochs: int, recv: list[Link], send: list[Link], start_epoch: int = 0,
-                 handoff: HandoffCache | None = None, stop_after: int | None = None, board=None,
-                 source_steps: int = 0, share: tuple[int, int] = (0, 1)):
+    def __init__(self, run: Run, feed: Iterable[Message], budget: UpstreamEpochs | OwnSteps, total_epochs: int,
+                 recv: list[Link], send: list[Link], batch_index: Callable[[int], int], start_epoch: int = 0):
         self.run, self.cfg, self.stages = run, run.cfg, run.stages
         self.rank = run.rank
+        self.feed, self.budget = feed, budget
         self.recv_links, self.send_links = recv, send  # by upstream / downstream replica
-        self.share = share  # (this rank's replica index, its group's replicas)
-        self.source_steps = source_steps  # batches of a source epoch
-        self.is_source = not recv  # reads the dataset (the first stage group)
+        self.batch_index = batch_index  # a training message's source step -> what replicas share it by
         self.is_sink = not send  # the last stage group: scores the ensemble, sends nothing
-        self.is_async = self.cfg.train.mode == "async"
-        # replay.budget="steps": a stage's epoch is steps_per_epoch of its own steps, and this rank
-        # tells the board when all its stages are done (the sources stream until all ranks are)
-        self.own_epochs = self.is_async and self.cfg.replay.budget == "steps"
-        self.board = board
-        self.steps_per_epoch = -(-source_steps // share[1])  # the batches this replica gets per epoch
-        self.total_epochs, self.start_epoch = total_epochs, start_epoch
-        # async cascade: cache upstream's outputs of the hand-off epoch, then be our own source;
-        # stop after epoch `stop_after` because downstream has cached ours by then
-        self.handoff, self.stop_after = handoff, stop_after
-        self.receiver = None if self.is_source else Receiver(recv, self.rank, self.cfg, share, source_steps,
-                                                             tap=handoff.offer if handoff else None)
+        self.total_epochs = total_epochs
         self.epoch = start_epoch  # epochs this rank has completed (tags its outputs)
         self.steps = 0  # messages this rank has trained on
         self.last_step = 0  # source step of the newest batch trained on
@@ -70,7 +49,7 @@ class Pipeline:
 
     @property
     def buffer(self):
-        return self.receiver.buffer if self.receiver else None
+        return self.feed.buffer  # the async feed's replay buffer, else None
 
     # ------------------------------------------------------------------ handlers (same on every rank)
     def handle(self, m: Message) -> bool:
@@ -87,8 +66,7 @@ class Pipeline:
         elif m.kind == Kind.END_EVAL:
             self.end_eval(m.epoch)
         elif m.kind == Kind.STOP:
-            if self.handoff is None or self.handoff.active:  # else: we carry on from the cache
-                self.send(Message(Kind.STOP, m.epoch))
+            self.send(Message(Kind.STOP, m.epoch))
             return False
         return True
 
@@ -101,28 +79,23 @@ class Pipeline:
         self._send_flow(flow, step)
         for s in self.stages:  # replicas: the round's all-reduce and step, after the send (replicated.AllReduce)
             s.settle()
-        if self.own_epochs:
-            self._end_own_epochs()
-
-    def _end_own_epochs(self) -> None:
-        """replay.budget="steps": a stage's epoch is steps_per_epoch of its own steps. The rank stamps
-        each of its own epoch ends (`own_epoch_end`, what the bench times), not only the stream's
-        markers: a rank that replays through its budget before upstream's marker arrives would
-        otherwise show an epoch of marker spacing with no compute in it."""
-        ended = [s for s in self.stages if s.training and s.steps >= (s.epochs_done + 1) * self.steps_per_epoch]
-        for s in ended:
-            s.end_epoch()
+        ended = self.budget.after_step(self.stages)
         if ended:
-            extra = {"replay": self.buffer.stats.as_dict()} if self.buffer is not None else {}
-            self.run.recorder.log(kind="own_epoch_end", rank=self.rank, epoch=ended[0].epochs_done - 1,
-                                  **self.rank_metrics(), **extra)
+            self._own_epoch_end(ended[0].epochs_done - 1)
         self._maybe_done()
 
+    def _own_epoch_end(self, epoch: int) -> None:
+        """budget.OwnSteps: the rank stamps each of its own epoch ends (`own_epoch_end`, what the bench
+        times), not only the stream's markers: a rank that replays through its budget before
+        upstream's marker arrives would otherwise show an epoch of marker spacing with no compute in it."""
+        extra = {"replay": self.buffer.stats.as_dict()} if self.buffer is not None else {}
+        self.run.recorder.log(kind="own_epoch_end", rank=self.rank, epoch=epoch, **self.rank_metrics(), **extra)
+
     def _maybe_done(self) -> None:
-        """replay.budget="steps": once every stage here has made its budget, count this rank in; from
+        """Once every stage here has made its budget early (budget.OwnSteps), count this rank in; from
         then on it only forwards, each buffered batch once (replays would hand downstream stale data)."""
-        if self.own_epochs and not any(s.training for s in self.stages):
-            self.board.mark_done()
+        if self.budget.done(self.stages):
+            self.budget.count_in()
             if self.buffer is not None:
                 self.buffer.max_reuse = 1
 
@@ -131,15 +104,13 @@ class Pipeline:
 
     def _send_flow(self, flow, step: int) -> None:
         """`step`: the source step of the batch these outputs come from (staleness downstream)."""
-        frozen = self.own_epochs and not any(s.training for s in self.stages)  # note [paced frozen stream]
+        frozen = self.budget.done(self.stages)  # note [paced frozen stream]
         for h, y, ids in flow:  # routed samples only; a fully learned batch sends nothing
             self.send(Message(Kind.TRAIN, self.epoch, step, h, y, ids, frozen=frozen))
 
     def end_epoch(self, epoch: int) -> None:
         self._send_flow(drain_chain(self.stages, self._log), self.last_step)  # routed remainders, before the marker
-        for s in self.stages:
-            if s.training and not self.own_epochs:  # own epochs end by step count (train_batch)
-                s.end_epoch()
+        self.budget.at_marker(self.stages)
         self._maybe_done()
         self.epoch = epoch + 1
         self.send(Message(Kind.END_EPOCH, epoch))
@@ -150,7 +121,7 @@ class Pipeline:
         self.run.recorder.log(kind="epoch_end", rank=self.rank, epoch=epoch, **metrics, **extra)
         # the sources evaluate after every eval_every epochs and after the last (not when streaming on
         # for a steps budget): then this epoch's line waits for its test accuracies (a few ms)
-        every = 0 if self.own_epochs and self.stop_after is None else self.cfg.train.eval_every
+        every = self.budget.eval_every(self.cfg.train.eval_every)
         follows = bool(every) and ((epoch + 1) % every == 0 or epoch == self.total_epochs - 1)
         self.run.live.rank_epoch(epoch, self.total_epochs, self.stages, metrics, extra.get("replay"), follows)
         self.run.save_checkpoint(epoch)
@@ -169,7 +140,7 @@ class Pipeline:
         """A batch to the downstream replica that takes it, a marker to every one."""
         links = self.send_links
         if len(links) > 1 and m.kind in (Kind.TRAIN, Kind.EVAL):
-            index = batch_index(m.step, self.source_steps, self.is_async) if m.kind == Kind.TRAIN else m.step
+            index = self.batch_index(m.step) if m.kind == Kind.TRAIN else m.step
             links = [links[share(index, len(links))]]
         for link in links:
             link.send(m)
@@ -185,48 +156,11 @@ class Pipeline:
             raise
 
     def _run_loop(self) -> None:
-        last = self.total_epochs - 1 if self.stop_after is None else self.stop_after
-        # steps budget: stream on until every rank is done, unless downstream caches our outputs
-        more = (lambda: not self.board.all_done()) if self.own_epochs and self.stop_after is None else None
-        if self.is_source:  # trains each batch once in both modes
-            d = self.run.data
-            self.consume(DatasetSource(self.run, d.train, d.test, self.start_epoch, last,
-                                       augment=resolve_augment(self.cfg.data), more=more, share=self.share))
-        else:
-            self.receiver.start()
-            if self.is_async:
-                self.async_loop()
-            else:
-                self.consume(self.receiver.messages())
-        if self.handoff is not None:  # upstream has stopped: carry on from the cache
-            if self.buffer is not None:
-                self.buffer.clear()
-            self.consume(self.handoff.source(last, more))
+        for m in self.feed:
+            if not self.handle(m):
+                break
         for link in self.send_links:
             link.flush()
-
-    def consume(self, messages: Iterable[Message]) -> None:
-        for m in messages:
-            if not self.handle(m):
-                return
-
-    def async_loop(self) -> None:
-        rx = self.receiver
-        while True:
-            rx.check()
-            m = rx.next_control()
-            if m is not None:
-                if not self.handle(m):
-                    return
-                continue
-            e = rx.buffer.pick()
-            if e is not None:
-                rx.picked()  # a paced frozen stream may deliver its next batch
-                handover(e.ready, e.x, e.y, e.ids)
-                e.ready = None
-                self.train_batch(e.x, e.y, e.ids, e.step)
-                continue
-            rx.wait()  # nothing to train on: idle until the receiver thread delivers
 
     # ------------------------------------------------------------------ report
     def rank_metrics(self) -> dict:
@@ -234,7 +168,7 @@ class Pipeline:
         replicated = [s.rounds.comm_s for s in self.stages if s.rounds is not None]
         return {"compute_s": sum(s.compute_s for s in self.stages),
                 "comm_s": sum(link.blocked_s for link in send),
-                "idle_s": self.receiver.idle_s if self.receiver else 0.0,
+                "idle_s": self.feed.idle_s,
                 **({"allreduce_s": sum(replicated)} if replicated else {}),  # replicas: the gradient all-reduces
                 "bytes_sent": sum(link.bytes for link in send), "bytes_recv": sum(link.bytes for link in recv),
                 "steps": self.steps, "optimizer_steps": [s.updates for s in self.stages],

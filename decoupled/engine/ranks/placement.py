@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ...config import ConfigError, JobConfig
+from ...config import ConfigError, DistConfig, JobConfig
 from ...device import synchronize
 from ..stage import build_stages
 from .groups import Layout
@@ -49,17 +49,15 @@ def placement(cfg: JobConfig, num_blocks: int, world: int, costs: list[float] | 
               mem: list[float] | None = None) -> list[list[int]]:
     """Consecutive blocks per rank, one rank per group whatever dist.replicas says (the bench's
     pipelines and per-rank stage timings): see `layout`."""
-    cfg = dataclasses.replace(cfg, dist=dataclasses.replace(cfg.dist, replicas=[]))
-    lay = layout(cfg, num_blocks, world, BlockCosts(costs, mem or [0.0] * num_blocks, [0.0] * num_blocks)
-                 if costs is not None else None)
+    measured = BlockCosts(costs, mem or [0.0] * num_blocks, [0.0] * num_blocks) if costs is not None else None
+    lay = layout(dataclasses.replace(cfg.dist, replicas=[]), num_blocks, world, measured)
     return [lay.blocks[lay.group_of(r)] for r in range(world)]
 
 
-def layout(cfg: JobConfig, num_blocks: int, world: int, costs: BlockCosts | None = None) -> Layout:
+def layout(d: DistConfig, num_blocks: int, world: int, costs: BlockCosts | None = None) -> Layout:
     """The stage groups: dist.placement (blocks per group) and dist.replicas (ranks per group) as given,
     "auto" from measured `costs`, else an even split with one rank per group (earlier groups take the
     remainder). Raises ConfigError before anything trains."""
-    d = cfg.dist
     cap = d.max_stage_mem_mb * MiB
     replicas = d.replicas
     if replicas == "auto":
@@ -245,9 +243,10 @@ def best_layout(costs: BlockCosts, n: int, world: int, cap: float = 0.0) -> tupl
     return counts[::-1], reps[::-1]
 
 
-def reference_replication(cfg: JobConfig):
-    """train.mode="simultaneous" with dist.replicas: build_stages' `replication`, the blocks of each
-    group accumulating as many batches per step as the group has replicas (replicated.Accumulate)."""
-    if cfg.train.mode != "simultaneous" or not any(r > 1 for r in cfg.dist.replicas):
+def reference_replication(d: DistConfig):
+    """The simultaneous trainer with dist.replicas (the reference of sync with replicas): build_stages'
+    `replication`, the blocks of each group accumulating as many batches per step as the group has
+    replicas (replicated.Accumulate). None without replicas."""
+    if not any(r > 1 for r in d.replicas):
         return None
-    return lambda n: (layout(cfg, n, sum(cfg.dist.replicas)).block_replicas(), None)
+    return lambda n: (layout(d, n, sum(d.replicas)).block_replicas(), None)

@@ -60,7 +60,7 @@ class ReplayStats:
 
 class ReplayBuffer:
     """Thread-safe: the receiver thread puts, the training loop samples. It holds only the batches
-    it replays; control messages and waiting belong to the receiver (receiver.py)."""
+    it replays; control messages and waiting belong to the async feed (feed.py)."""
 
     def __init__(self, capacity: int, policy: str, max_reuse: int, seed: int):
         self.capacity, self.policy, self.max_reuse = capacity, policy, max_reuse

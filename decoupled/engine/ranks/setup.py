@@ -6,6 +6,7 @@ its message, and nobody trains unless all can.
 """
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,19 +15,22 @@ import torch
 import torch.distributed as dist
 
 from ...config import ConfigError, JobConfig
-from ...data import Data, build_data
+from ...data import Data, build_data, resolve_augment
 from ...metrics import Recorder
 from ...models import ModelError
 from ...objectives import OBJECTIVES
-from ..cache import cache_mode
+from ..frozen import cache_mode
 from ..run import Run, prepare_run_dir
 from ..stage import Stage, build_stages
 from . import world as W
-from .pipeline import Pipeline
+from .feed import AsyncFeed, SyncFeed
 from .groups import Layout
+from .pipeline import Pipeline
 from .placement import BlockCosts, layout, measure_allreduce, measure_blocks
-from .sources import HandoffCache
+from .sources import DatasetSource, HandoffCache, HandoffFeed
 from .transport import Link
+
+Feed = type[SyncFeed] | type[AsyncFeed]
 
 
 def block_budgets(cfg: JobConfig, num_blocks: int) -> list[int]:
@@ -60,19 +64,20 @@ def handshake(verdicts: list[dict], group: int) -> None:
                               "split does not chain (model.blocks / model.block_sizes / dist.placement)")
 
 
-def cascade_handoffs(cfg: JobConfig, plan: list[list[int]], start: int) -> list[int | None]:
-    """Per stage group: the epoch whose upstream outputs it caches in async mode, or None.
+def cascade_handoffs(cfg: JobConfig, plan: list[list[int]], start: int, feed: Feed) -> list[int | None]:
+    """Per stage group: the epoch whose upstream outputs it caches (async), or None.
 
     Every block upstream of rank r is frozen from epoch U_r = max budget of those blocks on; if
     epochs remain after U_r, rank r caches epoch U_r and its upstream neighbour stops after it.
-    Sync mode recomputes instead: its results must equal the single-process trainer bit for bit.
-    So does replay.budget="steps": there a block's epochs are its own steps, not the stream's, so
+    Sync (a lockstep feed) recomputes instead: its results must equal the single-process trainer bit
+    for bit. So does budget.OwnSteps: there a block's epochs are its own steps, not the stream's, so
     "frozen from epoch U_r" is not known in advance; the frozen upstream ranks keep streaming
     (forward only) until every rank has made its budget."""
     budgets = block_budgets(cfg, sum(len(blocks) for blocks in plan))
     last = max(budgets) - 1
     out: list[int | None] = [None]
-    handoff = cfg.train.mode == "async" and cfg.replay.budget == "upstream" and cache_mode(cfg) != "recompute"
+    handoff = (not feed.lockstep and feed.budget_for(cfg.replay).follows_stream
+               and cache_mode(cfg.train, cfg.data) != "recompute")
     for r in range(1, len(plan)):
         frozen_from = max(max(budgets[: plan[r][0]]), start)
         use = handoff and frozen_from < last
@@ -173,7 +178,7 @@ def _build(cfg: JobConfig, world: W.World, meta: tuple, costs: BlockCosts | None
     found: list[Layout] = []
 
     def select(num_blocks: int) -> list[int]:
-        found.append(layout(cfg, num_blocks, world.size, costs))
+        found.append(layout(cfg.dist, num_blocks, world.size, costs))
         return found[0].blocks[found[0].group_of(rank)]
 
     def replication(num_blocks: int):
@@ -212,20 +217,21 @@ def _align_replicas(stages: list[Stage], world: W.World, lay: Layout) -> None:
         s.load_state_dict(sd)
 
 
-def setup_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World) -> RankSetup:
+def setup_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World, feed: Feed) -> RankSetup:
+    """`feed`: SyncFeed or AsyncFeed, the trainer's choice of order (feed.py)."""
     rank, device = world.rank, world.device
     torch.manual_seed(cfg.train.seed)
     data, meta = _data(cfg, world)
     input_shape, num_classes, n_train, n_test, _ = meta
     costs = _measure(cfg, world, input_shape, num_classes)
     stages, lay = _build(cfg, world, meta, costs, out, resume)
-    group, replica, replicas = lay.group_of(rank), lay.replica_of(rank), lay.replicas[lay.group_of(rank)]
+    group, replicas = lay.group_of(rank), lay.replicas[lay.group_of(rank)]
     if lay.replicas[0] > 1:  # every replica of the source group reads the dataset (seeded: the same)
         with W.agreement(world, "data"):
             if group == 0 and data is None:
                 data = build_data(cfg.data, cfg.train.seed)
     steps = -(-n_train // cfg.data.batch_size)  # source batches per epoch
-    if cfg.dist.sync_bn and cfg.train.mode == "sync" and any(steps % r for r in lay.replicas):
+    if cfg.dist.sync_bn and feed.lockstep and any(steps % r for r in lay.replicas):
         raise ConfigError(f"dist.sync_bn=true with dist.replicas={lay.replicas}: an epoch of {steps} batches does "
                           "not divide by every group's replicas, and a replica padding the last round would skip "
                           "SyncBatchNorm's collectives; choose data.batch_size / data.limit_train so it divides")
@@ -233,8 +239,8 @@ def setup_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World) ->
     for s in stages:
         if s.rounds is not None:
             s.join(world.replica_group, cfg.dist.sync_bn)
-            # sync: the group's rounds per epoch; async epochs end by step count, without padding
-            s.epoch_rounds = -(-steps // replicas) if cfg.train.mode == "sync" else None
+            # lockstep: the group's rounds per epoch; async epochs end by step count, without padding
+            s.epoch_rounds = -(-steps // replicas) if feed.lockstep else None
     predicted = None
     if costs is not None:  # each group's predicted seconds per epoch
         predicted = [costs.group_s(g, r) * steps for g, r in zip(lay.blocks, lay.replicas)]
@@ -244,17 +250,36 @@ def setup_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World) ->
     run = Run(cfg, data, stages, device, out, Recorder(out / "metrics.jsonl"), rank=rank,
               distributed=True)
     start = _resume_epoch(run, world, resume, out) if resume else 0
-    if start and cfg.train.mode == "async" and world.replica_group is not None:
+    if start and not feed.lockstep and world.replica_group is not None:
         _align_replicas(stages, world, lay)
+    pipe = _pipeline(run, world, lay, feed, start, steps, (n_train, n_test, num_classes))
+    return RankSetup(run, pipe, lay, predicted)
+
+
+def _pipeline(run: Run, world: W.World, lay: Layout, feed: Feed, start: int, steps: int, sizes: tuple) -> Pipeline:
+    """This rank's links, budget and feed (the dataset, upstream's stream, or that and then the
+    cascade hand-off's cache), and the pipeline over them."""
+    cfg, rank, device = run.cfg, world.rank, world.device
+    group, replica, replicas = lay.group_of(rank), lay.replica_of(rank), lay.replicas[lay.group_of(rank)]
     t = cfg.dist
     wire = max(cfg.data.batch_size, cfg.data.eval_batch_size)
     recv = [Link(world.recv_groups[u], u, device, t.timeout_s, wire, t.max_inflight) for u in lay.upstream(rank)]
     send = [Link(world.send_groups[d], d, device, t.timeout_s, wire, t.max_inflight) for d in lay.downstream(rank)]
-    handoffs = cascade_handoffs(cfg, lay.blocks, start)  # per group (never with replicas: config rules)
-    handoff = (HandoffCache(run, handoffs[group], n_train, n_test, num_classes)
-               if handoffs[group] is not None else None)
     epochs = max(block_budgets(cfg, sum(len(p) for p in lay.blocks)))
-    pipe = Pipeline(run, epochs, recv, send, start_epoch=start, handoff=handoff,
-                    stop_after=handoffs[group + 1] if group + 1 < len(lay.blocks) else None, board=world.board,
-                    source_steps=steps, share=(replica, replicas))
-    return RankSetup(run, pipe, lay, predicted)
+    handoffs = cascade_handoffs(cfg, lay.blocks, start, feed)  # per group (never with replicas: config rules)
+    stop_after = handoffs[group + 1] if group + 1 < len(lay.blocks) else None  # downstream caches ours by then
+    last = epochs - 1 if stop_after is None else stop_after
+    budget = feed.budget_for(cfg.replay).start(last, -(-steps // replicas), world.board)
+    index = functools.partial(feed.batch_index, source_steps=steps)
+    if not recv:  # the source group reads the dataset
+        d = run.data
+        source = DatasetSource(run, d.train, d.test, start, last, augment=resolve_augment(cfg.data),
+                               more=budget.more, share=(replica, replicas), batch_index=feed.batch_index)
+        return Pipeline(run, source, budget, epochs, recv, send, index, start)
+    handoff = None
+    if handoffs[group] is not None:
+        handoff = HandoffCache(run, handoffs[group], cache_mode(cfg.train, cfg.data), *sizes)
+    upstream = feed(recv, rank, cfg.dist, cfg.replay, cfg.train.seed, (replica, replicas), steps,
+                    tap=handoff.offer if handoff else None)
+    source = HandoffFeed(upstream, handoff, last, budget.more) if handoff else upstream
+    return Pipeline(run, source, budget, epochs, recv, send, index, start)

@@ -1,21 +1,20 @@
-"""Where a rank's messages come from when it has no upstream to read: the dataset (rank 0), or,
-after the async cascade hand-off, its cache of upstream's frozen outputs.
+"""Where a rank's messages come from when it has no upstream to read: the dataset (the source
+group), or, after the async cascade hand-off, its cache of upstream's frozen outputs.
 
 Cascade budgets in async (layer l trains i0 + k*l epochs): once every block upstream of a rank is
-frozen, its outputs are fixed pseudo-inputs. The rank caches one full epoch of them (train and
-test, with the upstream heads' ensemble votes), the upstream ranks stop, and the rank carries on as
-its own data source from the cache, exactly as rank 0 does from the dataset.
+frozen, its outputs are fixed pseudo-inputs (engine/frozen.py). The rank caches one full epoch of
+them (train and test, with the upstream heads' ensemble votes), the upstream ranks stop, and the
+rank carries on as its own data source from the cache, exactly as rank 0 does from the dataset.
 """
 from __future__ import annotations
 
-from typing import Iterator
-
-import torch
+from typing import Callable, Iterator
 
 from ...data import Augment, Split, batches
-from ..cache import PseudoInputs, cache_mode
+from ..frozen import StreamedInputs
 from ..run import Run
 from .groups import share
+from .receiver import Receiver
 from .transport import Kind, Message, PeerError
 
 
@@ -36,15 +35,19 @@ class DatasetSource:
     """A split pair as the message stream every rank understands: train batches of each epoch, its
     end-of-epoch marker, an evaluation after every `eval_every` epochs and after the last, then STOP.
 
-    `more` (replay.budget="steps"): after epoch `last`, keep streaming further epochs (through frozen
+    `more` (budget.OwnSteps): after epoch `last`, keep streaming further epochs (through frozen
     blocks) while more() is true, that is until every rank has made its budget of steps; test
     accuracy is then measured once, at the end, when every block is final."""
 
+    buffer, idle_s = None, 0.0  # a feed's report (feed.py): no replay buffer, never waits on a peer
+
     def __init__(self, run: Run, train: Split, test: Split, start: int, last: int, test_aux=None,
-                 augment: Augment | None = None, more=None, share: tuple[int, int] = (0, 1)):
+                 augment: Augment | None = None, more=None, share: tuple[int, int] = (0, 1),
+                 batch_index: Callable[[int, int], int] | None = None):
         self.run, self.train, self.test = run, train, test
         self.start, self.last, self.test_aux, self.augment, self.more = start, last, test_aux, augment, more
         self.share = share  # (replica, replicas) of the source group: this rank streams its share (groups.py)
+        self.batch_index = batch_index  # the feed class's: what replicas share a batch by
 
     def _keep(self, epoch: int, steps: int):
         """Which batches of `epoch` this replica streams (data.batches still draws every batch's
@@ -52,8 +55,7 @@ class DatasetSource:
         replica, replicas = self.share
         if replicas == 1:
             return None
-        first = epoch * steps if self.run.cfg.train.mode == "async" else 0  # groups.batch_index
-        return lambda b: share(first + b, replicas) == replica
+        return lambda b: share(self.batch_index(epoch * steps + b, steps), replicas) == replica
 
     def _epochs(self) -> Iterator[int]:
         # No cap on the extra epochs: how many a slow rank needs is the speed ratio of the ranks, which
@@ -104,42 +106,47 @@ class HandoffCache:
     """Async cascade: upstream's outputs of epoch `epoch` (memory or disk, train.cache), filled by
     the receiver thread (`offer`), then served as this rank's own source."""
 
-    def __init__(self, run: Run, epoch: int, n_train: int, n_test: int, num_classes: int):
+    def __init__(self, run: Run, epoch: int, where: str, n_train: int, n_test: int, num_classes: int):
         self.run, self.epoch = run, epoch
-        self.sizes = {"train": n_train, "test": n_test}
-        self.num_classes = num_classes
-        self.x: dict[str, PseudoInputs] = {}
-        self.y: dict[str, torch.Tensor] = {}
-        self.test_aux: torch.Tensor | None = None
-        self.active = False  # this rank is now its own source
+        path = run.out / "cache"  # where="disk" ("memory" otherwise: a hand-off only happens when it caches)
+        self.splits = {split: StreamedInputs(n, where, path / f"rank{run.rank}-{split}.npy", run.device, votes)
+                       for split, n, votes in (("train", n_train, 0), ("test", n_test, num_classes))}
 
     def offer(self, m: Message) -> None:
-        if m.epoch != self.epoch:
-            return
-        split = "train" if m.kind == Kind.TRAIN else "test"
-        run = self.run
-        if split not in self.x:
-            n = self.sizes[split]
-            where = cache_mode(run.cfg)  # "memory" or "disk": a hand-off only happens when it caches
-            path = run.out / "cache" / f"rank{run.rank}-{split}.npy"
-            self.x[split] = PseudoInputs.allocate(n, m.x.shape[1:], where, path, run.device)
-            self.y[split] = torch.full((n,), -1, dtype=torch.int64, device=run.device)
-            if split == "test":
-                self.test_aux = torch.zeros((n, self.num_classes), device=run.device)
-        self.x[split].put(m.ids, m.x)
-        self.y[split][m.ids] = m.y
-        if m.aux is not None:
-            self.test_aux[m.ids] = m.aux
+        if m.epoch == self.epoch:
+            self.splits["train" if m.kind == Kind.TRAIN else "test"].put(m.ids, m.x, m.y, m.aux)
 
     def source(self, last: int, more=None) -> DatasetSource:
         """Every sample once an epoch, from the epoch after the hand-off to `last`."""
-        for split in ("train", "test"):
-            if split not in self.x or bool((self.y[split] < 0).any()):
+        for split, inputs in self.splits.items():
+            if not inputs.complete():
                 raise PeerError(f"rank {self.run.rank}: the cached {split} pseudo-inputs of epoch {self.epoch} "
                                 "are incomplete; upstream did not send every sample once")
-            self.x[split].flush()
-        self.active = True
-        self.run.recorder.log(kind="cache", rank=self.run.rank, epoch=self.epoch, train=len(self.y["train"]),
-                              test=len(self.y["test"]))
-        return DatasetSource(self.run, Split(self.x["train"], self.y["train"]), Split(self.x["test"], self.y["test"]),
-                             self.epoch + 1, last, test_aux=self.test_aux, more=more)
+        train, test = self.splits["train"].split(), self.splits["test"].split()
+        self.run.recorder.log(kind="cache", rank=self.run.rank, epoch=self.epoch, train=len(train), test=len(test))
+        return DatasetSource(self.run, train, test, self.epoch + 1, last, test_aux=self.splits["test"].aux, more=more)
+
+
+class HandoffFeed:
+    """The async cascade hand-off as a feed: upstream's messages until its STOP (upstream has stopped
+    after the epoch this rank caches), then the cache's, epoch after epoch to `last`."""
+
+    def __init__(self, upstream: Receiver, cache: HandoffCache, last: int, more=None):
+        self.upstream, self.cache, self.last, self.more = upstream, cache, last, more
+
+    @property
+    def buffer(self):
+        return self.upstream.buffer
+
+    @property
+    def idle_s(self) -> float:
+        return self.upstream.idle_s
+
+    def __iter__(self) -> Iterator[Message]:
+        for m in self.upstream:
+            if m.kind == Kind.STOP:
+                break
+            yield m
+        if self.buffer is not None:
+            self.buffer.clear()  # what upstream sent before it stopped: the cache takes over
+        yield from self.cache.source(self.last, self.more)
