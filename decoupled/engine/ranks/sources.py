@@ -49,12 +49,15 @@ class DatasetSource:
         self.share = share  # (replica, replicas) of the source group: this rank streams its share (groups.py)
         self.batch_index = batch_index  # the feed class's: what replicas share a batch by
 
-    def _keep(self, epoch: int, steps: int):
-        """Which batches of `epoch` this replica streams (data.batches still draws every batch's
-        random numbers, so each batch is the same whichever replica streams it), or None: all."""
+    def _keep(self, epoch: int | None, steps: int = 0):
+        """Which batches of training epoch `epoch` (None: of an evaluation, shared by batch index) this
+        replica streams (data.batches still draws every batch's random numbers, so each batch is the
+        same whichever replica streams it), or None: all."""
         replica, replicas = self.share
         if replicas == 1:
             return None
+        if epoch is None:
+            return lambda b: share(b, replicas) == replica
         return lambda b: share(self.batch_index(epoch * steps + b, steps), replicas) == replica
 
     def _epochs(self) -> Iterator[int]:
@@ -96,7 +99,7 @@ class DatasetSource:
         yield Message(Kind.STOP, self.last if final is None else final)
 
     def _evaluation(self, epoch: int) -> Iterator[Message]:
-        for b in batches(self.test, self.run.cfg.data.eval_batch_size, shuffle=False, keep=self._keep(0, 0)):
+        for b in batches(self.test, self.run.cfg.data.eval_batch_size, shuffle=False, keep=self._keep(None)):
             aux = None if self.test_aux is None else self.test_aux[b.ids]
             yield Message(Kind.EVAL, epoch, b.step, *self.run.to_device(b.x, b.y, b.ids), aux=aux)
         yield Message(Kind.END_EVAL, epoch)
