@@ -69,6 +69,37 @@ def test_cache_auto_with_augmentation_never_freezes_a_view():
     assert cascade_handoffs(cfg, [[0], [1], [2]], 0, AsyncFeed) == [None, None, None]  # recompute, as sequential does
 
 
+def test_handoff_feed_carries_on_from_the_cache_after_upstream_stops(tmp_path):
+    """The async cascade hand-off as a feed: upstream's messages up to (not including) its STOP, the
+    tap's cache of the hand-off epoch filled on the way; then the cache's epochs, ending in one STOP."""
+    from decoupled.engine.ranks.sources import HandoffCache, HandoffFeed
+    from decoupled.engine.run import Run
+    from decoupled.metrics import Recorder
+    cfg = load(None, ["data.batch_size=4", "train.eval_every=0", "train.quiet=true"])
+    run = Run(cfg, None, [], torch.device("cpu"), tmp_path, Recorder(None))
+    cache = HandoffCache(run, 0, "memory", n_train=6, n_test=3, num_classes=2)
+    y = torch.zeros(6, dtype=torch.int64)
+    upstream = [Message(Kind.TRAIN, 0, 0, torch.ones(6, 5), y, torch.arange(6)), Message(Kind.END_EPOCH, 0),
+                Message(Kind.EVAL, 0, 0, torch.ones(3, 5), y[:3], torch.arange(3), torch.zeros(3, 2)),
+                Message(Kind.END_EVAL, 0), Message(Kind.STOP, 0)]
+
+    class Upstream(list):  # the upstream feed, with the tap the receiver thread would call
+        buffer, idle_s = None, 0.0
+
+        def __iter__(self):
+            for m in list.__iter__(self):
+                if m.kind in (Kind.TRAIN, Kind.EVAL):
+                    cache.offer(m)
+                yield m
+
+    got = [(m.kind, m.epoch) for m in HandoffFeed(Upstream(upstream), cache, last=2)]
+    assert got[:4] == [(m.kind, m.epoch) for m in upstream[:4]]  # upstream's, without its STOP
+    rest = got[4:]
+    assert [e for k, e in rest if k == Kind.END_EPOCH] == [1, 2]  # the cache serves epochs 1..last
+    assert sum(k == Kind.TRAIN for k, _ in rest) == 2 * 2 and rest[-1] == (Kind.STOP, 2)
+    assert [k for k, _ in got].count(Kind.STOP) == 1
+
+
 # ---------------------------------------------------------------------------- receiver and buffer
 
 class FakeLink:
