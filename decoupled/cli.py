@@ -111,18 +111,19 @@ def _train_config(args):
 def _launch_train(args, raw: list[str]) -> int:
     """`decoupled train --nproc-per-node N ...`: validate once here, then N workers under torch's
     elastic agent, all writing one run directory; then the e2e comparison if asked."""
-    from .config import DISTRIBUTED_MODES
     from .launch import launch, strip_flag
+    from .trainers import TRAINERS
     n = args.nproc_per_node
     try:
         if n < 1:
             raise ConfigError(f"--nproc-per-node {n}: expected a number of ranks >= 1")
         cfg, out = _train_config(args)
-        if n > 1 and cfg.train.mode not in DISTRIBUTED_MODES:
+        distributed = TRAINERS[cfg.train.mode].distributed
+        if n > 1 and not distributed:
             raise ConfigError(f"--nproc-per-node {n} with train.mode={cfg.train.mode!r}, which runs in one process: "
                               "add --set train.mode=sync (or async)")
         reps = cfg.dist.replicas
-        if isinstance(reps, list) and reps and sum(reps) != n and cfg.train.mode in DISTRIBUTED_MODES:
+        if isinstance(reps, list) and reps and sum(reps) != n and distributed:
             raise ConfigError(f"dist.replicas={reps} holds {sum(reps)} ranks but --nproc-per-node is {n}; make "
                               f"them agree (--nproc-per-node {sum(reps)})")
     except ConfigError as e:

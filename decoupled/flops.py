@@ -93,14 +93,14 @@ def _count_stage(stage, batch: int) -> dict[str, float]:
     return {k: v / batch for k, v in costs.items()}
 
 
-def train_flops(stages, mode: str, num_blocks: int, batch: int = 64) -> list[float]:
-    """Training FLOPs of each stage: its local steps (end-to-end steps in e2e mode) times the
+def train_flops(stages, end_to_end: bool, num_blocks: int, batch: int = 64) -> list[float]:
+    """Training FLOPs of each stage: its local steps (end-to-end steps when end_to_end) times the
     samples it trained on, plus its counted extra work. A function of the stages alone, so a
     rank of the distributed engine can report its own and rank 0 can add them up."""
     out = []
     for s in stages:
         c = stage_costs(s, batch)
-        step = c["e2e_step"] + c["e2e_head"] * (s.index == num_blocks - 1) if mode == "e2e" else c["step"]
+        step = c["e2e_step"] + c["e2e_head"] * (s.index == num_blocks - 1) if end_to_end else c["step"]
         out.append(s.samples * step + sum(n * c[kind] for kind, n in s.work.items()))
     return out
 

@@ -22,9 +22,10 @@ def layers(stages, layer_acc: dict[int, float], val_acc: dict[int, float] | None
              "out_shape": list(s.out_shape), **s.info} for s in stages]
 
 
-def costs(cfg: JobConfig, stages, layer_rows: list[dict]) -> dict:
-    """Training FLOPs per block and in total, inference FLOPs per exit (flops.py), into `layer_rows`."""
-    per_block = train_flops(stages, cfg.train.mode, len(stages), cfg.data.batch_size)
+def costs(cfg: JobConfig, stages, layer_rows: list[dict], end_to_end: bool = False) -> dict:
+    """Training FLOPs per block and in total, inference FLOPs per exit (flops.py), into `layer_rows`.
+    end_to_end: the stages trained as one network (the trainer's capability, flops.train_flops)."""
+    per_block = train_flops(stages, end_to_end, len(stages), cfg.data.batch_size)
     per_exit = inference_flops(stages, [exits.uses_commitment(s) for s in stages], cfg.data.batch_size)
     for layer, t, i in zip(layer_rows, per_block, per_exit):
         layer.update(train_flops=t, inference_flops=i)

@@ -11,8 +11,8 @@ from torch import nn
 from decoupled.engine.ranks.placement import best_split
 from decoupled.config import ConfigError, JobConfig, load
 from decoupled.data import build_data, stratified_holdout
-from decoupled.engine.early_stop import EarlyStopping
-from decoupled.engine.loops.e2e import e2e_loss
+from decoupled.trainers.epoch_policy import EarlyStopping
+from decoupled.trainers.e2e import e2e_loss
 from decoupled.models import build_model
 from decoupled.objectives import OBJECTIVES, build_objective
 from decoupled.optim import build_optimizer, build_scheduler

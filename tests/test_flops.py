@@ -105,5 +105,5 @@ def test_train_flops_counts_work():
     stages[0].samples, stages[1].samples = 10, 4
     stages[1].work.update(forward=3, exit=2)
     c = [stage_costs(s) for s in stages]
-    assert train_flops(stages, "sequential", 2) == [10 * c[0]["step"], 4 * c[1]["step"] + 3 * c[1]["forward"]
+    assert train_flops(stages, False, 2) == [10 * c[0]["step"], 4 * c[1]["step"] + 3 * c[1]["forward"]
                                                     + 2 * c[1]["exit"]]

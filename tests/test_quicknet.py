@@ -9,8 +9,8 @@ import torch
 
 from decoupled import cli, exits
 from decoupled.config import ConfigError, load
-from decoupled.engine.early_stop import EarlyStopping
-from decoupled.engine.loops.quicknet import draw
+from decoupled.trainers.epoch_policy import EarlyStopping
+from decoupled.trainers.quicknet import draw
 from decoupled.engine.stage import build_stages
 from decoupled.objectives import LocalOutput
 from decoupled.objectives.quicknet import class_sample_weights, confidence

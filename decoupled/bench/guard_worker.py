@@ -24,7 +24,7 @@ def e2e_overhead(out: str) -> None:
     same network, batches of the same size, SGD with the same settings, no augmentation, no
     evaluation)."""
     from ..data import build_data
-    from ..engine.loops import train_e2e
+    from ..trainers.e2e import E2E
     from ..engine.run import Run
     from ..engine.stage import build_stages
     from ..metrics import Recorder
@@ -43,7 +43,7 @@ def e2e_overhead(out: str) -> None:
             with tempfile.TemporaryDirectory() as d:
                 stages = build_stages(cfg, data.input_shape, data.num_classes, cpu)
                 run = Run(cfg, data, stages, cpu, Path(d), Recorder(Path(d) / "metrics.jsonl"))
-                train_e2e(run)
+                E2E(cfg).train(run)
                 run.recorder.close()
                 stamps = [m["time_s"] for m in read_jsonl(Path(d) / "metrics.jsonl") if m.get("kind") == "step"]
             e2e += timed(stamps[:1 + TIMED])  # stamps[0] closes the warm-up epoch

@@ -1,12 +1,13 @@
 """The state a training loop works on, and what hangs off it: metrics, evaluation, checkpoints.
 
-The loops (engine/loops/) only decide the order of work; they call `log_step` and `end_epoch`
+The trainers' loops (trainers/) only decide the order of work; they call `log_step` and `end_epoch`
 here and never touch files themselves.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,6 +32,9 @@ class Run:
     distributed: bool = False  # a torchrun rank (its lines say which)
     last_eval: dict = field(default_factory=dict)
     eval_fresh: bool = False  # last_eval still describes the current weights
+    # the trainer, whose epoch policy (plateau rules, early stopping) is checkpointed with the stages:
+    # state_dict() / load_state_dict() (trainers/base.py); None: no policy state (the torchrun ranks)
+    policy: Any = None
 
     def __post_init__(self):
         t = self.cfg.train
@@ -83,7 +87,8 @@ class Run:
     def save_checkpoint(self, epoch: int) -> None:
         """The checkpointer decides whether (train.checkpoint, a run directory) and what to keep."""
         self.checkpointer.save(epoch, lambda: {"epoch": epoch, "rank": self.rank,
-                                               "stages": [s.state_dict() for s in self.stages]})
+                                               "stages": [s.state_dict() for s in self.stages],
+                                               **({"policy": self.policy.state_dict()} if self.policy else {})})
 
     def load_checkpoint(self, epoch: int) -> None:
         self.load_state(self.checkpointer.load(epoch, map_location=self.device))
@@ -91,6 +96,8 @@ class Run:
     def load_state(self, state: dict) -> None:
         for s, sd in zip(self.stages, state["stages"], strict=True):
             s.load_state_dict(sd)
+        if self.policy is not None and state.get("policy"):
+            self.policy.load_state_dict(state["policy"])
 
     @property
     def frozen_after(self) -> int:

@@ -18,7 +18,6 @@ from ..models import build_model
 from ..objectives import OBJECTIVES, Objective, build_objective
 from ..optim import build_optimizer, build_scheduler
 from ..rng import RngState, derive_seed
-from .early_stop import EarlyStopping
 from .replicated import Accumulate, AllReduce
 
 
@@ -57,11 +56,6 @@ class Stage:
         lr = cfg.optim.lr * cfg.optim.block_lr_decay ** index
         self.optimizer = build_optimizer(self.local_parameters(), cfg.optim, lr)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, epochs)
-        # train.plateau_factor in the modes whose blocks train to a budget (cascade's /10 rule): the
-        # loop steps it once per epoch with the block's monitored loss (early_stop.monitored_loss)
-        self.plateau = (EarlyStopping(self.optimizer, cfg.train)
-                        if cfg.train.plateau_factor < 1.0 and cfg.train.mode in ("sequential", "simultaneous")
-                        else None)
         # dist.replicas (replicated.py): R > 1 takes one step per R batches; `replica` None = this
         # process plays every replica's slot (the simultaneous reference), else it is that replica of
         # its stage group, whose process group `join` gives it once the ranks are connected
@@ -249,8 +243,7 @@ class Stage:
                 "rng": self.rng.state_dict(), "epochs_done": self.epochs_done, "steps": self.steps,
                 "updates": self.updates, "rng_slots": {k: r.state_dict() for k, r in self.rngs.items()},
                 "samples": self.samples, "epoch_samples": self.epoch_samples, "work": dict(self.work),
-                "router": self.router.state_dict() if self.router else None,
-                "plateau": self.plateau.state_dict() if self.plateau else None}
+                "router": self.router.state_dict() if self.router else None}
 
     def load_state_dict(self, sd: dict) -> None:
         assert sd["index"] == self.index, f"checkpoint of block {sd['index']} loaded into block {self.index}"
@@ -267,8 +260,6 @@ class Stage:
         self.epochs_done, self.steps, self.samples = sd["epochs_done"], sd["steps"], sd["samples"]
         self.updates = sd.get("updates", self.steps)
         self.epoch_samples, self.work = list(sd.get("epoch_samples", [])), Counter(sd.get("work", {}))
-        if self.plateau is not None and sd.get("plateau"):
-            self.plateau.load_state_dict(sd["plateau"])
         if self.router is not None and sd.get("router"):
             self.router.load_state_dict(sd["router"])
 

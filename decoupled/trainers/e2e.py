@@ -16,26 +16,46 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ...data import batches, num_batches, resolve_augment
-from ...optim import build_optimizer, build_scheduler
-from ...objectives import LocalOutput
-from ..early_stop import EarlyStopping, monitored_loss
-from ..run import Run
+from ..data import batches, num_batches, resolve_augment
+from ..engine.run import Run
+from ..objectives import LocalOutput
+from ..optim import build_optimizer, build_scheduler
+from .base import Trainer
+from .epoch_policy import monitored_loss
 
 
-def train_e2e(run: Run, start_epoch: int = 0) -> None:
-    cfg, stages = run.cfg, run.stages
-    last = stages[-1]
-    params = [p for s in stages for p in s.block.parameters()] + list(last.objective.local_parameters())
-    opt = build_optimizer(params, cfg.optim, cfg.optim.lr)
-    sched = build_scheduler(opt, cfg.optim, cfg.train.epochs)
-    stop = EarlyStopping(opt, cfg.train)
-    scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.train.precision == "fp16")
-    torch.manual_seed(cfg.train.seed)  # e2e has one RNG stream (dropout) for the whole network
-    steps = num_batches(len(run.data.train), cfg.data.batch_size)
-    last_epoch = cfg.train.epochs - 1
-    for epoch in range(start_epoch, cfg.train.epochs):
+class E2E(Trainer):
+    mode = "e2e"
+    plateau = early_stopping = end_to_end = True
+
+    def train(self, run: Run, start_epoch: int = 0) -> None:
+        cfg, stages = run.cfg, run.stages
+        last = stages[-1]
+        params = [p for s in stages for p in s.block.parameters()] + list(last.objective.local_parameters())
+        opt = build_optimizer(params, cfg.optim, cfg.optim.lr)
+        self.watch("e2e", opt, build_scheduler(opt, cfg.optim, cfg.train.epochs))
+        scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.train.precision == "fp16")
+        torch.manual_seed(cfg.train.seed)  # e2e has one RNG stream (dropout) for the whole network
+        last_epoch = cfg.train.epochs - 1
+        for epoch in range(start_epoch, cfg.train.epochs):
+            loss = self.epoch(run, epoch, opt, scaler)
+            for s in stages:
+                s.end_epoch(step_scheduler=False)  # the stages' own optimizers are unused here
+            stopped = self.after_epoch("e2e", lambda: monitored_loss(run, last, loss))
+            if stopped:
+                last_epoch = epoch
+            if epoch < last_epoch:  # the last epoch is evaluated after the probes
+                run.end_epoch(epoch)
+            if stopped:
+                break
+        fit_probes(run)
+        run.end_epoch(last_epoch)
+
+    def epoch(self, run: Run, epoch: int, opt, scaler) -> float:
+        """One epoch of the whole network on the e2e loss; returns its mean training loss."""
+        cfg, stages, last = run.cfg, run.stages, run.stages[-1]
         total = torch.zeros((), device=run.device)
+        steps = num_batches(len(run.data.train), cfg.data.batch_size)
         with run.progress(steps, f"e2e epoch {epoch + 1}/{cfg.train.epochs}") as bar:
             for b in batches(run.data.train, cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch,
                              augment=resolve_augment(cfg.data)):
@@ -61,19 +81,7 @@ def train_e2e(run: Run, start_epoch: int = 0) -> None:
                     s.steps += 1
                 run.log_step(epoch, last, res, y)
                 bar.update()
-        if stop.plateau is None:  # the plateau rule owns the LR when on
-            sched.step()
-        for s in stages:
-            s.end_epoch(step_scheduler=False)  # the stages' own optimizers are unused here
-        stopped = stop.step(monitored_loss(run, last, float(total) / len(run.data.train)))
-        if stopped:
-            last_epoch = epoch
-        if epoch < last_epoch:  # the last epoch is evaluated after the probes
-            run.end_epoch(epoch)
-        if stopped:
-            break
-    fit_probes(run)
-    run.end_epoch(last_epoch)
+        return float(total) / len(run.data.train)
 
 
 def e2e_loss(objective, h: torch.Tensor, y: torch.Tensor, which: str) -> LocalOutput:
