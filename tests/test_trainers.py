@@ -189,3 +189,90 @@ def test_no_eval_no_checkpoint(tmp_path):
     assert not [r for r in records if r["kind"] == "epoch"]
     assert not (out / "checkpoints").exists()
     assert len(summary["layers"]) == 3 and all(0.0 <= a <= 1.0 for a in accs(summary))
+
+
+# ------------------------------------------------------------------ the registry and the epoch policy
+
+def test_registry_holds_one_trainer_per_mode_with_its_declaration():
+    import typing
+
+    from decoupled.config.schema import TrainConfig
+    from decoupled.modes import MODES
+    from decoupled.trainers import TRAINERS
+    modes = typing.get_args(typing.get_type_hints(TrainConfig)["mode"])
+    assert tuple(TRAINERS) == tuple(MODES) == modes
+    for mode, trainer in TRAINERS.items():
+        assert issubclass(trainer, MODES[mode]) and trainer.mode == mode  # capabilities and rules inherited
+
+
+def test_resume_refusal_follows_the_resumable_capability(tmp_path, monkeypatch):
+    from decoupled import modes
+    from decoupled.config import ConfigError
+    with pytest.raises(ConfigError, match=r"--resume supports train\.mode in \('simultaneous', 'sync', 'async'\), "
+                                          r"not 'e2e'"):
+        train(load(None, SMALL + ["train.mode=e2e"]), tmp_path / "e2e", resume=True)
+    monkeypatch.setattr(modes.Simultaneous, "resumable", False)  # the class attribute decides, nothing else
+    with pytest.raises(ConfigError, match=r"--resume supports train\.mode in \('sync', 'async'\), not 'simultaneous'"):
+        train(load(None, SMALL), tmp_path / "sim", resume=True)
+
+
+PLATEAU = ["data.val_fraction=0.1", "train.plateau_factor=0.5", "train.plateau_patience=0", "optim.lr=1e-7",
+           "train.epochs=3"]
+
+
+@pytest.mark.parametrize("mode", ["sequential", "simultaneous"])
+def test_plateau_rule_owns_the_lr(tmp_path, mode):
+    """At a learning rate too small to move the validation loss, every epoch after the first is a
+    plateau: the LR is halved each time, and the constant schedule does not undo it."""
+    _, out = job(tmp_path, mode, f"train.mode={mode}", *PLATEAU)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    for j in range(3):
+        lrs = [r["lr"][j] for r in epochs if r["block"] in (None, j)]
+        assert lrs == pytest.approx([1e-7, 5e-8, 2.5e-8], rel=1e-6), (mode, j, lrs)
+
+
+def test_plateau_state_survives_resume(tmp_path):
+    """The epoch policy is checkpointed with the stages: 2 epochs, then --resume to 3, equals 3 straight."""
+    straight, _ = job(tmp_path, "straight", *PLATEAU)
+    cfg = load(None, SMALL + PLATEAU + ["train.epochs=2"])
+    train(cfg, tmp_path / "resumed")
+    resumed = train(load(None, ["train.epochs=3"], base=cfg), tmp_path / "resumed", resume=True)
+    a, b = tensors(final_stages(tmp_path / "straight")), tensors(final_stages(tmp_path / "resumed"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert accs(straight) == accs(resumed)
+    policy = checkpoint.load(checkpoint.path(tmp_path / "resumed", 0, 2))["policy"]
+    assert sorted(policy) == ["block0", "block1", "block2"] and policy["block0"]["plateau"]["num_bad_epochs"] == 0
+
+
+def test_no_mode_string_compared_outside_the_registry():
+    """train.mode is looked up (TRAINERS / MODES), never compared to a mode name, outside decoupled/trainers/
+    (decoupled/bench/ compares its own row names)."""
+    import ast
+
+    from decoupled.modes import MODES
+    names = set(MODES)
+    root = Path(__file__).resolve().parents[1] / "decoupled"
+
+    def mode_like(node) -> bool:
+        if isinstance(node, ast.Constant):
+            return node.value in names
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return any(mode_like(e) for e in node.elts)
+        return isinstance(node, ast.Name) and node.id.endswith("_MODES")
+
+    def is_mode(node) -> bool:
+        return (isinstance(node, ast.Attribute) and node.attr == "mode") or (isinstance(node, ast.Name)
+                                                                            and node.id == "mode")
+    found = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith(("trainers/", "bench/")):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                if any(map(is_mode, sides)) and any(map(mode_like, sides)):
+                    found.append(f"{rel}:{node.lineno}")
+    assert not found, found

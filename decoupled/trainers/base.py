@@ -1,5 +1,5 @@
-"""A trainer is one train.mode: its capabilities (class attributes: what the CLI, train.py and the
-job's validation ask of it), its loop (`train`), its epoch policy (`after_epoch`) and the run's
+"""A trainer is one train.mode: its declaration (modes.py: capabilities as class attributes, the keys
+it reads, its rules on the job), its loop (`train`), its epoch policy (`after_epoch`) and the run's
 epilogue (`finish`), which every trainer shares. TRAINERS (trainers/__init__.py) maps train.mode
 to the class.
 
@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Callable
 
 import torch
 
@@ -23,6 +23,7 @@ from ..engine.evaluate import evaluate
 from ..engine.ranks.setup import build_rank_stages
 from ..engine.run import Run, prepare_run_dir
 from ..metrics import PeakMemory, Recorder
+from ..modes import Mode
 from .epoch_policy import EarlyStopping
 
 
@@ -30,15 +31,8 @@ def default_out() -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
-class Trainer:
-    mode: ClassVar[str]  # its train.mode
-    distributed: ClassVar[bool] = False  # torchrun ranks (engine/ranks/); else one process
-    resumable: ClassVar[bool] = False  # --resume continues from its checkpoints
-    replicas: ClassVar[bool] = False  # dist.replicas: stage groups of several ranks (or their reference)
-    plateau: ClassVar[bool] = False  # train.plateau_factor: LR decay on a plateau of the monitored loss
-    early_stopping: ClassVar[bool] = False  # train.patience: a block (or the e2e network) stops early
-    end_to_end: ClassVar[bool] = False  # one network, one loss: no block boundary (flops, dist.wire_dtype)
-    caches: ClassVar[bool] = False  # train.cache: frozen upstream outputs are kept (or recomputed)
+class Trainer(Mode):
+    """A concrete trainer is `class X(modes.X, Trainer)`: its declaration first, so its capabilities win."""
 
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg

@@ -12,11 +12,13 @@ from ..engine.ranks.feed import AsyncFeed, SyncFeed
 from ..engine.ranks.setup import Feed, RankSetup, setup_rank
 from ..engine.run import Run
 from ..metrics import PeakMemory
+from .. import modes
 from .base import Trainer, default_out
 
 
 class Decoupled(Trainer):
-    distributed = resumable = replicas = True
+    """This rank's share of a job across torchrun ranks (modes.Sync / modes.Async declare the rest)."""
+
     feed: Feed  # how a rank takes in upstream's stream (engine/ranks/feed.py)
     world: W.World
     setup: RankSetup
@@ -74,12 +76,9 @@ class Decoupled(Trainer):
                        **curve)
 
 
-class Sync(Decoupled):
-    mode = "sync"
+class Sync(modes.Sync, Decoupled):
     feed = SyncFeed  # in source order: equals simultaneous bit for bit
 
 
-class Async(Decoupled):
-    mode = "async"
+class Async(modes.Async, Decoupled):
     feed = AsyncFeed  # a replay buffer the receiver fills while the rank trains
-    caches = True  # async cascade: a rank caches upstream's outputs once upstream is frozen (hand-off)

@@ -20,14 +20,12 @@ from ..data import batches, num_batches, resolve_augment
 from ..engine.run import Run
 from ..objectives import LocalOutput
 from ..optim import build_optimizer, build_scheduler
+from .. import modes
 from .base import Trainer
 from .epoch_policy import monitored_loss
 
 
-class E2E(Trainer):
-    mode = "e2e"
-    plateau = early_stopping = end_to_end = True
-
+class E2E(modes.E2E, Trainer):
     def train(self, run: Run, start_epoch: int = 0) -> None:
         cfg, stages = run.cfg, run.stages
         last = stages[-1]

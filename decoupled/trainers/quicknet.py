@@ -28,6 +28,7 @@ from ..engine.stage import Stage
 from ..objectives.quicknet import class_sample_weights
 from ..optim import build_optimizer
 from ..rng import generator
+from .. import modes
 from .base import Trainer
 from .epoch_policy import monitored_loss
 
@@ -54,10 +55,7 @@ def exit_pass(run: Run, s: Stage, feats: FrozenInputs, remaining: torch.Tensor, 
 
 
 
-class QuickNet(Trainer):
-    mode = "quicknet"
-    plateau = early_stopping = caches = True
-
+class QuickNet(modes.QuickNet, Trainer):
     def train(self, run: Run, start_epoch: int = 0) -> None:
         cfg, train = run.cfg, run.data.train
         where = cache_mode(cfg.train, cfg.data)

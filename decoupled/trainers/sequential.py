@@ -13,14 +13,12 @@ import torch
 from ..data import batches, num_batches, resolve_augment
 from ..engine.frozen import FrozenInputs, cache_mode
 from ..engine.run import Run
+from .. import modes
 from .base import Trainer
 from .epoch_policy import monitored_loss
 
 
-class Sequential(Trainer):
-    mode = "sequential"
-    plateau = caches = True
-
+class Sequential(modes.Sequential, Trainer):
     def train(self, run: Run, start_epoch: int = 0) -> None:
         cfg, stages = run.cfg, run.stages
         mode = cache_mode(cfg.train, cfg.data)

@@ -18,13 +18,11 @@ from ..engine.evaluate import val_losses
 from ..engine.run import Run
 from ..engine.ranks.placement import reference_replication
 from ..engine.stage import drain_chain, feed_chain
+from .. import modes
 from .base import Trainer
 
 
-class Simultaneous(Trainer):
-    mode = "simultaneous"
-    plateau = resumable = replicas = True
-
+class Simultaneous(modes.Simultaneous, Trainer):
     def replication(self):
         return reference_replication(self.cfg.dist)  # dist.replicas: this process plays every replica's slot
 
