@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from decoupled.bench.runner import run, train_command  # noqa: E402
-from decoupled.config import DISTRIBUTED_MODES, ConfigError, load  # noqa: E402
+from decoupled.config import ConfigError, load  # noqa: E402
+from decoupled.modes import MODES  # noqa: E402
 
 
 def split_values(text: str) -> list[str]:
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         fixed = list(args.overrides)
         if args.ranks:
             mode = load(args.config, fixed).train.mode
-            if mode not in DISTRIBUTED_MODES:
+            if not MODES[mode].distributed:
                 print(f"ablate: --ranks {args.ranks} with train.mode={mode!r}: running train.mode=sync")
                 fixed.append("train.mode=sync")
         jobs = []

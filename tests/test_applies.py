@@ -6,6 +6,7 @@ import pytest
 
 from decoupled.config import ConfigError, JobConfig, load
 from decoupled.config.applies import APPLIES
+from decoupled.modes import MODE_KEYS
 
 # Keys that act on every job (audited: each is read by every mode / model / objective).
 ALWAYS = {"data.name", "data.batch_size", "data.eval_batch_size", "data.limit_train", "data.limit_test",
@@ -47,8 +48,8 @@ def _keys():
 
 
 def test_every_key_is_audited():
-    rules = {k for k, (_, _, kind) in APPLIES.items() if kind == "choice"}
-    modes = {k for k, (_, _, kind) in APPLIES.items() if kind == "mode"}
+    rules = set(APPLIES) | {"dist.sync_bn"}  # sync_bn: refused by modes.Mode.check (a distributed mode's key)
+    modes = MODE_KEYS
     for key in _keys():
         assert (key in ALWAYS) + (key in rules) + (key in modes) == 1, f"{key}: audit it (ALWAYS or APPLIES)"
     assert set(REFUSED) == rules
@@ -62,7 +63,7 @@ def test_key_refused_where_it_does_nothing(key):
     assert key in str(e.value) and "applies to" in str(e.value)
 
 
-@pytest.mark.parametrize("key", sorted(k for k, (_, _, kind) in APPLIES.items() if kind == "mode"))
+@pytest.mark.parametrize("key", sorted(MODE_KEYS))
 def test_other_mode_keys_are_a_notice(key, capsys):
     default = getattr(getattr(JobConfig(), key.split(".")[0]), key.split(".")[1])
     named = {"train.cache": '"disk"', "dist.backend": '"gloo"', "dist.placement": "[1, 2]", "replay.policy": '"random"',

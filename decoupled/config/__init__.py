@@ -6,10 +6,9 @@ valid names, and every value is checked before any process starts training.
 """
 from .parse import load, to_dict, to_toml
 from .rules import validate
-from .schema import (DISTRIBUTED_MODES, EARLY_STOP_MODES, FALLBACKS, ConfigError, DataConfig, DistConfig,
-                     JobConfig, ModelConfig, ObjectiveConfig, OptimConfig, ReplayConfig, TrainConfig,
-                     registry_names)
+from .schema import (FALLBACKS, ConfigError, DataConfig, DistConfig, JobConfig, ModelConfig, ObjectiveConfig,
+                     OptimConfig, ReplayConfig, TrainConfig, registry_names)
 
-__all__ = ["load", "to_dict", "to_toml", "validate", "DISTRIBUTED_MODES", "EARLY_STOP_MODES", "FALLBACKS",
-           "ConfigError", "DataConfig", "DistConfig", "JobConfig", "ModelConfig", "ObjectiveConfig",
-           "OptimConfig", "ReplayConfig", "TrainConfig", "registry_names"]
+__all__ = ["load", "to_dict", "to_toml", "validate", "FALLBACKS", "ConfigError", "DataConfig", "DistConfig",
+           "JobConfig", "ModelConfig", "ObjectiveConfig", "OptimConfig", "ReplayConfig", "TrainConfig",
+           "registry_names"]

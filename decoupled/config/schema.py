@@ -42,13 +42,8 @@ def knob(default, *, ge=None, gt=None, lt=None, le=None, registry: str | None = 
     return field(default=default, metadata=meta)
 
 
+# a trainer each (decoupled/trainers/; what each can do and reads: decoupled/modes.py)
 Mode = Literal["e2e", "sequential", "simultaneous", "quicknet", "sync", "async"]
-DISTRIBUTED_MODES = ("sync", "async")
-REPLICA_MODES = ("simultaneous", "sync", "async")  # dist.replicas: the reference and the two engines
-EARLY_STOP_MODES = ("e2e", "quicknet")  # train.patience: a block (or the e2e network) stops early
-# train.plateau_factor: every single-process mode in which a block trains to an epoch budget (cascade's
-# divide-by-10 rule) or until early stopping; not sync/async (README: validation)
-PLATEAU_MODES = ("e2e", "quicknet", "sequential", "simultaneous")
 Fallback = Literal["confident", "last"]
 FALLBACKS = typing.get_args(Fallback)
 
