@@ -11,7 +11,7 @@ Two phases, two sets of parameters, one module (so one checkpoint holds both):
   `local_parameters()` (the exit head), so the commitment head is never touched by it.
 - `commitment_loss` is the commitment phase: binary cross-entropy of `commit` on detached block
   features against "the exit was right"; the trainer gives it its own optimizer, once the block is
-  frozen (engine/loops/quicknet.py); across blocks trained online by
+  frozen (trainers/quicknet.py); across blocks trained online by
   objectives/router.py. `commit_trained` (a buffer, so checkpointed) records that it ran;
   until then the exit rule ignores the commitment output.
 """
