@@ -112,13 +112,13 @@ def _launch_train(args, raw: list[str]) -> int:
     """`decoupled train --nproc-per-node N ...`: validate once here, then N workers under torch's
     elastic agent, all writing one run directory; then the e2e comparison if asked."""
     from .launch import launch, strip_flag
-    from .trainers import TRAINERS
+    from .modes import MODES
     n = args.nproc_per_node
     try:
         if n < 1:
             raise ConfigError(f"--nproc-per-node {n}: expected a number of ranks >= 1")
         cfg, out = _train_config(args)
-        distributed = TRAINERS[cfg.train.mode].distributed
+        distributed = MODES[cfg.train.mode].distributed
         if n > 1 and not distributed:
             raise ConfigError(f"--nproc-per-node {n} with train.mode={cfg.train.mode!r}, which runs in one process: "
                               "add --set train.mode=sync (or async)")

@@ -86,9 +86,12 @@ class Run:
 
     def save_checkpoint(self, epoch: int) -> None:
         """The checkpointer decides whether (train.checkpoint, a run directory) and what to keep."""
-        self.checkpointer.save(epoch, lambda: {"epoch": epoch, "rank": self.rank,
-                                               "stages": [s.state_dict() for s in self.stages],
-                                               **({"policy": self.policy.state_dict()} if self.policy else {})})
+        self.checkpointer.save(epoch, lambda: self.state(epoch))
+
+    def state(self, epoch: int) -> dict:
+        """What a checkpoint holds: the stages, and the trainer's epoch policy where it has one."""
+        policy = {"policy": self.policy.state_dict()} if self.policy is not None else {}
+        return {"epoch": epoch, "rank": self.rank, "stages": [s.state_dict() for s in self.stages], **policy}
 
     def load_checkpoint(self, epoch: int) -> None:
         self.load_state(self.checkpointer.load(epoch, map_location=self.device))
