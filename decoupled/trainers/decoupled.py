@@ -6,13 +6,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .. import exits, summary as S
+from .. import exits, modes, summary as S
 from ..engine.ranks import world as W
 from ..engine.ranks.feed import AsyncFeed, SyncFeed
 from ..engine.ranks.setup import Feed, RankSetup, setup_rank
 from ..engine.run import Run
 from ..metrics import PeakMemory
-from .. import modes
 from .base import Trainer, default_out
 
 
