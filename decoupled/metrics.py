@@ -101,6 +101,19 @@ class PeakMemory:
         else:
             self.baseline = None
 
+    def reset_peak(self) -> None:
+        """Restart the high-water mark from now, keeping the baseline, so the next peak_bytes() is the
+        peak of what follows (training apart from evaluation). resource-maxrss cannot restart: its
+        peak stays the one since the baseline."""
+        if self.method == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.method == "proc-vmhwm" and self.hwm_reset:
+            with open(CLEAR_REFS, "w") as f:
+                f.write("5")
+        elif self.method == "psutil-sampled":
+            self._sampler.peak = self._sampler.proc.memory_info().rss
+
     def peak_bytes(self) -> int | None:
         """Peak bytes above the baseline since the last reset; None when nothing can measure it."""
         if self.method == "cuda":

@@ -22,6 +22,7 @@ from ..device import resolve_device, synchronize
 from ..engine.evaluate import evaluate
 from ..engine.ranks.setup import build_rank_stages
 from ..engine.run import Run, prepare_run_dir
+from ..memory import ExactMemory
 from ..metrics import PeakMemory, Recorder
 from ..modes import Mode
 from .epoch_policy import EarlyStopping
@@ -72,17 +73,26 @@ class Trainer(Mode):
         memory = PeakMemory(run.device)  # after the model and data exist: measure what training costs
         run.live.memory = memory
         run.live.start(run.stages)
+        run.recorder.log(kind="train_start", rank=self.rank())  # the bench's curves count training time from here
         t0 = time.perf_counter()
-        self.train(run, start)
-        synchronize(run.device)
-        return self.finish(run, memory, time.perf_counter() - t0, t_start)
+        with ExactMemory([p for s in run.stages for p in s.parameters()], run.device, self.held()) as exact:
+            self.train(run, start)
+            synchronize(run.device)
+        return self.finish(run, memory, time.perf_counter() - t0, t_start, exact.report())
 
-    def finish(self, run: Run, memory: PeakMemory, train_s: float, t_start: float) -> dict | None:
+    def rank(self) -> int:
+        return 0
+
+    def held(self):
+        """What besides the stages holds training tensors (memory.ExactMemory's `held`): nothing here."""
+        return None
+
+    def finish(self, run: Run, memory: PeakMemory, train_s: float, t_start: float, exact: dict) -> dict | None:
         """The run's epilogue: score the blocks, count their FLOPs, report (the summary, returned
         where it is written) and close the run's files."""
         layers = self.score(run)
         costs = S.costs(self.cfg, run.stages, layers, self.end_to_end)
-        summary = self.report(run, layers, costs, memory, train_s, t_start)
+        summary = self.report(run, layers, costs, memory, train_s, t_start, exact)
         run.recorder.close()
         run.live.close()
         return summary
@@ -98,12 +108,12 @@ class Trainer(Mode):
         return S.layers(run.stages, {s.index: a for s, a in zip(run.stages, ev["layer_acc"])}, val_acc)
 
     def report(self, run: Run, layers: list[dict], costs: dict, memory: PeakMemory, train_s: float,
-               t_start: float) -> dict | None:
+               t_start: float, exact: dict) -> dict | None:
         cfg = self.cfg
         if exits.wanted(cfg):
             costs.update(S.exit_curve(cfg, run.stages, run.data.test, run.device, run.out, layers))
         summary = S.write(cfg, run.out, 1, run.device, t_start, layers, run.evaluate()["ensemble_acc"],
-                          [S.rank_report(0, run.stages, memory, train_s, {})], **costs)
+                          [S.rank_report(0, run.stages, memory, train_s, exact)], **costs)
         run.recorder.log(kind="summary", wall_s=summary["wall_s"], ensemble_test_acc=summary["ensemble_test_acc"])
         return summary
 

@@ -11,6 +11,7 @@ from ..engine.ranks import world as W
 from ..engine.ranks.feed import AsyncFeed, SyncFeed
 from ..engine.ranks.setup import Feed, RankSetup, setup_rank
 from ..engine.run import Run
+from ..memory import pipeline_held
 from ..metrics import PeakMemory
 from .base import Trainer, default_out
 
@@ -36,17 +37,23 @@ class Decoupled(Trainer):
     def train(self, run: Run, start_epoch: int = 0) -> None:
         self.setup.pipeline.run_loop()  # from the resume point setup_rank agreed on
 
+    def rank(self) -> int:
+        return self.world.rank
+
+    def held(self):
+        return pipeline_held(self.setup.pipeline)
+
     def score(self, run: Run) -> list[dict]:
         pipe = self.setup.pipeline
         return S.layers(run.stages, pipe.results[max(pipe.results)]["layer_acc"])
 
     def report(self, run: Run, layers: list[dict], costs: dict, memory: PeakMemory, train_s: float,
-               t_start: float) -> dict | None:
+               t_start: float, exact: dict) -> dict | None:
         """This rank's report (kept even if the final exchange never happens), gathered on rank 0,
         which merges the stage groups' layers and writes the summary."""
         cfg, world, pipe, lay = self.cfg, self.world, self.setup.pipeline, self.setup.layout
         final = pipe.results[max(pipe.results)]
-        extra = pipe.rank_metrics()
+        extra = {**pipe.rank_metrics(), **exact}
         if pipe.buffer is not None:
             extra["replay"] = pipe.buffer.stats.as_dict()
         extra.update(stage=lay.group_of(world.rank), replica=lay.replica_of(world.rank),

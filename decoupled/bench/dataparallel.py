@@ -1,0 +1,202 @@
+"""The data-parallel baselines of `decoupled bench`: the e2e network (every block, the last block's
+head, one cross-entropy, built exactly as `train.mode = "e2e"` builds it) on K ranks, each with all of
+the network (torch DDP) or a shard of it (FSDP2: `fully_shard` per block, then the root).
+
+    torchrun --nproc-per-node=K -m decoupled.bench.dataparallel CONFIG.toml OUT.json ddp|fsdp
+
+Trains config epochs (the bench's first is warm-up) and writes one bench row to OUT.json; with
+train.eval_every > 0 also the row's curve (test accuracy after every epoch, outside the timed window).
+
+Note [global batch]: every rank draws the same global batches (data.batches, the e2e row's seed and
+order) and takes its part, torch.tensor_split into K nearly equal parts: a batch that K does not
+divide gives the first ranks one sample more, and a batch smaller than K leaves some ranks an empty
+part (they still run the step, contributing zero). Each rank's loss is its part's summed
+cross-entropy times K / len(batch), so the all-reduce's mean over ranks is exactly the global batch's
+mean loss whatever the split; on one rank it is the e2e row's loss, computed the same way.
+
+Timing: compute_s is forward + backward + optimizer step (it includes the all-reduce's or the
+FSDP collectives' exposed part: what backward waits for); DDP's comm_s is the gradient all-reduces'
+own duration, issue to completion, timed by a comm hook (it overlaps backward, so compute + comm can
+exceed the wall time); FSDP's collectives are not separable from compute (comm_s null). idle_s is
+the rest of the epoch's wall time (data, Python).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import load
+from ..data import batches, build_data, resolve_augment
+from ..device import synchronize
+from ..engine.ranks.setup import build_rank_stages
+from ..engine.ranks.world import resolve_backend
+from ..memory import ExactMemory
+from ..metrics import PeakMemory
+from ..optim import build_optimizer
+from .runner import median
+
+MODES = ("ddp", "fsdp")
+
+
+class E2ENet(nn.Module):
+    """The e2e row's network as one module: blocks with their outlets (model.dropout_position), then
+    the last block's head."""
+
+    def __init__(self, stages):
+        super().__init__()
+        self.blocks = nn.ModuleList(s.block for s in stages)
+        self.outlets = nn.ModuleList(s.outlet for s in stages)
+        self.head = stages[-1].objective.head
+
+    def forward(self, x):
+        for block, outlet in zip(self.blocks, self.outlets):
+            x = outlet(block(x))
+        return self.head(x)
+
+
+def wrap(net: E2ENet, mode: str, device, stats: dict) -> nn.Module:
+    if mode == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        for block in net.blocks:
+            fully_shard(block, mesh=mesh)
+        return fully_shard(net, mesh=mesh)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    ddp = DDP(net, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    ddp.register_comm_hook(None, timed_allreduce(stats))
+    return ddp
+
+
+def timed_allreduce(stats: dict):
+    """DDP's default all-reduce (mean over ranks), with each bucket's issue-to-completion time added up."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    def hook(state, bucket):
+        t0 = time.perf_counter()
+
+        def done(fut):
+            stats["comm_s"] += time.perf_counter() - t0
+            return fut.value()
+        return allreduce_hook(state, bucket).then(done)
+    return hook
+
+
+def part(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's part of a global batch (Note [global batch])."""
+    return torch.tensor_split(t, world)[rank]
+
+
+def loss_of(logits, y, n: int, world: int) -> torch.Tensor:
+    """Note [global batch]: the mean over ranks of these is the global batch's mean cross-entropy."""
+    if world == 1:
+        return F.cross_entropy(logits, y)  # the e2e row's own expression
+    return F.cross_entropy(logits, y, reduction="sum") * (world / n)
+
+
+def accuracy(model: nn.Module, test, eval_batch: int, device, rank: int, world: int) -> float:
+    """Test accuracy of the network, each rank scoring its part of every evaluation batch."""
+    model.eval()
+    correct = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(0, len(test.y), eval_batch):
+            x, y = part(test.x[i:i + eval_batch], rank, world), part(test.y[i:i + eval_batch], rank, world)
+            pred = model(x.to(device)).argmax(-1).cpu()
+            correct += torch.tensor([(pred == y).sum().item(), len(y)], dtype=torch.float64)
+    dist.all_reduce(correct)
+    model.train()
+    return float(correct[0] / correct[1])
+
+
+def train(cfg, data, model, opt, device, rank: int, world: int, stats: dict, memory: PeakMemory):
+    """Every epoch: timed training, then (train.eval_every) the test accuracy outside the timer."""
+    B, seed = cfg.data.batch_size, cfg.train.seed
+    epochs, curve, train_s, losses = [], [], 0.0, []
+    train_peak = eval_peak = 0
+    torch.manual_seed(seed)  # as e2e: one RNG stream (dropout) for the whole network
+    for epoch in range(cfg.train.epochs):
+        memory.reset_peak()
+        t0, compute, comm0, step_losses = time.perf_counter(), 0.0, stats["comm_s"], []
+        for b in batches(data.train, B, seed=seed, epoch=epoch, augment=resolve_augment(cfg.data)):
+            x, y = part(b.x, rank, world).to(device), part(b.y, rank, world).to(device)
+            c = time.perf_counter()
+            loss = loss_of(model(x), y, len(b.y), world)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            compute += time.perf_counter() - c
+            step_losses.append(loss.detach())
+        synchronize(device)
+        wall = time.perf_counter() - t0
+        train_peak = max(train_peak, memory.peak_bytes() or 0)
+        train_s += wall
+        epochs.append({"wall_s": wall, "compute_s": compute, "comm_s": stats["comm_s"] - comm0})
+        step = torch.stack(step_losses).float()
+        dist.all_reduce(step)  # the global batches' losses (Note [global batch]), outside the timer
+        losses += (step / world).tolist()
+        if cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0:
+            memory.reset_peak()
+            acc = accuracy(model, data.test, cfg.data.eval_batch_size, device, rank, world)
+            eval_peak = max(eval_peak, memory.peak_bytes() or 0)
+            curve.append({"epoch": epoch + 1, "train_s": train_s, "test_acc": acc})
+    return epochs, curve, losses, train_peak, eval_peak
+
+
+def main(cfg_path: str, out: str, mode: str) -> None:
+    cfg = load(cfg_path, ["train.mode=e2e"])  # the e2e row's network, built as train.py builds it
+    backend, device = resolve_backend(cfg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.dist.timeout_s))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(cfg.train.seed)
+    data = build_data(cfg.data, cfg.train.seed)
+    stages = build_rank_stages(cfg, data.input_shape, data.num_classes, device, class_counts=data.class_counts)
+    net = E2ENet(stages).to(device)
+    stats = {"comm_s": 0.0}
+    model = wrap(net, mode, device, stats)
+    # the e2e row's parameter order: every block, then the last head (outlets hold none)
+    params = [p for b in net.blocks for p in b.parameters()] + list(net.head.parameters())
+    opt = build_optimizer(params, cfg.optim, cfg.optim.lr)
+    memory = PeakMemory(device)
+    with ExactMemory(list(net.parameters()), device) as exact:
+        epochs, curve, losses, train_peak, eval_peak = train(cfg, data, model, opt, device, rank, world, stats,
+                                                             memory)
+    timed = epochs[1:] or epochs
+    per = lambda key: sum(e[key] for e in timed) / len(timed)  # noqa: E731
+    mine = {"rank": rank, "blocks": list(range(len(stages))), **memory.report(),
+            "peak_mem_bytes": train_peak, "eval_peak_mem_bytes": eval_peak if curve else None,
+            **exact.report(), "epoch_s": median([e["wall_s"] for e in timed]), "compute_s": per("compute_s"),
+            "comm_s": per("comm_s") if mode == "ddp" else None,
+            "idle_s": max(per("wall_s") - per("compute_s"), 0.0)}
+    reports = [None] * world if rank == 0 else None
+    dist.gather_object(mine, reports, dst=0)
+    if rank == 0:
+        epoch_s = max(r["epoch_s"] for r in reports)
+        row = {"mode": mode, "samples_per_s": len(data.train) / epoch_s, "epoch_s": epoch_s,
+               "ranks": reports, "backend": backend, "losses": losses,
+               "per_rank_batch": [len(part(torch.empty(cfg.data.batch_size), r, world)) for r in range(world)],
+               "notes": [f"{'DDP' if mode == 'ddp' else 'FSDP2 fully_shard per block, then the root'} of the e2e "
+                         f"network on {world} ranks, global batch {cfg.data.batch_size} split by "
+                         "torch.tensor_split (Note [global batch] in bench/dataparallel.py)"]}
+        if cfg.train.eval_every:
+            row["curve"] = curve
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(row, indent=2))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4 or sys.argv[3] not in MODES:
+        sys.exit("usage: torchrun --nproc-per-node=K -m decoupled.bench.dataparallel CONFIG.toml OUT.json ddp|fsdp")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main(sys.argv[1], sys.argv[2], sys.argv[3])

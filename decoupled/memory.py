@@ -1,0 +1,169 @@
+"""Exact training memory of one process: the bytes its tensors hold, counted, not read off the heap.
+
+On CPU the process peak (metrics.PeakMemory, VmHWM) is mostly glibc's heap, not the blocks. This
+counts what training holds, per component, while a training loop runs inside `ExactMemory`:
+
+  params_bytes       every parameter given (each storage once; FSDP: the local shard)
+  grads_bytes        the gradients of every parameter an optimizer steps, read right after each
+                     step (each storage once: DDP's bucket views count their bucket), summed over
+                     the process's optimizers, peak over steps
+  optimizer_bytes    every tensor in the optimizers' state after each step (momentum, Adam's moments),
+                     summed over optimizers, peak over steps
+  activations_bytes  what autograd saves for backward (`saved_tensors_hooks`): parameters excluded,
+                     each storage once, counted from the moment it is saved until the graph that
+                     holds it is freed: the peak of the live total over the whole loop
+  held_bytes         what the caller's `held` callable reports (a rank's transport and replay
+                     buffer), sampled after every optimizer step, peak over steps
+  total_bytes        the sum of these five peaks (an upper bound of their joint peak: the
+                     components peak at different moments of a step)
+
+On CUDA also `cuda_max_allocated_bytes`: the allocator's peak over the loop, minus what was allocated
+when it started. Evaluation under no_grad saves nothing and steps no optimizer, so the figures are the
+training steps' alone (held_bytes: a rank's in-flight evaluation batches count when a step samples them).
+
+Note [checkpointed activations]: torch.utils.checkpoint installs its own saved-tensor hooks inside a
+checkpointed region, and the innermost hooks win: what it recomputes is never saved (rightly not
+counted), and the block inputs it keeps to recompute from live in its closure, not in autograd's
+saved tensors, so they are not counted either. For e2e-checkpoint activations_bytes is what autograd
+saves outside the checkpointed blocks (the head and the loss).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP2), any other tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _storage(t: torch.Tensor) -> tuple[int, int]:
+    """(key, bytes) of a tensor's storage: views of one storage share a key."""
+    s = _local(t).untyped_storage()
+    return s.data_ptr(), s.nbytes()
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors`."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            k, n = _storage(t)
+            seen[k] = n
+    return sum(seen.values())
+
+
+class _Saved:
+    """What autograd keeps instead of a saved tensor; freed with the graph, it releases its count."""
+    __slots__ = ("owner", "key", "tensor")
+
+    def __init__(self, owner: "ExactMemory", key: int, tensor: torch.Tensor):
+        self.owner, self.key, self.tensor = owner, key, tensor
+
+    def __del__(self):
+        self.owner._release(self.key)
+
+
+class ExactMemory:
+    def __init__(self, params, device: torch.device, held: Callable[[], int] | None = None):
+        self.all_params, self.device, self.held = list(params), device, held
+        self.params_bytes = self.grads_bytes = self.optimizer_bytes = 0
+        self.activations_bytes = self.held_bytes = 0
+        self.live = 0  # saved bytes alive now
+        self.refs: dict[int, list[int]] = {}  # storage -> [holders, bytes]
+        self.per_opt: dict[int, tuple[int, int]] = {}  # id(optimizer) -> (grads, state) after its last step
+        self.cuda_max_allocated = None
+
+    # ------------------------------------------------------------------ autograd's saved tensors
+    def _pack(self, t: torch.Tensor):
+        if isinstance(t, nn.Parameter):
+            return t
+        key, n = _storage(t)
+        if key in self.params:
+            return t
+        ref = self.refs.get(key)
+        if ref is None:
+            self.refs[key] = [1, n]
+            self.live += n
+            self.activations_bytes = max(self.activations_bytes, self.live)
+        else:
+            ref[0] += 1
+        return _Saved(self, key, t)
+
+    @staticmethod
+    def _unpack(p):
+        return p.tensor if isinstance(p, _Saved) else p
+
+    def _release(self, key: int) -> None:
+        ref = self.refs.get(key)
+        if ref is None:
+            return
+        ref[0] -= 1
+        if ref[0] == 0:
+            del self.refs[key]
+            self.live -= ref[1]
+
+    # ------------------------------------------------------------------ after every optimizer step
+    def _after_step(self, opt, args, kwargs) -> None:
+        params = [p for g in opt.param_groups for p in g["params"]]
+        grads = storage_bytes(p.grad for p in params if p.grad is not None)
+        state = storage_bytes(v for s in opt.state.values() for v in s.values())
+        self.per_opt[id(opt)] = (grads, state)
+        self.grads_bytes = max(self.grads_bytes, sum(g for g, _ in self.per_opt.values()))
+        self.optimizer_bytes = max(self.optimizer_bytes, sum(s for _, s in self.per_opt.values()))
+        if self.held is not None:
+            self.held_bytes = max(self.held_bytes, self.held())
+
+    # ------------------------------------------------------------------ the context
+    def __enter__(self) -> "ExactMemory":
+        self.params = {_storage(p)[0] for p in self.all_params}
+        self.params_bytes = storage_bytes(self.all_params)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        self._step_hook = register_optimizer_step_post_hook(self._after_step)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._cuda_base = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+        self._step_hook.remove()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.cuda_max_allocated = torch.cuda.max_memory_allocated(self.device) - self._cuda_base
+
+    def report(self) -> dict:
+        """summary.json's per-rank `exact_mem` (bytes) and `exact_train_mem_bytes` (its total)."""
+        parts = {"params_bytes": self.params_bytes, "grads_bytes": self.grads_bytes,
+                 "optimizer_bytes": self.optimizer_bytes, "activations_bytes": self.activations_bytes,
+                 "held_bytes": self.held_bytes}
+        total = sum(parts.values())
+        if self.cuda_max_allocated is not None:
+            parts["cuda_max_allocated_bytes"] = int(self.cuda_max_allocated)
+        return {"exact_mem": {**parts, "total_bytes": total}, "exact_train_mem_bytes": total}
+
+
+def pipeline_held(pipe) -> Callable[[], int]:
+    """What a decoupled rank holds outside its stages (engine/ranks/pipeline.py's Pipeline): the replay
+    buffer's batches, the receiver's queued messages and posted receive buffers, and the tensors of
+    sends still in flight. Read by duck typing on the pipeline's public fields, so memory.py imports
+    nothing of the engine."""
+    def held() -> int:
+        ts: list = []
+        rx = pipe.receiver
+        if rx is not None:
+            if rx.buffer is not None:
+                ts += [t for e in list(rx.buffer.entries) for t in (e.x, e.y, e.ids)]
+            for q in rx.inboxes:
+                ts += [t for m in list(q.queue) for t in (m.x, m.y, m.ids, m.aux)]
+            ts += [link.posted[1] for link in pipe.recv_links if link.posted is not None]
+        ts += [t for link in pipe.send_links for _, keep in list(link.inflight) for t in keep]
+        return storage_bytes(ts)
+    return held
