@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from ..config import ConfigError
-from .rows import MICROBATCHES, ROWS, bench
+from .rows import MICROBATCHES, ROWS, Curve, bench
 from .report import markdown
 from .layouts import layouts
 from .straggler import straggler
@@ -66,6 +66,14 @@ def add_parser(sub) -> None:
                    help="the speed guard instead: machine-independent ratios (async blocking under a straggler, sync "
                         "over its bound, e2e overhead, wire bytes, receive cost) against committed thresholds; "
                         "exits 1 on a miss (about 1.5 minutes on 2 cores; bench/guard.py)")
+    b.add_argument("--curve", action="store_true",
+                   help="time to accuracy: the rows that can (e2e*, sync, sync-auto, async, ddp, fsdp) train --epochs "
+                        "epochs, each followed by a test evaluation outside the timed window (bench.json: curve)")
+    b.add_argument("--epochs", type=int, help="--curve: epochs per row (default: the config's train.epochs)")
+    b.add_argument("--target-acc", type=float, help="--curve: the test accuracy whose first time is time_to_target_s")
+    b.add_argument("--seeds", type=int, default=1,
+                   help="--curve: runs of every curve row (train.seed, +1, ...): mean and std of final accuracy "
+                        "and time to target")
     b.add_argument("--timeout", type=float, default=900.0, help="seconds per row before it counts as failed")
 
 
@@ -79,6 +87,7 @@ def main(args) -> int:
     if bad or args.ranks < 1 or args.repeats < 1 or not micro or min(micro) < 1:
         raise ConfigError(f"bench: --rows must be among {', '.join(ROWS)} (got {bad}); --ranks, --repeats and "
                           "--microbatches must be >= 1")
+    curve = _curve(args)
     if args.guard:
         return guard_main(args.out)
     out = args.out or Path("runs") / time.strftime("bench-%Y%m%d-%H%M%S")
@@ -96,6 +105,21 @@ def main(args) -> int:
         print((out / "straggler.md").read_text() + f"written: {out}/straggler.json, straggler.md")
         return 0
     result = bench(args.config, args.overrides, args.ranks, out, args.repeats, micro, rows,
-                   args.timeout, args.mmap_threshold or 0)
+                   args.timeout, args.mmap_threshold or 0, curve)
     print(markdown(result) + f"written: {out}/bench.json, bench.md, bench.png")
     return 1 if any("error" in r for r in result["rows"]) else 0
+
+
+def _curve(args) -> Curve | None:
+    """--curve and its options, checked before anything runs."""
+    if not args.curve:
+        if args.epochs is not None or args.target_acc is not None or args.seeds != 1:
+            raise ConfigError("bench: --epochs, --target-acc and --seeds apply to --curve; add --curve")
+        return None
+    if args.sweep or args.guard:
+        raise ConfigError("bench: --curve applies to the row bench, not to --sweep or --guard; drop one")
+    if (args.epochs is not None and args.epochs < 1) or args.seeds < 1:
+        raise ConfigError(f"bench: --epochs and --seeds must be >= 1 (got {args.epochs}, {args.seeds})")
+    if args.target_acc is not None and not 0.0 < args.target_acc <= 1.0:
+        raise ConfigError(f"bench: --target-acc is a test accuracy in (0, 1] (got {args.target_acc}); e.g. 0.98")
+    return Curve(args.epochs, args.target_acc, args.seeds)

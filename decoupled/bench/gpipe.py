@@ -41,6 +41,7 @@ from ..device import synchronize
 from ..engine.ranks.placement import placement
 from ..engine.ranks.world import resolve_backend
 from ..engine.stage import init_module
+from ..memory import ExactMemory
 from ..metrics import PeakMemory
 from ..models import build_model
 from ..objectives import build_objective
@@ -143,10 +144,12 @@ def main(cfg_path: str, out: str, microbatches: int, schedule_name: str = "gpipe
                                         loss_fn=lambda out, y: F.cross_entropy(out, y))
     memory = PeakMemory(device)
 
-    epochs, dropped, losses_seen = train_epochs(cfg, data, device, stage, schedule, opt, rank, world)
+    with ExactMemory(list(module.parameters()), device) as exact:
+        epochs, dropped, losses_seen = train_epochs(cfg, data, device, stage, schedule, opt, rank, world)
     timed = epochs[1:] or epochs
     per = lambda key: sum(e[key] for e in timed) / len(timed)  # noqa: E731
-    mine = {"rank": rank, "blocks": plan[rank], **memory.report(), "epoch_s": median([e["wall_s"] for e in timed]),
+    mine = {"rank": rank, "blocks": plan[rank], **memory.report(), **exact.report(),
+            "epoch_s": median([e["wall_s"] for e in timed]),
             "compute_s": per("compute_s"), "comm_s": per("comm_s"),
             "idle_s": max(per("wall_s") - per("compute_s") - per("comm_s"), 0.0),
             "samples": timed[-1]["samples"], "last_loss": losses_seen[-1] if losses_seen else None}

@@ -15,6 +15,30 @@ def peak(row: dict) -> int | None:
     return max((r["peak_mem_bytes"] for r in row["ranks"] if r["peak_mem_bytes"] is not None), default=None)
 
 
+def exact(row: dict) -> int | None:
+    """The largest rank's exact training bytes (memory.py); None where a row's process could not count them."""
+    return max((r["exact_train_mem_bytes"] for r in row["ranks"] if r.get("exact_train_mem_bytes") is not None),
+               default=None)
+
+
+def _pm(mean, std, spec: str) -> str:
+    return "-" if mean is None else format(mean, spec) + (f" ± {format(std, spec)}" if std is not None else "")
+
+
+def accuracy_cells(result: dict, r: dict) -> list[str]:
+    """--curve: final accuracy and time to target (mean ± std over seeds when there are several)."""
+    if "curve" not in result:
+        return []
+    if r["mode"] not in result["curve"]["rows"]:
+        return ["(no curve)", ""]
+    if "n_seeds" in r:
+        t = _pm(r["time_to_target_mean_s"], r["time_to_target_std_s"], ".1f")
+        return [_pm(r["final_acc_mean"], r["final_acc_std"], ".4f"), f"{t} ({r['reached_target']}/{r['n_seeds']})"]
+    t = r.get("time_to_target_s")
+    return [_pm(r.get("final_acc"), None, ".4f"), "never" if t is None and result["curve"]["target_acc"] else
+            _pm(t, None, ".1f")]
+
+
 def mib(b: int | None) -> float:
     return float("nan") if b is None else b / MiB  # nan: an unknown peak is not drawn, and never 0
 
@@ -30,20 +54,31 @@ def markdown(result: dict) -> str:
         ts = ", ".join(f"rank {s['rank']} {s['epoch_s']:.2f}s" for s in result["stages"])
         lines += [f"Stages alone (s/epoch): {ts}; bound = sum/max = {result['bound']:.2f}x, "
                   f"{result['bound_samples_per_s']:.0f} samples/s", ""]
-    lines += ["| row | samples/s | vs e2e | of bound | peak MiB (max rank) | per rank: compute / comm / idle s/epoch |",
-              "|---|---:|---:|---:|---:|---|"]
+    c = result.get("curve")
+    if c:
+        lines += [f"--curve: {c['epochs']} epochs, test accuracy (last block's head) after each, outside the timed "
+                  f"window; {c['seeds']} seed(s); samples/s over the training epochs after the first", ""]
+    acc_head = ["final acc", f"time to {c['target_acc']} (s)"] if c else []
+    lines += ["Memory: exact = the largest rank's parameters + gradients + optimizer state + autograd's saved "
+              "activations + transport/replay buffers (decoupled/memory.py); process = the largest process's "
+              "peak RSS growth (CPU: glibc heap included)", ""]
+    lines += ["| " + " | ".join(["row", "samples/s", "vs e2e", "of bound", "exact train MiB", "process peak MiB",
+                                 *acc_head, "per rank: compute / comm / idle s/epoch"]) + " |",
+              "|---|" + "---:|" * (5 + len(acc_head)) + "---|"]
     for r in result["rows"]:
         name = f"e2e ({r.get('threads', '?')} threads)" if r["mode"] == "e2e-Kthreads" else r["mode"]
         if "split" in r:  # gpipe / 1f1b: their own split and microbatch count
             name += f" (split {r['split']}, {r.get('microbatches')} microbatches)"
         if not r.get("samples_per_s"):
-            lines.append(f"| {name} | failed | | | | {r.get('error', '')[:200]} |")
+            lines.append(f"| {name} | failed |" + " |" * (4 + len(acc_head)) + f" {r.get('error', '')[:200]} |")
             continue
         vs = f"{r['samples_per_s'] / e2e['samples_per_s']:.2f}x" if e2e else ""
         ob = f"{r['of_bound']:.2f}" if r.get("of_bound") else ""
         fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-        per = "; ".join(f"{x['compute_s']:.2f} / {fmt(x['comm_s'])} / {fmt(x['idle_s'])}" for x in r["ranks"])
-        lines.append(f"| {name} | {r['samples_per_s']:.1f} | {vs} | {ob} | {mib(peak(r)):.1f} | {per} |")
+        per = "; ".join(f"{fmt(x['compute_s'])} / {fmt(x['comm_s'])} / {fmt(x['idle_s'])}" for x in r["ranks"])
+        cells = [name, f"{r['samples_per_s']:.1f}", vs, ob, f"{mib(exact(r)):.2f}", f"{mib(peak(r)):.1f}",
+                 *accuracy_cells(result, r), per]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -53,18 +88,43 @@ def chart(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     rows = [r for r in result["rows"] if r.get("samples_per_s")]
     names = [f"e2e {r['threads']}thr" if r["mode"] == "e2e-Kthreads" else r["mode"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    curves = [r for r in rows if r.get("curve")]
+    fig, axes = plt.subplots(1, 3 if curves else 2, figsize=(16 if curves else 11, 4))
+    a, b = axes[0], axes[1]
+    if curves:
+        accuracy_vs_time(axes[2], curves, result.get("curve", {}).get("target_acc"))
     a.bar(names, [r["samples_per_s"] for r in rows], color="tab:blue")
     if "bound_samples_per_s" in result:
         a.axhline(result["bound_samples_per_s"], ls="--", c="k", label=f"bound ({result['bound']:.2f}x stages)")
         a.legend()
     a.set_ylabel("training samples / s")
     a.set_title(f"throughput, {result['ranks']} ranks")
-    b.bar(names, [mib(peak(r)) for r in rows], color="tab:orange")
-    b.set_ylabel("peak memory of the largest process (MiB)")
-    b.set_title("peak memory")
+    b.bar(names, [mib(exact(r)) for r in rows], color="tab:orange")
+    b.set_ylabel("exact training memory of the largest rank (MiB)")
+    b.set_title("memory (exact)")
     for ax in (a, b):
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def mean_curve(row: dict) -> list[tuple[float, float]]:
+    """(train_s, test_acc) per epoch, the mean over the row's seeds when it ran several."""
+    runs = [x["curve"] for x in row.get("seeds", []) if x.get("curve")] or [row["curve"]]
+    n = min(len(c) for c in runs)
+    return [(sum(c[i]["train_s"] for c in runs) / len(runs), sum(c[i]["test_acc"] for c in runs) / len(runs))
+            for i in range(n)]
+
+
+def accuracy_vs_time(ax, rows: list[dict], target: float | None) -> None:
+    """Test accuracy against cumulative training time (evaluation excluded), one line per row."""
+    for r in rows:
+        pts = mean_curve(r)
+        ax.plot([t for t, _ in pts], [a for _, a in pts], marker="o", label=r["mode"])
+    if target is not None:
+        ax.axhline(target, ls="--", c="k", lw=0.8)
+    ax.set_xlabel("training time (s, evaluation excluded)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("time to accuracy")
+    ax.legend(fontsize=7)

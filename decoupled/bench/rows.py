@@ -6,16 +6,33 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import JobConfig, load, to_toml
+from .curve import epoch_seconds, pipeline_curve, seed_summary, single_process_curve, time_to_target
 from .report import chart, markdown
 from .runner import machine, median, read_jsonl, run, timed, torchrun
 
 from ..engine.ranks.placement import best_split
 
-ROWS = ("e2e", "e2e-Kthreads", "e2e-checkpoint", "sequential", "sync", "async", "gpipe", "1f1b")
+ROWS = ("e2e", "e2e-Kthreads", "e2e-checkpoint", "sequential", "sync", "sync-auto", "async", "ddp", "fsdp",
+        "gpipe", "1f1b")
 PIPELINES = ("gpipe", "1f1b")  # the e2e network through torch.distributed.pipelining (gpipe.py)
+DECOUPLED = {"sync": [], "async": [],  # the engine on K torchrun ranks: the row's --set overrides
+             "sync-auto": ['dist.placement="auto"', 'dist.replicas="auto"']}
+DATA_PARALLEL = ("ddp", "fsdp")  # the e2e network on K ranks with torch DDP / FSDP2 (dataparallel.py)
+SINGLE = ("e2e", "e2e-Kthreads", "e2e-checkpoint")  # one process: `decoupled train` in e2e mode
+CURVE_ROWS = (*SINGLE, *DECOUPLED, *DATA_PARALLEL)  # the rows --curve evaluates after every epoch
+
+
+@dataclass
+class Curve:
+    """--curve: every curve row trains `epochs` epochs with the test accuracy after each (curve.py);
+    `target` (--target-acc) gives time_to_target_s; `seeds` (--seeds) repeats the curve rows."""
+    epochs: int | None = None  # None: the config's train.epochs
+    target: float | None = None
+    seeds: int = 1
 MICROBATCHES = (2, 4, 8)  # the pipelines' microbatch sweep (--microbatches)
 
 
@@ -32,7 +49,8 @@ def bound_samples_per_s(n: int, stage_s: list[float]) -> float:
 def rank_row(r: dict, window: dict | None = None) -> dict:
     """A summary.json rank entry in the bench schema; compute/comm/idle are seconds per timed epoch."""
     out = {"rank": r["rank"], "blocks": r.get("blocks"), "peak_mem_bytes": r["peak_mem_bytes"],
-           "mem_method": r.get("mem_method")}
+           "mem_method": r.get("mem_method"), "exact_train_mem_bytes": r.get("exact_train_mem_bytes"),
+           "exact_mem": r.get("exact_mem")}
     out.update(window or {"compute_s": r.get("compute_s", 0.0), "comm_s": r.get("comm_s", 0.0),
                           "idle_s": r.get("idle_s", 0.0)})
     return out
@@ -120,15 +138,18 @@ def _epoch_ends(records: list[dict], rank: int) -> list[dict]:
 
 # ---------------------------------------------------------------------------- the benchmark
 
-def prepare(config: str | None, overrides: list[str], repeats: int) -> tuple[JobConfig, int]:
-    """The config every row runs: the user's, then the bench's timing knobs. Returns (cfg, n_train)."""
+def prepare(config: str | None, overrides: list[str], repeats: int,
+            curve: Curve | None = None) -> tuple[JobConfig, int]:
+    """The config every row runs: the user's, then the bench's timing knobs. Returns (cfg, n_train).
+    --curve: the curve's epochs (the config's by default), each evaluated on the test set."""
     from ..data import build_data
     base = load(config, overrides)
     data = build_data(base.data, base.train.seed)  # only for the training-set size
     n = len(data.train)
     steps = -(-n // base.data.batch_size)
-    cfg = load(None, [f"train.epochs={1 + repeats}",  # epoch 0 is warm-up
-                      "train.eval_every=0", "train.checkpoint=false", "train.probe_epochs=0",
+    epochs = (curve.epochs or base.train.epochs) if curve else 1 + repeats  # epoch 0 is warm-up
+    cfg = load(None, [f"train.epochs={epochs}", f"train.eval_every={1 if curve else 0}",
+                      "train.checkpoint=false", "train.probe_epochs=0",
                       f"train.log_every={steps}",  # one `step` record per block per epoch: its end stamp
                       f"data.eval_batch_size={base.data.batch_size}"],  # the peak is training's, not eval's
                base=base)
@@ -143,22 +164,30 @@ def microbatch_candidates(microbatches, batch: int, ranks: int) -> list[int]:
 
 def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repeats: int = 3,
           microbatches=MICROBATCHES, rows: tuple[str, ...] = ROWS, timeout: float = 900.0,
-          mmap_threshold: int = 0) -> dict:
+          mmap_threshold: int = 0, curve: Curve | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     info = machine()
-    cfg, n = prepare(config, overrides, repeats)
+    cfg, n = prepare(config, overrides, repeats, curve)
     cfg_path = out / "config.toml"
     cfg_path.write_text(to_toml(cfg))
     B = cfg.data.batch_size
 
-    print(f"bench: {n} training samples, batch {B}, {ranks} ranks, {repeats} timed epochs (+1 warm-up) per row")
+    print(f"bench: {n} training samples, batch {B}, {ranks} ranks, " +
+          (f"{cfg.train.epochs} epochs each evaluated, {curve.seeds} seed(s) per curve row" if curve else
+           f"{repeats} timed epochs (+1 warm-up) per row"))
     result: dict = {"rows": [], "machine": info, "config": str(config), "overrides": list(overrides),
                     "n_train": n, "batch_size": B, "ranks": ranks, "repeats": repeats,
                     "microbatches": list(microbatches),
                     "malloc_mmap_threshold": mmap_threshold or "glibc default (dynamic)"}
+    plain = cfg_path  # rows without a curve (and the stages) run as without --curve: no evaluation
+    if curve:
+        result["curve"] = {"epochs": cfg.train.epochs, "target_acc": curve.target, "seeds": curve.seeds,
+                           "rows": [m for m in rows if m in CURVE_ROWS]}
+        plain = out / "config_no_eval.toml"
+        plain.write_text(to_toml(load(None, ["train.eval_every=0"], base=cfg)))
 
     # 1. each rank's stages alone: the bound
-    err = run([sys.executable, "-m", "decoupled.bench.stages", str(cfg_path), str(ranks), str(out / "stages.json")],
+    err = run([sys.executable, "-m", "decoupled.bench.stages", str(plain), str(ranks), str(out / "stages.json")],
               out / "logs" / "stages.log", 1, timeout, mmap_threshold)
     stage_s = None
     if err is None:
@@ -178,10 +207,12 @@ def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repea
     for mode in rows:
         t0 = time.perf_counter()
         if mode in PIPELINES:
-            row = pipeline_baseline_row(mode, cfg_path, out, B, ranks, microbatches, split, timeout, mmap_threshold)
+            row = pipeline_baseline_row(mode, plain, out, B, ranks, microbatches, split, timeout, mmap_threshold)
+        elif curve and mode in CURVE_ROWS:
+            row = curve_row(mode, cfg, out, n, ranks, timeout, mmap_threshold, curve)
         else:
-            row = run_row(mode, cfg_path, out, n, B, ranks, 0, timeout, mmap_threshold)
-        if mode in ("sync", "async") and row.get("samples_per_s"):
+            row = run_row(mode, plain, out, n, B, ranks, 0, timeout, mmap_threshold)
+        if mode in DECOUPLED and row.get("samples_per_s"):
             # The bound from the row's own stages as the engine ran them (each rank's compute per
             # epoch, Stage.train_step timed in the run): stages timed in another process drift from
             # the run (1.05 and 1.11 "of the bound" once), and a bound that is exceeded is no bound.
@@ -213,8 +244,11 @@ def row_command(mode: str, cfg_path: Path, d: Path, ranks: int, microbatches: in
                 "--set", "train.activation_checkpointing=true"], 1
     if mode == "sequential":
         return [sys.executable, "-m", *train, "--set", "train.mode=sequential"], 1
-    if mode in ("sync", "async"):
-        return torchrun(ranks, train + ["--set", f"train.mode={mode}"]), 1
+    if mode in DECOUPLED:
+        sets = [a for o in ["train.mode=" + mode.split("-")[0], *DECOUPLED[mode]] for a in ("--set", o)]
+        return torchrun(ranks, train + sets), 1
+    if mode in DATA_PARALLEL:
+        return torchrun(ranks, ["decoupled.bench.dataparallel", str(cfg_path), str(d / f"{mode}.json"), mode]), 1
     args = ["decoupled.bench.gpipe", str(cfg_path), str(d / f"{mode}.json"), str(microbatches), mode]
     return torchrun(ranks, args + ([",".join(map(str, split))] if split else [])), 1
 
@@ -258,8 +292,10 @@ def run_row(mode: str, cfg_path: Path, out: Path, n: int, B: int, ranks: int, mi
     row = None
     if err is None:
         try:
-            if mode in ("sync", "async"):
+            if mode in DECOUPLED:
                 row = pipeline_row(mode, d, n, B)
+            elif mode in DATA_PARALLEL:
+                row = json.loads((d / f"{mode}.json").read_text())
             else:
                 row = single_process_row(mode, d, n)
         except (OSError, KeyError, ValueError, ZeroDivisionError) as e:
@@ -270,3 +306,46 @@ def run_row(mode: str, cfg_path: Path, out: Path, n: int, B: int, ranks: int, mi
         row["threads"] = ranks
     row["cmd"] = " ".join(cmd)
     return row
+
+
+def curve_row(mode: str, cfg: JobConfig, out: Path, n: int, ranks: int, timeout: float, mmap_threshold: int,
+              curve: Curve) -> dict:
+    """A curve row: the row once per seed (train.seed, train.seed + 1, ...; seed i > 0 in OUT/seed<i>),
+    each with its curve, time to target and throughput from its training epochs alone; the row is the
+    first seed's, with every seed's figures and their mean and std."""
+    runs = []
+    for i in range(curve.seeds):
+        where = out if i == 0 else out / f"seed{i}"
+        where.mkdir(parents=True, exist_ok=True)
+        path = where / "config.toml"
+        path.write_text(to_toml(load(None, [f"train.seed={cfg.train.seed + i}"], base=cfg)))
+        row = run_row(mode, path, where, n, cfg.data.batch_size, ranks, 0, timeout, mmap_threshold)
+        if row.get("samples_per_s"):
+            try:
+                add_curve(row, mode, where / mode, n, curve.target)
+            except (OSError, KeyError, ValueError, StopIteration) as e:
+                row.update(error=f"could not read the curve: {e!r}", samples_per_s=None)
+        row["seed"] = cfg.train.seed + i
+        runs.append(row)
+    first = runs[0]
+    if curve.seeds > 1:
+        first["seeds"] = [{k: r.get(k) for k in ("seed", "samples_per_s", "final_acc", "time_to_target_s", "curve",
+                                                   "error")} for r in runs]
+        first.update(seed_summary([r for r in runs if r.get("curve")], curve.target))
+    return first
+
+
+def add_curve(row: dict, mode: str, d: Path, n: int, target: float | None) -> None:
+    """The row's curve (curve.py; the data-parallel workers write their own), final accuracy, time to
+    target, and its throughput over its training epochs alone (the first dropped as warm-up)."""
+    if mode in SINGLE:
+        row["curve"] = single_process_curve(d)
+    elif mode in DECOUPLED:
+        last = json.loads((d / "summary.json").read_text())["layers"][-1]["block"]
+        row["curve"] = pipeline_curve(d, last)
+    if not row.get("curve"):
+        raise ValueError(f"no evaluated epoch in {d}")
+    row["final_acc"] = row["curve"][-1]["test_acc"]
+    row["time_to_target_s"] = time_to_target(row["curve"], target)
+    row["epoch_s"] = epoch_seconds(row["curve"])
+    row["samples_per_s"] = n / row["epoch_s"]

@@ -1,0 +1,102 @@
+"""Time to accuracy (`decoupled bench --curve`): each row's test accuracy after every epoch against its
+cumulative training time, evaluation excluded, read from the row's run directory.
+
+A point is {epoch (1-based), train_s, test_acc}. The accuracy is the network's output: the last
+block's head (for every row, decoupled or not). train_s counts from the loop's start (the run's
+`train_start` record) to the end of that epoch's training, minus every evaluation before it.
+
+Note [evaluation windows]: the engine evaluates inside its training loop (train.eval_every), so an
+evaluation's time is cut out from stamps on both sides of it: single-process modes stamp the last
+step of an epoch (`step` with train.log_every = one epoch of steps) and the evaluated epoch
+(`epoch`); a torchrun rank stamps the end of an epoch (`epoch_end`) and of the evaluation that
+follows it (`eval`). Ranks time on their own clocks, so every figure is one rank's: the last stage
+group's (the sink, which scores the last head), whose evaluation window spans the whole pipeline's
+evaluation (it waits for every evaluation batch from upstream). With replicas in the last group, the
+slowest replica's time and the test-set-weighted accuracy. What an upstream rank trains while the
+sink still evaluates (at most the pipeline's depth in batches) counts as training.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .runner import median, read_jsonl
+
+
+def time_to_target(curve: list[dict] | None, target: float | None) -> float | None:
+    """train_s of the first point at or above `target`; None when never reached (or no curve)."""
+    if not curve or target is None:
+        return None
+    return next((p["train_s"] for p in curve if p["test_acc"] >= target), None)
+
+
+def single_process_curve(out: Path) -> list[dict]:
+    """e2e / e2e-checkpoint / e2e-Kthreads from their metrics.jsonl (Note [evaluation windows])."""
+    records = read_jsonl(out / "metrics.jsonl")
+    start = next(m["time_s"] for m in records if m.get("kind") == "train_start")
+    ends: dict[int, float] = {}
+    for m in records:
+        if m.get("kind") == "step":
+            ends[m["epoch"]] = max(ends.get(m["epoch"], 0.0), m["time_s"])  # the epoch's last logged step
+    curve, evaluating = [], 0.0
+    for m in records:
+        if m.get("kind") == "epoch" and m.get("block") is None and m["epoch"] in ends:
+            end = ends[m["epoch"]]
+            curve.append({"epoch": m["epoch"] + 1, "train_s": end - start - evaluating, "test_acc": m["test_acc"][-1]})
+            evaluating += m["time_s"] - end
+    return curve
+
+
+def pipeline_curve(out: Path, last_block: int) -> list[dict]:
+    """sync / async / sync-auto from their metrics.jsonl: the sink ranks' (Note [evaluation windows])."""
+    records = read_jsonl(out / "metrics.jsonl")
+    key = str(last_block)
+    sinks = sorted({m["rank"] for m in records if m.get("kind") == "eval" and key in m.get("test_acc", {})})
+    per_rank = {r: _rank_points(records, r, key) for r in sinks}
+    curve = []
+    for epoch in sorted(set.intersection(*(set(p) for p in per_rank.values()))) if per_rank else []:
+        pts = [per_rank[r][epoch] for r in sinks]
+        tested = sum(p[2] for p in pts)
+        curve.append({"epoch": epoch + 1, "train_s": max(p[0] for p in pts),
+                      "test_acc": sum(p[1] * p[2] for p in pts) / max(tested, 1)})
+    return curve
+
+
+def _rank_points(records: list[dict], rank: int, key: str) -> dict[int, tuple[float, float, int]]:
+    """epoch -> (train_s, accuracy of the last head, samples tested) of one rank."""
+    mine = [m for m in records if m.get("rank") == rank]
+    start = next(m["time_s"] for m in mine if m.get("kind") == "train_start")
+    ends = {m["epoch"]: m["time_s"] for m in mine if m.get("kind") == "epoch_end"}
+    points, evaluating = {}, 0.0
+    for m in sorted((m for m in mine if m.get("kind") == "eval" and m["epoch"] in ends), key=lambda m: m["epoch"]):
+        end = ends[m["epoch"]]
+        points[m["epoch"]] = (end - start - evaluating, m["test_acc"][key], m["tested"])
+        evaluating += m["time_s"] - end
+    return points
+
+
+def epoch_seconds(curve: list[dict]) -> float:
+    """A curve's median training epoch, the first dropped as warm-up when there are more."""
+    ts = [p["train_s"] for p in curve]
+    epochs = [b - a for a, b in zip([0.0] + ts, ts)]
+    return median(epochs[1:] or epochs)
+
+
+def mean_std(xs: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and (population) standard deviation of the values that exist; (None, None) if none does."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    m = sum(xs) / len(xs)
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
+
+
+def seed_summary(rows: list[dict], target: float | None) -> dict:
+    """One row's figures over its seeds' runs: final accuracy and time to target, mean and std, and
+    how many seeds reached the target (the time's mean is over those)."""
+    finals = [r["curve"][-1]["test_acc"] if r.get("curve") else None for r in rows]
+    times = [r.get("time_to_target_s") for r in rows]
+    fm, fs = mean_std(finals)
+    tm, ts = mean_std(times)
+    return {"final_acc_mean": fm, "final_acc_std": fs, "time_to_target_mean_s": tm, "time_to_target_std_s": ts,
+            "reached_target": sum(t is not None for t in times), "n_seeds": len(rows)}
