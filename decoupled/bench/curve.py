@@ -14,6 +14,8 @@ group's (the sink, which scores the last head), whose evaluation window spans th
 evaluation (it waits for every evaluation batch from upstream). With replicas in the last group, the
 slowest replica's time and the test-set-weighted accuracy. What an upstream rank trains while the
 sink still evaluates (at most the pipeline's depth in batches) counts as training.
+An async row under replay.budget="steps" evaluates only after its last epoch (the sources stream on
+between epochs, engine/ranks/pipeline.py), so its curve is that one point.
 """
 from __future__ import annotations
 

@@ -46,8 +46,10 @@ def mib(b: int | None) -> float:
 def markdown(result: dict) -> str:
     e2e = _row(result, "e2e")
     m = result["machine"]
+    timing = (f"{result['curve']['epochs']} epochs per row" if "curve" in result else
+              f"median of {result['repeats']} epochs after 1 warm-up")
     lines = [f"{result['n_train']} samples/epoch, batch {result['batch_size']}, {result['ranks']} ranks, "
-             f"median of {result['repeats']} epochs after 1 warm-up; torch {m['torch']}, {m['cpu_count']} CPUs, "
+             f"{timing}; torch {m['torch']}, {m['cpu_count']} CPUs, "
              f"load average at start {m['loadavg_start'][0]:.2f}; MALLOC_MMAP_THRESHOLD_="
              f"{result.get('malloc_mmap_threshold', 'glibc default (dynamic)')}", ""]
     if "stages" in result:
@@ -92,7 +94,8 @@ def chart(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3 if curves else 2, figsize=(16 if curves else 11, 4))
     a, b = axes[0], axes[1]
     if curves:
-        accuracy_vs_time(axes[2], curves, result.get("curve", {}).get("target_acc"))
+        from ..report.plots import draw_accuracy_vs_time
+        draw_accuracy_vs_time(axes[2], [(r["mode"], r) for r in curves], result.get("curve", {}).get("target_acc"))
     a.bar(names, [r["samples_per_s"] for r in rows], color="tab:blue")
     if "bound_samples_per_s" in result:
         a.axhline(result["bound_samples_per_s"], ls="--", c="k", label=f"bound ({result['bound']:.2f}x stages)")
@@ -108,23 +111,3 @@ def chart(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
-
-def mean_curve(row: dict) -> list[tuple[float, float]]:
-    """(train_s, test_acc) per epoch, the mean over the row's seeds when it ran several."""
-    runs = [x["curve"] for x in row.get("seeds", []) if x.get("curve")] or [row["curve"]]
-    n = min(len(c) for c in runs)
-    return [(sum(c[i]["train_s"] for c in runs) / len(runs), sum(c[i]["test_acc"] for c in runs) / len(runs))
-            for i in range(n)]
-
-
-def accuracy_vs_time(ax, rows: list[dict], target: float | None) -> None:
-    """Test accuracy against cumulative training time (evaluation excluded), one line per row."""
-    for r in rows:
-        pts = mean_curve(r)
-        ax.plot([t for t, _ in pts], [a for _, a in pts], marker="o", label=r["mode"])
-    if target is not None:
-        ax.axhline(target, ls="--", c="k", lw=0.8)
-    ax.set_xlabel("training time (s, evaluation excluded)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("time to accuracy")
-    ax.legend(fontsize=7)

@@ -12,6 +12,7 @@ ablation point (mean and standard deviation), any other run is its own configura
   exit_curves.png        accuracy when every sample exits at block j vs the parameters it ran through
   memory_per_rank.png    peak memory of every rank (and of every bench row's largest process)
   throughput_vs_ranks.png  samples/s vs number of ranks, per mode (runs: the slowest rank; bench rows)
+  accuracy_vs_time.png   bench --curve: test accuracy vs training time (evaluation excluded), one line per row
 """
 from __future__ import annotations
 
@@ -154,7 +155,7 @@ def throughput_vs_ranks(groups, benches, out, written):
     for b in benches:
         for row in b["rows"]:
             if row.get("samples_per_s"):
-                k = row.get("world") or (b["ranks"] if row["mode"] in ("sync", "async", "gpipe", "1f1b") else (
+                k = row.get("world") or (b["ranks"] if len(row.get("ranks", [])) > 1 else (
                     row.get("threads", 1) if row["mode"] == "e2e-Kthreads" else 1))
                 series.setdefault(f"bench {row['mode']}", []).append((k, row["samples_per_s"]))
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -168,6 +169,38 @@ def throughput_vs_ranks(groups, benches, out, written):
     save(fig, out / "throughput_vs_ranks.png", written)
 
 
+def mean_curve(row: dict) -> list[tuple[float, float]]:
+    """A bench row's (train_s, test_acc) per epoch, the mean over its seeds when it ran several."""
+    runs = [x["curve"] for x in row.get("seeds", []) if x.get("curve")] or [row["curve"]]
+    n = min(len(c) for c in runs)
+    return [(sum(c[i]["train_s"] for c in runs) / len(runs), sum(c[i]["test_acc"] for c in runs) / len(runs))
+            for i in range(n)]
+
+
+def draw_accuracy_vs_time(ax, rows: list[tuple[str, dict]], target: float | None) -> None:
+    """Test accuracy against cumulative training time (evaluation excluded), one line per (label, row)."""
+    for name, r in rows:
+        pts = mean_curve(r)
+        ax.plot([t for t, _ in pts], [a for _, a in pts], marker="o", label=name)
+    if target is not None:
+        ax.axhline(target, ls="--", c="k", lw=0.8)
+    ax.set_xlabel("training time (s, evaluation excluded)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("time to accuracy")
+    ax.legend(fontsize=7)
+
+
+def accuracy_vs_time(benches, out, written):
+    rows = [(f"{row['mode']}" if len(benches) == 1 else f"bench {i} {row['mode']}", row)
+            for i, b in enumerate(benches) for row in b["rows"] if row.get("curve")]
+    if not rows:
+        return
+    targets = {b["curve"]["target_acc"] for b in benches if b.get("curve")}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    draw_accuracy_vs_time(ax, rows, targets.pop() if len(targets) == 1 else None)
+    save(fig, out / "accuracy_vs_time.png", written)
+
+
 def plot_all(groups, benches, out: Path) -> list[Path]:
     """Every figure that the runs and benches have data for; returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
@@ -178,6 +211,7 @@ def plot_all(groups, benches, out: Path) -> list[Path]:
         exit_curves(groups, out, written)
     memory_per_rank(groups, benches, out, written)
     throughput_vs_ranks(groups, benches, out, written)
+    accuracy_vs_time(benches, out, written)
     return written
 
 
