@@ -112,7 +112,7 @@ def test_bench_writes_every_row(tmp_path):
     for row in res["rows"]:
         assert "error" not in row, row
         assert isinstance(row["samples_per_s"], float) and row["samples_per_s"] > 0
-        want = 2 if row["mode"] in ("sync", "async", "gpipe", "1f1b") else 1
+        want = 2 if row["mode"] in ("sync", "sync-auto", "async", "ddp", "fsdp", "gpipe", "1f1b") else 1
         assert len(row["ranks"]) == want, row
         for r in row["ranks"]:
             assert set(r) >= {"rank", "peak_mem_bytes", "compute_s", "comm_s", "idle_s"}

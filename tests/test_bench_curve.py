@@ -1,0 +1,118 @@
+"""Issue 23: time to accuracy against DDP and FSDP, and exact memory. The ddp / fsdp / sync-auto rows
+under --curve, time to target on a hand-made curve, the exact memory of a tiny MLP stage against the
+sum from its shapes, and the ddp row on one rank against the e2e row's losses."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from decoupled.bench.curve import epoch_seconds, seed_summary, time_to_target
+from decoupled.memory import ExactMemory
+
+from torchrun_utils import MLP, REPO, env, sets
+
+TINY = {"data.name": "synthetic", "data.synthetic_shape": [3, 8, 8], "data.synthetic_train": 128,
+        "data.synthetic_test": 32, "data.batch_size": 32, "model.name": "vgg", "model.hierarchy": [1, 1],
+        "model.width": 4, "train.device": "cpu"}
+
+
+def test_time_to_target_on_a_hand_made_curve():
+    curve = [{"epoch": 1, "train_s": 2.0, "test_acc": 0.90}, {"epoch": 2, "train_s": 4.5, "test_acc": 0.97},
+             {"epoch": 3, "train_s": 7.0, "test_acc": 0.96}, {"epoch": 4, "train_s": 9.0, "test_acc": 0.99}]
+    assert time_to_target(curve, 0.97) == 4.5  # the first epoch at or above the target
+    assert time_to_target(curve, 0.985) == 9.0  # a dip below does not matter once reached
+    assert time_to_target(curve, 0.995) is None  # never reached
+    assert time_to_target(curve, None) is None and time_to_target([], 0.5) is None
+    assert epoch_seconds(curve) == 2.5  # epochs of 2.5, 2.5, 2.0 after the first (warm-up) one
+    s = seed_summary([{"curve": curve, "time_to_target_s": 4.0}, {"curve": curve[:2], "time_to_target_s": None}], 0.97)
+    assert s["final_acc_mean"] == pytest.approx(0.98) and s["final_acc_std"] == pytest.approx(0.01)
+    assert s["time_to_target_mean_s"] == 4.0 and s["reached_target"] == 1 and s["n_seeds"] == 2
+
+
+def test_exact_memory_of_a_tiny_mlp_stage_is_the_sum_of_its_shapes():
+    """One engine stage (Flatten, Linear 6->8, ReLU; k=1 head Linear 8->3; cross-entropy), SGD with
+    momentum, batch 5, two steps: every figure from the shapes by hand."""
+    from decoupled.config import load
+    from decoupled.engine.stage import build_stages
+    cfg = load(None, ["data.name=synthetic", "data.synthetic_shape=[6]", "model.name=mlp", "model.widths=[8]",
+                      "train.device=cpu", "optim.momentum=0.9", "train.mode=simultaneous"])
+    (s,) = build_stages(cfg, (6,), 3, torch.device("cpu"))
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    with ExactMemory(s.parameters(), torch.device("cpu")) as m:
+        for _ in range(2):
+            s.train_step(x, y)
+    f32, i64 = 4, 8
+    params = (6 * 8 + 8 + 8 * 3 + 3) * f32
+    activations = (5 * 6 * f32  # the block's input, saved by Linear 6->8 for its weight's gradient
+                   + 5 * 8 * f32  # ReLU's output: saved by ReLU and by the head's Linear (one storage, once)
+                   + 5 * 3 * f32  # log_softmax's output (cross-entropy)
+                   + 5 * i64 + f32)  # nll_loss: the targets and its total weight (a scalar)
+    r = m.report()["exact_mem"]
+    assert r == {"params_bytes": params, "grads_bytes": params, "optimizer_bytes": params,  # momentum: one per param
+                 "activations_bytes": activations, "held_bytes": 0, "total_bytes": 3 * params + activations}
+    assert m.live == 0 and not m.refs  # every saved tensor was released with its graph
+
+
+def test_ddp_on_one_rank_equals_the_e2e_row(tmp_path):
+    """Same network, seed, batch and data order: the ddp worker on one rank makes the e2e trainer's
+    losses, step for step (dropout included: one RNG stream in both)."""
+    cfg = {**MLP, "train.mode": "e2e", "train.log_every": 1, "train.eval_every": 1, "train.device": "cpu"}
+    p = subprocess.run([sys.executable, "-m", "decoupled", "train", *sets(cfg), "--out", str(tmp_path / "e2e")],
+                       env=env(), cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    e2e = [m["loss"] for m in map(json.loads, (tmp_path / "e2e" / "metrics.jsonl").read_text().splitlines())
+           if m.get("kind") == "step"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+           "-m", "decoupled.bench.dataparallel", str(tmp_path / "e2e" / "config.toml"), str(tmp_path / "ddp.json"), "ddp"]
+    p = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    row = json.loads((tmp_path / "ddp.json").read_text())
+    assert len(e2e) == len(row["losses"]) == 2 * 10
+    assert row["losses"] == e2e
+    summary = json.loads((tmp_path / "e2e" / "summary.json").read_text())
+    assert row["curve"][-1]["test_acc"] == summary["layers"][-1]["test_acc"]
+
+
+def test_curve_rows_ddp_fsdp_and_sync_auto(tmp_path):
+    """--curve: one point per epoch per row, time to target from the curve, exact memory per rank;
+    `decoupled report` draws accuracy against training time."""
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "decoupled", "bench", "--curve", "--epochs", "2", "--target-acc", "0.05",
+           "--rows", "e2e,sync-auto,ddp,fsdp", "--ranks", "2", "--out", str(out), "--timeout", "150", *sets(TINY)]
+    p = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads((out / "bench.json").read_text())
+    assert [r["mode"] for r in res["rows"]] == ["e2e", "sync-auto", "ddp", "fsdp"]
+    for row in res["rows"]:
+        assert "error" not in row, row
+        assert [c["epoch"] for c in row["curve"]] == [1, 2], row["mode"]
+        assert 0 < row["curve"][0]["train_s"] < row["curve"][1]["train_s"]
+        assert row["time_to_target_s"] == time_to_target(row["curve"], 0.05) == row["curve"][0]["train_s"]
+        assert row["final_acc"] == row["curve"][-1]["test_acc"]
+        assert len(row["ranks"]) == (1 if row["mode"] == "e2e" else 2)
+        for r in row["ranks"]:
+            assert r["exact_train_mem_bytes"] > 0 and r["peak_mem_bytes"] > 0 and r["compute_s"] > 0
+            assert r["exact_mem"]["params_bytes"] > 0 and r["exact_mem"]["activations_bytes"] > 0
+    ddp, fsdp = (next(r for r in res["rows"] if r["mode"] == m) for m in ("ddp", "fsdp"))
+    assert ddp["ranks"][0]["comm_s"] > 0 and ddp["per_rank_batch"] == [16, 16]
+    # FSDP shards parameters, gradients and momentum over the 2 ranks; DDP holds all of them
+    assert fsdp["ranks"][0]["exact_mem"]["params_bytes"] < ddp["ranks"][0]["exact_mem"]["params_bytes"]
+    assert ddp["losses"] == pytest.approx(fsdp["losses"], rel=1e-5)  # the same training, sharded or not
+    md = (out / "bench.md").read_text()
+    assert "| fsdp |" in md and "time to 0.05 (s)" in md and "exact train MiB" in md
+    p = subprocess.run([sys.executable, "-m", "decoupled", "report", str(out), "--out", str(tmp_path / "rep")],
+                       env=env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (tmp_path / "rep" / "accuracy_vs_time.png").stat().st_size > 0
+
+
+def test_curve_options_need_curve(tmp_path, capsys):
+    from decoupled.cli import main
+    assert main(["bench", "--seeds", "3", "--out", str(tmp_path)]) == 2
+    assert "add --curve" in capsys.readouterr().err
+    assert main(["bench", "--curve", "--target-acc", "98", "--out", str(tmp_path)]) == 2
+    assert "(0, 1]" in capsys.readouterr().err
