@@ -57,6 +57,7 @@ def test_exact_memory_of_a_tiny_mlp_stage_is_the_sum_of_its_shapes():
     assert m.live == 0 and not m.refs  # every saved tensor was released with its graph
 
 
+@pytest.mark.slow
 def test_ddp_on_one_rank_equals_the_e2e_row(tmp_path):
     """Same network, seed, batch and data order: the ddp worker on one rank makes the e2e trainer's
     losses, step for step (dropout included: one RNG stream in both)."""
@@ -67,7 +68,8 @@ def test_ddp_on_one_rank_equals_the_e2e_row(tmp_path):
     e2e = [m["loss"] for m in map(json.loads, (tmp_path / "e2e" / "metrics.jsonl").read_text().splitlines())
            if m.get("kind") == "step"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-           "-m", "decoupled.bench.dataparallel", str(tmp_path / "e2e" / "config.toml"), str(tmp_path / "ddp.json"), "ddp"]
+           "-m", "decoupled.bench.dataparallel", str(tmp_path / "e2e" / "config.toml"), str(tmp_path / "ddp.json"),
+           "ddp"]
     p = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
     row = json.loads((tmp_path / "ddp.json").read_text())
@@ -77,6 +79,8 @@ def test_ddp_on_one_rank_equals_the_e2e_row(tmp_path):
     assert row["curve"][-1]["test_acc"] == summary["layers"][-1]["test_acc"]
 
 
+@pytest.mark.torchrun
+@pytest.mark.slow
 @pytest.mark.timeout(900)  # four rows, three of them torchrun jobs: minutes on a loaded 2-core machine
 def test_curve_rows_ddp_fsdp_and_sync_auto(tmp_path):
     """--curve: one point per epoch per row, time to target from the curve, exact memory per rank;
