@@ -19,6 +19,13 @@ FSDP collectives' exposed part: what backward waits for); DDP's comm_s is the gr
 own duration, issue to completion, timed by a comm hook (it overlaps backward, so compute + comm can
 exceed the wall time); FSDP's collectives are not separable from compute (comm_s null). idle_s is
 the rest of the epoch's wall time (data, Python).
+
+Memory (decoupled/memory.py): DDP runs with gradient_as_bucket_view, so its gradients are its
+all-reduce buckets and count once; FSDP's parameters, gradients and optimizer state are the local
+shards, and the unsharded parameters it all-gathers around each block's forward and backward are
+transient communication buffers, not counted (they are parameters, which the activation count leaves
+out). The process peak of training (peak_mem_bytes) and of evaluation (eval_peak_mem_bytes) are
+measured apart: the high-water mark restarts before each (metrics.PeakMemory.reset_peak).
 """
 from __future__ import annotations
 
