@@ -27,11 +27,11 @@ def run_section(name: str, s: dict) -> list[str]:
         b = s["e2e_baseline"]
         lines.append(f"; end-to-end backprop baseline: {_fmt(b['test_acc'])} (last block) in {b['wall_s']:.1f} s "
                      f"(`{b['run_dir']}`)")
-    lines += ["", "| rank | blocks | exact training memory | process peak | samples/s | compute s | comm s | idle s |",
-              "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| rank | blocks | peak memory (process) | exact training memory | samples/s | compute s | comm s "
+              "| idle s |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in s.get("ranks", []):
-        lines.append(f"| {r['rank']} | {r['blocks']} | {mib_text(r.get('exact_train_mem_bytes'))} | "
-                     f"{mib_text(r.get('peak_mem_bytes'))} | "
+        lines.append(f"| {r['rank']} | {r['blocks']} | {mib_text(r.get('peak_mem_bytes'))} | "
+                     f"{mib_text(r.get('exact_train_mem_bytes'))} | "
                      f"{r.get('samples_per_s', 0):.0f} | {_fmt(r.get('compute_s'), '.2f')} | "
                      f"{_fmt(r.get('comm_s'), '.2f')} | {_fmt(r.get('idle_s'), '.2f')} |")
     if s.get("exit_curve"):
