@@ -152,18 +152,18 @@ class ExactMemory:
 
 def pipeline_held(pipe) -> Callable[[], int]:
     """What a decoupled rank holds outside its stages (engine/ranks/pipeline.py's Pipeline): the replay
-    buffer's batches, the receiver's queued messages and posted receive buffers, and the tensors of
-    sends still in flight. Read by duck typing on the pipeline's public fields, so memory.py imports
-    nothing of the engine."""
+    buffer's batches (AsyncFeed), the messages queued in its feed (SyncFeed's inboxes, AsyncFeed's
+    control queue with its evaluation batches), posted receive buffers, and the tensors of sends still
+    in flight. Read from the pipeline's and its feed's fields by name (a source rank's feed has no
+    queues), so memory.py imports nothing of the engine."""
     def held() -> int:
         ts: list = []
-        rx = pipe.receiver
-        if rx is not None:
-            if rx.buffer is not None:
-                ts += [t for e in list(rx.buffer.entries) for t in (e.x, e.y, e.ids)]
-            for q in rx.inboxes:
-                ts += [t for m in list(q.queue) for t in (m.x, m.y, m.ids, m.aux)]
-            ts += [link.posted[1] for link in pipe.recv_links if link.posted is not None]
+        if pipe.buffer is not None:
+            ts += [t for e in list(pipe.buffer.entries) for t in (e.x, e.y, e.ids)]
+        queued = [m for q in getattr(pipe.feed, "inboxes", ()) for m in list(q.queue) if m is not None]
+        queued += list(getattr(pipe.feed, "control", ()))
+        ts += [t for m in queued for t in (m.x, m.y, m.ids, m.aux)]
+        ts += [link.posted[1] for link in pipe.recv_links if link.posted is not None]
         ts += [t for link in pipe.send_links for _, keep in list(link.inflight) for t in keep]
         return storage_bytes(ts)
     return held
