@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from decoupled.bench.runner import run, train_command  # noqa: E402
-from decoupled.config import ConfigError, load  # noqa: E402
+from decoupled.job import ConfigError, load  # noqa: E402
 from decoupled.modes import MODES  # noqa: E402
 
 

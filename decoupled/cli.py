@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from .config import FALLBACKS, ConfigError, load
+from .config import FALLBACKS
+from .job import ConfigError, load
 
 
 def _parser(raw: list[str] = ()) -> argparse.ArgumentParser:

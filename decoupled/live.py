@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, JobConfig
+from .job import ConfigError, JobConfig
 
 TB_INSTALL = "pip install -e '.[tb]'  (or: pip install tensorboard)"
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from . import checkpoint, summary as S
-from .config import ConfigError, load
+from .job import ConfigError, load
 from .data import build_data
 from .device import resolve_device
 from .engine.ranks.setup import build_rank_stages

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from . import exits
-from .config import JobConfig
+from .job import JobConfig
 from .flops import inference_flops, train_flops
 from .metrics import PeakMemory
 
@@ -43,7 +43,7 @@ def exit_fields(cfg: JobConfig, outs: exits.ExitOutputs, costs: list[tuple], out
                 thresholds=None, fallback: str | None = None) -> dict:
     """The early-exit curve (exits.py) of every exit's test answers `outs` and the blocks' costs
     (exits.block_costs) into summary fields, and exit_curve.png; one process or joined ranks alike."""
-    thresholds = thresholds or (*exits.THRESHOLDS, cfg.objective.quicknet_threshold)
+    thresholds = thresholds or (*exits.THRESHOLDS, *cfg.objective.exit_thresholds())
     fallback = fallback or cfg.objective.exit_fallback
     curve, per_exit = exits.report(outs, costs, thresholds, fallback, [layer["test_acc"] for layer in layer_rows],
                                    out / "exit_curve.png",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import ConfigError, JobConfig
+from .job import ConfigError, JobConfig
 from .live import require_tensorboard
 from .trainers import TRAINERS, modes
 from .trainers.base import default_out

@@ -20,7 +20,7 @@ def pytest_collection_modifyitems(config, items):
 
 def _key(cfg: dict) -> str:
     """Configs that resolve to the same job are one job (explicit defaults or not)."""
-    from decoupled.config import load, to_toml
+    from decoupled.job import load, to_toml
     from torchrun_utils import overrides
     return to_toml(load(None, overrides(cfg)))
 
@@ -46,7 +46,7 @@ def shared_run(tmp_path_factory):
 def shared_reference(tmp_path_factory):
     """shared_reference(cfg) -> (run folder, summary): the single-process simultaneous trainer on cfg,
     run once per resolved config for the whole session (read-only)."""
-    from decoupled.config import load
+    from decoupled.job import load
     from decoupled.train import train
     from torchrun_utils import overrides
     done: dict = {}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from decoupled.config import load
+from decoupled.job import load
 
 from torchrun_utils import REPO, env
 

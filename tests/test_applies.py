@@ -1,11 +1,13 @@
 """Honest knobs: every key of the schema acts on the job, or is refused where it does not apply
-(another mode's keys: a notice on stderr). A key is "set" when it differs from the dataclass default."""
+(another mode's keys: a notice on stderr). A key is "set" when it differs from the dataclass default.
+A plug-in's own keys (those not every plug-in of its section has) are refused by construction: the
+chosen plug-in's Config does not have them."""
 import dataclasses
 
 import pytest
 
-from decoupled.config import ConfigError, JobConfig, load
 from decoupled.config.applies import APPLIES
+from decoupled.job import CHOICES, ConfigError, JobConfig, load
 from decoupled.modes import MODE_KEYS
 
 # Keys that act on every job (audited: each is read by every mode / model / objective).
@@ -42,13 +44,26 @@ REFUSED = {
 }
 
 
-def _keys():
-    return [f"{s.name}.{f.name}" for s in dataclasses.fields(JobConfig)
-            for f in dataclasses.fields(s.type if isinstance(s.type, type) else getattr(JobConfig(), s.name))]
+def _keys() -> dict[str, dataclasses.Field]:
+    """Every key of every section, every plug-in's keys included."""
+    keys = {}
+    for s in dataclasses.fields(JobConfig):
+        for cls in CHOICES.get(s.name, {}).values() or [type(getattr(JobConfig(), s.name))]:
+            keys.update({f"{s.name}.{f.name}": f for f in dataclasses.fields(cls)})
+    return keys
+
+
+def _own_keys() -> set[str]:
+    """The keys some but not all plug-ins of a section have."""
+    return {f"{section}.{key}" for section, options in CHOICES.items()
+            for key in {f.name for cls in options.values() for f in dataclasses.fields(cls)}
+            if not all(key in {f.name for f in dataclasses.fields(cls)} for cls in options.values())}
 
 
 def test_every_key_is_audited():
-    rules = set(APPLIES) | {"dist.sync_bn"}  # sync_bn: refused by modes.Mode.check (a distributed mode's key)
+    declared = {k for k, f in _keys().items() if "acts" in f.metadata}  # knob(acts=...) on the plug-in's field
+    # sync_bn: refused by modes.Mode.check (a distributed mode's key)
+    rules = set(APPLIES) | {"dist.sync_bn"} | declared | _own_keys()
     modes = MODE_KEYS
     for key in _keys():
         assert (key in ALWAYS) + (key in rules) + (key in modes) == 1, f"{key}: audit it (ALWAYS or APPLIES)"

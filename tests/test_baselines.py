@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from decoupled.engine.ranks.placement import best_split
-from decoupled.config import ConfigError, JobConfig, load
+from decoupled.job import ConfigError, JobConfig, load
 from decoupled.data import build_data, stratified_holdout
 from decoupled.trainers.epoch_policy import EarlyStopping
 from decoupled.trainers.e2e import e2e_loss

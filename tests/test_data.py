@@ -139,7 +139,7 @@ def test_augment_modes_resolve():
 
 def test_augment_acts_on_mlp_inputs():
     """The MLP flattens inside its first block, so the data stays (N,C,H,W) and is augmented."""
-    from decoupled.config import load
+    from decoupled.job import load
     cfg = load(None, ["data.augment=auto"])  # digits + mlp, the default job
     data = build_data(cfg.data, 0)
     assert data.train.x.ndim == 4
@@ -176,7 +176,7 @@ def test_mnist_idx_files(tmp_path):
 
 def test_trains_on_mnist_idx_files(tmp_path, mnist_root):
     """A whole single-process run on data.name=mnist: the conv and MLP paths take 28 x 28 inputs."""
-    from decoupled.config import load
+    from decoupled.job import load
     from decoupled.train import train
     for model in (["model.widths=[32,32]"], ["model.name=vgg", "model.hierarchy=[1,1]", "model.width=4"]):
         s = train(load(None, ["data.name=mnist", f"data.root={mnist_root}", "train.epochs=1", "train.quiet=true",

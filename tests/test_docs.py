@@ -76,7 +76,7 @@ def test_summary_and_metrics_fields_are_documented(tmp_path):
     """summary.json and metrics.jsonl fields are public interface: every field a run writes is named
     in docs/ (docs/outputs.md, or the page of the feature that adds it)."""
     import json
-    from decoupled.config import load
+    from decoupled.job import load
     from decoupled.train import train
     s = train(load(None, ["model.widths=[16,16]", "train.epochs=1", "data.limit_train=256", "train.quiet=true"]),
               tmp_path)

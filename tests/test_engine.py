@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from decoupled import checkpoint
-from decoupled.config import ConfigError, load
+from decoupled.job import ConfigError, load
 from decoupled.train import train
 
 from configs import MLP, VGG_CASCADE

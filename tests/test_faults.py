@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from decoupled import checkpoint
-from decoupled.config import ConfigError, load
+from decoupled.job import ConfigError, load
 from decoupled.engine.ranks.setup import dry_run, handshake
 from decoupled.train import train
 

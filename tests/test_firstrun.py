@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from decoupled.cli import main
-from decoupled.config import load
+from decoupled.job import load
 from decoupled.launch import strip_flag, torchrun_command
 from decoupled.train import train
 

@@ -3,7 +3,7 @@ backward = weight gradient + input gradient where autograd needs one), and train
 trainers = samples x per-sample step + counted extra work."""
 import torch
 
-from decoupled.config import load
+from decoupled.job import load
 from decoupled.engine.stage import build_stages
 from decoupled.flops import count_flops, inference_flops, stage_costs, train_flops
 from decoupled.train import train

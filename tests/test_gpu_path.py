@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from decoupled import device as device_mod
-from decoupled.config import load
+from decoupled.job import load
 from decoupled.engine.ranks import feed as feed_mod, pipeline, receiver as receiver_mod, world
 from decoupled.engine.ranks.budget import UpstreamEpochs
 from decoupled.engine.ranks.transport import Kind, Message

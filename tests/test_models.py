@@ -1,30 +1,24 @@
 """Models: blocks compose to the network exactly, shapes/params agree, bad configs name the field."""
-from dataclasses import dataclass, field, replace
+from dataclasses import fields, replace
 
 import pytest
 import torch
 from torch import nn
 
-from decoupled.models import MODELS, ModelError, build_model, group_units
+from decoupled.models import MODELS, ModelConfig, ModelError, build_model, group_units
 
 torch.set_num_threads(1)
 
+SMALL = dict(widths=[16, 12, 8], hierarchy=[1, 2], width=4)  # tiny defaults, where the model has the key
 
-@dataclass
-class Cfg:  # mirrors decoupled.config.ModelConfig (kept local: config is tested elsewhere)
-    name: str = "mlp"
-    widths: list = field(default_factory=lambda: [16, 12, 8])
-    channels: list = field(default_factory=list)
-    hierarchy: list = field(default_factory=lambda: [1, 2])
-    width: int = 4
-    blocks: int = 0
-    block_sizes: list = field(default_factory=list)
-    residual: str = "basic"
-    batchnorm: str = "auto"  # model.batchnorm: auto (on for conv models, off for mlp) | on | off
-    dropout: float = 0.0
-    dropout_position: str = "after-loss"
-    stem_downsample: bool = False
-    activation: str = "relu"  # model.activation: relu | leaky_relu
+
+def Cfg(name: str = "mlp", **kw):  # noqa: N802 (reads as the config it builds)
+    """The model's own Config (an unknown name: the base settings, for build_model to refuse)."""
+    if name not in MODELS:
+        return ModelConfig(name=name, **kw)
+    cls = MODELS[name].Config
+    small = {k: v for k, v in SMALL.items() if k in {f.name for f in fields(cls)}}
+    return cls(name=name, **{**small, **kw})
 
 
 CASES = [  # (cfg, input shape)

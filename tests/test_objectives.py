@@ -4,9 +4,8 @@ import math
 import pytest
 import torch
 
-from decoupled.config.applies import APPLIES
-
-from decoupled.config import JobConfig, validate
+from decoupled.config.applies import rules
+from decoupled.job import JobConfig, choose, validate
 from decoupled.engine.stage import build_stages
 from decoupled.objectives import LocalOutput
 from decoupled.objectives.predsim import similarity_matrix
@@ -34,11 +33,9 @@ HEADS = [  # (objective, head, k)
 
 def make_cfg(model="mlp", objective="khidden", head="", k=1, **model_kw) -> JobConfig:
     cfg = JobConfig()
-    cfg.model.name = model
-    for key, value in {**MODELS[model], **model_kw}.items():
-        setattr(cfg.model, key, value)
-    cfg.objective.name, cfg.objective.head, cfg.objective.k = objective, head, k
-    if APPLIES["objective.aux_width"][0](cfg):  # small heads, where the head has a hidden width
+    cfg.model = choose("model", model, **{**MODELS[model], **model_kw})
+    cfg.objective = choose("objective", objective, head=head, k=k)
+    if rules(cfg)["objective.aux_width"][0](cfg):  # small heads, where the head has a hidden width
         cfg.objective.aux_width = 8
     cfg.train.epochs = 2
     validate(cfg)

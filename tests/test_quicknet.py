@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from decoupled import cli, exits
-from decoupled.config import ConfigError, load
+from decoupled.job import ConfigError, load
 from decoupled.trainers.epoch_policy import EarlyStopping
 from decoupled.trainers.quicknet import draw
 from decoupled.engine.stage import build_stages

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from decoupled import checkpoint
-from decoupled.config import ConfigError, load
+from decoupled.job import ConfigError, load
 from decoupled.engine.ranks.groups import Layout, next_index, share
 from decoupled.engine.ranks.placement import BlockCosts, best_layout, best_replicas, layout
 

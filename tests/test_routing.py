@@ -91,7 +91,7 @@ QUICK = {"objective.name": "quicknet", "train.epochs": 3, "optim.name": "adam", 
 
 
 def test_routed_samples_reach_the_next_block_exactly_once_per_epoch(tmp_path, monkeypatch):
-    from decoupled.config import load
+    from decoupled.job import load
     from decoupled.engine.stage import Stage
     from decoupled.train import train
     from torchrun_utils import overrides
@@ -120,7 +120,7 @@ def test_routed_samples_reach_the_next_block_exactly_once_per_epoch(tmp_path, mo
 
 def test_quicknet_sync_with_routing_equals_simultaneous(tmp_path):
     """Class-balanced re-batching (objective.quicknet_balance's default) included."""
-    from decoupled.config import load
+    from decoupled.job import load
     from decoupled.train import train
     from torchrun_utils import check, overrides, sets, summary, torchrun
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from decoupled import checkpoint
-from decoupled.config import load
+from decoupled.job import load
 from decoupled.data import Split
 from decoupled.engine.ranks.feed import AsyncFeed
 from decoupled.engine.ranks.replay import Entry, ReplayBuffer

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from decoupled import checkpoint
-from decoupled.config import load
+from decoupled.job import load
 from decoupled.train import train
 
 SMALL = ["data.limit_train=200", "data.batch_size=32", "model.widths=[32,32,32]", "train.epochs=2",

@@ -41,7 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import load
+from ..job import load
 from ..data import batches, build_data, resolve_augment
 from ..device import synchronize
 from ..engine.ranks.setup import build_rank_stages

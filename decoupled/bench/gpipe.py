@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from ..config import load
+from ..job import load
 from ..data import batches, build_data, resolve_augment
 from ..device import synchronize
 from ..engine.ranks.placement import placement

@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import load, to_toml
+from ..job import load, to_toml
 from .runner import machine, read_jsonl, run, timed, torchrun
 
 # figure -> (comparison, threshold). Committed: change one only with a measured reason.

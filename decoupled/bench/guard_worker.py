@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import load
+from ..job import load
 from .guard import TIMED, VGG
 from .runner import median, read_jsonl, timed
 

@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from ..config import load, to_toml
+from ..job import load, to_toml
 from .runner import machine, run, torchrun
 from .straggler import fmt, rank_facts
 

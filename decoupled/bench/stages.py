@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import load
+from ..job import load
 from .runner import median
 
 

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from ..config import ConfigError, load, to_toml
+from ..job import ConfigError, load, to_toml
 from .runner import machine, run, torchrun
 
 # (row name, overrides): sync, then async under each replay budget

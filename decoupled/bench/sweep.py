@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..config import to_toml
+from ..job import to_toml
 from .report import mib, peak
 from .rows import prepare
 from .runner import machine, run, torchrun

@@ -1,48 +1,64 @@
-"""The schema: every knob of a job as a dataclass field, with its rule on the field.
+"""The sections config/ owns (data, train, dist, replay, log), the field helper `knob` and the base
+of a plug-in's settings (`Choice`).
 
-A fixed set of values is a `Literal[...]` type with a comment per value; a name that picks a
-plug-in (dataset, model, objective, head) names the registry that owns the valid names (one source
-of truth); a numeric range is the field's metadata (`knob(64, ge=1)`). parse.py checks all of them
-generically; rules.py holds only what ties several fields together.
+Every knob of a job is a dataclass field with its rule on the field: a fixed set of values is a
+`Literal[...]` type with a comment per value; a name that picks a plug-in names the registry that
+owns the valid names (a label: decoupled/job.py gives config/ the names, config/ imports nothing
+else from the package); a numeric range is the field's metadata (`knob(64, ge=1)`). The plug-in
+sections ([model], [objective], [optim]) are the plug-ins' own Config dataclasses, chosen by the
+table's `name` (Schema.choices). parse.py checks all of it generically; rules.py holds only what
+ties several fields together. The comments above and after a field are its documentation:
+reference.py writes them into docs/configuration.md.
 """
 from __future__ import annotations
 
-import importlib
 import typing
 from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Mapping
+from typing import Callable, Collection, Literal
 
 
 class ConfigError(ValueError):
     """Bad configuration; the message names the field and how to fix it."""
 
 
-# Registries that own the valid names of a field: module, attribute (a dict keyed by name).
-REGISTRIES = {"dataset": ("decoupled.data", "LOADERS"), "model": ("decoupled.models", "MODELS"),
-              "objective": ("decoupled.objectives", "OBJECTIVES"), "head": ("decoupled.heads", "HEADS")}
-
-
-def registry_names(kind: str) -> tuple[str, ...]:
-    module, attr = REGISTRIES[kind]
-    return tuple(getattr(importlib.import_module(module), attr))
+# Where a plug-in key acts: (predicate on the whole job, what it applies to); applies.py
+Acts = tuple[Callable[[typing.Any], bool], str]
 
 
 def knob(default, *, ge=None, gt=None, lt=None, le=None, registry: str | None = None, empty_ok: bool = False,
-         auto_ok: bool = False, from_bool: tuple[str, str] | None = None):
+         from_bool: tuple[str, str] | None = None, acts: Acts | None = None):
     """A field with its rule: numeric bounds (for lists: every element), or a registry of names
     (empty_ok: "" is allowed too, meaning "the default one"). from_bool: a choice field that was a
-    bool once takes TOML false / true as these two choices, so old configs keep working. auto_ok:
-    the string "auto" is allowed too (chosen by measurement)."""
+    bool once takes TOML false / true as these two choices, so old configs keep working. acts: the
+    field acts only on some jobs (applies.py); set elsewhere it is refused."""
     meta = {k: v for k, v in dict(ge=ge, gt=gt, lt=lt, le=le, registry=registry,
-                                  from_bool=from_bool).items() if v is not None}
+                                  from_bool=from_bool, acts=acts).items() if v is not None}
     meta["empty_ok"] = empty_ok
-    meta["auto_ok"] = auto_ok
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
-# a trainer each (decoupled/trainers/; what each can do and reads: decoupled/modes.py)
+@dataclass
+class Choice:
+    """The base of a plug-in's settings: the table's `name` picks the Config subclass (Schema.choices),
+    so a key the chosen plug-in does not have is an error. Subclasses add their keys as fields."""
+    name: str = ""
+
+    def check(self) -> None:
+        """The rules that tie this plug-in's own keys together: raise ConfigError naming the key."""
+
+
+@dataclass(frozen=True)
+class Schema:
+    """What decoupled/job.py tells config/ about a job: its dataclass, the Config type of every name
+    of each plug-in section, and the valid names of every registry label (`knob(registry=...)`)."""
+    job: type
+    choices: dict[str, Mapping[str, type[Choice]]]  # read when used: a plug-in registered later counts
+    registries: dict[str, Collection[str]]
+
+
 Mode = Literal["e2e", "sequential", "simultaneous", "quicknet", "sync", "async"]
 Fallback = Literal["confident", "last"]
 FALLBACKS = typing.get_args(Fallback)
@@ -50,12 +66,12 @@ FALLBACKS = typing.get_args(Fallback)
 
 @dataclass
 class DataConfig:
-    name: str = knob("digits", registry="dataset")
+    name: str = knob("digits", registry="dataset")  # the dataset (data.py: LOADERS)
     root: str = ""  # folder holding the dataset (torchvision layout); unused by digits/synthetic
-    batch_size: int = knob(64, ge=1)
-    eval_batch_size: int = knob(512, ge=1)
+    batch_size: int = knob(64, ge=1)  # training batch
+    eval_batch_size: int = knob(512, ge=1)  # evaluation batch (no gradients: larger)
     limit_train: int = knob(0, ge=0)  # 0 = all; else a fixed seeded subset of this size
-    limit_test: int = knob(0, ge=0)
+    limit_test: int = knob(0, ge=0)  # the same for the test set
     # a seeded, class-stratified hold-out of the training set (after limit_train; seeded by train.seed):
     # this fraction of every class is removed from training and becomes the validation split. Early
     # stopping and plateau LR decay (train.patience / plateau_factor) then watch the validation loss
@@ -71,65 +87,9 @@ class DataConfig:
     download: bool = False  # torchvision datasets only download when asked
     # synthetic generator: class-dependent Gaussian blobs of this shape
     synthetic_shape: list[int] = knob([1, 8, 8], ge=1)
-    synthetic_classes: int = knob(10, ge=1)
-    synthetic_train: int = knob(1024, ge=1)
-    synthetic_test: int = knob(256, ge=1)
-
-
-@dataclass
-class ModelConfig:
-    name: str = knob("mlp", registry="model")
-    widths: list[int] = knob([150, 150, 150], ge=1)  # mlp hidden widths
-    hierarchy: list[int] = knob([1, 1, 2, 2], ge=1)  # vgg/resnet/simcnn stages
-    channels: list[int] = knob([], ge=1, empty_ok=True)  # vgg: explicit channels per stage (else from width)
-    width: int = knob(64, ge=1)  # base channels (vgg/resnet stage 0, simcnn M, allcnn 96 in the paper)
-    blocks: int = knob(0, ge=0)  # decoupled blocks; 0 = one per layer / residual unit
-    block_sizes: list[int] = knob([], ge=1, empty_ok=True)  # explicit units per block
-    # resnet unit: "basic" (two 3x3 convs) | "bottleneck" (1x1, 3x3, 1x1)
-    residual: Literal["basic", "bottleneck"] = "basic"
-    # BatchNorm after each conv (vgg/simcnn/allcnn) or Linear (mlp; Linear -> BN -> ReLU, as the
-    # local-loss reference MLP); resnet always has it. "auto" = on for the conv models, off for mlp
-    # (each model's long-standing default) | "on" | "off"; TOML true / false mean "on" / "off"
-    batchnorm: Literal["auto", "on", "off"] = knob("auto", from_bool=("off", "on"))
-    dropout: float = knob(0.0, ge=0.0, lt=1.0)  # dropout on each unit's output (every model)
-    # where a block's last dropout sits relative to its local loss:
-    # "after-loss": the loss (and head) see the block's features; dropout acts only on what goes on to
-    #   the next block. The reference for predsim (Nokland & Eidnes' local-loss code: loss on h, then
-    #   dropout(h) for the next layer), and right for every objective: a head is evaluated on clean
-    #   features, and dropout is there to regularise the next layer's input, not the local classifier.
-    # "in-block": dropout ends the block, so the local loss sees dropped-out features (runs before
-    #   this field existed; kept to reproduce them). Only mlp, vgg and resnet have dropout.
-    dropout_position: Literal["after-loss", "in-block"] = "after-loss"
-    stem_downsample: bool = False  # simcnn: invertible downsampling of the input
-    # the non-linearity of every model's layers (heads keep ReLU): "relu" | "leaky_relu" (negative
-    # slope 0.01, Ma et al. 2020). Every unit is conv/linear -> BN -> non-linearity -> dropout.
-    activation: Literal["relu", "leaky_relu"] = "relu"
-
-
-@dataclass
-class ObjectiveConfig:
-    name: str = knob("khidden", registry="objective")
-    # override the objective's head ("" = the objective's own): khidden | mlpsr | dense | predsim | mixedpool
-    head: str = knob("", registry="head", empty_ok=True)
-    k: int = knob(1, ge=1)  # k-hidden: k-1 auxiliary convs before average + linear
-    aux_width: int = knob(128, ge=1)  # auxiliary conv / dense width
-    head_batchnorm: bool = True
-    # cascade: block j (0-based) trains cascade_initial_epochs + cascade_epoch_increment * j epochs.
-    # Marquez 2018, Algorithm 1: layer l (1-based) trains `epochs + k * l`, so the paper's (epochs, k)
-    # is cascade_initial_epochs = epochs + k, cascade_epoch_increment = k
-    cascade_initial_epochs: int = knob(1, ge=1)
-    cascade_epoch_increment: int = knob(1, ge=0)
-    predsim_beta: float = knob(0.99, ge=0.0, le=1.0)  # predsim: weight of the similarity-matching term
-    # quicknet: a sample is learned (and leaves the later blocks' data) when its exit's
-    # normalised-entropy confidence >= this, its commitment logit > 0 and its prediction is right.
-    # The paper gives no value; the exit curve sweeps the same rule at inference.
-    quicknet_threshold: float = knob(0.95, ge=0.0, le=1.0)
-    commit_hidden: int = knob(0, ge=0)  # quicknet commitment head hidden units; 0 = number of classes (the paper)
-    # class weights of the draws (objectives/quicknet.py): "remaining" (the paper: a class loses weight
-    # as it is learned) | "equal" (every class still present equally likely) | "none" (uniform)
-    quicknet_balance: Literal["remaining", "equal", "none"] = "remaining"
-    # early exit when no exit passes: "confident" = the most confident exit (the paper) | "last"
-    exit_fallback: Fallback = "confident"
+    synthetic_classes: int = knob(10, ge=1)  # synthetic: number of classes
+    synthetic_train: int = knob(1024, ge=1)  # synthetic: training samples
+    synthetic_test: int = knob(256, ge=1)  # synthetic: test samples
 
 
 @dataclass
@@ -138,8 +98,8 @@ class TrainConfig:
     # steps on each batch, one process (the reference) | "quicknet": QuickNets' Algorithm 1 |
     # "sync" / "async": the decoupled engine on torchrun ranks (README: modes)
     mode: Mode = "simultaneous"
-    epochs: int = knob(5, ge=1)
-    seed: int = 0
+    epochs: int = knob(5, ge=1)  # epochs per block (cascade: objective.cascade_* instead)
+    seed: int = 0  # every random draw of the job derives from it (decoupled/rng.py)
     # "auto" = cuda when available; "cpu" | "cuda" (cuda:LOCAL_RANK under torchrun)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # frozen blocks' outputs (pseudo-inputs): "memory" | "disk" (a .npy memmap) | "recompute" every
@@ -158,8 +118,8 @@ class TrainConfig:
     # (torch ReduceLROnPlateau; 1 = off). QuickNets: 0.5 / 1; cascade (Marquez 2018, Algorithm 1:
     # "if validation error plateaus, lr <- lr/10"): 0.1 with data.val_fraction = 0.1 (45k/5k on CIFAR)
     patience: int = knob(0, ge=0)
-    plateau_factor: float = knob(1.0, gt=0.0, le=1.0)
-    plateau_patience: int = knob(1, ge=0)
+    plateau_factor: float = knob(1.0, gt=0.0, le=1.0)  # LR x this on a plateau (see train.patience)
+    plateau_patience: int = knob(1, ge=0)  # epochs without a new minimum that make a plateau
     # arithmetic of each stage's forward and backward (torch.autocast per stage): "fp32" | "bf16" |
     # "fp16" (with a GradScaler per stage; the optimizer state and weights stay fp32)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -180,25 +140,6 @@ class TrainConfig:
 
 
 @dataclass
-class OptimConfig:
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = knob(0.05, gt=0.0)
-    momentum: float = knob(0.9, ge=0.0)
-    weight_decay: float = knob(0.0, ge=0.0)
-    nesterov: bool = False
-    # per block, stepped on the block's own epochs: "constant" | "step" (x gamma every step_epochs)
-    # | "cosine" (to 0 over the block's budget) | "milestones" (x gamma at each of optim.milestones)
-    schedule: Literal["constant", "step", "cosine", "milestones"] = "constant"
-    step_epochs: int = knob(15, ge=1)  # step schedule: decay every step_epochs epochs of a block
-    # step / milestones factor (Belilovsky 2019: 0.2 every 15 epochs; Ma 2020: 0.25 at the milestones)
-    gamma: float = knob(0.2, gt=0.0)
-    # milestones schedule: fractions of the block's epoch budget at which the LR is multiplied by
-    # gamma (epoch round(f * budget)); Ma 2020: 50, 75, 89 and 94 % of training
-    milestones: list[float] = knob([0.5, 0.75, 0.89, 0.94], gt=0.0, lt=1.0)
-    block_lr_decay: float = knob(1.0, gt=0.0)  # block j uses lr * block_lr_decay**j
-
-
-@dataclass
 class DistConfig:
     # "auto" = nccl with cuda:LOCAL_RANK when CUDA is available, else gloo; "gloo" | "nccl"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
@@ -206,14 +147,14 @@ class DistConfig:
     # blocks per stage group, contiguous: [] = an even split (earlier groups take the remainder) |
     # [2, 1, 1] | "auto" = the split whose slowest group is fastest, from every block's training step
     # timed at start-up on the real input shape and device (engine/ranks/placement.py); plan printed
-    placement: list[int] = knob([], ge=1, empty_ok=True, auto_ok=True)
+    placement: list[int] | Literal["auto"] = knob([], ge=1, empty_ok=True)
     # ranks per stage group (engine/ranks/groups.py): [] = one rank per group | [2, 1, 1] (sum = world
     # size): a group's replicas train the same blocks on different batches (batch b of an epoch goes
     # to replica b mod R) and average their gradients every step, so a slow stage can be held by
     # several ranks | "auto" = chosen with the split from the measured block times (needs
     # dist.placement "auto" or a list). In train.mode="simultaneous" a block of a group with R
-    # replicas accumulates R batches per optimizer step: the reference sync with replicas equals
-    replicas: list[int] = knob([], ge=1, empty_ok=True, auto_ok=True)
+    # replicas accumulates R batches per optimizer step: the reference that sync with replicas equals
+    replicas: list[int] | Literal["auto"] = knob([], ge=1, empty_ok=True)
     # replicas: BatchNorm over the union of the replicas' batches (torch SyncBatchNorm; CUDA only).
     # false = each replica normalises its own batch and the running statistics are averaged over
     # the group after every step, so every replica holds the same buffers too
@@ -261,15 +202,3 @@ class LogConfig:
     # compute/comm/idle, replay statistics, memory, learning rate): `tensorboard --logdir RUN/tb`.
     # Needs the optional extra: pip install -e '.[tb]'
     tensorboard: bool = False
-
-
-@dataclass
-class JobConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    dist: DistConfig = field(default_factory=DistConfig)
-    replay: ReplayConfig = field(default_factory=ReplayConfig)
-    log: LogConfig = field(default_factory=LogConfig)

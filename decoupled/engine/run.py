@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import Checkpointer
-from ..config import JobConfig, to_toml
+from ..job import JobConfig, to_toml
 from ..data import Data
 from ..live import Live
 from ..metrics import Recorder, progress

@@ -12,7 +12,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from ..config import JobConfig
+from ..job import JobConfig
 from ..device import StepTimer
 from ..models import build_model
 from ..objectives import OBJECTIVES, Objective, build_objective

@@ -1,33 +1,43 @@
 """Feature extractors split into *units* (finest trainable pieces) grouped into *blocks*.
 
-Every builder in MODELS returns ``(network, units)``: ``network`` is one module with its
+Every entry of MODELS is a spec: the model's settings (its Config dataclass: the [model] keys it
+has) and its builder. A builder returns ``(network, units)``: ``network`` is one module with its
 own forward, ``units`` are modules shared with it whose sequential composition is
 exactly ``network``. ``build_model`` groups the units into blocks (one per decoupled
 worker) and records each block's output shape so auxiliary heads can be sized.
-Adding a model = one file with a builder + one line in MODELS.
+Adding a model = one file with a Config and a builder + one line in MODELS.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .allcnn import build_allcnn
-from .base import DROPOUT_MODELS, Built, Features, ModelError, set_activation, split_outlets
-from .mlp import build_mlp
-from .resnet import build_resnet
-from .simcnn import build_simcnn
-from .vgg import build_vgg
+from ..config import ConfigError, check_section
+from .allcnn import AllCNNConfig, build_allcnn
+from .base import Built, Features, ModelConfig, ModelError, set_activation, split_outlets
+from .mlp import MLPConfig, build_mlp
+from .resnet import ResNetConfig, build_resnet
+from .simcnn import SimCNNConfig, build_simcnn
+from .vgg import VGGConfig, build_vgg
 
-__all__ = ["DROPOUT_MODELS", "MODELS", "Built", "Features", "ModelError", "build_model", "group_units"]
+__all__ = ["MODELS", "Built", "Features", "ModelConfig", "ModelError", "ModelSpec", "build_model", "group_units"]
 
-MODELS: dict[str, Callable] = {
-    "mlp": build_mlp,
-    "vgg": build_vgg,
-    "resnet": build_resnet,
-    "simcnn": build_simcnn,
-    "allcnn": build_allcnn,
+
+@dataclass(frozen=True)
+class ModelSpec:
+    Config: type[ModelConfig]  # the [model] keys this model has
+    build: Callable  # (config, input shape, classes) -> (network, units)
+
+
+MODELS: dict[str, ModelSpec] = {
+    "mlp": ModelSpec(MLPConfig, build_mlp),
+    "vgg": ModelSpec(VGGConfig, build_vgg),
+    "resnet": ModelSpec(ResNetConfig, build_resnet),
+    "simcnn": ModelSpec(SimCNNConfig, build_simcnn),
+    "allcnn": ModelSpec(AllCNNConfig, build_allcnn),
 }
 
 
@@ -58,7 +68,13 @@ def build_model(cfg, input_shape: tuple[int, ...], num_classes: int) -> Built:
     num_classes is unused here: class logits belong to the auxiliary heads."""
     if cfg.name not in MODELS:
         raise ModelError(f"model.name={cfg.name!r} is unknown; choose one of {sorted(MODELS)}")
-    network, units = MODELS[cfg.name](cfg, tuple(input_shape), num_classes)
+    try:  # the keys' rules have one home, the Config; code may call this without loading a job
+        check_section("model", cfg, {})
+    except ModelError:
+        raise
+    except ConfigError as e:
+        raise ModelError(str(e)) from None
+    network, units = MODELS[cfg.name].build(cfg, tuple(input_shape), num_classes)
     for m in [network, *units]:  # Features holds the units' layers in its own container: swap in both
         set_activation(m, cfg.activation)
     blocks, outlets = split_outlets(group_units(units, cfg.blocks, cfg.block_sizes), cfg)

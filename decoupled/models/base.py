@@ -1,16 +1,81 @@
-"""What the model builders share: the error type, the built result, the flat-chain network and the
-checks and layer helpers every builder uses."""
+"""What the model builders share: the error type, the settings every model has (and the mixins of
+the keys some have), the built result, the flat-chain network and the layer helpers."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
+from ..config import Choice, ConfigError, knob
 
-class ModelError(ValueError):
+
+class ModelError(ConfigError):
     """A model config that cannot be built; the message names the offending field."""
+
+
+@dataclass
+class ModelConfig(Choice):
+    """[model] keys of every model; a model's Config adds the mixins of the keys it has."""
+    name: str = ""  # the model (models/__init__.py: MODELS)
+    # decoupled blocks; 0 = one per layer / residual unit
+    blocks: int = knob(0, ge=0, acts=(lambda c: not c.model.block_sizes,
+                                      "an empty model.block_sizes (explicit sizes win)"))
+    block_sizes: list[int] = knob([], ge=1, empty_ok=True)  # explicit units per block
+    # the non-linearity of every model's layers (heads keep ReLU): "relu" | "leaky_relu" (negative
+    # slope 0.01, Ma et al. 2020). Every unit is conv/linear -> BN -> non-linearity -> dropout.
+    activation: Literal["relu", "leaky_relu"] = "relu"
+
+    def outlet_dropout(self) -> bool:
+        """Whether each block's last dropout moves out of the block, after its local loss (Dropout)."""
+        return False
+
+
+@dataclass
+class Width:
+    width: int = knob(64, ge=1)  # base channels (vgg/resnet stage 0, simcnn M, allcnn 96 in the paper)
+
+
+@dataclass
+class Stages:
+    hierarchy: list[int] = knob([1, 1, 2, 2], ge=1)  # vgg/resnet/simcnn stages: layers per stage
+
+    def check(self) -> None:
+        super().check()
+        if not self.hierarchy:
+            raise ModelError(f"model.hierarchy is empty; model {self.name!r} needs at least one stage, e.g. [1,1,2,2]")
+
+
+@dataclass
+class BatchNorm:
+    # BatchNorm after each conv (vgg/simcnn/allcnn) or Linear (mlp; Linear -> BN -> ReLU, as the
+    # local-loss reference MLP); resnet always has it. "auto" = on for the conv models, off for mlp
+    # (each model's long-standing default) | "on" | "off"; TOML true / false mean "on" / "off"
+    batchnorm: Literal["auto", "on", "off"] = knob("auto", from_bool=("off", "on"))
+    batchnorm_auto: ClassVar[bool] = True  # what "auto" means for this model
+
+    def batchnorm_on(self) -> bool:
+        return self.batchnorm == "on" or (self.batchnorm == "auto" and self.batchnorm_auto)
+
+
+@dataclass
+class Dropout:
+    """The keys of the models whose builders end every unit with nn.Dropout(model.dropout)."""
+    dropout: float = knob(0.0, ge=0.0, lt=1.0)  # dropout on each unit's output
+    # where a block's last dropout sits relative to its local loss:
+    # "after-loss": the loss (and head) see the block's features; dropout acts only on what goes on to
+    #   the next block. The reference for predsim (Nokland & Eidnes' local-loss code: loss on h, then
+    #   dropout(h) for the next layer), and right for every objective: a head is evaluated on clean
+    #   features, and dropout is there to regularise the next layer's input, not the local classifier.
+    # "in-block": dropout ends the block, so the local loss sees dropped-out features (runs before
+    #   this field existed; kept to reproduce them).
+    dropout_position: Literal["after-loss", "in-block"] = knob(
+        "after-loss", acts=(lambda c: c.model.dropout > 0, "model.dropout > 0"))
+
+    def outlet_dropout(self) -> bool:
+        return self.dropout_position == "after-loss" and self.dropout > 0
 
 
 @dataclass
@@ -36,17 +101,6 @@ class Features(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
-
-
-def check_hierarchy(cfg) -> list[int]:
-    h = list(cfg.hierarchy)
-    if not h:
-        raise ModelError(f"model.hierarchy is empty; model {cfg.name!r} needs at least one stage, e.g. [1,1,2,2]")
-    if any(int(n) <= 0 for n in h):
-        raise ModelError(f"model.hierarchy={h} has non-positive entries; every stage needs >= 1 layer")
-    if cfg.width <= 0:
-        raise ModelError(f"model.width={cfg.width} must be positive")
-    return [int(n) for n in h]
 
 
 def image_hw(cfg, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -76,11 +130,6 @@ def check_downsamplings(cfg, input_shape, n_down: int, exact: bool = False, extr
     raise ModelError(f"model.hierarchy={list(cfg.hierarchy)} is incompatible with input {h}x{w}: {why}; {hint}")
 
 
-def batchnorm_on(cfg) -> bool:
-    """model.batchnorm resolved: "auto" is on for the conv models, off for the mlp."""
-    return cfg.batchnorm == "on" or (cfg.batchnorm == "auto" and cfg.name != "mlp")
-
-
 def conv_bn_relu(cin: int, cout: int, batchnorm: bool, stride: int = 1, kernel: int = 3,
                  bias: bool | None = None) -> list[nn.Module]:
     # A conv bias is redundant right before BatchNorm, so by default drop it there.
@@ -92,9 +141,6 @@ def conv_bn_relu(cin: int, cout: int, batchnorm: bool, stride: int = 1, kernel: 
     return layers
 
 
-# The models whose builders end every unit with nn.Dropout(model.dropout) (config rules reject
-# model.dropout for the others rather than ignore it).
-DROPOUT_MODELS = ("mlp", "vgg", "resnet")
 LEAKY_SLOPE = 0.01  # model.activation="leaky_relu": Ma et al. 2020's negative slope
 
 
@@ -109,16 +155,10 @@ def set_activation(module: nn.Module, activation: str) -> None:
                 setattr(parent, name, nn.LeakyReLU(LEAKY_SLOPE, inplace=child.inplace))
 
 
-def check_dropout(cfg) -> float:
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise ModelError(f"model.dropout={cfg.dropout} must be in [0, 1)")
-    return float(cfg.dropout)
-
-
 def split_outlets(blocks: list[nn.Sequential], cfg) -> tuple[list[nn.Sequential], list[nn.Module]]:
     """model.dropout_position="after-loss": take each block's last dropout out of the block, so the
     local loss sees the block's features and only the next block sees them dropped out."""
-    if cfg.dropout_position != "after-loss" or cfg.name not in DROPOUT_MODELS or cfg.dropout == 0:
+    if not cfg.outlet_dropout():
         return blocks, [nn.Identity() for _ in blocks]
     kept, outlets = [], []
     for b in blocks:

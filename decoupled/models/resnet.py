@@ -2,12 +2,21 @@
 built from torchvision's BasicBlock / Bottleneck. Unit = one residual block; the stem
 (conv3x3+BN+ReLU, no max-pool) is merged into the first unit. With model.dropout every residual block
 ends with dropout (after its final ReLU: BN -> non-linearity -> dropout, as Ma et al. 2020)."""
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 from torch import nn
 
-from .base import ModelError, check_downsamplings, check_dropout, check_hierarchy, image_hw
+from .base import Dropout, ModelConfig, Stages, Width, check_downsamplings, image_hw
 
-RESIDUALS = ("basic", "bottleneck")
+
+@dataclass
+class ResNetConfig(Dropout, Width, Stages, ModelConfig):
+    """No batchnorm key: a residual block always has BatchNorm."""
+    name: str = "resnet"
+    # resnet unit: "basic" (two 3x3 convs) | "bottleneck" (1x1, 3x3, 1x1)
+    residual: Literal["basic", "bottleneck"] = "basic"
 
 
 def residual_unit(name: str):
@@ -40,10 +49,8 @@ def make_layer(block, inplanes: int, planes: int, n: int, stride: int) -> nn.Seq
     return nn.Sequential(*units)
 
 
-def build_resnet(cfg, input_shape, num_classes):
-    hierarchy = check_hierarchy(cfg)
-    if cfg.residual not in RESIDUALS:
-        raise ModelError(f"model.residual={cfg.residual!r} is unknown; choose one of {sorted(RESIDUALS)}")
+def build_resnet(cfg: ResNetConfig, input_shape, num_classes):
+    hierarchy = list(cfg.hierarchy)
     block = residual_unit(cfg.residual)
     cin, _, _ = image_hw(cfg, input_shape)
     check_downsamplings(cfg, input_shape, len(hierarchy) - 1)  # stage 0 keeps the resolution
@@ -54,7 +61,7 @@ def build_resnet(cfg, input_shape, num_classes):
         planes = cfg.width * 2 ** s
         layers.append(make_layer(block, inplanes, planes, n, 1 if s == 0 else 2))
         inplanes = planes * block.expansion
-    p = check_dropout(cfg)
+    p = float(cfg.dropout)
     if p > 0:  # last in the unit: build_model may move a block's last one after the local loss
         layers = [nn.Sequential(*[nn.Sequential(u, nn.Dropout(p)) for u in layer]) for layer in layers]
     units = [m for layer in layers for m in layer]

@@ -2,13 +2,21 @@
 conv3x3+BN+ReLU layers; between stages an invertible downsampling (PixelUnshuffle(2): the
 4 decimated copies stacked as channels) and the width doubles. Unit = one conv layer,
 together with the downsampling that precedes it."""
+from dataclasses import dataclass
+
 from torch import nn
 
-from .base import Features, batchnorm_on, check_downsamplings, check_hierarchy, conv_bn_relu, image_hw
+from .base import BatchNorm, Features, ModelConfig, Stages, Width, check_downsamplings, conv_bn_relu, image_hw
 
 
-def build_simcnn(cfg, input_shape, num_classes):
-    hierarchy = check_hierarchy(cfg)
+@dataclass
+class SimCNNConfig(BatchNorm, Width, Stages, ModelConfig):
+    name: str = "simcnn"
+    stem_downsample: bool = False  # invertible downsampling of the input
+
+
+def build_simcnn(cfg: SimCNNConfig, input_shape, num_classes):
+    hierarchy = list(cfg.hierarchy)
     cin, _, _ = image_hw(cfg, input_shape)
     n_down = len(hierarchy) - 1 + bool(cfg.stem_downsample)
     check_downsamplings(cfg, input_shape, n_down, exact=True,
@@ -21,7 +29,7 @@ def build_simcnn(cfg, input_shape, num_classes):
             if i == 0 and (s > 0 or cfg.stem_downsample):
                 layers.append(nn.PixelUnshuffle(2))
                 cin *= 4
-            layers += conv_bn_relu(cin, cout, batchnorm_on(cfg), bias=True)  # paper: conv with bias
+            layers += conv_bn_relu(cin, cout, cfg.batchnorm_on(), bias=True)  # paper: conv with bias
             units.append(nn.Sequential(*layers))
             cin = cout
     return Features(units), units

@@ -6,13 +6,55 @@ to back-propagate through the block and its head, plus per-sample predictions an
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ObjectiveConfig, TrainConfig
+from ..config import Choice, ConfigError, TrainConfig, knob
+from ..config.schema import Fallback
 from ..heads import build_head
+
+HIDDEN_HEADS = ("khidden", "mlpsr")  # the heads with k-1 hidden layers of aux_width (heads.py)
+
+
+def _hidden_head(c) -> bool:
+    return c.objective.head_name() in HIDDEN_HEADS and c.objective.k > 1
+
+
+@dataclass
+class ObjectiveConfig(Choice):
+    """[objective] keys of every objective: its head. An objective with keys of its own subclasses it."""
+    name: str = "khidden"  # the objective (objectives/__init__.py: OBJECTIVES)
+    # override the objective's head ("" = the objective's own): khidden | mlpsr | dense | predsim | mixedpool
+    head: str = knob("", registry="head", empty_ok=True)
+    # k-hidden: k-1 auxiliary convs before average + linear
+    k: int = knob(1, ge=1, acts=(lambda c: c.objective.head_name() in HIDDEN_HEADS, "the khidden / mlpsr heads"))
+    # auxiliary conv / dense width
+    aux_width: int = knob(128, ge=1, acts=(lambda c: c.objective.head_name() == "dense" or _hidden_head(c),
+                                           "the dense head (cascade) or khidden / mlpsr heads with objective.k > 1"))
+    # BatchNorm in the hidden convs of the khidden / mlpsr heads
+    head_batchnorm: bool = knob(True, acts=(lambda c: _hidden_head(c) and c.model.name != "mlp",
+                                            "khidden / mlpsr heads with objective.k > 1 on conv features"))
+    # early exit when no exit passes: "confident" = the most confident exit (the paper) | "last"
+    exit_fallback: Fallback = "confident"
+    default_head: ClassVar[str] = "khidden"  # the objective's own head
+
+    def head_name(self) -> str:
+        return self.head or self.default_head
+
+    def exit_thresholds(self) -> tuple[float, ...]:
+        """Confidence thresholds of the early-exit curve this objective adds to exits.THRESHOLDS."""
+        return ()
+
+    def check(self) -> None:
+        if self.head == "predsim":
+            raise ConfigError(f"objective.head={self.head!r} does not fit objective.name={self.name!r}: only "
+                              "predsim has (and needs) the similarity branch; leave objective.head empty")
+        if self.head_name() == "dense" and self.aux_width < 2:
+            raise ConfigError(f"objective.aux_width={self.aux_width} is too small for the dense output block "
+                              "(n -> n/2 -> classes); use at least 2")
 
 
 @dataclass
@@ -33,7 +75,7 @@ def masked_mean(per_sample: torch.Tensor, mask: torch.Tensor | None) -> torch.Te
 class Objective(nn.Module):
     """Cross-entropy through the head; subclasses change the head, the loss or the epoch budget."""
 
-    default_head = "khidden"
+    Config = ObjectiveConfig
     # Declared capability (exits.py and flops.py read it, never probe): a commitment head that says
     # whether the exit commits to its prediction (QuickNets).
     has_commitment = False
@@ -42,7 +84,7 @@ class Objective(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.num_classes = num_classes
-        self.head = build_head(cfg.head or self.default_head, in_shape, num_classes,
+        self.head = build_head(cfg.head_name(), in_shape, num_classes,
                                k=cfg.k, width=cfg.aux_width, batchnorm=cfg.head_batchnorm)
 
     def loss(self, h, logits, y, mask):

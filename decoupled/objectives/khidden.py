@@ -3,4 +3,4 @@ from .base import Objective
 
 
 class KHidden(Objective):
-    default_head = "khidden"
+    """Objective.Config's keys, its default head."""

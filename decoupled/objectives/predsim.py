@@ -1,9 +1,12 @@
 """Nokland & Eidnes 2019 "predsim", the local loss Ma et al. 2020 train with:
 (1 - beta) * cross-entropy(prediction) + beta * MSE(similarity(features), similarity(one-hot labels))."""
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from .base import Objective, masked_mean
+from ..config import ConfigError, knob
+from .base import Objective, ObjectiveConfig, masked_mean
 
 
 def similarity_matrix(x: torch.Tensor) -> torch.Tensor:
@@ -18,7 +21,16 @@ def similarity_matrix(x: torch.Tensor) -> torch.Tensor:
 
 
 class PredSim(Objective):
-    default_head = "predsim"
+    @dataclass
+    class Config(ObjectiveConfig):
+        name: str = "predsim"
+        predsim_beta: float = knob(0.99, ge=0.0, le=1.0)  # weight of the similarity-matching term
+        default_head = "predsim"
+
+        def check(self) -> None:
+            if self.head not in ("", "predsim"):  # the similarity branch is the predsim head's
+                raise ConfigError(f"objective.head={self.head!r} does not fit objective.name={self.name!r}: only "
+                                  "predsim has (and needs) the similarity branch; leave objective.head empty")
 
     def loss(self, h, logits, y, mask):
         pred_loss = masked_mean(F.cross_entropy(logits, y, reduction="none"), mask)

@@ -9,22 +9,24 @@ with confidence the normalised-entropy d = 1 - H(p) / log C of the exit's softma
 Two phases, two sets of parameters, one module (so one checkpoint holds both):
 - `forward` is the block phase: cross-entropy through `head`. The block's optimizer steps only
   `local_parameters()` (the exit head), so the commitment head is never touched by it.
-- `commitment_loss` is the commitment phase: binary cross-entropy of `commit` on detached block
-  features against "the exit was right"; the trainer gives it its own optimizer, once the block is
-  frozen (trainers/quicknet.py); across blocks trained online by
-  objectives/router.py. `commit_trained` (a buffer, so checkpointed) records that it ran;
+- `commitment_step` is the commitment phase: one step of its own optimizer on the binary
+  cross-entropy (`commitment_loss`) of `commit` on detached block features against "the exit was
+  right"; taken once the block is frozen by the quicknet trainer (trainers/quicknet.py), and
+  online, across blocks, by objectives/router.py. `commit_trained` (a buffer, so checkpointed) records that it ran;
   until then the exit rule ignores the commitment output.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from ..config import ObjectiveConfig
+from ..config import knob
 from ..heads import CommitmentHead
-from .base import LocalOutput, Objective, masked_mean
+from .base import LocalOutput, Objective, ObjectiveConfig, masked_mean
 
 
 def confidence(logits: torch.Tensor) -> torch.Tensor:
@@ -50,11 +52,31 @@ def class_sample_weights(y: torch.Tensor, counts0: torch.Tensor, balance: str = 
     return 1.0 / counts.to(torch.float64)[y]
 
 
+def _bce(logits: torch.Tensor, correct: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    per = F.binary_cross_entropy_with_logits(logits, correct.to(logits.dtype), reduction="none")
+    return masked_mean(per, mask)
+
+
 class QuickNet(Objective):
-    default_head = "mixedpool"
+    @dataclass
+    class Config(ObjectiveConfig):
+        name: str = "quicknet"
+        # a sample is learned (and leaves the later blocks' data) when its exit's
+        # normalised-entropy confidence >= this, its commitment logit > 0 and its prediction is right.
+        # The paper gives no value; the exit curve sweeps the same rule at inference.
+        quicknet_threshold: float = knob(0.95, ge=0.0, le=1.0)
+        commit_hidden: int = knob(0, ge=0)  # commitment head hidden units; 0 = number of classes (the paper)
+        # class weights of the draws (objectives/quicknet.py): "remaining" (the paper: a class loses weight
+        # as it is learned) | "equal" (every class still present equally likely) | "none" (uniform)
+        quicknet_balance: Literal["remaining", "equal", "none"] = "remaining"
+        default_head = "mixedpool"
+
+        def exit_thresholds(self) -> tuple[float, ...]:
+            return (self.quicknet_threshold,)
+
     has_commitment = True
 
-    def __init__(self, cfg: ObjectiveConfig, in_shape, num_classes: int):
+    def __init__(self, cfg: Config, in_shape, num_classes: int):
         super().__init__(cfg, in_shape, num_classes)
         self.commit = CommitmentHead(tuple(in_shape), cfg.commit_hidden or num_classes)
         self.register_buffer("commit_trained", torch.tensor(False))
@@ -79,8 +101,20 @@ class QuickNet(Objective):
 
     def commitment_loss(self, h: torch.Tensor, correct: torch.Tensor,
                         mask: torch.Tensor | None = None) -> torch.Tensor:
-        per = F.binary_cross_entropy_with_logits(self.commit(h.detach()), correct.to(h.dtype), reduction="none")
-        return masked_mean(per, mask)
+        return _bce(self.commit(h.detach()), correct, mask)
+
+    def commitment_step(self, h: torch.Tensor, correct: torch.Tensor, optimizer) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of the commitment head alone (`optimizer` holds only its parameters) on "the exit
+        is right" (`correct`); marks the head trained. Returns the logits the step was taken on and
+        its loss, both detached."""
+        self.train()
+        logits = self.commit(h.detach())
+        loss = _bce(logits, correct, None)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        self.commit_trained.fill_(True)
+        return logits.detach(), loss.detach()
 
     def learned(self, out: LocalOutput, commit: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(N,) bool: the samples this exit counts as learned (the three conditions above)."""

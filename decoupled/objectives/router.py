@@ -24,9 +24,7 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
-from ..config import JobConfig
 from ..optim import build_optimizer
 from ..rng import generator
 from .quicknet import class_sample_weights
@@ -99,7 +97,7 @@ class LearnedSampleRouter:
     trains, its commitment head first takes one BCE step on "the exit is right" (online, since every
     block trains at the same time here); a frozen block only applies the rule."""
 
-    def __init__(self, objective, cfg: JobConfig, index: int, lr: float, class_counts: torch.Tensor | None):
+    def __init__(self, objective, cfg, index: int, lr: float, class_counts: torch.Tensor | None):
         self.objective = objective
         self.optimizer = build_optimizer(objective.commit.parameters(), cfg.optim, lr)
         # block 0 gets the data loader's full batches, drawn uniformly like every trainer's epoch
@@ -115,15 +113,9 @@ class LearnedSampleRouter:
                 obj.eval()
                 res = obj(h, y)
                 return ~obj.learned(res, obj.commitment(h), y)
-        obj.train()
-        c = obj.commitment(h)
-        loss = F.binary_cross_entropy_with_logits(c, (res.pred == y).to(c.dtype))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        obj.commit_trained.fill_(True)
+        c, _ = obj.commitment_step(h, res.pred == y, self.optimizer)
         work["commit_step"] += len(y)
-        return ~obj.learned(res, c.detach(), y)
+        return ~obj.learned(res, c, y)
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(),

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from .. import exits, summary as S
-from ..config import ConfigError, JobConfig
+from ..job import ConfigError, JobConfig
 from ..data import build_data
 from ..device import resolve_device, synchronize
 from ..engine.evaluate import evaluate

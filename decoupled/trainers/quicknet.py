@@ -129,13 +129,9 @@ class QuickNet(modes.QuickNet, Trainer):
             for ids in ids_all.split(cfg.data.batch_size):
                 h = feats.get(ids)
                 with s.rng:
-                    obj.train()
-                    loss = obj.commitment_loss(h, correct[ids].to(run.device))
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+                    _, loss = obj.commitment_step(h, correct[ids].to(run.device), opt)
                 s.work["commit_step"] += len(ids)
-                total += loss.detach() * len(ids)
+                total += loss * len(ids)
             loss = float(total) / len(ids_all)
             run.recorder.log(kind="commit_epoch", block=s.index, epoch=epoch, loss=loss, lr=opt.param_groups[0]["lr"])
             if self.after_epoch(f"commit{s.index}", lambda: loss):  # its training BCE

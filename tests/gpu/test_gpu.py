@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from decoupled.config import load
+from decoupled.job import load
 from decoupled.engine.ranks.transport import handover
 from decoupled.train import train
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ...config import ConfigError, DistConfig, JobConfig
+from ...config import ConfigError, DistConfig
+from ...job import JobConfig
 from ...device import synchronize
 from ..stage import build_stages
 from .groups import Layout

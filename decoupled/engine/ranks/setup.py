@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ...config import ConfigError, JobConfig
+from ...job import ConfigError, JobConfig
 from ...data import Data, build_data, resolve_augment
 from ...metrics import Recorder
 from ...models import ModelError

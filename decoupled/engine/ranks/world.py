@@ -17,7 +17,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ...config import ConfigError, JobConfig
+from ...job import ConfigError, JobConfig
 from ...device import local_cuda_index
 from .transport import PeerError
 
