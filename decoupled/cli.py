@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"config error: {e}", 2)
     except Exception as e:  # noqa: BLE001 - a training failure: say what, exit non-zero
         from .checkpoint import CheckpointError
-        from .engine.stage import NonFiniteError
+        from .engine.precision import NonFiniteError
         from .engine.ranks.transport import PeerError
         if not isinstance(e, (PeerError, NonFiniteError, CheckpointError)):
             raise

@@ -12,8 +12,8 @@ the real weights, BatchNorm statistics and RNG streams are untouched. Counting a
 dividing by its size keeps batch-coupled terms (predsim's similarity matrices) exact. A stage's
 architecture never changes, so its counts are kept (per stage and batch size) once made.
 
-train_flops(stage) = stage.samples x (local step: block + exit forward and backward)
-                     + sum over stage.work[kind] x (that kind's per-sample cost)
+train_flops(stage) = stage.stats.samples x (local step: block + exit forward and backward)
+                     + sum over stage.stats.work[kind] x (that kind's per-sample cost)
 where the trainers count `work`: forwards of frozen blocks that make cached pseudo-inputs or route
 samples, commitment-head steps (QuickNet), exit-head steps on frozen features (e2e probes).
 Test-set evaluation is not training and is not counted.
@@ -101,7 +101,7 @@ def train_flops(stages, end_to_end: bool, num_blocks: int, batch: int = 64) -> l
     for s in stages:
         c = stage_costs(s, batch)
         step = c["e2e_step"] + c["e2e_head"] * (s.index == num_blocks - 1) if end_to_end else c["step"]
-        out.append(s.samples * step + sum(n * c[kind] for kind, n in s.work.items()))
+        out.append(s.stats.samples * step + sum(n * c[kind] for kind, n in s.stats.work.items()))
     return out
 
 

@@ -57,7 +57,7 @@ class Live:
         """Training starts now, from these stages' counters (a resumed run's samples are not this epoch's)."""
         self.t0 = time.perf_counter()
         for s in stages:
-            self.marks[f"samples{s.index}"] = s.samples
+            self.marks[f"samples{s.index}"] = s.stats.samples
 
     # ------------------------------------------------------------------ per step (hot path)
     def add_loss(self, block: int, loss: torch.Tensor) -> None:
@@ -112,7 +112,7 @@ class Live:
     def epoch(self, epoch: int, total: int, stages, ev: dict | None, block: int | None = None) -> None:
         now = time.perf_counter()
         seconds, self.t0 = now - self.t0, now
-        samples = max(self._delta(f"samples{s.index}", s.samples) for s in stages)
+        samples = max(self._delta(f"samples{s.index}", s.stats.samples) for s in stages)
         losses = self.take_losses()
         tb = self._common(stages, seconds, samples)
         tb.update({f"loss/block{j}": v for j, v in losses.items()})
@@ -134,7 +134,7 @@ class Live:
         self.flush()
         now = time.perf_counter()
         seconds, self.t0 = now - self.t0, now
-        samples = max(self._delta(f"samples{s.index}", s.samples) for s in stages)
+        samples = max(self._delta(f"samples{s.index}", s.stats.samples) for s in stages)
         losses = self.take_losses()
         compute = self._delta("compute", metrics["compute_s"])
         comm = self._delta("comm", metrics["comm_s"])

@@ -76,6 +76,12 @@ def _fused(params: list) -> dict:
     return {"fused": True} if params and all(p.is_cuda for p in params) else {}
 
 
+def block_lr(cfg: OptimConfig, j: int) -> float:
+    """Block j's learning rate (optim.block_lr_decay: deeper blocks step smaller), for its optimizer and
+    for any head trained beside it (QuickNet's commitment head)."""
+    return cfg.lr * cfg.block_lr_decay ** j
+
+
 def build_optimizer(params, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     params = list(params)
     return cfg.build(params, lr, **_fused(params))

@@ -9,7 +9,7 @@ from . import checkpoint, summary as S
 from .job import ConfigError, load
 from .data import build_data
 from .device import resolve_device
-from .engine.ranks.setup import build_rank_stages
+from .engine.build import build_rank_stages
 from .engine.evaluate import evaluate
 
 

@@ -17,9 +17,9 @@ def layers(stages, layer_acc: dict[int, float], val_acc: dict[int, float] | None
     """Per block; val_acc (accuracy on the data.val_fraction hold-out) when a validation split exists."""
     return [{"block": s.index, "test_acc": layer_acc[s.index],
              **({"val_acc": val_acc[s.index]} if val_acc is not None else {}),
-             "train_samples": s.samples, "epochs": s.epochs_done,
-             "epoch_samples": s.epoch_samples, "params": sum(p.numel() for p in s.parameters()),
-             "out_shape": list(s.out_shape), **s.info} for s in stages]
+             "train_samples": s.stats.samples, "epochs": s.stats.epochs_done,
+             "epoch_samples": s.stats.epoch_samples, "params": sum(p.numel() for p in s.parameters()),
+             "out_shape": list(s.out_shape), **s.stats.info} for s in stages]
 
 
 def costs(cfg: JobConfig, stages, layer_rows: list[dict], end_to_end: bool = False) -> dict:
@@ -61,10 +61,10 @@ def joined_exit_fields(cfg: JobConfig, parts: list[tuple], out: Path, layer_rows
 
 
 def rank_report(rank: int, stages, memory: PeakMemory, train_s: float, extra: dict) -> dict:
-    samples = sum(s.samples for s in stages) / len(stages)  # network samples its blocks trained on
+    samples = sum(s.stats.samples for s in stages) / len(stages)  # network samples its blocks trained on
     return {"rank": rank, "blocks": [s.index for s in stages], **memory.report(),
             "samples_per_s": samples / train_s if train_s > 0 else 0.0, "train_s": train_s,
-            "compute_s": sum(s.compute_s for s in stages), **extra}
+            "compute_s": sum(s.stats.compute_s for s in stages), **extra}
 
 
 def save_rank_report(out: Path, rank: int, report: dict) -> None:

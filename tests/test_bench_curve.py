@@ -37,7 +37,7 @@ def test_exact_memory_of_a_tiny_mlp_stage_is_the_sum_of_its_shapes():
     """One engine stage (Flatten, Linear 6->8, ReLU; k=1 head Linear 8->3; cross-entropy), SGD with
     momentum, batch 5, two steps: every figure from the shapes by hand."""
     from decoupled.job import load
-    from decoupled.engine.stage import build_stages
+    from decoupled.engine.build import build_stages
     cfg = load(None, ["data.name=synthetic", "data.synthetic_shape=[6]", "model.name=mlp", "model.widths=[8]",
                       "train.device=cpu", "optim.momentum=0.9", "train.mode=simultaneous"])
     (s,) = build_stages(cfg, (6,), 3, torch.device("cpu"))

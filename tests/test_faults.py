@@ -49,7 +49,7 @@ def test_labels_out_of_range_are_rejected(monkeypatch):
 
 
 def test_dry_run_and_handshake_catch_shape_mismatches():
-    from decoupled.engine.stage import build_stages
+    from decoupled.engine.build import build_stages
     cfg = load(None, ["model.widths=[6,5]"])
     stages = build_stages(cfg, (1, 8, 8), 10, torch.device("cpu"))
     assert dry_run(stages, (1, 8, 8), torch.device("cpu")) == [(1, 8, 8), (6,), (5,)]

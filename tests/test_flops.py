@@ -4,7 +4,7 @@ trainers = samples x per-sample step + counted extra work."""
 import torch
 
 from decoupled.job import load
-from decoupled.engine.stage import build_stages
+from decoupled.engine.build import build_stages
 from decoupled.flops import count_flops, inference_flops, stage_costs, train_flops
 from decoupled.train import train
 
@@ -102,8 +102,8 @@ def test_train_flops_of_the_trainers(tmp_path):
 def test_train_flops_counts_work():
     cfg = load(None, ["model.widths=[8, 8]"])
     stages = build_stages(cfg, (1, 8, 8), C, CPU)
-    stages[0].samples, stages[1].samples = 10, 4
-    stages[1].work.update(forward=3, exit=2)
+    stages[0].stats.samples, stages[1].stats.samples = 10, 4
+    stages[1].stats.work.update(forward=3, exit=2)
     c = [stage_costs(s) for s in stages]
     assert train_flops(stages, False, 2) == [10 * c[0]["step"], 4 * c[1]["step"] + 3 * c[1]["forward"]
                                                     + 2 * c[1]["exit"]]

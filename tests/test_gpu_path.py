@@ -14,7 +14,7 @@ from decoupled.job import load
 from decoupled.engine.ranks import feed as feed_mod, pipeline, receiver as receiver_mod, world
 from decoupled.engine.ranks.budget import UpstreamEpochs
 from decoupled.engine.ranks.transport import Kind, Message
-from decoupled.engine.stage import build_stages
+from decoupled.engine.build import build_stages
 
 
 class FakeLink:
@@ -113,7 +113,7 @@ def test_device_ordinal_is_local_rank_modulo_visible_devices(monkeypatch):
 
 
 def test_a_replica_sends_before_it_closes_the_round(monkeypatch):
-    """replicated.AllReduce defers the round's all-reduce and step until the pipeline has sent the
+    """stepping.AllReduce defers the round's all-reduce and step until the pipeline has sent the
     batch's activations on, so downstream never waits for the group's slowest replica."""
     events = []
 
@@ -132,5 +132,5 @@ def test_a_replica_sends_before_it_closes_the_round(monkeypatch):
     for step in range(2):
         pipeline.Pipeline.train_batch(fake, x, y, torch.arange(8), step)
         assert events == ["send"] + ["all_reduce"] * len(stages), events
-        assert all(s.updates == step + 1 for s in stages)  # settled: every round closed after the send
+        assert all(s.stats.updates == step + 1 for s in stages)  # settled: every round closed after the send
         events.clear()

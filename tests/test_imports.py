@@ -66,7 +66,7 @@ def _cycle(g: dict[str, set[str]]) -> list[str] | None:
 def test_graph_sees_function_level_and_relative_imports():
     g = graph()
     assert "decoupled.config.schema" in g["decoupled.config.parse"]  # from .schema import ...
-    assert "decoupled.job" in g["decoupled.engine.stage"]  # from ..job import JobConfig
+    assert "decoupled.job" in g["decoupled.engine.build"]  # from ..job import JobConfig
     assert _cycle({"a": {"b"}, "b": {"a"}}) == ["a", "b", "a"] and _cycle({"a": {"b"}, "b": set()}) is None
 
 

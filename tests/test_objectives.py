@@ -6,7 +6,7 @@ import torch
 
 from decoupled.config.applies import rules
 from decoupled.job import JobConfig, choose, validate
-from decoupled.engine.stage import build_stages
+from decoupled.engine.build import build_stages
 from decoupled.objectives import LocalOutput
 from decoupled.objectives.predsim import similarity_matrix
 
@@ -68,7 +68,7 @@ def test_one_step_every_stage(model, objective, head, k):
         assert not out.requires_grad and out.grad_fn is None  # no gradient crosses stages
         assert tuple(out.shape[1:]) == s.out_shape
         assert torch.isfinite(out).all()
-        assert s.steps == 1 and s.samples == N
+        assert s.stats.steps == 1 and s.stats.samples == N
         # the step changed the block (it trains through its own local loss)
         assert any(not torch.equal(b, p) for b, p in zip(before, s.block.parameters()))
         # eval-mode forward and logits have the same shapes
@@ -100,7 +100,7 @@ def test_sample_mask(model):
     assert torch.allclose(full.loss, obj(h.detach(), y, torch.ones(N, dtype=torch.bool)).loss)
     # train_step counts only the kept samples
     stage.train_step(x, y, mask)
-    assert stage.samples == int(mask.sum())
+    assert stage.stats.samples == int(mask.sum())
 
 
 def test_predsim_mask_and_similarity():

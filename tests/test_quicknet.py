@@ -11,7 +11,7 @@ from decoupled import cli, exits
 from decoupled.job import ConfigError, load
 from decoupled.trainers.epoch_policy import EarlyStopping
 from decoupled.trainers.quicknet import draw
-from decoupled.engine.stage import build_stages
+from decoupled.engine.build import build_stages
 from decoupled.objectives import LocalOutput
 from decoupled.objectives.quicknet import class_sample_weights, confidence
 from decoupled.train import train

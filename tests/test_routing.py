@@ -92,19 +92,19 @@ QUICK = {"objective.name": "quicknet", "train.epochs": 3, "optim.name": "adam", 
 
 def test_routed_samples_reach_the_next_block_exactly_once_per_epoch(tmp_path, monkeypatch):
     from decoupled.job import load
-    from decoupled.engine.stage import Stage
+    from decoupled.engine import flow
     from decoupled.train import train
     from torchrun_utils import overrides
 
     seen: list[tuple[int, list[int], list[int]]] = []  # (block, ids in, ids passed on)
-    original = Stage._step
+    original = flow.step
 
-    def recording(self, x, y, ids, log):
-        outs = list(original(self, x, y, ids, log))
-        seen.append((self.index, ids.tolist(), [i for _, _, o in outs for i in o.tolist()]))
+    def recording(stage, x, y, ids, log):
+        outs = list(original(stage, x, y, ids, log))
+        seen.append((stage.index, ids.tolist(), [i for _, _, o in outs for i in o.tolist()]))
         yield from outs
 
-    monkeypatch.setattr(Stage, "_step", recording)
+    monkeypatch.setattr(flow, "step", recording)
     s = train(load(None, overrides({**QUICK, "train.mode": "simultaneous", "data.limit_train": 0})), tmp_path / "q")
     per_epoch = 1438  # all of the digits training split
     # walk the record epoch by epoch: block 0 sees every sample once per epoch

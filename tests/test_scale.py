@@ -189,7 +189,7 @@ def test_epoch_end_logs_replay_stats_even_with_an_empty_buffer(tmp_path):
     from decoupled.engine.ranks.pipeline import Pipeline
     from decoupled.engine.run import Run
     from decoupled.metrics import Recorder
-    from decoupled.engine.stage import build_stages
+    from decoupled.engine.build import build_stages
     cfg = load(None, ["train.mode=async", "replay.budget=upstream", "train.eval_every=0", "train.checkpoint=false",
                       "train.quiet=true", "model.widths=[6]"])
     stages = build_stages(cfg, (1, 8, 8), 10, torch.device("cpu"))

@@ -44,7 +44,7 @@ from torch import nn
 from ..job import load
 from ..data import batches, build_data, resolve_augment
 from ..device import synchronize
-from ..engine.ranks.setup import build_rank_stages
+from ..engine.build import build_rank_stages
 from ..engine.ranks.world import resolve_backend
 from ..memory import ExactMemory
 from ..metrics import PeakMemory

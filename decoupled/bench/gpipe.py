@@ -40,7 +40,7 @@ from ..data import batches, build_data, resolve_augment
 from ..device import synchronize
 from ..engine.ranks.placement import placement
 from ..engine.ranks.world import resolve_backend
-from ..engine.stage import init_module
+from ..engine.build import init_module
 from ..memory import ExactMemory
 from ..metrics import PeakMemory
 from ..models import build_model

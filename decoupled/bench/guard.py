@@ -166,7 +166,7 @@ def activation_bytes(cfg) -> int:
 
     from ..data import build_data
     from ..engine.ranks.placement import placement
-    from ..engine.stage import build_stages
+    from ..engine.build import build_stages
     data = build_data(cfg.data, cfg.train.seed)
     stages = build_stages(cfg, data.input_shape, data.num_classes, torch.device("cpu"))
     h = data.train.x[:1]

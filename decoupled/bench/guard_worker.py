@@ -26,7 +26,7 @@ def e2e_overhead(out: str) -> None:
     from ..data import build_data
     from ..trainers.e2e import E2E
     from ..engine.run import Run
-    from ..engine.stage import build_stages
+    from ..engine.build import build_stages
     from ..metrics import Recorder
     cfg = load(None, [*VGG, "train.mode=e2e", f"train.epochs={1 + TIMED}", "data.augment=none"])
     data = build_data(cfg.data, cfg.train.seed)

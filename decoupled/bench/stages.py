@@ -28,7 +28,7 @@ def time_stages(cfg_path: str, ranks: int, out: str) -> None:
     from ..data import Split, batches, build_data, resolve_augment
     from ..device import resolve_device, synchronize
     from ..engine.ranks.placement import placement
-    from ..engine.stage import build_stages
+    from ..engine.build import build_stages
     cfg = load(cfg_path)
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)

@@ -8,7 +8,7 @@ past, then is its own source: engine/ranks/sources.py).
 Note [cache or recompute]. train.cache: "memory" or "disk" (a .npy memmap) keep the frozen outputs
 (cache.py); "recompute" pushes the raw inputs through the frozen blocks each time; "auto" = memory,
 unless the data is augmented: a frozen block's outputs then change every epoch, so a cache would
-freeze one augmented view. Every forward made for training is counted in stage.work, so
+freeze one augmented view. Every forward made for training is counted in stage.stats.work, so
 flops.train_flops charges for it.
 """
 from __future__ import annotations
@@ -62,7 +62,7 @@ class FrozenInputs:
         x = self.move(x)
         for f in self.frozen:
             x = f.forward(x)
-            f.work["forward"] += len(x)
+            f.stats.work["forward"] += len(x)
         return x.float()  # the wire dtype (dist.wire_dtype) back to float32, as a cache stores it
 
     def after(self, stage: Stage, ids: torch.Tensor, where: str, path: Path | None, chunk: int) -> FrozenInputs:
@@ -73,7 +73,7 @@ class FrozenInputs:
         cache = PseudoInputs.allocate(len(self.raw), stage.out_shape, where, path, self.device)
         for part in ids.split(chunk):
             cache.put(part, stage.forward(self.get(part)))
-        stage.work["forward"] += len(ids)
+        stage.stats.work["forward"] += len(ids)
         cache.flush()
         return FrozenInputs(self.raw, self.device, [], cache, self.augment, self.move)
 

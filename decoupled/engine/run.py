@@ -56,10 +56,10 @@ class Run:
     def log_step(self, epoch: int, stage: Stage, res, y: torch.Tensor) -> None:
         self.eval_fresh = False
         self.live.add_loss(stage.index, res.loss)  # summed on the device, read at the epoch end
-        if stage.steps % self.cfg.train.log_every == 0:
-            self.recorder.log(kind="step", epoch=epoch, block=stage.index, step=stage.steps,
+        if stage.stats.steps % self.cfg.train.log_every == 0:
+            self.recorder.log(kind="step", epoch=epoch, block=stage.index, step=stage.stats.steps,
                               loss=float(res.loss.detach()), train_acc=float((res.pred == y).float().mean()),
-                              samples=stage.samples)
+                              samples=stage.stats.samples)
 
     def evaluate(self) -> dict:
         if not self.eval_fresh:
@@ -75,13 +75,13 @@ class Run:
             ev = self.evaluate()
             self.recorder.log(kind="epoch", epoch=epoch, block=block, test_acc=ev["layer_acc"],
                               ensemble_test_acc=ev["ensemble_acc"],
-                              train_samples=[s.samples for s in self.stages],
+                              train_samples=[s.stats.samples for s in self.stages],
                               lr=[s.optimizer.param_groups[0]["lr"] for s in self.stages])
         if block is None:
             self.live.epoch(epoch, max(s.epochs for s in self.stages), self.stages, ev)
         else:  # sequential / quicknet: `epoch` counts all blocks' epochs; say the block's own
             s = self.stages[block]
-            self.live.epoch(s.epochs_done - 1, s.epochs, self.stages, ev, block=block)
+            self.live.epoch(s.stats.epochs_done - 1, s.epochs, self.stages, ev, block=block)
         self.save_checkpoint(epoch)
 
     def save_checkpoint(self, epoch: int) -> None:

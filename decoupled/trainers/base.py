@@ -20,7 +20,7 @@ from ..job import ConfigError, JobConfig
 from ..data import build_data
 from ..device import resolve_device, synchronize
 from ..engine.evaluate import evaluate
-from ..engine.ranks.setup import build_rank_stages
+from ..engine.build import build_rank_stages
 from ..engine.run import Run, prepare_run_dir
 from ..memory import ExactMemory
 from ..metrics import PeakMemory, Recorder

@@ -58,7 +58,7 @@ class E2E(modes.E2E, Trainer):
             for b in batches(run.data.train, cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch,
                              augment=resolve_augment(cfg.data)):
                 h, y = run.to_device(b.x, b.y)
-                with last.autocast():  # train.precision, as the stages use it
+                with last.precision.autocast():  # train.precision, as the stages use it
                     for s in stages:
                         s.block.train()
                         s.outlet.train()
@@ -75,8 +75,8 @@ class E2E(modes.E2E, Trainer):
                 scaler.update()
                 total += res.loss.detach() * len(y)
                 for s in stages:
-                    s.samples += len(y)
-                    s.steps += 1
+                    s.stats.samples += len(y)
+                    s.stats.steps += 1
                 run.log_step(epoch, last, res, y)
                 bar.update()
         return float(total) / len(run.data.train)
@@ -105,13 +105,13 @@ def fit_probes(run: Run) -> None:
                 with torch.no_grad():
                     for t in run.stages[: s.index + 1]:
                         h = t.forward(h)
-                        t.work["forward"] += len(y)  # frozen features: counted as training work
+                        t.stats.work["forward"] += len(y)  # frozen features: counted as training work
                 with s.rng:
                     s.objective.train()
                     res = e2e_loss(s.objective, h.float(), y, cfg.train.e2e_loss)
                     opt.zero_grad(set_to_none=True)
                     res.loss.backward()
                     opt.step()
-                s.work["exit_step"] += len(y)
+                s.stats.work["exit_step"] += len(y)
         run.eval_fresh = False
         run.recorder.log(kind="probe", block=s.index, epochs=cfg.train.probe_epochs)

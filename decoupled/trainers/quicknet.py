@@ -48,9 +48,9 @@ def exit_pass(run: Run, s: Stage, feats: FrozenInputs, remaining: torch.Tensor, 
         h, y = feats.get(ids).float(), run.to_device(y_all[ids])[0]
         out = obj(h, y)
         parts.append((obj.learned(out, obj.commitment(h), y) if learned else out.pred == y).cpu())
-    s.work["exit"] += len(remaining)
+    s.stats.work["exit"] += len(remaining)
     if learned:
-        s.work["commit"] += len(remaining)
+        s.stats.work["commit"] += len(remaining)
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
 
 
@@ -64,10 +64,10 @@ class QuickNet(modes.QuickNet, Trainer):
         inputs = FrozenInputs(train.x, run.device, augment=resolve_augment(cfg.data))
         done = 0  # epochs of all blocks so far: names the checkpoints
         for s in run.stages:
-            s.info.update(train_set=len(remaining),
+            s.stats.info.update(train_set=len(remaining),
                           train_set_per_class=torch.bincount(train.y[remaining], minlength=len(counts0)).tolist())
             if len(remaining) == 0:  # everything learned: nothing left for this block
-                s.info.update(learned=0, commit_epochs=0)
+                s.stats.info.update(learned=0, commit_epochs=0)
                 continue
             weights = class_sample_weights(train.y[remaining], counts0, cfg.objective.quicknet_balance)
             done = self.train_block(run, s, inputs, remaining, weights, done)
@@ -77,11 +77,11 @@ class QuickNet(modes.QuickNet, Trainer):
             correct[remaining] = exit_pass(run, s, feats, remaining, learned=False)
             commit_epochs = self.train_commitment(run, s, feats, remaining, weights, correct)
             learned = exit_pass(run, s, feats, remaining, learned=True)
-            s.info.update(learned=int(learned.sum()), commit_epochs=commit_epochs,
+            s.stats.info.update(learned=int(learned.sum()), commit_epochs=commit_epochs,
                           train_correct=int(correct[remaining].sum()))
             run.recorder.log(kind="quicknet", block=s.index, train_set=len(remaining), learned=int(learned.sum()),
-                             epochs=s.epochs_done, commit_epochs=commit_epochs, train_samples=s.samples,
-                             epoch_samples=s.epoch_samples)
+                             epochs=s.stats.epochs_done, commit_epochs=commit_epochs, train_samples=s.stats.samples,
+                             epoch_samples=s.stats.epoch_samples)
             run.eval_fresh = False
             run.save_checkpoint(done - 1)  # now with the trained commitment head
             remaining = remaining[~learned]
@@ -91,7 +91,7 @@ class QuickNet(modes.QuickNet, Trainer):
                     done: int) -> int:
         """Phase 1: block + exit on T_j until early stopping. Returns the epochs of all blocks so far."""
         cfg = run.cfg
-        self.watch(f"block{s.index}", s.optimizer, s.scheduler)
+        self.watch(f"block{s.index}", s.optimizer, s.stepper.scheduler)
         bs = cfg.data.batch_size
         for epoch in range(s.epochs):
             ids_all = draw(remaining, weights, cfg.train.seed, "block", s.index, epoch)
@@ -130,7 +130,7 @@ class QuickNet(modes.QuickNet, Trainer):
                 h = feats.get(ids)
                 with s.rng:
                     _, loss = obj.commitment_step(h, correct[ids].to(run.device), opt)
-                s.work["commit_step"] += len(ids)
+                s.stats.work["commit_step"] += len(ids)
                 total += loss * len(ids)
             loss = float(total) / len(ids_all)
             run.recorder.log(kind="commit_epoch", block=s.index, epoch=epoch, loss=loss, lr=opt.param_groups[0]["lr"])

@@ -25,10 +25,10 @@ class Sequential(modes.Sequential, Trainer):
         inputs = FrozenInputs(run.data.train.x, run.device, move=lambda t: run.to_device(t)[0])  # the current block's
         done = 0  # epochs of all blocks so far: names the checkpoints
         for s in stages:
-            self.watch(f"block{s.index}", s.optimizer, s.scheduler)
+            self.watch(f"block{s.index}", s.optimizer, s.stepper.scheduler)
             for epoch in range(s.epochs):
                 self.epoch(run, s, epoch, inputs)
-                self.after_epoch(f"block{s.index}", lambda: monitored_loss(run, s, s.epoch_train_loss()))
+                self.after_epoch(f"block{s.index}", lambda: monitored_loss(run, s, s.stats.epoch_train_loss()))
                 s.end_epoch(step_scheduler=False)  # the epoch policy stepped the LR
                 run.end_epoch(done, block=s.index)
                 done += 1

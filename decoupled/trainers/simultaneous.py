@@ -17,7 +17,7 @@ from ..data import batches, num_batches, resolve_augment
 from ..engine.evaluate import val_losses
 from ..engine.run import Run
 from ..engine.ranks.placement import reference_replication
-from ..engine.stage import drain_chain, feed_chain
+from ..engine.flow import drain_chain, feed_chain
 from .. import modes
 from .base import Trainer
 
@@ -29,7 +29,7 @@ class Simultaneous(modes.Simultaneous, Trainer):
     def train(self, run: Run, start_epoch: int = 0) -> None:
         cfg, stages = run.cfg, run.stages
         for s in stages:
-            self.watch(f"block{s.index}", s.optimizer, s.scheduler)
+            self.watch(f"block{s.index}", s.optimizer, s.stepper.scheduler)
         total_epochs = max(s.epochs for s in stages)
         steps = num_batches(len(run.data.train), cfg.data.batch_size)
         for epoch in range(start_epoch, total_epochs):
@@ -51,4 +51,4 @@ class Simultaneous(modes.Simultaneous, Trainer):
 
 
 def _monitored(val, s) -> float:
-    return val().get(s.index, s.epoch_train_loss())
+    return val().get(s.index, s.stats.epoch_train_loss())

@@ -82,7 +82,7 @@ def _steps_without_host_sync(stages, warm: int, steps: int = 5) -> None:
             h = x
             for s in stages:
                 h, _ = s.train_step(h, y)
-            for s in stages:  # a replica's round closes after the send (replicated.AllReduce)
+            for s in stages:  # a replica's round closes after the send (stepping.AllReduce)
                 s.settle()
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -92,7 +92,7 @@ def _steps_without_host_sync(stages, warm: int, steps: int = 5) -> None:
 def test_train_step_makes_no_host_sync(precision):
     """fp16: the optimizers are fused on CUDA, so GradScaler.step passes the inf flag on the device
     instead of reading it with .item() (optim._fused)."""
-    from decoupled.engine.stage import build_stages
+    from decoupled.engine.build import build_stages
     cfg = load(None, SMALL + ["train.check_every=1000", "train.log_every=100000", f"train.precision={precision}"])
     stages = build_stages(cfg, (3, 16, 16), 10, torch.device("cuda"))
     assert all(g.get("fused") for s in stages for g in s.optimizer.param_groups)
@@ -106,11 +106,11 @@ def test_replicas_reference_on_cuda(tmp_path):
 
 
 def test_replicated_step_makes_no_host_sync(tmp_path):
-    """A replica's step (replicated.AllReduce): gradients, BN buffers and the sample count in one NCCL
+    """A replica's step (stepping.AllReduce): gradients, BN buffers and the sample count in one NCCL
     all-reduce, the division on the device; no host sync. One GPU hosts one NCCL rank, so the group
     here is a world of one playing replica 0 of 2 (the all-reduce then sums one contribution)."""
     import torch.distributed as dist
-    from decoupled.engine.stage import build_stages
+    from decoupled.engine.build import build_stages
     dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1,
                             device_id=torch.device("cuda", 0))
     try:
@@ -120,7 +120,7 @@ def test_replicated_step_makes_no_host_sync(tmp_path):
         for s in stages:
             s.join(dist.group.WORLD, sync_bn=False)
         _steps_without_host_sync(stages, warm=len(stages))  # the warm-up also creates NCCL's communicators
-        assert all(s.updates == 6 for s in stages)
+        assert all(s.stats.updates == 6 for s in stages)
     finally:
         dist.destroy_process_group()
 

@@ -65,7 +65,7 @@ class OwnSteps:
 
     def after_step(self, stages: list[Stage]) -> list[Stage]:
         """End the epoch of each stage that has made another `steps_per_epoch` steps; returns them."""
-        ended = [s for s in stages if s.training and s.steps >= (s.epochs_done + 1) * self.steps_per_epoch]
+        ended = [s for s in stages if s.training and s.stats.steps >= (s.stats.epochs_done + 1) * self.steps_per_epoch]
         for s in ended:
             s.end_epoch()
         return ended

@@ -8,7 +8,7 @@ Which replica takes what (`share`, by the feed's `batch_index`, feed.py): in syn
 batch b) goes to replica b mod R of every group, so a replica of group g+1 receives batch b from
 replica b mod R_g of group g, and the order in which it reads its upstream links is known in
 advance: runs are deterministic, and an epoch that does not divide by R ends with a padded round
-(replicated.py). In async, training batches go by their global source step t = epoch x S + b
+(stepping.py). In async, training batches go by their global source step t = epoch x S + b
 instead: the replicas, which step together, then stream alternately across epoch ends and none
 falls behind. End-of-epoch, evaluation and stop markers go from every upstream replica to every
 downstream one.

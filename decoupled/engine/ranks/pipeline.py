@@ -13,7 +13,7 @@ rank and in both modes (the shape of torch.distributed.pipelining: schedules ove
 Stage groups (groups.py): a rank is replica i of R of its group. It trains batch b of an epoch
 when b mod R = i (the source group reads only those), sends its output of batch b (and evaluation
 batch b) to replica b mod R' of the next group, and every marker to all of them; its blocks'
-replicas average their gradients every step (replicated.py).
+replicas average their gradients every step (stepping.py).
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from typing import Callable, Iterable
 
 from ... import exits
 from ..run import Run
-from ..stage import drain_chain, feed_chain
+from ..flow import drain_chain, feed_chain
+from ..stepping import AllReduce
 from .budget import OwnSteps, UpstreamEpochs
 from .evaluation import EvalTally
 from .groups import share
@@ -77,11 +78,11 @@ class Pipeline:
         self.last_step = max(self.last_step, step)
         self.steps += 1
         self._send_flow(flow, step)
-        for s in self.stages:  # replicas: the round's all-reduce and step, after the send (replicated.AllReduce)
+        for s in self.stages:  # replicas: the round's all-reduce and step, after the send (stepping.AllReduce)
             s.settle()
         ended = self.budget.after_step(self.stages)
         if ended:
-            self._own_epoch_end(ended[0].epochs_done - 1)
+            self._own_epoch_end(ended[0].stats.epochs_done - 1)
         self._maybe_done()
 
     def _own_epoch_end(self, epoch: int) -> None:
@@ -165,12 +166,12 @@ class Pipeline:
     # ------------------------------------------------------------------ report
     def rank_metrics(self) -> dict:
         send, recv = self.send_links, self.recv_links
-        replicated = [s.rounds.comm_s for s in self.stages if s.rounds is not None]
-        return {"compute_s": sum(s.compute_s for s in self.stages),
+        replicated = [s.stepper.comm_s for s in self.stages if isinstance(s.stepper, AllReduce)]
+        return {"compute_s": sum(s.stats.compute_s for s in self.stages),
                 "comm_s": sum(link.blocked_s for link in send),
                 "idle_s": self.feed.idle_s,
                 **({"allreduce_s": sum(replicated)} if replicated else {}),  # replicas: the gradient all-reduces
                 "bytes_sent": sum(link.bytes for link in send), "bytes_recv": sum(link.bytes for link in recv),
-                "steps": self.steps, "optimizer_steps": [s.updates for s in self.stages],
-                "samples_trained": sum(s.samples for s in self.stages),
+                "steps": self.steps, "optimizer_steps": [s.stats.updates for s in self.stages],
+                "samples_trained": sum(s.stats.samples for s in self.stages),
                 "samples_sent": sum(link.samples for link in send), "samples_recv": sum(link.samples for link in recv)}

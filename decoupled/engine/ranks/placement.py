@@ -22,7 +22,7 @@ import torch.distributed as dist
 from ...config import ConfigError, DistConfig
 from ...job import JobConfig
 from ...device import synchronize
-from ..stage import build_stages
+from ..build import build_stages
 from .groups import Layout
 
 MiB = 2 ** 20
@@ -247,7 +247,7 @@ def best_layout(costs: BlockCosts, n: int, world: int, cap: float = 0.0) -> tupl
 def reference_replication(d: DistConfig):
     """The simultaneous trainer with dist.replicas (the reference of sync with replicas): build_stages'
     `replication`, the blocks of each group accumulating as many batches per step as the group has
-    replicas (replicated.Accumulate). None without replicas."""
+    replicas (stepping.Accumulate). None without replicas."""
     if not any(r > 1 for r in d.replicas):
         return None
     return lambda n: (layout(d, n, sum(d.replicas)).block_replicas(), None)

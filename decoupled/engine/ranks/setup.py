@@ -17,11 +17,12 @@ import torch.distributed as dist
 from ...job import ConfigError, JobConfig
 from ...data import Data, build_data, resolve_augment
 from ...metrics import Recorder
-from ...models import ModelError
 from ...objectives import OBJECTIVES
 from ..frozen import cache_mode
 from ..run import Run, prepare_run_dir
-from ..stage import Stage, build_stages
+from ..build import build_rank_stages
+from ..stage import Stage
+from ..stepping import AllReduce
 from . import world as W
 from .feed import AsyncFeed, SyncFeed
 from .groups import Layout
@@ -83,14 +84,6 @@ def cascade_handoffs(cfg: JobConfig, plan: list[list[int]], start: int, feed: Fe
         use = handoff and frozen_from < last
         out.append(frozen_from if use else None)
     return out
-
-
-def build_rank_stages(cfg: JobConfig, input_shape, num_classes: int, device, select=None,
-                      replication=None, class_counts: torch.Tensor | None = None) -> list[Stage]:
-    try:
-        return build_stages(cfg, input_shape, num_classes, device, select, replication, class_counts)
-    except ModelError as e:  # a model that cannot be built is a config error, raised before training
-        raise ConfigError(str(e)) from None
 
 
 @dataclass
@@ -237,10 +230,9 @@ def setup_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World, fe
                           "SyncBatchNorm's collectives; choose data.batch_size / data.limit_train so it divides")
     world.connect(lay)
     for s in stages:
-        if s.rounds is not None:
-            s.join(world.replica_group, cfg.dist.sync_bn)
+        if isinstance(s.stepper, AllReduce):
             # lockstep: the group's rounds per epoch; async epochs end by step count, without padding
-            s.epoch_rounds = -(-steps // replicas) if feed.lockstep else None
+            s.join(world.replica_group, cfg.dist.sync_bn, -(-steps // replicas) if feed.lockstep else None)
     predicted = None
     if costs is not None:  # each group's predicted seconds per epoch
         predicted = [costs.group_s(g, r) * steps for g, r in zip(lay.blocks, lay.replicas)]
