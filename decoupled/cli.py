@@ -8,8 +8,9 @@ import os
 import sys
 from pathlib import Path
 
+from .api import load_config
 from .config import FALLBACKS
-from .job import ConfigError, load
+from .job import ConfigError
 
 
 def _parser(raw: list[str] = ()) -> argparse.ArgumentParser:
@@ -70,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         resume: bool | str = bool(args.resume)
         if not resume and out and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
             resume = "auto"  # torchrun --max-restarts restarted us: pick up our own checkpoints
-        from .console import format_summary  # heavy imports after validation
-        from .train import train
-        summary = train(cfg, out, resume=resume)
+        from .api import train  # the Python API (decoupled.train); heavy imports after validation
+        from .console import format_summary
+        summary = train(cfg, out=out, resume=resume)
     except ConfigError as e:
         return _fail(f"config error: {e}", 2)
     except Exception as e:  # noqa: BLE001 - a training failure: say what, exit non-zero
@@ -98,12 +99,12 @@ def _train_config(args):
         base = args.resume / "config.toml"
         if not base.is_file():
             raise ConfigError(f"--resume {args.resume}: no config.toml there; is it a run directory?")
-        cfg = load(base, [], validate_now=False)
+        cfg = load_config(base, [], validate=False)
         if args.config:
-            cfg = load(args.config, [], base=cfg, validate_now=False)
-        cfg, out = load(None, args.overrides, base=cfg), args.resume
+            cfg = load_config(args.config, [], base=cfg, validate=False)
+        cfg, out = load_config(None, args.overrides, base=cfg), args.resume
     else:
-        cfg, out = load(args.config, args.overrides), args.out
+        cfg, out = load_config(args.config, args.overrides), args.out
     from .live import require_tensorboard
     require_tensorboard(cfg)
     return cfg, out
@@ -146,7 +147,7 @@ def _compare_e2e(cfg, run_dir: Path) -> int:
     from dataclasses import replace
     from .train import train
     run = json.loads((run_dir / "summary.json").read_text())
-    base = load(None, ["train.mode=e2e"], base=replace(cfg, train=replace(cfg.train, quiet=True)))
+    base = load_config(None, ["train.mode=e2e"], base=replace(cfg, train=replace(cfg.train, quiet=True)))
     print(f"end-to-end baseline (train.mode=e2e, 1 process) into {run_dir / 'e2e'} ...", flush=True)
     e2e = train(base, run_dir / "e2e")
     acc = e2e["layers"][-1]["test_acc"]

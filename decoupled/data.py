@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from .config import ConfigError, DataConfig
+from .data_plugin import plugin_loader
+from .plugins import resolve
 from .rng import generator
 
 
@@ -149,6 +151,14 @@ LOADERS = {
 }
 
 
+def loader_for(name: str) -> Callable | None:
+    """The loader data.name names: built-in or a plug-in (import path or entry point); None when neither."""
+    if name in LOADERS:
+        return LOADERS[name]
+    load = resolve("dataset", name)
+    return None if load is None else plugin_loader(name, load)
+
+
 def _subset(x, y, limit: int, seed: int, name: str):
     if not limit or limit >= len(y):
         return x, y
@@ -174,7 +184,11 @@ def stratified_holdout(y: torch.Tensor, fraction: float, seed: int) -> tuple[tor
 
 
 def build_data(cfg: DataConfig, seed: int) -> Data:
-    xtr, ytr, xte, yte, num_classes = LOADERS[cfg.name](cfg, seed)
+    load = loader_for(cfg.name)
+    if load is None:
+        raise ConfigError(f"data.name={cfg.name!r} is unknown; choose one of {sorted(LOADERS)} or a plug-in "
+                          "\"package.module:load\"")
+    xtr, ytr, xte, yte, num_classes = load(cfg, seed)
     xtr, ytr = _subset(xtr, ytr, cfg.limit_train, seed, "train")
     xva = yva = None
     if cfg.val_fraction > 0:  # held out before normalising: its statistics stay unseen, like the test set's
@@ -211,12 +225,15 @@ AUGMENT_AUTO = {"cifar10": CIFAR, "cifar100": CIFAR, "imagefolder": CIFAR,
                 "digits": Augment(2, False), "synthetic": Augment(2, False)}
 
 
+PLUGIN_CROP = Augment(2, False)  # data.augment="crop" / "crop-flip" on a plug-in dataset: pad 2
+
+
 def resolve_augment(cfg: DataConfig) -> Augment | None:
     """data.augment for data.name: None = no augmentation. "crop" and "crop-flip" keep the dataset's
     crop padding (4 on natural images, 2 on digits) and set the flip explicitly."""
-    if cfg.augment == "none":
-        return None
-    auto = AUGMENT_AUTO[cfg.name]
+    if cfg.augment == "none" or (cfg.augment == "auto" and cfg.name not in AUGMENT_AUTO):
+        return None  # a plug-in dataset: whether cropping or mirroring keeps its classes is unknown
+    auto = AUGMENT_AUTO.get(cfg.name, PLUGIN_CROP)
     return auto if cfg.augment == "auto" else Augment(auto.pad, flip=cfg.augment == "crop-flip")
 
 

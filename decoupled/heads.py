@@ -1,7 +1,12 @@
 """Auxiliary heads: the small classifier each block trains through.
 
-Every head takes a block's output shape, (C, H, W) for conv blocks or (F,) for dense blocks,
-and returns class logits. The objective picks the head; `objective.head` overrides it.
+Every head takes a block's output shape, (C, H, W) for conv blocks, (F,) for dense blocks or
+(T, D) token features of transformer blocks, and returns class logits. The objective picks the head;
+`objective.head` overrides it. Token features go through the token head (`TokenHead`): LayerNorm, the
+class token or the mean over tokens (objective.token_pool), then the chosen head on that (D,) vector,
+so every head (and so every objective) takes them: khidden / mlpsr: linear, k > 1 adds k-1 hidden
+layers of aux_width; dense (cascade): n -> n/2 -> classes; predsim: both branches on the pooled vector;
+mixedpool (quicknet's exits and commitment head): the output layer on the pooled vector.
 """
 from __future__ import annotations
 
@@ -13,6 +18,48 @@ from torch import nn
 
 def _is_image(shape) -> bool:
     return len(shape) == 3
+
+
+def is_tokens(shape) -> bool:
+    """(T, D): token features of a transformer block."""
+    return len(shape) == 2
+
+
+class ClassTokenPool(nn.Module):
+    """(N, T, D) -> (N, D): LayerNorm, then the first token (the class token)."""
+
+    def __init__(self, in_shape):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_shape[-1])
+        self.out_features = in_shape[-1]
+
+    def forward(self, h):
+        return self.norm(h)[:, 0]
+
+
+class MeanTokenPool(ClassTokenPool):
+    """(N, T, D) -> (N, D): LayerNorm, then the mean over tokens."""
+
+    def forward(self, h):
+        return self.norm(h).mean(1)
+
+
+TOKEN_POOLS = {"cls": ClassTokenPool, "mean": MeanTokenPool}  # objective.token_pool
+
+
+class TokenHead(nn.Module):
+    """Any head on token features: the pool's (D,) vector into `inner`, a head built for shape (D,)."""
+
+    def __init__(self, pool: nn.Module, inner: nn.Module):
+        super().__init__()
+        self.pool, self.inner = pool, inner
+
+    def forward(self, h):
+        return self.inner(self.pool(h))
+
+    def sim(self, h):
+        """predsim's similarity branch (PredSimHead.sim) on the pooled vector."""
+        return self.inner.sim(self.pool(h))
 
 
 class KHiddenHead(nn.Module):
@@ -154,9 +201,9 @@ class CommitmentHead(nn.Module):
     """QuickNet commitment head: C hidden units (C = number of classes) -> 1 logit, on the block's
     (pooled) output. Positive = the exit commits to its prediction. Not a classifier, so not in HEADS."""
 
-    def __init__(self, in_shape, hidden: int):
+    def __init__(self, in_shape, hidden: int, token_pool: str = "cls"):
         super().__init__()
-        self.pool = MixedPool(in_shape)
+        self.pool = TOKEN_POOLS[token_pool](in_shape) if is_tokens(in_shape) else MixedPool(in_shape)
         self.net = nn.Sequential(nn.Linear(self.pool.out_features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
     def forward(self, h):
@@ -167,5 +214,9 @@ HEADS = {"khidden": KHiddenHead, "mlpsr": MLPSRHead, "dense": DenseHead, "predsi
          "mixedpool": MixedPoolHead}
 
 
-def build_head(name: str, in_shape, num_classes: int, k: int, width: int, batchnorm: bool) -> nn.Module:
+def build_head(name: str, in_shape, num_classes: int, k: int, width: int, batchnorm: bool,
+               token_pool: str = "cls") -> nn.Module:
+    if is_tokens(in_shape):
+        pool = TOKEN_POOLS[token_pool](tuple(in_shape))
+        return TokenHead(pool, HEADS[name]((pool.out_features,), num_classes, k=k, width=width, batchnorm=batchnorm))
     return HEADS[name](tuple(in_shape), num_classes, k=k, width=width, batchnorm=batchnorm)

@@ -5,6 +5,8 @@ Each entry is a spec: the Objective class (head, loss, epoch budget; its setting
 here and never probed: `build_router` for an objective that passes on only the
 samples it has not learned (QuickNets), called by the stage with
 (objective, cfg, block, lr, class_counts).
+An objective plug-in (decoupled/plugins.py) is a subclass of the public `Objective`; `spec_for` gives
+its spec (no router: only built-ins route).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..config import TrainConfig
+from ..plugins import PluginError, resolve
 from .base import LocalOutput, Objective, ObjectiveConfig
 from .cascade import Cascade
 from .khidden import KHidden
@@ -42,8 +45,32 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
 }
 
 
+def spec_for(name: str) -> ObjectiveSpec | None:
+    """The spec objective.name names: built-in or a plug-in class (import path or entry point); None when
+    it is neither. A plug-in that is not an Objective subclass raises, naming objective.name."""
+    if name in OBJECTIVES:
+        return OBJECTIVES[name]
+    cls = resolve("objective", name)
+    if cls is None:
+        return None
+    if not (isinstance(cls, type) and issubclass(cls, Objective)):
+        raise PluginError(f"objective.name={name!r} is {cls!r}, not a subclass of decoupled.objectives.Objective; "
+                          "subclass it (override loss(h, logits, y, mask), default_head or epochs_for)")
+    return ObjectiveSpec(cls)
+
+
+def objective_spec(name: str) -> ObjectiveSpec:
+    """spec_for of a validated config's objective.name (the config check rejected unknown names)."""
+    spec = spec_for(name)
+    if spec is None:
+        raise PluginError(f"objective.name={name!r} is unknown; choose one of {sorted(OBJECTIVES)} or a plug-in "
+                          "\"package.module:ClassName\"")
+    return spec
+
+
 def build_objective(cfg: ObjectiveConfig, in_shape, num_classes: int) -> Objective:
-    return OBJECTIVES[cfg.name].objective(cfg, in_shape, num_classes)
+    return objective_spec(cfg.name).objective(cfg, in_shape, num_classes)
 
 
-__all__ = ["LocalOutput", "Objective", "ObjectiveConfig", "ObjectiveSpec", "OBJECTIVES", "build_objective"]
+__all__ = ["LocalOutput", "Objective", "ObjectiveConfig", "ObjectiveSpec", "OBJECTIVES", "build_objective",
+           "objective_spec", "spec_for"]

@@ -84,8 +84,8 @@ class Objective(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.num_classes = num_classes
-        self.head = build_head(cfg.head_name(), in_shape, num_classes,
-                               k=cfg.k, width=cfg.aux_width, batchnorm=cfg.head_batchnorm)
+        self.head = build_head(cfg.head_name(), in_shape, num_classes, k=cfg.k, width=cfg.aux_width,
+                               batchnorm=cfg.head_batchnorm, token_pool=cfg.token_pool)
 
     def loss(self, h, logits, y, mask):
         return masked_mean(F.cross_entropy(logits, y, reduction="none"), mask)

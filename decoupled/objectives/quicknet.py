@@ -78,7 +78,7 @@ class QuickNet(Objective):
 
     def __init__(self, cfg: Config, in_shape, num_classes: int):
         super().__init__(cfg, in_shape, num_classes)
-        self.commit = CommitmentHead(tuple(in_shape), cfg.commit_hidden or num_classes)
+        self.commit = CommitmentHead(tuple(in_shape), cfg.commit_hidden or num_classes, cfg.token_pool)
         self.register_buffer("commit_trained", torch.tensor(False))
 
     def forward(self, h: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> LocalOutput:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from ...job import ConfigError, JobConfig
 from ...data import Data, build_data, resolve_augment
 from ...metrics import Recorder
-from ...objectives import OBJECTIVES
+from ...objectives import objective_spec
 from ..frozen import cache_mode
 from ..run import Run, prepare_run_dir
 from ..build import build_rank_stages
@@ -36,7 +36,7 @@ Feed = type[SyncFeed] | type[AsyncFeed]
 
 def block_budgets(cfg: JobConfig, num_blocks: int) -> list[int]:
     """Epochs each block trains (cascade: growing with depth); known to every rank without building heads."""
-    spec = OBJECTIVES[cfg.objective.name]
+    spec = objective_spec(cfg.objective.name)
     return [spec.epochs_for(cfg.objective, j, cfg.train) for j in range(num_blocks)]
 
 
