@@ -110,10 +110,14 @@ def build_original(cfg, input_shape) -> tuple[nn.Module, str]:
     return model, family
 
 
+def split_units(model: nn.Module, family: str) -> list[nn.Module]:
+    """The units of a torchvision network (modules shared with it), by its family (family_of)."""
+    return {"resnet": split_resnet, "vision_transformer": split_vit}.get(family, split_features)(model)
+
+
 def build_torchvision(cfg, input_shape, num_classes):
     model, family = build_original(cfg, input_shape)
-    split = {"resnet": split_resnet, "vision_transformer": split_vit}.get(family, split_features)
-    units = split(model)
+    units = split_units(model, family)
     network = nn.Sequential(*units)
     try:  # too small an input fails here, named, rather than inside the engine's shape pass
         with torch.no_grad():

@@ -1,0 +1,101 @@
+"""Issue 24: plug-ins from user code (import paths, entry points), their errors, and the Python API."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+import torch
+
+import decoupled
+from decoupled.config import ConfigError, load
+from decoupled.models import build_model
+from plugin_fixture import SETS, write
+from torchrun_utils import assert_same_results, assert_same_states, check, summary, torchrun
+
+
+@pytest.fixture
+def plug(tmp_path, monkeypatch):
+    """The plug-in module and its dist-info in a folder on sys.path and on PYTHONPATH (torchrun's ranks)."""
+    folder = tmp_path / "site"
+    folder.mkdir()
+    write(folder)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.setenv("PYTHONPATH", str(folder))
+    importlib.invalidate_caches()
+    yield folder
+    sys.modules.pop("myplug", None)
+
+
+def test_plugin_model_objective_dataset_sync_equals_simultaneous(plug, tmp_path):
+    ref = decoupled.train(None, overrides=SETS, out=tmp_path / "ref")
+    assert ref["model"] == "myplug:build" and len(ref["layers"]) == 3
+    assert ref["layers"][-1]["test_acc"] > 0.5  # separable blobs: it learns
+    dist = tmp_path / "sync"
+    check(torchrun(2, ["--out", str(dist), *[a for s in SETS + ["train.mode=sync"] for a in ("--set", s)]]))
+    assert_same_states(tmp_path / "ref", dist, 2, 1)
+    assert_same_results(ref, summary(dist))
+
+
+def test_entry_point_names(plug):
+    cfg = load(None, ["model.name=mynet", "objective.name=smoothed", "data.name=blobs", "data.args.dim=6"])
+    from decoupled.data import build_data
+    data = build_data(cfg.data, 0)
+    assert data.input_shape == (6,) and data.num_classes == 4
+    built = build_model(cfg.model, data.input_shape, data.num_classes)
+    assert len(built.blocks) == 3 and built.shapes[-1] == (16,)
+
+
+def test_entry_point_table_is_looked_up(monkeypatch, plug):
+    """The lookup goes through plugins.entry_points: a package registering a name makes it valid."""
+    from importlib.metadata import EntryPoint
+    from decoupled import plugins
+    table = {"othernet": EntryPoint("othernet", "myplug:build", "decoupled.models")}
+    monkeypatch.setattr(plugins, "entry_points", lambda group: table if group == "decoupled.models" else {})
+    assert load(None, ["model.name=othernet"]).model.name == "othernet"
+    with pytest.raises(ConfigError, match="model.name='mynet' is not valid"):
+        load(None, ["model.name=mynet"])  # the dist-info's names are not in the patched table
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("model.name", "no_such_module_xyz:build", r"model.name='no_such_module_xyz:build': cannot import module "
+                                                r"'no_such_module_xyz' \(ModuleNotFoundError"),
+    ("model.name", "myplug:nope", r"model.name='myplug:nope': .*myplug.py has no attribute 'nope'"),
+    ("model.name", "myplug:wrong_build", r"model.name='myplug:wrong_build': wrong_build\(cfg, input_shape\) "
+                                         r"cannot be called as build\(cfg, input_shape, num_classes\)"),
+    ("objective.name", "myplug:NotAnObjective", r"objective.name='myplug:NotAnObjective' is .*not a subclass of "
+                                                r"decoupled.objectives.Objective"),
+    ("data.name", "myplug:build", r"data.name='myplug:build': build\(cfg, input_shape, num_classes\) cannot be "
+                                  r"called as load\(cfg, seed\)"),
+    ("model.name", "torchvision:no_such_net", r"torchvision has no classification model 'no_such_net'"),
+])
+def test_bad_plugins_fail_at_config_load(plug, key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load(None, [f"{key}={value}"])
+
+
+def test_bad_plugin_fails_before_any_rank_trains(plug, tmp_path):
+    p = torchrun(2, ["--out", str(tmp_path / "bad"), "--set", "train.mode=sync", "--set", "model.name=myplug:nope"])
+    assert p.returncode != 0 and "has no attribute 'nope'" in p.stderr
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_args_tables_round_trip_and_apply(plug):
+    from decoupled.config import to_toml
+    cfg = load(None, SETS)
+    assert cfg.model.args == {"width": 16} and cfg.data.args == {"dim": 12}
+    again = load(None, [])
+    import tomllib
+    doc = tomllib.loads(to_toml(cfg))
+    assert load(doc) == cfg and again.model.args == {}
+    with pytest.raises(ConfigError, match="model.args=.* does nothing here"):
+        load(None, ["model.args.width=3"])  # the mlp reads no table
+
+
+def test_load_config_api(tmp_path):
+    cfg = decoupled.load_config({"model": {"name": "vgg", "hierarchy": [1, 1]}}, overrides={"train.epochs": 2})
+    assert cfg.model.name == "vgg" and cfg.train.epochs == 2
+    import decoupled.train as module_or_function
+    assert decoupled.train is module_or_function  # Note [decoupled.train]: the function, not the submodule
+    with pytest.raises(ConfigError, match="model.hierarchy"):
+        decoupled.load_config({"model": {"name": "vgg", "hierarchy": "x"}})
