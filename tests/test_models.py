@@ -32,6 +32,8 @@ CASES = [  # (cfg, input shape)
     (Cfg("simcnn", hierarchy=[2, 1], stem_downsample=True, batchnorm="off"), (3, 32, 32)),
     (Cfg("allcnn"), (1, 8, 8)),
     (Cfg("allcnn", batchnorm="off"), (3, 32, 32)),
+    (Cfg("vit"), (1, 8, 8)),
+    (Cfg("vit", depth=3, patch_size=4, width=8, mlp_ratio=1.0), (3, 32, 32)),
 ]
 IDS = [f"{c.name}-{'x'.join(map(str, s))}-{i}" for i, (c, s) in enumerate(CASES)]
 
@@ -141,7 +143,7 @@ def test_bad_hierarchy_message_is_actionable():
 
 
 def test_registry_lists_all_models():
-    assert set(MODELS) == {"mlp", "vgg", "resnet", "simcnn", "allcnn"}
+    assert set(MODELS) == {"mlp", "vgg", "resnet", "simcnn", "allcnn", "vit"}
 
 
 @pytest.mark.parametrize("batchnorm", ["on", "off", "auto"])
