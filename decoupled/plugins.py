@@ -96,3 +96,30 @@ def fingerprint(obj: Any) -> dict:
     path = getattr(module, "__file__", None)
     sha = hashlib.sha256(Path(path).read_bytes()).hexdigest() if path and Path(path).is_file() else None
     return {"module": getattr(module, "__name__", None), "file": path, "sha256": sha}
+
+
+def job_code(model: str, objective: str, dataset: str) -> dict[str, dict]:
+    """{config key: fingerprint} of the plug-ins among a job's model, objective and dataset names (the
+    built-ins need none); torchvision models by torchvision's version."""
+    from .config import registry_names
+    code = {}
+    for kind, name in (("model", model), ("objective", objective), ("dataset", dataset)):
+        key = KINDS[kind][0]
+        if name in registry_names(kind):
+            continue
+        if kind == "model" and name.startswith("torchvision:"):
+            import torchvision
+            code[key] = {"module": "torchvision", "version": torchvision.__version__}
+        else:
+            code[key] = {"name": name, **fingerprint(resolve(kind, name))}
+    return code
+
+
+def check_same_code(per_rank: list[dict]) -> None:
+    """Every rank imported the same plug-in code (Note [plug-ins validated at load]); else a ConfigError
+    naming the key and the ranks' files, raised alike on every rank."""
+    for key, mine in per_rank[0].items():
+        other = next((r for r, c in enumerate(per_rank) if c.get(key) != mine), None)
+        if other is not None:
+            raise PluginError(f"{key}: rank 0 imports {mine} but rank {other} imports {per_rank[other].get(key)}; "
+                              "give every rank the same plug-in code (the same PYTHONPATH or installed version)")

@@ -5,7 +5,6 @@ import importlib
 import sys
 
 import pytest
-import torch
 
 import decoupled
 from decoupled.config import ConfigError, load
@@ -31,6 +30,7 @@ def test_plugin_model_objective_dataset_sync_equals_simultaneous(plug, tmp_path)
     ref = decoupled.train(None, overrides=SETS, out=tmp_path / "ref")
     assert ref["model"] == "myplug:build" and len(ref["layers"]) == 3
     assert ref["layers"][-1]["test_acc"] > 0.5  # separable blobs: it learns
+    assert ref["plugins"]["model.name"]["file"] == str(plug / "myplug.py") and ref["plugins"]["model.name"]["sha256"]
     dist = tmp_path / "sync"
     check(torchrun(2, ["--out", str(dist), *[a for s in SETS + ["train.mode=sync"] for a in ("--set", s)]]))
     assert_same_states(tmp_path / "ref", dist, 2, 1)
@@ -99,3 +99,11 @@ def test_load_config_api(tmp_path):
     assert decoupled.train is module_or_function  # Note [decoupled.train]: the function, not the submodule
     with pytest.raises(ConfigError, match="model.hierarchy"):
         decoupled.load_config({"model": {"name": "vgg", "hierarchy": "x"}})
+
+
+def test_ranks_importing_different_code_are_refused():
+    from decoupled.plugins import PluginError, check_same_code
+    a = {"model.name": {"name": "m:build", "file": "/a/m.py", "sha256": "1"}}
+    check_same_code([a, dict(a)])
+    with pytest.raises(PluginError, match="model.name: rank 0 imports .* but rank 1 imports"):
+        check_same_code([a, {"model.name": {**a["model.name"], "sha256": "2"}}])

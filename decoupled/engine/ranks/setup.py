@@ -18,6 +18,7 @@ from ...job import ConfigError, JobConfig
 from ...data import Data, build_data, resolve_augment
 from ...metrics import Recorder
 from ...objectives import objective_spec
+from ...plugins import check_same_code, job_code
 from ..frozen import cache_mode
 from ..run import Run, prepare_run_dir
 from ..build import build_rank_stages
@@ -213,6 +214,9 @@ def _align_replicas(stages: list[Stage], world: W.World, lay: Layout) -> None:
 def setup_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World, feed: Feed) -> RankSetup:
     """`feed`: SyncFeed or AsyncFeed, the trainer's choice of order (feed.py)."""
     rank, device = world.rank, world.device
+    with W.agreement(world, "plug-in code") as verdict:  # Note [plug-ins validated at load]
+        verdict.payload = job_code(cfg.model.name, cfg.objective.name, cfg.data.name)
+    check_same_code(verdict.all)
     torch.manual_seed(cfg.train.seed)
     data, meta = _data(cfg, world)
     input_shape, num_classes, n_train, n_test, _ = meta
