@@ -107,3 +107,39 @@ def test_ranks_importing_different_code_are_refused():
     check_same_code([a, dict(a)])
     with pytest.raises(PluginError, match="model.name: rank 0 imports .* but rank 1 imports"):
         check_same_code([a, {"model.name": {**a["model.name"], "sha256": "2"}}])
+
+
+def _readme_blocks() -> list[tuple[str, str]]:
+    """(language, code) of the README's "Bring your own network" section, in order."""
+    import re
+    from torchrun_utils import REPO
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Bring your own network", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```(\w+)\n(.*?)```", section, re.S)
+
+
+def test_readme_plugin_example_runs_as_written(tmp_path):
+    """The README's plug-in module, its Python call and its 2-rank command, run as written in a fresh
+    folder (the repository on PYTHONPATH, as an installed package would be)."""
+    import json
+    import os
+    import subprocess
+    from torchrun_utils import REPO, env
+    (lang1, module), (lang2, script), (lang3, command) = _readme_blocks()
+    assert (lang1, lang2, lang3) == ("python", "python", "bash") and module.startswith("# mynet.py")
+    (tmp_path / "mynet.py").write_text(module)
+    (tmp_path / "example.py").write_text(script)
+    bin_dir = os.path.dirname(sys.executable)  # this environment's `decoupled` console script
+    e = {**env(), "PYTHONPATH": str(REPO), "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(var, None)
+    p = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env=e, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    accs = json.loads(p.stdout.strip().splitlines()[-1])
+    assert len(accs) == 3 and all(0 <= a <= 1 for a in accs)
+    p = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=e, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = summary(tmp_path / "runs" / "mynet-sync")
+    assert s["mode"] == "sync" and s["world_size"] == 2 and s["model"] == "mynet:build"
+    assert s["plugins"]["model.name"]["file"] == str(tmp_path / "mynet.py")
