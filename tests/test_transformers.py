@@ -95,3 +95,17 @@ def test_token_features_cross_ranks_sync_equals_simultaneous(tmp_path):
     check(torchrun(2, ["--out", str(dist), *sets({**VIT, "train.mode": "sync"})]))
     assert_same_states(tmp_path / "ref", dist, 2, 1)
     assert_same_results(expected, summary(dist))
+
+
+def test_torchvision_vit_is_drawn_from_the_block_seed():
+    """Class token, positions and attention projections follow train.seed (the engine's per-block init)."""
+    from decoupled.engine.stage import init_module
+    built = build_model(ModelConfig(name="torchvision:vit_b_16", blocks=13), (3, 32, 32), 10)
+    first = [p.detach().clone() for p in built.blocks[1].parameters()]
+    init_module(built.blocks[1], 1)
+    assert all(not torch.equal(a, b) for a, b in zip(first, built.blocks[1].parameters()) if a.std() > 0)
+    embed = built.blocks[0][0]
+    init_module(built.blocks[0], 2)
+    a = embed.pos_embedding.detach().clone()
+    init_module(built.blocks[0], 2)
+    assert torch.equal(a, embed.pos_embedding)

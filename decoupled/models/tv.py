@@ -79,6 +79,10 @@ class ViTEmbed(nn.Module):
         self.conv_proj, self.class_token = vit.conv_proj, vit.class_token
         self.pos_embedding, self.dropout = vit.encoder.pos_embedding, vit.encoder.dropout
 
+    def reset_parameters(self) -> None:  # torchvision's own init of the two, drawn from the block's seed
+        nn.init.zeros_(self.class_token)
+        nn.init.normal_(self.pos_embedding, std=0.02)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_proj(x).flatten(2).transpose(1, 2)
         x = torch.cat([self.class_token.expand(len(x), -1, -1), x], dim=1)
@@ -86,6 +90,9 @@ class ViTEmbed(nn.Module):
 
 
 def split_vit(model) -> list[nn.Module]:
+    for m in model.encoder.layers.modules():
+        if isinstance(m, nn.MultiheadAttention):  # its input projection is re-drawn only by this: per block
+            m.reset_parameters = m._reset_parameters  # seed, as the engine draws every layer (Note [plug-in init])
     layers = list(model.encoder.layers)
     return [ViTEmbed(model), *layers[:-1], nn.Sequential(layers[-1], model.encoder.ln)]
 
