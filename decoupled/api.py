@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .config import JobConfig, load
+from .config import to_toml_value
+from .job import JobConfig, load
 
 
 def load_config(config: str | os.PathLike | dict | JobConfig | None = None, overrides: list[str] | dict = (),
@@ -20,13 +21,8 @@ def load_config(config: str | os.PathLike | dict | JobConfig | None = None, over
     if isinstance(config, JobConfig):
         base, config = config, None
     if isinstance(overrides, dict):
-        overrides = [f"{k}={_literal(v)}" for k, v in overrides.items()]
+        overrides = [f"{k}={to_toml_value(v)}" for k, v in overrides.items()]
     return load(config, list(overrides), base=base, validate_now=validate)
-
-
-def _literal(v) -> str:
-    from .config import to_toml_value
-    return to_toml_value(v)
 
 
 def train(config: str | os.PathLike | dict | JobConfig | None = None, overrides: list[str] | dict = (),

@@ -8,7 +8,8 @@ Built-in names are looked up first, so a plug-in never shadows one.
 Note [plug-ins validated at load]: the config check resolves every plug-in name (import, attribute,
 signature) while the config is loaded, so a bad name fails before any rank starts, with the key and
 the import or signature problem in the message; every rank loads the config itself, so every rank
-imports the same module, and the run's summary records which file and its hash (`fingerprint`).
+imports the same module, and the run's summary records which file and its hash (`fingerprint`;
+decoupled/job.py: plugin_code).
 """
 from __future__ import annotations
 
@@ -96,23 +97,6 @@ def fingerprint(obj: Any) -> dict:
     path = getattr(module, "__file__", None)
     sha = hashlib.sha256(Path(path).read_bytes()).hexdigest() if path and Path(path).is_file() else None
     return {"module": getattr(module, "__name__", None), "file": path, "sha256": sha}
-
-
-def job_code(model: str, objective: str, dataset: str) -> dict[str, dict]:
-    """{config key: fingerprint} of the plug-ins among a job's model, objective and dataset names (the
-    built-ins need none); torchvision models by torchvision's version."""
-    from .config import registry_names
-    code = {}
-    for kind, name in (("model", model), ("objective", objective), ("dataset", dataset)):
-        key = KINDS[kind][0]
-        if name in registry_names(kind):
-            continue
-        if kind == "model" and name.startswith("torchvision:"):
-            import torchvision
-            code[key] = {"module": "torchvision", "version": torchvision.__version__}
-        else:
-            code[key] = {"name": name, **fingerprint(resolve(kind, name))}
-    return code
 
 
 def check_same_code(per_rank: list[dict]) -> None:

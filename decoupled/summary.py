@@ -8,10 +8,9 @@ import time
 from pathlib import Path
 
 from . import exits
-from .job import JobConfig
+from .job import JobConfig, plugin_code
 from .flops import inference_flops, train_flops
 from .metrics import PeakMemory
-from .plugins import job_code
 
 
 def layers(stages, layer_acc: dict[int, float], val_acc: dict[int, float] | None = None) -> list[dict]:
@@ -113,7 +112,7 @@ def write(cfg: JobConfig, out: Path, world_size: int, device, t_start: float, la
                "dataset": cfg.data.name, "run_dir": str(out), "world_size": world_size, "device": str(device),
                "wall_s": time.perf_counter() - t_start, "layers": layer_rows, "ensemble_test_acc": ensemble,
                "ranks": ranks, **extra}
-    code = job_code(cfg.model.name, cfg.objective.name, cfg.data.name)
+    code = plugin_code(cfg)
     if code:  # which plug-in code ran (file and hash): every rank checked it imports the same
         summary["plugins"] = code
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -8,10 +8,10 @@ ignored: unknown sections and keys are errors that list the valid names, and eve
 before any process starts training. The job itself (JobConfig, `load`) is decoupled/job.py: it knows
 the plug-ins.
 """
-from .parse import parse, to_dict, to_toml
+from .parse import parse, to_dict, to_toml, to_toml_value
 from .rules import check_section, validate
 from .schema import (FALLBACKS, Choice, ConfigError, DataConfig, DistConfig, LogConfig, ReplayConfig, Schema,
                      TrainConfig, knob)
 
-__all__ = ["parse", "to_dict", "to_toml", "check_section", "validate", "FALLBACKS", "Choice", "ConfigError",
-           "DataConfig", "DistConfig", "LogConfig", "ReplayConfig", "Schema", "TrainConfig", "knob"]
+__all__ = ["parse", "to_dict", "to_toml", "to_toml_value", "check_section", "validate", "FALLBACKS", "Choice",
+           "ConfigError", "DataConfig", "DistConfig", "LogConfig", "ReplayConfig", "Schema", "TrainConfig", "knob"]

@@ -20,6 +20,7 @@ from typing import Callable
 from .schema import ConfigError
 
 TORCHVISION = ("mnist", "fashion-mnist", "cifar10", "cifar100")
+ROOT_DATASETS = (*TORCHVISION, "imagefolder")  # the built-in datasets read from data.root
 
 # key -> (acts on the job?, what it applies to)
 Rule = tuple[Callable, str]

@@ -9,6 +9,7 @@ import os
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -119,6 +120,10 @@ def _apply(schema: Schema, cfg, item: Item, final: bool) -> None:
     section, key, value, where = item
     obj = getattr(cfg, section)
     known = fields(type(obj))
+    table, dot, entry = key.partition(".")
+    if dot and table in known and known[table][0] is dict:  # `--set model.args.width=16`: one entry of a table
+        getattr(obj, table)[entry] = value
+        return
     if key not in known:
         if section in schema.choices:
             return _not_here(schema, cfg, section, key, value, where, final)
@@ -140,6 +145,8 @@ def _parse_value(text: str):
 
 
 def _file_items(schema: Schema, path) -> list[Item]:
+    if isinstance(path, Mapping):  # the [section] tables themselves (decoupled.load_config({...}))
+        return _doc_items(schema, path, "the config dict")
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--config {path}: no such file")
@@ -147,12 +154,16 @@ def _file_items(schema: Schema, path) -> list[Item]:
         doc = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"--config {path}: not valid TOML: {e}") from None
+    return _doc_items(schema, doc, str(path))
+
+
+def _doc_items(schema: Schema, doc: Mapping, where: str) -> list[Item]:
     items = []
     for section, table in doc.items():
         if not isinstance(table, dict):
-            raise ConfigError(f"{path}: top-level key {section!r} must be a [section]; "
+            raise ConfigError(f"{where}: top-level key {section!r} must be a [section]; "
                               f"valid sections: {', '.join(section_names(schema))}")
-        items += [(section, key, value, str(path)) for key, value in table.items()]
+        items += [(section, key, value, where) for key, value in table.items()]
     return items
 
 
@@ -167,8 +178,9 @@ def _set_items(overrides) -> list[Item]:
     return items
 
 
-def parse(schema: Schema, path: str | os.PathLike | None = None, overrides=(), base=None):
-    """Defaults (or a copy of `base`), then the TOML file, then the `--set` overrides (not validated:
+def parse(schema: Schema, path: str | os.PathLike | Mapping | None = None, overrides=(), base=None):
+    """Defaults (or a copy of `base`), then the TOML file (or a dict of its [section] tables), then the
+    `--set` overrides (not validated:
     rules.validate is the caller's next step)."""
     cfg = copy.deepcopy(base) if base is not None else schema.job()
     items = (_file_items(schema, path) if path else []) + _set_items(overrides)
@@ -186,7 +198,8 @@ def parse(schema: Schema, path: str | os.PathLike | None = None, overrides=(), b
     return cfg
 
 
-def _toml_value(v) -> str:
+def to_toml_value(v) -> str:
+    """One value as a TOML literal (what `--set` parses back)."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
@@ -194,7 +207,9 @@ def _toml_value(v) -> str:
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(to_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # a free-form table ([model.args]) as an inline table
+        return "{" + ", ".join(f"{to_toml_value(str(k))} = {to_toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
@@ -204,7 +219,7 @@ def to_toml(cfg) -> str:
     for section in dataclasses.fields(cfg):
         lines.append(f"[{section.name}]")
         for key, value in dataclasses.asdict(getattr(cfg, section.name)).items():
-            lines.append(f"{key} = {_toml_value(value)}")
+            lines.append(f"{key} = {to_toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .applies import check_applies
+from .applies import ROOT_DATASETS, check_applies
 from .parse import coerce, fields, section_names
 from .schema import Choice, ConfigError, Schema
 
@@ -36,7 +36,7 @@ def validate(schema: Schema, cfg) -> None:
             _check_choice(schema, section, getattr(cfg, section))
         check_section(section, getattr(cfg, section), schema.registries)
     d, t = cfg.data, cfg.train
-    if d.name not in ("digits", "synthetic"):
+    if d.name in ROOT_DATASETS:  # a dataset plug-in may read data.root, but need not
         if not d.root:
             raise ConfigError(f"data.root is empty but data.name={d.name!r} needs a dataset folder; "
                               f"set data.root (e.g. --set data.root=../shared/data)")

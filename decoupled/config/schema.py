@@ -35,8 +35,8 @@ def knob(default, *, ge=None, gt=None, lt=None, le=None, registry: str | None = 
     meta = {k: v for k, v in dict(ge=ge, gt=gt, lt=lt, le=le, registry=registry,
                                   from_bool=from_bool, acts=acts).items() if v is not None}
     meta["empty_ok"] = empty_ok
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -90,6 +90,9 @@ class DataConfig:
     synthetic_classes: int = knob(10, ge=1)  # synthetic: number of classes
     synthetic_train: int = knob(1024, ge=1)  # synthetic: training samples
     synthetic_test: int = knob(256, ge=1)  # synthetic: test samples
+    # free-form table a dataset plug-in (data.name = "package.module:load") reads from cfg.args:
+    # [data.args] in TOML, --set data.args.KEY=VALUE (docs/plugins.md)
+    args: dict = knob({})
 
 
 @dataclass

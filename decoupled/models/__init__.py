@@ -29,8 +29,8 @@ from .tv import PREFIX as TORCHVISION, build_torchvision, family_of
 from .vgg import VGGConfig, build_vgg
 from .vit import ViTConfig, build_vit
 
-__all__ = ["MODELS", "Built", "Features", "ModelConfig", "ModelError", "ModelSpec", "PluginConfig", "build_model",
-           "group_units", "spec_for"]
+__all__ = ["MODELS", "Built", "Features", "ModelConfig", "ModelError", "ModelSpec", "PluginConfig", "TORCHVISION",
+           "build_model", "group_units", "spec_for"]
 
 
 @dataclass(frozen=True)

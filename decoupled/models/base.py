@@ -27,6 +27,7 @@ class ModelConfig(Choice):
     # the non-linearity of every model's layers (heads keep ReLU): "relu" | "leaky_relu" (negative
     # slope 0.01, Ma et al. 2020). Every unit is conv/linear -> BN -> non-linearity -> dropout.
     activation: Literal["relu", "leaky_relu"] = "relu"
+    tokens: ClassVar[bool] = False  # whether its blocks may output token features (T, D): heads.py
 
     def outlet_dropout(self) -> bool:
         """Whether each block's last dropout moves out of the block, after its local loss (Dropout)."""

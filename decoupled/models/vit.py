@@ -5,10 +5,31 @@ belongs to the first, the final norm to the last. Blocks exchange token features
 tokens = 1 + patches, which the token head (heads.py) reads."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import nn
 
-from .base import ModelError, image_hw
+from ..config import knob
+from .base import ModelConfig, ModelError, Width, image_hw
+
+
+@dataclass
+class ViTConfig(Width, ModelConfig):
+    """model.width is the token width; no batchnorm key (LayerNorm throughout)."""
+    name: str = "vit"
+    patch_size: int = knob(4, ge=1)  # square patches of this side (must divide the input's H and W)
+    depth: int = knob(6, ge=1)  # encoder layers (one unit each)
+    heads: int = knob(4, ge=1)  # attention heads (must divide model.width)
+    mlp_ratio: float = knob(2.0, gt=0.0)  # the encoder MLP's hidden width = this x model.width
+    tokens: ClassVar[bool] = True
+
+    def check(self) -> None:
+        super().check()
+        if self.width % self.heads:
+            raise ModelError(f"model.width={self.width} must be divisible by model.heads={self.heads} "
+                             "(width per head)")
 
 
 class PatchEmbed(nn.Module):
@@ -63,14 +84,12 @@ class ViT(nn.Module):
         return self.norm(x)
 
 
-def build_vit(cfg, input_shape, num_classes):
+def build_vit(cfg: ViTConfig, input_shape, num_classes):
     cin, h, w = image_hw(cfg, input_shape)
     p, dim = cfg.patch_size, cfg.width
     if h % p or w % p:
         raise ModelError(f"model.patch_size={p} must divide the input's {h}x{w}; choose a divisor of both "
                          f"(e.g. {next(d for d in range(min(h, w), 0, -1) if h % d == 0 and w % d == 0 and d <= p)})")
-    if dim % cfg.heads:
-        raise ModelError(f"model.width={dim} must be divisible by model.heads={cfg.heads} (width per head)")
     hidden = max(1, round(cfg.mlp_ratio * dim))
     embed = PatchEmbed(cin, dim, p, (h // p) * (w // p))
     layers = [EncoderLayer(dim, cfg.heads, hidden) for _ in range(cfg.depth)]

@@ -6,7 +6,7 @@ to back-propagate through the block and its head, plus per-sample predictions an
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,11 @@ class ObjectiveConfig(Choice):
                                             "khidden / mlpsr heads with objective.k > 1 on conv features"))
     # early exit when no exit passes: "confident" = the most confident exit (the paper) | "last"
     exit_fallback: Fallback = "confident"
+    # token features (tokens, dim) of a transformer block (model.name="vit", torchvision ViTs, a plug-in's):
+    # every head reads them through LayerNorm then "cls" (the first token: the class token) | "mean" (over
+    # tokens), then the head's own layers on that vector (heads.py: TokenHead)
+    token_pool: Literal["cls", "mean"] = knob("cls", acts=(lambda c: c.model.tokens, "token features: model.name="
+                                                           "'vit', torchvision ViTs or a model plug-in"))
     default_head: ClassVar[str] = "khidden"  # the objective's own head
 
     def head_name(self) -> str:

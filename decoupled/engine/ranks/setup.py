@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ...job import ConfigError, JobConfig
+from ...job import ConfigError, JobConfig, plugin_code
 from ...data import Data, build_data, resolve_augment
 from ...metrics import Recorder
 from ...objectives import objective_spec
-from ...plugins import check_same_code, job_code
+from ...plugins import check_same_code
 from ..frozen import cache_mode
 from ..run import Run, prepare_run_dir
 from ..build import build_rank_stages
@@ -215,7 +215,7 @@ def setup_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World, fe
     """`feed`: SyncFeed or AsyncFeed, the trainer's choice of order (feed.py)."""
     rank, device = world.rank, world.device
     with W.agreement(world, "plug-in code") as verdict:  # Note [plug-ins validated at load]
-        verdict.payload = job_code(cfg.model.name, cfg.objective.name, cfg.data.name)
+        verdict.payload = plugin_code(cfg)
     check_same_code(verdict.all)
     torch.manual_seed(cfg.train.seed)
     data, meta = _data(cfg, world)
