@@ -1,11 +1,14 @@
 """A user's plug-in module (model, objective, dataset), written to a temporary folder by the tests
 (test_plugins.py) and imported from there: on sys.path in-process, on PYTHONPATH for torchrun's ranks."""
 PLUGIN = '''
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from decoupled.objectives import Objective
+from decoupled.config import knob
+from decoupled.objectives import Objective, ObjectiveConfig
 from decoupled.objectives.base import masked_mean
 
 
@@ -19,12 +22,19 @@ def build(cfg, input_shape, num_classes):
 
 
 class Smoothed(Objective):
-    """Cross-entropy with label smoothing ([objective.args] smoothing)."""
-    default_head = "khidden"
+    """Cross-entropy with label smoothing: its own [objective] key, objective.smoothing."""
+
+    @dataclass
+    class Config(ObjectiveConfig):
+        smoothing: float = knob(0.1, ge=0.0, lt=1.0)  # label smoothing of the cross-entropy
 
     def loss(self, h, logits, y, mask):
-        eps = float(self.cfg.args.get("smoothing", 0.1))
+        eps = self.cfg.smoothing
         return masked_mean(F.cross_entropy(logits, y, reduction="none", label_smoothing=eps), mask)
+
+
+class Plain(Objective):
+    """No Config of its own: the base's keys (objective.head, k, ...)."""
 
 
 def load(cfg, seed):
@@ -55,9 +65,10 @@ DIST_INFO = {
                         "myplug:Smoothed\n\n[decoupled.datasets]\nblobs = myplug:load\n",
 }
 
-# The plug-in job: model, objective and dataset from the module, each reading its [*.args] table.
+# The plug-in job: model, objective and dataset from the module; the model and dataset read their
+# [*.args] tables, the objective its own key.
 SETS = ["model.name=myplug:build", "model.args.width=16", "objective.name=myplug:Smoothed",
-        "objective.args.smoothing=0.05", "data.name=myplug:load", "data.args.dim=12", "data.batch_size=32",
+        "objective.smoothing=0.05", "data.name=myplug:load", "data.args.dim=12", "data.batch_size=32",
         "train.epochs=2", "train.device=cpu"]
 
 

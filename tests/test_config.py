@@ -250,8 +250,8 @@ def test_plugin_keys_live_on_the_chosen_plugin(tmp_path):
         load(None, ["objective.cascade_initial_epochs=3"])
     msg = str(e.value)
     assert "objective.name='cascade'" in msg and "valid keys of [objective]" in msg and "aux_width" in msg
-    with pytest.raises(ConfigError, match=r"unknown key model\.depth.*widths"):
-        load(None, ["model.depth=3"])
+    with pytest.raises(ConfigError, match=r"unknown key model\.nesting.*widths"):  # (model.depth is the vit's)
+        load(None, ["model.nesting=3"])
     cfg = load(None, ["objective.name=cascade", "objective.cascade_initial_epochs=3", "optim.name=adamw"])
     assert type(cfg.objective).__qualname__ == "Cascade.Config" and cfg.objective.cascade_initial_epochs == 3
     assert cfg.optim.name == "adamw" and not hasattr(cfg.optim, "momentum")

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import decoupled
-from decoupled.config import ConfigError, load
+from decoupled.job import ConfigError, load
 from decoupled.models import build_model
 from plugin_fixture import SETS, write
 from torchrun_utils import assert_same_results, assert_same_states, check, summary, torchrun
@@ -82,14 +82,28 @@ def test_bad_plugin_fails_before_any_rank_trains(plug, tmp_path):
 
 def test_args_tables_round_trip_and_apply(plug):
     from decoupled.config import to_toml
+    from decoupled.models import PluginConfig
     cfg = load(None, SETS)
-    assert cfg.model.args == {"width": 16} and cfg.data.args == {"dim": 12}
+    assert type(cfg.model) is PluginConfig and cfg.model.args == {"width": 16} and cfg.data.args == {"dim": 12}
     again = load(None, [])
     import tomllib
     doc = tomllib.loads(to_toml(cfg))
-    assert load(doc) == cfg and again.model.args == {}
-    with pytest.raises(ConfigError, match="model.args=.* does nothing here"):
+    assert load(doc) == cfg and again.data.args == {}
+    with pytest.raises(ConfigError, match="unknown key model.args.width .*model.name='mlp'"):
         load(None, ["model.args.width=3"])  # the mlp reads no table
+    with pytest.raises(ConfigError, match="data.args=.* does nothing here: it applies to a dataset plug-in"):
+        load(None, ["data.args.dim=3"])
+
+
+def test_objective_plugins_carry_their_config(plug):
+    from decoupled.objectives import ObjectiveConfig
+    cfg = load(None, ["objective.name=myplug:Smoothed", "objective.smoothing=0.2"])
+    assert type(cfg.objective).__qualname__ == "Smoothed.Config" and cfg.objective.smoothing == 0.2
+    assert type(load(None, ["objective.name=myplug:Plain", "objective.k=2"]).objective) is ObjectiveConfig
+    with pytest.raises(ConfigError, match="objective.smoothing=1.5 must be < 1.0"):
+        load(None, ["objective.name=myplug:Smoothed", "objective.smoothing=1.5"])
+    with pytest.raises(ConfigError, match="unknown key objective.smoothing"):
+        load(None, ["objective.smoothing=0.2"])  # khidden has no such key
 
 
 def test_load_config_api(tmp_path):
@@ -110,16 +124,16 @@ def test_ranks_importing_different_code_are_refused():
 
 
 def _readme_blocks() -> list[tuple[str, str]]:
-    """(language, code) of the README's "Bring your own network" section, in order."""
+    """(language, code) of the example in docs/plugins.md (the README links it), in order."""
     import re
     from torchrun_utils import REPO
-    text = (REPO / "README.md").read_text()
-    section = text.split("## Bring your own network", 1)[1].split("\n## ", 1)[0]
+    text = (REPO / "docs" / "plugins.md").read_text()
+    section = text.split("## Example: a plug-in model", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```(\w+)\n(.*?)```", section, re.S)
 
 
 def test_readme_plugin_example_runs_as_written(tmp_path):
-    """The README's plug-in module, its Python call and its 2-rank command, run as written in a fresh
+    """The guide's plug-in module, its Python call and its 2-rank command, run as written in a fresh
     folder (the repository on PYTHONPATH, as an installed package would be)."""
     import json
     import os

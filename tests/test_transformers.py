@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decoupled.config import ConfigError, ModelConfig, ObjectiveConfig, load
+from decoupled.job import ConfigError, choose, load
 from decoupled.models import ModelError, build_model, tv
 from decoupled.objectives import OBJECTIVES, build_objective
 from torchrun_utils import assert_same_results, assert_same_states, check, sets, summary, torchrun
@@ -27,7 +27,7 @@ def _reference_features(model, family: str, x):
                                                 ("vit_b_16", (3, 32, 32), 13)])
 def test_torchvision_units_compose_to_the_original_features(arch, shape, n_units):
     torch.manual_seed(0)
-    model, family = tv.build_original(ModelConfig(name=f"torchvision:{arch}"), shape)
+    model, family = tv.build_original(choose("model", f"torchvision:{arch}"), shape)
     units = tv.split_units(model, family)
     assert len(units) == n_units
     model.eval()
@@ -40,16 +40,16 @@ def test_torchvision_units_compose_to_the_original_features(arch, shape, n_units
 
 
 def test_torchvision_model_builds_as_blocks_for_one_channel_input():
-    built = build_model(ModelConfig(name="torchvision:resnet18", blocks=3), (1, 28, 28), 10)
+    built = build_model(choose("model", "torchvision:resnet18", blocks=3), (1, 28, 28), 10)
     assert built.units_per_block == [3, 3, 3] and built.shapes[-1] == (512, 1, 1)
     with pytest.raises(ModelError, match="takes square images"):
-        build_model(ModelConfig(name="torchvision:vit_b_16"), (3, 32, 48), 10)
+        build_model(choose("model", "torchvision:vit_b_16"), (3, 32, 48), 10)
     with pytest.raises(ModelError, match="not split into units; supported families"):
         tv.family_of("torchvision:googlenet")
 
 
 def test_vit_blocks_compose_to_the_whole_network():
-    cfg = ModelConfig(name="vit", width=32, depth=4, heads=4, patch_size=4, blocks=2)
+    cfg = choose("model", "vit", width=32, depth=4, heads=4, patch_size=4, blocks=2)
     built = build_model(cfg, (1, 28, 28), 10)
     assert built.units_per_block == [2, 2] and built.shapes == [(50, 32), (50, 32)]
     built.network.eval()
@@ -63,17 +63,22 @@ def test_vit_blocks_compose_to_the_whole_network():
 
 def test_vit_keys_checked():
     with pytest.raises(ModelError, match="model.patch_size=3 must divide the input's 8x8"):
-        build_model(ModelConfig(name="vit", patch_size=3), (1, 8, 8), 10)
+        build_model(choose("model", "vit", patch_size=3), (1, 8, 8), 10)
     with pytest.raises(ModelError, match="model.width=30 must be divisible by model.heads=4"):
-        build_model(ModelConfig(name="vit", width=30), (1, 8, 8), 10)
+        build_model(choose("model", "vit", width=30), (1, 8, 8), 10)
     with pytest.raises(ConfigError, match="model.depth=3 does nothing here: it applies to model.name='vit'"):
         load(None, ["model.depth=3"])
+    with pytest.raises(ConfigError, match="model.width=30 must be divisible by model.heads=4"):
+        load(None, ["model.name=vit", "model.width=30"])  # ViTConfig.check, at config load
+    with pytest.raises(ConfigError, match="objective.token_pool='mean' does nothing here: it applies to token"):
+        load(None, ["model.name=vgg", "objective.token_pool=mean"])
+    assert load(None, ["model.name=vit", "objective.token_pool=mean"]).objective.token_pool == "mean"
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
 @pytest.mark.parametrize("pool", ["cls", "mean"])
 def test_every_objective_takes_token_features(name, pool):
-    cfg = ObjectiveConfig(name=name, k=2, aux_width=8, token_pool=pool)
+    cfg = choose("objective", name, k=2, aux_width=8, token_pool=pool)
     obj = build_objective(cfg, (5, 16), 10)
     h, y = torch.randn(6, 5, 16, requires_grad=True), torch.randint(0, 10, (6,))
     out = obj(h, y)
@@ -100,7 +105,7 @@ def test_token_features_cross_ranks_sync_equals_simultaneous(tmp_path):
 def test_torchvision_vit_is_drawn_from_the_block_seed():
     """Class token, positions and attention projections follow train.seed (the engine's per-block init)."""
     from decoupled.engine.stage import init_module
-    built = build_model(ModelConfig(name="torchvision:vit_b_16", blocks=13), (3, 32, 32), 10)
+    built = build_model(choose("model", "torchvision:vit_b_16", blocks=13), (3, 32, 32), 10)
     first = [p.detach().clone() for p in built.blocks[1].parameters()]
     init_module(built.blocks[1], 1)
     assert all(not torch.equal(a, b) for a, b in zip(first, built.blocks[1].parameters()) if a.std() > 0)
