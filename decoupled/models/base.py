@@ -19,7 +19,7 @@ class ModelError(ConfigError):
 @dataclass
 class ModelConfig(Choice):
     """[model] keys of every model; a model's Config adds the mixins of the keys it has."""
-    name: str = ""  # the model (models/__init__.py: MODELS)
+    name: str = ""  # the model (models/__init__.py: MODELS), or a plug-in (docs/plugins.md)
     # decoupled blocks; 0 = one per layer / residual unit
     blocks: int = knob(0, ge=0, acts=(lambda c: not c.model.block_sizes,
                                       "an empty model.block_sizes (explicit sizes win)"))
@@ -36,7 +36,8 @@ class ModelConfig(Choice):
 
 @dataclass
 class Width:
-    width: int = knob(64, ge=1)  # base channels (vgg/resnet stage 0, simcnn M, allcnn 96 in the paper)
+    # base channels (vgg/resnet stage 0, simcnn M, allcnn 96 in the paper); vit: the token width
+    width: int = knob(64, ge=1)
 
 
 @dataclass
