@@ -104,7 +104,7 @@ def test_token_features_cross_ranks_sync_equals_simultaneous(tmp_path):
 
 def test_torchvision_vit_is_drawn_from_the_block_seed():
     """Class token, positions and attention projections follow train.seed (the engine's per-block init)."""
-    from decoupled.engine.stage import init_module
+    from decoupled.engine.build import init_module
     built = build_model(choose("model", "torchvision:vit_b_16", blocks=13), (3, 32, 32), 10)
     first = [p.detach().clone() for p in built.blocks[1].parameters()]
     init_module(built.blocks[1], 1)

@@ -9,7 +9,7 @@ from torch import nn
 from ..config import ConfigError
 from ..job import JobConfig
 from ..models import ModelError, build_model
-from ..objectives import OBJECTIVES, build_objective
+from ..objectives import build_objective, objective_spec
 from ..optim import block_lr, build_optimizer, build_scheduler
 from ..rng import RngState, derive_seed
 from .precision import AUTOCAST, WIRE, Precision
@@ -74,7 +74,7 @@ def build_stage(cfg: JobConfig, j: int, block: nn.Module, objective, outlet: nn.
     # Routing (QuickNets across blocks), if the objective's spec declares it: the router decides
     # which samples go on, trains the commitment head online and re-batches this stage's input,
     # class-balanced by the training set's class sizes `class_counts` (objectives/router.py).
-    build_router = OBJECTIVES[cfg.objective.name].build_router
+    build_router = objective_spec(cfg.objective.name).build_router
     router = build_router(objective, cfg, j, lr, class_counts) if build_router else None
     return Stage(index=j, block=block, objective=objective, outlet=outlet if outlet is not None else nn.Identity(),
                  in_shape=in_shape, out_shape=out_shape, epochs=epochs, device=device, precision=precision,
