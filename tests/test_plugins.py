@@ -132,7 +132,9 @@ def _readme_blocks() -> list[tuple[str, str]]:
     return re.findall(r"```(\w+)\n(.*?)```", section, re.S)
 
 
-def test_readme_plugin_example_runs_as_written(tmp_path):
+@pytest.mark.torchrun  # the guide's command launches 2 ranks (--nproc-per-node inside its text)
+@pytest.mark.slow
+def test_guide_plugin_example_runs_as_written(tmp_path):
     """The guide's plug-in module, its Python call and its 2-rank command, run as written in a fresh
     folder (the repository on PYTHONPATH, as an installed package would be)."""
     import json
