@@ -153,16 +153,13 @@ class ExactMemory:
 def pipeline_held(pipe) -> Callable[[], int]:
     """What a decoupled rank holds outside its stages (engine/ranks/pipeline.py's Pipeline): the replay
     buffer's batches (AsyncFeed), the messages queued in its feed (SyncFeed's inboxes, AsyncFeed's
-    control queue with its evaluation batches), posted receive buffers, and the tensors of sends still
-    in flight. Read from the pipeline's and its feed's fields by name (a source rank's feed has no
-    queues), so memory.py imports nothing of the engine."""
+    control queue with its evaluation batches: every feed's `queued()`), posted receive buffers, and the
+    tensors of sends still in flight. Duck-typed on the pipeline, so memory.py imports nothing of the engine."""
     def held() -> int:
         ts: list = []
         if pipe.buffer is not None:
             ts += [t for e in list(pipe.buffer.entries) for t in (e.x, e.y, e.ids)]
-        queued = [m for q in getattr(pipe.feed, "inboxes", ()) for m in list(q.queue) if m is not None]
-        queued += list(getattr(pipe.feed, "control", ()))
-        ts += [t for m in queued for t in (m.x, m.y, m.ids, m.aux)]
+        ts += [t for m in pipe.feed.queued() for t in (m.x, m.y, m.ids, m.aux)]
         ts += [link.posted[1] for link in pipe.recv_links if link.posted is not None]
         ts += [t for link in pipe.send_links for _, keep in list(link.inflight) for t in keep]
         return storage_bytes(ts)

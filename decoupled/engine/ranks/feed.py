@@ -53,6 +53,10 @@ class SyncFeed(Receiver):
     # would not be bit for bit what the simultaneous trainer recomputes)
     lockstep = True
 
+    def queued(self) -> list[Message]:
+        """The received messages not yet handed to the pipeline (memory.pipeline_held counts them)."""
+        return [m for q in self.inboxes for m in list(q.queue) if m is not None]
+
     @staticmethod
     def batch_index(step: int, source_steps: int) -> int:
         """What the replicas share a training batch by (groups.share): b of its source step epoch x S + b."""
@@ -147,6 +151,11 @@ class AsyncFeed(Receiver):
         self.marks: collections.Counter = collections.Counter()  # marker key -> links that sent it
         self.newest: dict = {}  # marker key -> the newest epoch it came with
         self.ready = threading.Condition()  # notified on every arrival and every hand-out
+
+    def queued(self) -> list[Message]:
+        """The control messages (evaluation batches, markers) not yet handed to the pipeline; the
+        replay buffer's batches are the pipeline's `buffer` (memory.pipeline_held counts both)."""
+        return list(self.control)
 
     def start(self) -> None:
         # The receiver needs the GIL for a moment after every transfer; with the default 5 ms

@@ -41,6 +41,9 @@ class DatasetSource:
 
     buffer, idle_s = None, 0.0  # a feed's report (feed.py): no replay buffer, never waits on a peer
 
+    def queued(self) -> list:
+        return []  # a feed's report (feed.py): it holds no received message
+
     def __init__(self, run: Run, train: Split, test: Split, start: int, last: int, test_aux=None,
                  augment: Augment | None = None, more=None, share: tuple[int, int] = (0, 1),
                  batch_index: Callable[[int, int], int] | None = None):
@@ -144,6 +147,9 @@ class HandoffFeed:
     @property
     def idle_s(self) -> float:
         return self.upstream.idle_s
+
+    def queued(self) -> list[Message]:
+        return self.upstream.queued()
 
     def __iter__(self) -> Iterator[Message]:
         for m in self.upstream:
