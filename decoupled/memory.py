@@ -17,9 +17,11 @@ counts what training holds, per component, while a training loop runs inside `Ex
   total_bytes        the sum of these five peaks (an upper bound of their joint peak: the
                      components peak at different moments of a step)
 
-On CUDA also `cuda_max_allocated_bytes`: the allocator's peak over the loop, minus what was allocated
-when it started. Evaluation under no_grad saves nothing and steps no optimizer, so the figures are the
-training steps' alone (held_bytes: a rank's in-flight evaluation batches count when a step samples them).
+On CUDA also `cuda_max_allocated_bytes`: the allocator's peak read after every optimizer step, minus
+what was allocated when the loop started (the peak restarts only around evaluations,
+metrics.PeakMemory.evaluating, so it is the training steps'). Evaluation under no_grad saves nothing
+and steps no optimizer, so the figures are the training steps' alone (held_bytes: a rank's in-flight
+evaluation batches count when a step samples them).
 
 Note [checkpointed activations]: torch.utils.checkpoint installs its own saved-tensor hooks inside a
 checkpointed region, and the innermost hooks win: what it recomputes is never saved (rightly not
@@ -118,6 +120,9 @@ class ExactMemory:
         self.optimizer_bytes = max(self.optimizer_bytes, sum(s for _, s in self.per_opt.values()))
         if self.held is not None:
             self.held_bytes = max(self.held_bytes, self.held())
+        if self.cuda_max_allocated is not None:
+            now = torch.cuda.max_memory_allocated(self.device) - self._cuda_base
+            self.cuda_max_allocated = max(self.cuda_max_allocated, now)
 
     # ------------------------------------------------------------------ the context
     def __enter__(self) -> "ExactMemory":
@@ -127,17 +132,14 @@ class ExactMemory:
         self._hooks.__enter__()
         self._step_hook = register_optimizer_step_post_hook(self._after_step)
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)  # host-side counters: no synchronize needed
             self._cuda_base = torch.cuda.memory_allocated(self.device)
+            self.cuda_max_allocated = 0
         return self
 
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
         self._step_hook.remove()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.cuda_max_allocated = torch.cuda.max_memory_allocated(self.device) - self._cuda_base
 
     def report(self) -> dict:
         """summary.json's per-rank `exact_mem` (bytes) and `exact_train_mem_bytes` (its total)."""

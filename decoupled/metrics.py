@@ -8,6 +8,11 @@ reset, so the growth of the mark over its value at start ("resource-maxrss": exa
 peak exceeds the setup's, which is the usual case, else a lower bound); without either (Windows)
 psutil's RSS sampled every few ms ("psutil-sampled": misses spikes shorter than that). If nothing
 can measure it the peak is None (unknown), never 0.
+
+Training and evaluation peak apart (`evaluating()`): the mark restarts when an evaluation begins and
+when it ends, so `peak_mem_bytes` is the peak of training alone and `eval_peak_mem_bytes` that of the
+evaluations (where the mark can restart: "cuda", "psutil-sampled", and "proc-vmhwm" where the kernel
+allows the reset; elsewhere one peak of both, and `eval_peak_mem_bytes` is None).
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import os
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -81,6 +87,9 @@ class PeakMemory:
     def reset(self) -> None:
         """Call after model and data are built: what follows is what training costs."""
         self.hwm_reset = False
+        self.train_peak = 0  # training's peak before the mark last restarted (evaluating())
+        self.eval_peak: int | None = None  # the evaluations' peak; None: none measured apart
+        self.reserved_peak = 0  # CUDA: the caching allocator's reserved bytes, training's peak
         if self.method == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -101,12 +110,32 @@ class PeakMemory:
         else:
             self.baseline = None
 
-    def reset_peak(self) -> None:
-        """Restart the high-water mark from now, keeping the baseline, so the next peak_bytes() is the
-        peak of what follows (training apart from evaluation). resource-maxrss cannot restart: its
-        peak stays the one since the baseline."""
+    @property
+    def restarts(self) -> bool:
+        """Whether the mark can restart (reset_peak), so evaluation's peak can be told from training's."""
+        return self.method in ("cuda", "psutil-sampled") or (self.method == "proc-vmhwm" and self.hwm_reset)
+
+    @contextmanager
+    def evaluating(self):
+        """An evaluation: its peak goes to eval_peak, and training's peak_bytes() leaves it out."""
+        if not self.restarts:
+            yield
+            return
+        self.train_peak = max(self.train_peak, self._since_restart() or 0)
         if self.method == "cuda":
-            torch.cuda.synchronize(self.device)
+            self.reserved_peak = max(self.reserved_peak, torch.cuda.max_memory_reserved(self.device))
+        self.reset_peak()
+        try:
+            yield
+        finally:
+            self.eval_peak = max(self.eval_peak or 0, self._since_restart() or 0)
+            self.reset_peak()
+
+    def reset_peak(self) -> None:
+        """Restart the high-water mark from now, keeping the baseline. resource-maxrss cannot restart:
+        its peak stays the one since the baseline. On CUDA the allocator counts at allocation time on
+        the host, so no synchronize: one here could wait on a receiver's posted NCCL recv."""
+        if self.method == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.method == "proc-vmhwm" and self.hwm_reset:
             with open(CLEAR_REFS, "w") as f:
@@ -115,7 +144,13 @@ class PeakMemory:
             self._sampler.peak = self._sampler.proc.memory_info().rss
 
     def peak_bytes(self) -> int | None:
-        """Peak bytes above the baseline since the last reset; None when nothing can measure it."""
+        """Training's peak bytes above the baseline, evaluations apart (evaluating()); None when
+        nothing can measure it."""
+        now = self._since_restart()
+        return None if now is None else max(self.train_peak, now)
+
+    def _since_restart(self) -> int | None:
+        """Peak bytes above the baseline since the mark last restarted."""
         if self.method == "cuda":
             return torch.cuda.max_memory_allocated(self.device) - self.baseline
         if self.method == "proc-vmhwm":
@@ -130,10 +165,12 @@ class PeakMemory:
     def report(self) -> dict:
         peak = self.peak_bytes()
         out = {"peak_mem_bytes": None if peak is None else int(peak), "mem_method": self.method,
-               "mem_baseline_bytes": None if self.baseline is None else int(self.baseline)}
-        if self.method == "cuda":
-            out["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved(self.device))
-            out["peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
+               "mem_baseline_bytes": None if self.baseline is None else int(self.baseline),
+               "eval_peak_mem_bytes": self.eval_peak}
+        if self.method == "cuda":  # training's, as peak_mem_bytes (the allocator's peak restarts around evaluations)
+            self.reserved_peak = max(self.reserved_peak, torch.cuda.max_memory_reserved(self.device))
+            out["peak_reserved_bytes"] = int(self.reserved_peak)
+            out["peak_allocated_bytes"] = int(peak + self.baseline)
         else:
             out["hwm_reset"] = self.hwm_reset
         return out

@@ -10,9 +10,11 @@ import sys
 import pytest
 import torch
 
+from decoupled import metrics
 from decoupled.bench.curve import epoch_seconds, seed_summary, time_to_target
 from decoupled.memory import ExactMemory
 
+from test_memory import _clear_refs_writable
 from torchrun_utils import MLP, REPO, env, sets
 
 TINY = {"data.name": "synthetic", "data.synthetic_shape": [3, 8, 8], "data.synthetic_train": 128,
@@ -31,6 +33,25 @@ def test_time_to_target_on_a_hand_made_curve():
     s = seed_summary([{"curve": curve, "time_to_target_s": 4.0}, {"curve": curve[:2], "time_to_target_s": None}], 0.97)
     assert s["final_acc_mean"] == pytest.approx(0.98) and s["final_acc_std"] == pytest.approx(0.01)
     assert s["time_to_target_mean_s"] == 4.0 and s["reached_target"] == 1 and s["n_seeds"] == 2
+
+
+def test_pipeline_curve_cuts_evaluations_and_reads_a_final_point_without_epoch_end(tmp_path):
+    """A sink's stamps by hand (Note [evaluation windows]): evaluation time is cut out, and the last
+    evaluation of a steps budget, after an extra epoch the sources stopped mid-way (no epoch_end),
+    ends its training at the rank's last epoch stamp before it."""
+    from decoupled.bench.curve import pipeline_curve
+    recs = [{"kind": "train_start", "rank": 1, "time_s": 10.0},
+            {"kind": "epoch_end", "rank": 1, "epoch": 0, "time_s": 14.0},
+            {"kind": "eval", "rank": 1, "epoch": 0, "time_s": 15.0, "tested": 10, "test_acc": {"2": 0.5}},
+            {"kind": "epoch_end", "rank": 1, "epoch": 1, "time_s": 19.0},
+            {"kind": "eval", "rank": 1, "epoch": 1, "time_s": 20.0, "tested": 10, "test_acc": {"2": 0.7}},
+            {"kind": "own_epoch_end", "rank": 1, "epoch": 2, "time_s": 23.0},
+            {"kind": "eval", "rank": 1, "epoch": 2, "time_s": 26.0, "tested": 10, "test_acc": {"2": 0.9}}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    curve = pipeline_curve(tmp_path, 2)
+    assert curve == [{"epoch": 1, "train_s": 4.0, "test_acc": 0.5}, {"epoch": 2, "train_s": 8.0, "test_acc": 0.7},
+                     {"epoch": 3, "train_s": 11.0, "test_acc": 0.9}]
+    assert epoch_seconds([curve[0], curve[2]]) == 3.5  # one point after two epochs: 7 s over 2
 
 
 def test_exact_memory_of_a_tiny_mlp_stage_is_the_sum_of_its_shapes():
@@ -83,32 +104,41 @@ def test_ddp_on_one_rank_equals_the_e2e_row(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # four rows, three of them torchrun jobs: minutes on a loaded 2-core machine
 def test_curve_rows_ddp_fsdp_and_sync_auto(tmp_path):
-    """--curve: one point per epoch per row, time to target from the curve, exact memory per rank;
-    `decoupled report` draws accuracy against training time."""
+    """--curve: one point per epoch per row (async under its steps budget too), time to target from the
+    curve, exact memory and the training and evaluation peaks per rank; `decoupled report` draws
+    accuracy against training time."""
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "decoupled", "bench", "--curve", "--epochs", "2", "--target-acc", "0.05",
-           "--rows", "e2e,sync-auto,ddp,fsdp", "--ranks", "2", "--out", str(out), "--timeout", "150", *sets(TINY)]
+           "--rows", "e2e,sync-auto,async,ddp,fsdp", "--ranks", "2", "--out", str(out), "--timeout", "150", *sets(TINY)]
     p = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=800)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.loads((out / "bench.json").read_text())
-    assert [r["mode"] for r in res["rows"]] == ["e2e", "sync-auto", "ddp", "fsdp"]
+    assert [r["mode"] for r in res["rows"]] == ["e2e", "sync-auto", "async", "ddp", "fsdp"]
+    apart = metrics._proc_status_kib("VmHWM") is not None and _clear_refs_writable()
     for row in res["rows"]:
         assert "error" not in row, row
-        assert [c["epoch"] for c in row["curve"]] == [1, 2], row["mode"]
+        epochs = [c["epoch"] for c in row["curve"]]
+        if row["mode"] == "async":  # the last evaluation may follow epochs streamed on for a slow rank
+            assert len(epochs) == 2 and epochs[0] == 1 and epochs[1] >= 2, epochs
+        else:
+            assert epochs == [1, 2], row["mode"]
         assert 0 < row["curve"][0]["train_s"] < row["curve"][1]["train_s"]
         assert row["time_to_target_s"] == time_to_target(row["curve"], 0.05) == row["curve"][0]["train_s"]
         assert row["final_acc"] == row["curve"][-1]["test_acc"]
         assert len(row["ranks"]) == (1 if row["mode"] == "e2e" else 2)
+        if row["mode"] != "ddp" and row["mode"] != "fsdp":  # (theirs from their own epochs' wall time)
+            assert row["samples_per_s"] == pytest.approx(128 / epoch_seconds(row["curve"])), row["mode"]
         for r in row["ranks"]:
             assert r["exact_train_mem_bytes"] > 0 and r["peak_mem_bytes"] > 0 and r["compute_s"] > 0
             assert r["exact_mem"]["params_bytes"] > 0 and r["exact_mem"]["activations_bytes"] > 0
+            assert (r["eval_peak_mem_bytes"] is not None) is apart, r
     ddp, fsdp = (next(r for r in res["rows"] if r["mode"] == m) for m in ("ddp", "fsdp"))
     assert ddp["ranks"][0]["comm_s"] > 0 and ddp["per_rank_batch"] == [16, 16]
     # FSDP shards parameters, gradients and momentum over the 2 ranks; DDP holds all of them
     assert fsdp["ranks"][0]["exact_mem"]["params_bytes"] < ddp["ranks"][0]["exact_mem"]["params_bytes"]
     assert ddp["losses"] == pytest.approx(fsdp["losses"], rel=1e-5)  # the same training, sharded or not
     md = (out / "bench.md").read_text()
-    assert "| fsdp |" in md and "time to 0.05 (s)" in md and "exact train MiB" in md
+    assert "| fsdp |" in md and "time to 0.05 (s)" in md and "exact train MiB" in md and "process eval MiB" in md
     p = subprocess.run([sys.executable, "-m", "decoupled", "report", str(out), "--out", str(tmp_path / "rep")],
                        env=env(), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]

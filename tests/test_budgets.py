@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from decoupled.bench.runner import read_jsonl
 from decoupled.engine.ranks.replay import Entry, ReplayBuffer
 
 from torchrun_utils import check, sets, summary, torchrun
@@ -118,3 +119,7 @@ def test_steps_budget_with_cascade_budgets_streams_until_every_block_is_done(tmp
     s = summary(tmp_path / "sc")
     assert [l["epochs"] for l in s["layers"]] == [1, 3, 5]
     assert [r["optimizer_steps"] for r in s["ranks"]] == [[8], [24], [40]]
+    # an evaluation after every epoch of the stream (the bench's curve), and one more when every block is final
+    evals = [m["epoch"] for m in read_jsonl(tmp_path / "sc" / "metrics.jsonl") if m.get("kind") == "eval"
+             and m["rank"] == 2]
+    assert evals[:4] == [0, 1, 2, 3] and len(evals) == 5 and evals[4] >= 4, evals

@@ -65,3 +65,42 @@ def test_unmeasurable_is_unknown(monkeypatch):
                "world_size": 1, "wall_s": 1.0, "layers": [], "ensemble_test_acc": 0.5,
                "ranks": [{"rank": 0, "blocks": [0], "samples_per_s": 1.0, **r}]}
     assert "peak_mem unknown" in format_summary(summary)
+
+
+def _touch(mib: int) -> torch.Tensor:
+    x = torch.ones(mib * 2**20 // 4)
+    x += 1  # touched: resident
+    return x
+
+
+@pytest.mark.parametrize("method", ["proc-vmhwm", "psutil-sampled"])
+def test_evaluation_peak_apart_from_training(monkeypatch, tmp_path, method):
+    """A 96 MiB evaluation between two 24 MiB training phases: training's peak leaves it out, and
+    eval_peak_mem_bytes is it. Where the mark cannot restart, one peak of both and no eval figure."""
+    if method == "proc-vmhwm" and not (metrics._proc_status_kib("VmHWM") and _clear_refs_writable()):
+        pytest.skip("no resettable VmHWM here")
+    if method == "psutil-sampled":
+        monkeypatch.setattr(metrics, "PROC_STATUS", str(tmp_path / "no-proc" / "status"))
+        monkeypatch.setattr(metrics, "_maxrss_bytes", lambda: None)
+    mem = metrics.PeakMemory(torch.device("cpu"))
+    assert mem.method == method and mem.restarts
+    x = _touch(24)
+    mem.peak_bytes()
+    del x
+    with mem.evaluating():
+        y = _touch(96)
+        mem._since_restart()  # a sampled meter sees the moment it is asked
+        del y
+    x = _touch(24)
+    r = mem.report()
+    del x
+    assert 20 * 2**20 <= r["peak_mem_bytes"] < 64 * 2**20, r
+    assert r["eval_peak_mem_bytes"] >= 90 * 2**20, r
+    monkeypatch.setattr(metrics, "CLEAR_REFS", str(tmp_path / "no-clear-refs" / "clear_refs"))
+    if method == "proc-vmhwm":  # the kernel does not allow the reset: no evaluation figure
+        mem = metrics.PeakMemory(torch.device("cpu"))
+        with mem.evaluating():
+            y = _touch(96)
+            del y
+        r = mem.report()
+        assert r["eval_peak_mem_bytes"] is None and r["peak_mem_bytes"] >= 90 * 2**20, r

@@ -14,8 +14,10 @@ group's (the sink, which scores the last head), whose evaluation window spans th
 evaluation (it waits for every evaluation batch from upstream). With replicas in the last group, the
 slowest replica's time and the test-set-weighted accuracy. What an upstream rank trains while the
 sink still evaluates (at most the pipeline's depth in batches) counts as training.
-An async row under replay.budget="steps" evaluates only after its last epoch (the sources stream on
-between epochs, engine/ranks/pipeline.py), so its curve is that one point.
+An async row under replay.budget="steps" evaluates after every epoch of the stream as well, and once
+more when every block has made its budget: that last point may come after extra epochs the sources
+streamed for a slow rank (engine/ranks/sources.py), and when they stopped mid-epoch it has no
+`epoch_end` stamp: its training ends at the rank's last epoch stamp before it (its budget's end).
 """
 from __future__ import annotations
 
@@ -69,19 +71,26 @@ def _rank_points(records: list[dict], rank: int, key: str) -> dict[int, tuple[fl
     mine = [m for m in records if m.get("rank") == rank]
     start = next(m["time_s"] for m in mine if m.get("kind") == "train_start")
     ends = {m["epoch"]: m["time_s"] for m in mine if m.get("kind") == "epoch_end"}
+    stamps = sorted(m["time_s"] for m in mine if m.get("kind") in ("epoch_end", "own_epoch_end"))
     points, evaluating = {}, 0.0
-    for m in sorted((m for m in mine if m.get("kind") == "eval" and m["epoch"] in ends), key=lambda m: m["epoch"]):
-        end = ends[m["epoch"]]
+    for m in sorted((m for m in mine if m.get("kind") == "eval"), key=lambda m: m["epoch"]):
+        before = [t for t in stamps if t <= m["time_s"]]
+        end = ends.get(m["epoch"], before[-1] if before else None)
+        if end is None:
+            continue
         points[m["epoch"]] = (end - start - evaluating, m["test_acc"][key], m["tested"])
         evaluating += m["time_s"] - end
     return points
 
 
 def epoch_seconds(curve: list[dict]) -> float:
-    """A curve's median training epoch, the first dropped as warm-up when there are more."""
-    ts = [p["train_s"] for p in curve]
-    epochs = [b - a for a, b in zip([0.0] + ts, ts)]
-    return median(epochs[1:] or epochs)
+    """A curve's median seconds per training epoch, the first interval dropped as warm-up when there are
+    more. A point may follow several epochs (train.eval_every > 1): its interval is divided by them."""
+    per, last_s, last_epoch = [], 0.0, 0
+    for p in curve:
+        per.append((p["train_s"] - last_s) / max(p["epoch"] - last_epoch, 1))
+        last_s, last_epoch = p["train_s"], p["epoch"]
+    return median(per[1:] or per)
 
 
 def mean_std(xs: list[float | None]) -> tuple[float | None, float | None]:

@@ -25,7 +25,7 @@ all-reduce buckets and count once; FSDP's parameters, gradients and optimizer st
 shards, and the unsharded parameters it all-gathers around each block's forward and backward are
 transient communication buffers, not counted (they are parameters, which the activation count leaves
 out). The process peak of training (peak_mem_bytes) and of evaluation (eval_peak_mem_bytes) are
-measured apart: the high-water mark restarts before each (metrics.PeakMemory.reset_peak).
+measured apart, as for every row (metrics.PeakMemory.evaluating).
 """
 from __future__ import annotations
 
@@ -128,10 +128,8 @@ def train(cfg, data, model, opt, device, rank: int, world: int, stats: dict, mem
     """Every epoch: timed training, then (train.eval_every) the test accuracy outside the timer."""
     B, seed = cfg.data.batch_size, cfg.train.seed
     epochs, curve, train_s, losses = [], [], 0.0, []
-    train_peak = eval_peak = 0
     torch.manual_seed(seed)  # as e2e: one RNG stream (dropout) for the whole network
     for epoch in range(cfg.train.epochs):
-        memory.reset_peak()
         t0, compute, comm0, step_losses = time.perf_counter(), 0.0, stats["comm_s"], []
         for b in batches(data.train, B, seed=seed, epoch=epoch, augment=resolve_augment(cfg.data)):
             x, y = part(b.x, rank, world).to(device), part(b.y, rank, world).to(device)
@@ -144,18 +142,16 @@ def train(cfg, data, model, opt, device, rank: int, world: int, stats: dict, mem
             step_losses.append(loss.detach())
         synchronize(device)
         wall = time.perf_counter() - t0
-        train_peak = max(train_peak, memory.peak_bytes() or 0)
         train_s += wall
         epochs.append({"wall_s": wall, "compute_s": compute, "comm_s": stats["comm_s"] - comm0})
         step = torch.stack(step_losses).float()
         dist.all_reduce(step)  # the global batches' losses (Note [global batch]), outside the timer
         losses += (step / world).tolist()
         if cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0:
-            memory.reset_peak()
-            acc = accuracy(model, data.test, cfg.data.eval_batch_size, device, rank, world)
-            eval_peak = max(eval_peak, memory.peak_bytes() or 0)
+            with memory.evaluating():
+                acc = accuracy(model, data.test, cfg.data.eval_batch_size, device, rank, world)
             curve.append({"epoch": epoch + 1, "train_s": train_s, "test_acc": acc})
-    return epochs, curve, losses, train_peak, eval_peak
+    return epochs, curve, losses
 
 
 def main(cfg_path: str, out: str, mode: str) -> None:
@@ -176,12 +172,10 @@ def main(cfg_path: str, out: str, mode: str) -> None:
     opt = build_optimizer(params, cfg.optim, cfg.optim.lr)
     memory = PeakMemory(device)
     with ExactMemory(list(net.parameters()), device) as exact:
-        epochs, curve, losses, train_peak, eval_peak = train(cfg, data, model, opt, device, rank, world, stats,
-                                                             memory)
+        epochs, curve, losses = train(cfg, data, model, opt, device, rank, world, stats, memory)
     timed = epochs[1:] or epochs
     per = lambda key: sum(e[key] for e in timed) / len(timed)  # noqa: E731
     mine = {"rank": rank, "blocks": list(range(len(stages))), **memory.report(),
-            "peak_mem_bytes": train_peak, "eval_peak_mem_bytes": eval_peak if curve else None,
             **exact.report(), "epoch_s": median([e["wall_s"] for e in timed]), "compute_s": per("compute_s"),
             "comm_s": per("comm_s") if mode == "ddp" else None,
             "idle_s": max(per("wall_s") - per("compute_s"), 0.0)}

@@ -10,9 +10,10 @@ def _row(result: dict, mode: str) -> dict | None:
     return next((r for r in result["rows"] if r["mode"] == mode and r.get("samples_per_s")), None)
 
 
-def peak(row: dict) -> int | None:
-    """The largest rank's peak; None (unknown) if no rank could measure its own."""
-    return max((r["peak_mem_bytes"] for r in row["ranks"] if r["peak_mem_bytes"] is not None), default=None)
+def peak(row: dict, key: str = "peak_mem_bytes") -> int | None:
+    """The largest rank's training peak (`key`="eval_peak_mem_bytes": evaluation's); None (unknown) if
+    no rank could measure its own."""
+    return max((r[key] for r in row["ranks"] if r.get(key) is not None), default=None)
 
 
 def exact(row: dict) -> int | None:
@@ -62,23 +63,26 @@ def markdown(result: dict) -> str:
                   f"window; {c['seeds']} seed(s); samples/s over the training epochs after the first", ""]
     acc_head = ["final acc", f"time to {c['target_acc']} (s)"] if c else []
     lines += ["Memory: exact = the largest rank's parameters + gradients + optimizer state + autograd's saved "
-              "activations + transport/replay buffers (decoupled/memory.py); process = the largest process's "
-              "peak RSS growth (CPU: glibc heap included)", ""]
-    lines += ["| " + " | ".join(["row", "samples/s", "vs e2e", "of bound", "exact train MiB", "process peak MiB",
+              "activations + transport/replay buffers (decoupled/memory.py); process train / eval = the largest "
+              "process's peak growth (CPU: resident set, glibc heap included) during training and during the "
+              "evaluations, measured apart (metrics.PeakMemory.evaluating)", ""]
+    lines += ["| " + " | ".join(["row", "samples/s", "vs e2e", "of bound", "exact train MiB", "process train MiB",
+                                 "process eval MiB",
                                  *acc_head, "per rank: compute / comm / idle s/epoch"]) + " |",
-              "|---|" + "---:|" * (5 + len(acc_head)) + "---|"]
+              "|---|" + "---:|" * (6 + len(acc_head)) + "---|"]
     for r in result["rows"]:
         name = f"e2e ({r.get('threads', '?')} threads)" if r["mode"] == "e2e-Kthreads" else r["mode"]
         if "split" in r:  # gpipe / 1f1b: their own split and microbatch count
             name += f" (split {r['split']}, {r.get('microbatches')} microbatches)"
         if not r.get("samples_per_s"):
-            lines.append(f"| {name} | failed |" + " |" * (4 + len(acc_head)) + f" {r.get('error', '')[:200]} |")
+            lines.append(f"| {name} | failed |" + " |" * (5 + len(acc_head)) + f" {r.get('error', '')[:200]} |")
             continue
         vs = f"{r['samples_per_s'] / e2e['samples_per_s']:.2f}x" if e2e else ""
         ob = f"{r['of_bound']:.2f}" if r.get("of_bound") else ""
         fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
         per = "; ".join(f"{fmt(x['compute_s'])} / {fmt(x['comm_s'])} / {fmt(x['idle_s'])}" for x in r["ranks"])
         cells = [name, f"{r['samples_per_s']:.1f}", vs, ob, f"{mib(exact(r)):.2f}", f"{mib(peak(r)):.1f}",
+                 fmt(None if peak(r, "eval_peak_mem_bytes") is None else mib(peak(r, "eval_peak_mem_bytes"))),
                  *accuracy_cells(result, r), per]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -49,7 +49,8 @@ def bound_samples_per_s(n: int, stage_s: list[float]) -> float:
 def rank_row(r: dict, window: dict | None = None) -> dict:
     """A summary.json rank entry in the bench schema; compute/comm/idle are seconds per timed epoch."""
     out = {"rank": r["rank"], "blocks": r.get("blocks"), "peak_mem_bytes": r["peak_mem_bytes"],
-           "mem_method": r.get("mem_method"), "exact_train_mem_bytes": r.get("exact_train_mem_bytes"),
+           "eval_peak_mem_bytes": r.get("eval_peak_mem_bytes"), "mem_method": r.get("mem_method"),
+           "exact_train_mem_bytes": r.get("exact_train_mem_bytes"),
            "exact_mem": r.get("exact_mem")}
     out.update(window or {"compute_s": r.get("compute_s", 0.0), "comm_s": r.get("comm_s", 0.0),
                           "idle_s": r.get("idle_s", 0.0)})

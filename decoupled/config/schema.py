@@ -189,7 +189,8 @@ class ReplayConfig:
     # "steps" (DGL, Belilovsky et al. 2020): every block makes its full budget of optimizer steps
     #   (epochs x batches per epoch, cascade budgets included) and steps its LR schedule on its own
     #   epochs; a slow block finishes later, and upstream keeps streaming fresh data (frozen blocks
-    #   forward) until every rank is done; test accuracy is measured once, at the end
+    #   forward) until every rank is done; test accuracy after every train.eval_every epochs of the
+    #   stream and once more at the end, when every block is final
     # "upstream": a rank trains while its upstream streams; what it is too slow to take is dropped,
     #   its epochs follow upstream's: a slowdown costs updates, not time
     budget: Literal["steps", "upstream"] = "steps"

@@ -5,6 +5,7 @@ here and never touch files themselves.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from ..checkpoint import Checkpointer
 from ..job import JobConfig, to_toml
 from ..data import Data
 from ..live import Live
-from ..metrics import Recorder, progress
+from ..metrics import PeakMemory, Recorder, progress
 from .evaluate import evaluate
 from .stage import Stage
 
@@ -35,6 +36,7 @@ class Run:
     # the trainer, whose epoch policy (plateau rules, early stopping) is checkpointed with the stages:
     # state_dict() / load_state_dict() (trainers/base.py); None: no policy state (the torchrun ranks)
     policy: Any = None
+    memory: PeakMemory | None = None  # the process's peak meter, once training starts (trainers/base.py)
 
     def __post_init__(self):
         t = self.cfg.train
@@ -61,9 +63,14 @@ class Run:
                               loss=float(res.loss.detach()), train_acc=float((res.pred == y).float().mean()),
                               samples=stage.stats.samples)
 
+    def evaluating(self):
+        """Around every evaluation: its peak memory apart from training's (metrics.PeakMemory.evaluating)."""
+        return self.memory.evaluating() if self.memory is not None else nullcontext()
+
     def evaluate(self) -> dict:
         if not self.eval_fresh:
-            self.last_eval = evaluate(self.stages, self.data.test, self.cfg.data.eval_batch_size, self.device)
+            with self.evaluating():
+                self.last_eval = evaluate(self.stages, self.data.test, self.cfg.data.eval_batch_size, self.device)
             self.eval_fresh = True
         return self.last_eval
 

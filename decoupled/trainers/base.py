@@ -71,7 +71,7 @@ class Trainer(Mode):
     def execute(self, run: Run, start: int, t_start: float) -> dict | None:
         """Train from epoch `start`, timed, with the peak memory measured; then the epilogue."""
         memory = PeakMemory(run.device)  # after the model and data exist: measure what training costs
-        run.live.memory = memory
+        run.memory = run.live.memory = memory
         run.live.start(run.stages)
         run.recorder.log(kind="train_start", rank=self.rank())  # the bench's curves count training time from here
         t0 = time.perf_counter()
@@ -103,7 +103,8 @@ class Trainer(Mode):
         ev = run.evaluate()
         val_acc = None
         if run.data.val is not None:
-            vev = evaluate(run.stages, run.data.val, self.cfg.data.eval_batch_size, run.device)
+            with run.evaluating():
+                vev = evaluate(run.stages, run.data.val, self.cfg.data.eval_batch_size, run.device)
             val_acc = {s.index: a for s, a in zip(run.stages, vev["layer_acc"])}
         return S.layers(run.stages, {s.index: a for s, a in zip(run.stages, ev["layer_acc"])}, val_acc)
 
@@ -111,7 +112,8 @@ class Trainer(Mode):
                t_start: float, exact: dict) -> dict | None:
         cfg = self.cfg
         if exits.wanted(cfg):
-            costs.update(S.exit_curve(cfg, run.stages, run.data.test, run.device, run.out, layers))
+            with run.evaluating():
+                costs.update(S.exit_curve(cfg, run.stages, run.data.test, run.device, run.out, layers))
         summary = S.write(cfg, run.out, 1, run.device, t_start, layers, run.evaluate()["ensemble_acc"],
                           [S.rank_report(0, run.stages, memory, train_s, exact)], **costs)
         run.recorder.log(kind="summary", wall_s=summary["wall_s"], ensemble_test_acc=summary["ensemble_test_acc"])

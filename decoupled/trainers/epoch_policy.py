@@ -70,5 +70,7 @@ def monitored_loss(run, stage, train_loss: float) -> float:
     exists, else `train_loss` (the epoch-mean training loss)."""
     if run.data.val is None:
         return train_loss
-    losses = evaluate.val_losses(run.stages[: stage.index + 1], run.data.val, run.cfg.data.eval_batch_size, run.device)
+    with run.evaluating():
+        losses = evaluate.val_losses(run.stages[: stage.index + 1], run.data.val, run.cfg.data.eval_batch_size,
+                                     run.device)
     return losses[stage.index]

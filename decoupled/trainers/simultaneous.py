@@ -41,8 +41,7 @@ class Simultaneous(modes.Simultaneous, Trainer):
                     bar.update()
             drain_chain(stages, partial(run.log_step, epoch))
             training = [s for s in stages if s.training]
-            val = cache(lambda: val_losses(stages, run.data.val, cfg.data.eval_batch_size, run.device)
-                        if run.data.val is not None else {})  # one pass for every block, if a rule reads it
+            val = cache(lambda: _val_losses(run))  # one pass for every block, if a rule reads it
             for s in training:
                 self.after_epoch(f"block{s.index}", partial(_monitored, val, s))
             for s in training:
@@ -52,3 +51,11 @@ class Simultaneous(modes.Simultaneous, Trainer):
 
 def _monitored(val, s) -> float:
     return val().get(s.index, s.stats.epoch_train_loss())
+
+
+def _val_losses(run) -> dict:
+    """Every block's validation loss in one pass ({} without a validation split), as an evaluation."""
+    if run.data.val is None:
+        return {}
+    with run.evaluating():
+        return val_losses(run.stages, run.data.val, run.cfg.data.eval_batch_size, run.device)

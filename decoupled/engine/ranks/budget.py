@@ -6,8 +6,9 @@ always; async with replay.budget="upstream": a slow rank drops what it cannot ta
 steps). The sources stream epochs 0..last, and evaluate every train.eval_every epochs.
 OwnSteps: async with replay.budget="steps" (DGL): a block's epoch is `steps_per_epoch` of its own
 optimizer steps, so every block makes its full budget; the sources keep streaming (through frozen
-blocks, note [paced frozen stream]) until every rank has said on the board that it is done, and
-test accuracy is measured once, at the end, when every block is final.
+blocks, note [paced frozen stream]) until every rank has said on the board that it is done. They
+evaluate after every train.eval_every epochs of the stream as well (the network as it is then:
+the bench's time-to-accuracy curve) and once more at the end, when every block is final.
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ class OwnSteps:
         self.board.mark_done()
 
     def eval_every(self, every: int) -> int:
-        return 0  # the sources evaluate once, at the end (DatasetSource)
+        return every  # as the stream's: the sources evaluate after its epochs (DatasetSource)
 
 
 BUDGETS = {"upstream": UpstreamEpochs, "steps": OwnSteps}  # replay.budget

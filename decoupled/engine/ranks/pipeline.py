@@ -62,10 +62,12 @@ class Pipeline:
         elif m.kind == Kind.END_EPOCH:
             self.end_epoch(m.epoch)
         elif m.kind == Kind.EVAL:
-            h, z = self.tally.add(self.stages, m)
-            self.send(Message(Kind.EVAL, m.epoch, m.step, h, m.y, m.ids, z))
+            with self.run.evaluating():  # each batch apart: an async rank may train between two of them
+                h, z = self.tally.add(self.stages, m)
+                self.send(Message(Kind.EVAL, m.epoch, m.step, h, m.y, m.ids, z))
         elif m.kind == Kind.END_EVAL:
-            self.end_eval(m.epoch)
+            with self.run.evaluating():
+                self.end_eval(m.epoch)
         elif m.kind == Kind.STOP:
             self.send(Message(Kind.STOP, m.epoch))
             return False
@@ -120,8 +122,8 @@ class Pipeline:
         extra = {"replay": self.buffer.stats.as_dict()} if self.buffer is not None else {}
         metrics = self.rank_metrics()
         self.run.recorder.log(kind="epoch_end", rank=self.rank, epoch=epoch, **metrics, **extra)
-        # the sources evaluate after every eval_every epochs and after the last (not when streaming on
-        # for a steps budget): then this epoch's line waits for its test accuracies (a few ms)
+        # the sources evaluate after every eval_every epochs and after the last: then this epoch's
+        # line waits for its test accuracies (a few ms)
         every = self.budget.eval_every(self.cfg.train.eval_every)
         follows = bool(every) and ((epoch + 1) % every == 0 or epoch == self.total_epochs - 1)
         self.run.live.rank_epoch(epoch, self.total_epochs, self.stages, metrics, extra.get("replay"), follows)

@@ -36,8 +36,10 @@ class DatasetSource:
     end-of-epoch marker, an evaluation after every `eval_every` epochs and after the last, then STOP.
 
     `more` (budget.OwnSteps): after epoch `last`, keep streaming further epochs (through frozen
-    blocks) while more() is true, that is until every rank has made its budget of steps; test
-    accuracy is then measured once, at the end, when every block is final."""
+    blocks) while more() is true, that is until every rank has made its budget of steps. The
+    evaluations of epochs 0..last measure the network as it is when they pass (a replaying rank may
+    be ahead of or behind the stream's epoch); the last one, after the extra epochs, when every block
+    is final."""
 
     buffer, idle_s = None, 0.0  # a feed's report (feed.py): no replay buffer, never waits on a peer
 
@@ -74,7 +76,7 @@ class DatasetSource:
 
     def __iter__(self) -> Iterator[Message]:
         cfg, run = self.run.cfg, self.run
-        every = 0 if self.more else cfg.train.eval_every
+        every = cfg.train.eval_every
         steps = -(-len(self.train) // cfg.data.batch_size)
         final = None
         with run.progress((self.last + 1 - self.start) * steps, f"rank {run.rank} source") as bar:
