@@ -23,11 +23,14 @@ metrics.PeakMemory.evaluating, so it is the training steps'). Evaluation under n
 and steps no optimizer, so the figures are the training steps' alone (held_bytes: a rank's in-flight
 evaluation batches count when a step samples them).
 
-Note [checkpointed activations]: torch.utils.checkpoint installs its own saved-tensor hooks inside a
-checkpointed region, and the innermost hooks win: what it recomputes is never saved (rightly not
-counted), and the block inputs it keeps to recompute from live in its closure, not in autograd's
-saved tensors, so they are not counted either. For e2e-checkpoint activations_bytes is what autograd
-saves outside the checkpointed blocks (the head and the loss).
+Note [checkpointed activations]: torch.utils.checkpoint (non-reentrant) saves each checkpointed
+block's inputs through the hooks outside it, so they are counted, and installs its own hooks inside
+the block, which win: what the forward would have saved there is not kept (rightly not counted).
+What it does not show any hook is the recomputation in backward: while one block's backward runs,
+its recomputed activations are alive. For e2e-checkpoint activations_bytes is what is kept across
+the step (the blocks' inputs, the head and the loss), a lower bound of the true peak by at most one
+block's activations (the largest block's; the e2e row's activations_bytes bounds their sum). Measured
+on a 3-block VGG on digits (batch 64): 134 KB kept with checkpointing, 1283 KB saved without.
 """
 from __future__ import annotations
 
