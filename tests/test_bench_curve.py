@@ -109,11 +109,12 @@ def test_curve_rows_ddp_fsdp_and_sync_auto(tmp_path):
     accuracy against training time."""
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "decoupled", "bench", "--curve", "--epochs", "2", "--target-acc", "0.05",
-           "--rows", "e2e,sync-auto,async,ddp,fsdp", "--ranks", "2", "--out", str(out), "--timeout", "150", *sets(TINY)]
+           "--rows", "e2e,sync-auto,async,ddp,fsdp,gpipe", "--microbatches", "2", "--ranks", "2", "--out", str(out),
+           "--timeout", "150", *sets(TINY)]
     p = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=800)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.loads((out / "bench.json").read_text())
-    assert [r["mode"] for r in res["rows"]] == ["e2e", "sync-auto", "async", "ddp", "fsdp"]
+    assert [r["mode"] for r in res["rows"]] == ["e2e", "sync-auto", "async", "ddp", "fsdp", "gpipe"]
     apart = metrics._proc_status_kib("VmHWM") is not None and _clear_refs_writable()
     for row in res["rows"]:
         assert "error" not in row, row
@@ -126,13 +127,13 @@ def test_curve_rows_ddp_fsdp_and_sync_auto(tmp_path):
         assert row["time_to_target_s"] == time_to_target(row["curve"], 0.05) == row["curve"][0]["train_s"]
         assert row["final_acc"] == row["curve"][-1]["test_acc"]
         assert len(row["ranks"]) == (1 if row["mode"] == "e2e" else 2)
-        if row["mode"] != "ddp" and row["mode"] != "fsdp":  # (theirs from their own epochs' wall time)
-            assert row["samples_per_s"] == pytest.approx(128 / epoch_seconds(row["curve"])), row["mode"]
+        assert row["samples_per_s"] == pytest.approx(128 / epoch_seconds(row["curve"])), row["mode"]
         for r in row["ranks"]:
             assert r["exact_train_mem_bytes"] > 0 and r["peak_mem_bytes"] > 0 and r["compute_s"] > 0
             assert r["exact_mem"]["params_bytes"] > 0 and r["exact_mem"]["activations_bytes"] > 0
             assert (r["eval_peak_mem_bytes"] is not None) is apart, r
-    ddp, fsdp = (next(r for r in res["rows"] if r["mode"] == m) for m in ("ddp", "fsdp"))
+    ddp, fsdp, gpipe = (next(r for r in res["rows"] if r["mode"] == m) for m in ("ddp", "fsdp", "gpipe"))
+    assert gpipe["microbatches"] == 2 and gpipe["microbatch_sweep"][0]["microbatches"] == 2
     assert ddp["ranks"][0]["comm_s"] > 0 and ddp["per_rank_batch"] == [16, 16]
     # FSDP shards parameters, gradients and momentum over the 2 ranks; DDP holds all of them
     assert fsdp["ranks"][0]["exact_mem"]["params_bytes"] < ddp["ranks"][0]["exact_mem"]["params_bytes"]

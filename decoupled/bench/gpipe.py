@@ -7,7 +7,11 @@ head and one global cross-entropy) pipelined over K ranks with torch.distributed
 SCHEDULE: gpipe (default) | 1f1b (needs MICROBATCHES >= K). SPLIT: blocks per rank, comma-separated
 (e.g. 3,1): the bench passes each baseline its own best contiguous split (placement.best_split on the
 measured per-block e2e costs); default: dist.placement or the engine's even split.
-Trains config epochs (the first is warm-up) and writes one bench row to OUT.json.
+Trains config epochs (the first is warm-up) and writes one bench row to OUT.json. With
+train.eval_every (bench --curve) the test accuracy of the network's output after those epochs, outside
+the timed window: the test batches flow through the ranks' modules in eval mode by plain send / recv
+(every rank knows every batch's size and every block's output shape, so no header), scored on the
+last rank; `curve` as the other rows' (train_s: the last rank's cumulative epoch wall time).
 
 What breaks, measured on torch 2.14.1 / gloo / CPU:
 - a stage infers its microbatch shapes at the first step and keeps them: a smaller last batch fails
@@ -69,9 +73,9 @@ class TimedStage(PipelineStage):
             self.compute_s += time.perf_counter() - t0
 
 
-def build_module(cfg, data, rank: int, world: int, device) -> tuple[nn.Module, list[list[int]]]:
+def build_module(cfg, data, rank: int, world: int, device) -> tuple[nn.Module, list[list[int]], list[tuple]]:
     """This rank's blocks, initialised from the same seeds as the engine's stages; the last rank adds
-    the last block's head (the e2e classifier)."""
+    the last block's head (the e2e classifier). Also the plan and every block's output shape."""
     seed = cfg.train.seed
     built = build_model(cfg.model, data.input_shape, data.num_classes)
     plan = placement(cfg, len(built.blocks), world)
@@ -84,17 +88,39 @@ def build_module(cfg, data, rank: int, world: int, device) -> tuple[nn.Module, l
         head = build_objective(cfg.objective, built.shapes[last], data.num_classes).head
         init_module(head, derive_seed(seed, "head", last))
         parts.append(head)
-    return nn.Sequential(*parts).to(device), plan
+    return nn.Sequential(*parts).to(device), plan, built.shapes
+
+
+@torch.no_grad()
+def accuracy(module: nn.Module, cfg, data, plan, shapes, rank: int, world: int, device) -> float | None:
+    """Test accuracy of the pipelined network (None except on the last rank), batch by batch down the
+    ranks; eval mode, so BatchNorm uses its running statistics as every other row's evaluation."""
+    module.eval()
+    correct = 0
+    for b in batches(data.test, cfg.data.eval_batch_size, shuffle=False):
+        if rank == 0:
+            h = b.x.to(device)
+        else:
+            h = torch.empty((len(b.y), *shapes[plan[rank][0] - 1]), device=device)
+            dist.recv(h, rank - 1)
+        h = module(h)
+        if rank < world - 1:
+            dist.send(h.contiguous(), rank + 1)
+        else:
+            correct += int((h.argmax(-1).cpu() == b.y).sum())
+    module.train()
+    return correct / len(data.test) if rank == world - 1 else None
 
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
 
-def train_epochs(cfg, data, device, stage: TimedStage, schedule, opt, rank: int, world: int):
+def train_epochs(cfg, data, device, stage: TimedStage, schedule, opt, rank: int, world: int, evaluate):
     """Every epoch through the schedule: per-epoch wall / compute / comm seconds and samples, the
-    samples dropped from partial last batches, the last stage's losses."""
+    samples dropped from partial last batches, the last stage's losses, and (train.eval_every) the
+    curve, `evaluate()` after the epochs it names, outside the timer."""
     B, seed = cfg.data.batch_size, cfg.train.seed
-    epochs, dropped, losses_seen = [], 0, []
+    epochs, dropped, losses_seen, curve, train_s = [], 0, [], [], 0.0
     for epoch in range(cfg.train.epochs):
         t0, c0, trained, comm = time.perf_counter(), stage.compute_s, 0, 0.0
         for b in batches(data.train, B, seed=seed, epoch=epoch, augment=resolve_augment(cfg.data)):
@@ -119,8 +145,10 @@ def train_epochs(cfg, data, device, stage: TimedStage, schedule, opt, rank: int,
         wall = time.perf_counter() - t0
         epochs.append({"wall_s": wall, "compute_s": stage.compute_s - c0, "comm_s": comm,
                        "samples": trained})
-
-    return epochs, dropped, losses_seen
+        train_s += wall
+        if cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0:
+            curve.append({"epoch": epoch + 1, "train_s": train_s, "test_acc": evaluate()})
+    return epochs, dropped, losses_seen, curve
 
 
 def main(cfg_path: str, out: str, microbatches: int, schedule_name: str = "gpipe",
@@ -137,22 +165,28 @@ def main(cfg_path: str, out: str, microbatches: int, schedule_name: str = "gpipe
     torch.manual_seed(seed)
     data = build_data(cfg.data, seed)  # every rank: rank 0 needs the inputs, the last rank the labels
 
-    module, plan = build_module(cfg, data, rank, world, device)
+    module, plan, shapes = build_module(cfg, data, rank, world, device)
     opt = build_optimizer(module.parameters(), cfg.optim, cfg.optim.lr)
     stage = TimedStage(module, rank, world, device)
     schedule = SCHEDULES[schedule_name](stage, n_microbatches=microbatches,
                                         loss_fn=lambda out, y: F.cross_entropy(out, y))
     memory = PeakMemory(device)
 
+    def evaluate():
+        with memory.evaluating():
+            return accuracy(module, cfg, data, plan, shapes, rank, world, device)
+
     with ExactMemory(list(module.parameters()), device) as exact:
-        epochs, dropped, losses_seen = train_epochs(cfg, data, device, stage, schedule, opt, rank, world)
+        epochs, dropped, losses_seen, curve = train_epochs(cfg, data, device, stage, schedule, opt, rank, world,
+                                                           evaluate)
     timed = epochs[1:] or epochs
     per = lambda key: sum(e[key] for e in timed) / len(timed)  # noqa: E731
     mine = {"rank": rank, "blocks": plan[rank], **memory.report(), **exact.report(),
             "epoch_s": median([e["wall_s"] for e in timed]),
             "compute_s": per("compute_s"), "comm_s": per("comm_s"),
             "idle_s": max(per("wall_s") - per("compute_s") - per("comm_s"), 0.0),
-            "samples": timed[-1]["samples"], "last_loss": losses_seen[-1] if losses_seen else None}
+            "samples": timed[-1]["samples"], "last_loss": losses_seen[-1] if losses_seen else None,
+            "curve": curve}
     reports = [None] * world if rank == 0 else None
     dist.gather_object(mine, reports, dst=0)
     if rank == 0:
@@ -166,6 +200,10 @@ def main(cfg_path: str, out: str, microbatches: int, schedule_name: str = "gpipe
                          f"{SCHEDULES[schedule_name].__name__} with {microbatches} microbatches of "
                          f"{cfg.data.batch_size // microbatches} samples",
                          "partial last batches are dropped: stage shapes are fixed at the first step"]}
+        if cfg.train.eval_every:
+            row["curve"] = reports[-1]["curve"]  # scored on the last rank, on its clock
+        for r in reports:
+            r.pop("curve")
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(row, indent=2))
     dist.destroy_process_group()

@@ -23,7 +23,8 @@ DECOUPLED = {"sync": [], "async": [],  # the engine on K torchrun ranks: the row
              "sync-auto": ['dist.placement="auto"', 'dist.replicas="auto"']}
 DATA_PARALLEL = ("ddp", "fsdp")  # the e2e network on K ranks with torch DDP / FSDP2 (dataparallel.py)
 SINGLE = ("e2e", "e2e-Kthreads", "e2e-checkpoint")  # one process: `decoupled train` in e2e mode
-CURVE_ROWS = (*SINGLE, *DECOUPLED, *DATA_PARALLEL)  # the rows --curve evaluates after every epoch
+CURVE_ROWS = (*SINGLE, *DECOUPLED, *DATA_PARALLEL, *PIPELINES)  # the rows --curve evaluates after every epoch
+WORKERS = (*DATA_PARALLEL, *PIPELINES)  # rows whose worker writes the row (and its curve) as OUT/<mode>.json
 
 
 @dataclass
@@ -209,6 +210,10 @@ def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repea
         t0 = time.perf_counter()
         if mode in PIPELINES:
             row = pipeline_baseline_row(mode, plain, out, B, ranks, microbatches, split, timeout, mmap_threshold)
+            if curve and row.get("samples_per_s"):  # the curve at the sweep's fastest microbatch count
+                sweep = {k: row[k] for k in ("microbatch_sweep", "split_searched")}
+                row = {**curve_row(mode, cfg, out, n, ranks, timeout, mmap_threshold, curve,
+                                   row["microbatches"], split), **sweep}
         elif curve and mode in CURVE_ROWS:
             row = curve_row(mode, cfg, out, n, ranks, timeout, mmap_threshold, curve)
         else:
@@ -285,17 +290,17 @@ def pipeline_baseline_row(mode: str, cfg_path: Path, out: Path, B: int, ranks: i
 
 
 def run_row(mode: str, cfg_path: Path, out: Path, n: int, B: int, ranks: int, microbatches: int, timeout: float,
-            mmap_threshold: int) -> dict:
+            mmap_threshold: int, split: list[int] | None = None) -> dict:
     """Run one row's process and read its numbers; a row with `error` when either fails."""
     d = out / mode
-    cmd, threads = row_command(mode, cfg_path, d, ranks, microbatches)
+    cmd, threads = row_command(mode, cfg_path, d, ranks, microbatches, split)
     err = run(cmd, out / "logs" / f"{mode}.log", threads, timeout, mmap_threshold)
     row = None
     if err is None:
         try:
             if mode in DECOUPLED:
                 row = pipeline_row(mode, d, n, B)
-            elif mode in DATA_PARALLEL:
+            elif mode in WORKERS:
                 row = json.loads((d / f"{mode}.json").read_text())
             else:
                 row = single_process_row(mode, d, n)
@@ -310,7 +315,7 @@ def run_row(mode: str, cfg_path: Path, out: Path, n: int, B: int, ranks: int, mi
 
 
 def curve_row(mode: str, cfg: JobConfig, out: Path, n: int, ranks: int, timeout: float, mmap_threshold: int,
-              curve: Curve) -> dict:
+              curve: Curve, microbatches: int = 0, split: list[int] | None = None) -> dict:
     """A curve row: the row once per seed (train.seed, train.seed + 1, ...; seed i > 0 in OUT/seed<i>),
     each with its curve, time to target and throughput from its training epochs alone; the row is the
     first seed's, with every seed's figures and their mean and std."""
@@ -320,7 +325,7 @@ def curve_row(mode: str, cfg: JobConfig, out: Path, n: int, ranks: int, timeout:
         where.mkdir(parents=True, exist_ok=True)
         path = where / "config.toml"
         path.write_text(to_toml(load(None, [f"train.seed={cfg.train.seed + i}"], base=cfg)))
-        row = run_row(mode, path, where, n, cfg.data.batch_size, ranks, 0, timeout, mmap_threshold)
+        row = run_row(mode, path, where, n, cfg.data.batch_size, ranks, microbatches, timeout, mmap_threshold, split)
         if row.get("samples_per_s"):
             try:
                 add_curve(row, mode, where / mode, n, curve.target)
@@ -337,8 +342,9 @@ def curve_row(mode: str, cfg: JobConfig, out: Path, n: int, ranks: int, timeout:
 
 
 def add_curve(row: dict, mode: str, d: Path, n: int, target: float | None) -> None:
-    """The row's curve (curve.py; the data-parallel workers write their own), final accuracy, time to
-    target, and its throughput over its training epochs alone (the first dropped as warm-up)."""
+    """The row's curve (curve.py; the data-parallel and pipeline workers write their own), final accuracy,
+    time to target, and its throughput over its training epochs alone (the first dropped as warm-up;
+    the pipelines train no partial last batch)."""
     if mode in SINGLE:
         row["curve"] = single_process_curve(d)
     elif mode in DECOUPLED:
@@ -349,4 +355,4 @@ def add_curve(row: dict, mode: str, d: Path, n: int, target: float | None) -> No
     row["final_acc"] = row["curve"][-1]["test_acc"]
     row["time_to_target_s"] = time_to_target(row["curve"], target)
     row["epoch_s"] = epoch_seconds(row["curve"])
-    row["samples_per_s"] = n / row["epoch_s"]
+    row["samples_per_s"] = (n - row.get("dropped_samples_per_epoch", 0)) / row["epoch_s"]
