@@ -12,10 +12,15 @@ can measure it the peak is None (unknown), never 0.
 Training and evaluation peak apart (`evaluating()`): the mark restarts when an evaluation begins and
 when it ends, so `peak_mem_bytes` is the peak of training alone and `eval_peak_mem_bytes` that of the
 evaluations (where the mark can restart: "cuda", "psutil-sampled", and "proc-vmhwm" where the kernel
-allows the reset; elsewhere one peak of both, and `eval_peak_mem_bytes` is None).
+allows the reset; elsewhere one peak of both, and `eval_peak_mem_bytes` is None). On CPU the heap
+is trimmed first (glibc's malloc_trim, `trim_heap`): glibc keeps freed heap pages resident, so without
+it the mark would restart at whatever the phase before left behind (measured: 80 MB freed in 80 KB
+tensors stayed resident, 154 MiB, until a trim gave it back), and an evaluation would read as high
+as training, or training after it as high as the evaluation.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import sys
@@ -39,6 +44,22 @@ def _proc_status_kib(field: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+def _libc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc; absent on musl, macOS and Windows
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _libc_trim()
+
+
+def trim_heap() -> None:
+    """Give the heap's free pages back to the kernel, so the resident set is what is live."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _maxrss_bytes() -> int | None:
@@ -95,6 +116,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.baseline = torch.cuda.memory_allocated(self.device)
         elif self.method == "proc-vmhwm":
+            trim_heap()  # the baseline is what is live, not what setup freed (and reset_peak trims alike)
             try:  # "5" resets the peak RSS to the current RSS (Linux >= 4.0)
                 with open(CLEAR_REFS, "w") as f:
                     f.write("5")
@@ -138,9 +160,11 @@ class PeakMemory:
         if self.method == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.method == "proc-vmhwm" and self.hwm_reset:
+            trim_heap()  # else the mark restarts at the freed heap the phase before left resident
             with open(CLEAR_REFS, "w") as f:
                 f.write("5")
         elif self.method == "psutil-sampled":
+            trim_heap()
             self._sampler.peak = self._sampler.proc.memory_info().rss
 
     def peak_bytes(self) -> int | None:

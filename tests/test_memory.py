@@ -75,8 +75,8 @@ def _touch(mib: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("method", ["proc-vmhwm", "psutil-sampled"])
 def test_evaluation_peak_apart_from_training(monkeypatch, tmp_path, method):
-    """A 96 MiB evaluation between two 24 MiB training phases: training's peak leaves it out, and
-    eval_peak_mem_bytes is it. Where the mark cannot restart, one peak of both and no eval figure."""
+    """A 96 MiB evaluation between two 24 MiB training phases: training's peak leaves it out, even
+    after it (the heap it freed is given back), and eval_peak_mem_bytes is it. Where the mark cannot restart, one peak of both and no eval figure."""
     if method == "proc-vmhwm" and not (metrics._proc_status_kib("VmHWM") and _clear_refs_writable()):
         pytest.skip("no resettable VmHWM here")
     if method == "psutil-sampled":
@@ -87,11 +87,11 @@ def test_evaluation_peak_apart_from_training(monkeypatch, tmp_path, method):
     x = _touch(24)
     mem.peak_bytes()
     del x
-    with mem.evaluating():
-        y = _touch(96)
+    with mem.evaluating():  # 96 MiB in 80 KB tensors: glibc's heap, which keeps freed pages resident
+        ys = [torch.ones(20480) for _ in range(1200)]
         mem._since_restart()  # a sampled meter sees the moment it is asked
-        del y
-    x = _touch(24)
+        del ys
+    x = _touch(24)  # training after it: the evaluation's freed heap was trimmed (metrics.trim_heap)
     r = mem.report()
     del x
     assert 20 * 2**20 <= r["peak_mem_bytes"] < 64 * 2**20, r

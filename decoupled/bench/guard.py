@@ -61,7 +61,7 @@ VGG = ["data.name=synthetic", "data.synthetic_shape=[3,32,32]", "data.synthetic_
        "data.synthetic_test=64", "data.batch_size=64", "data.eval_batch_size=64", "model.name=vgg",
        "model.hierarchy=[1,1,1,1]", "model.channels=[24,64,128,256]", "model.blocks=2",
        "objective.name=khidden", "objective.k=1", "train.device=cpu", "train.seed=0", "train.eval_every=0",
-       "train.checkpoint=false", "train.probe_epochs=0", "optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9"]
+       "train.checkpoint=false", "optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9"]
 TIMED = 3  # timed epochs after one warm-up epoch
 
 

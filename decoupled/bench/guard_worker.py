@@ -28,7 +28,7 @@ def e2e_overhead(out: str) -> None:
     from ..engine.run import Run
     from ..engine.build import build_stages
     from ..metrics import Recorder
-    cfg = load(None, [*VGG, "train.mode=e2e", f"train.epochs={1 + TIMED}", "data.augment=none"])
+    cfg = load(None, [*VGG, "train.mode=e2e", "train.probe_epochs=0", f"train.epochs={1 + TIMED}", "data.augment=none"])
     data = build_data(cfg.data, cfg.train.seed)
     steps = -(-len(data.train) // cfg.data.batch_size)
     cfg = load(None, [f"train.log_every={steps}"], base=cfg)  # one `step` stamp per epoch

@@ -151,7 +151,7 @@ def prepare(config: str | None, overrides: list[str], repeats: int,
     steps = -(-n // base.data.batch_size)
     epochs = (curve.epochs or base.train.epochs) if curve else 1 + repeats  # epoch 0 is warm-up
     cfg = load(None, [f"train.epochs={epochs}", f"train.eval_every={1 if curve else 0}",
-                      "train.checkpoint=false", "train.probe_epochs=0",
+                      "train.checkpoint=false",
                       f"train.log_every={steps}",  # one `step` record per block per epoch: its end stamp
                       f"data.eval_batch_size={base.data.batch_size}"],  # the peak is training's, not eval's
                base=base)
@@ -243,11 +243,11 @@ def row_command(mode: str, cfg_path: Path, d: Path, ranks: int, microbatches: in
                 split: list[int] | None = None) -> tuple[list[str], int]:
     """The process of one row and its thread count."""
     train = ["decoupled", "train", "--config", str(cfg_path), "--out", str(d)]
+    e2e = ["--set", "train.mode=e2e", "--set", "train.probe_epochs=0"]  # no probes: the e2e network's output only
     if mode in ("e2e", "e2e-Kthreads"):
-        return [sys.executable, "-m", *train, "--set", "train.mode=e2e"], ranks if mode == "e2e-Kthreads" else 1
+        return [sys.executable, "-m", *train, *e2e], ranks if mode == "e2e-Kthreads" else 1
     if mode == "e2e-checkpoint":  # the memory bar: e2e with activation checkpointing per block
-        return [sys.executable, "-m", *train, "--set", "train.mode=e2e",
-                "--set", "train.activation_checkpointing=true"], 1
+        return [sys.executable, "-m", *train, *e2e, "--set", "train.activation_checkpointing=true"], 1
     if mode == "sequential":
         return [sys.executable, "-m", *train, "--set", "train.mode=sequential"], 1
     if mode in DECOUPLED:
