@@ -76,7 +76,8 @@ def _touch(mib: int) -> torch.Tensor:
 @pytest.mark.parametrize("method", ["proc-vmhwm", "psutil-sampled"])
 def test_evaluation_peak_apart_from_training(monkeypatch, tmp_path, method):
     """A 96 MiB evaluation between two 24 MiB training phases: training's peak leaves it out, even
-    after it (the heap it freed is given back), and eval_peak_mem_bytes is it. Where the mark cannot restart, one peak of both and no eval figure."""
+    after it (the heap it freed is given back), and eval_peak_mem_bytes is it. Where the mark cannot
+    restart, one peak of both and no eval figure."""
     if method == "proc-vmhwm" and not (metrics._proc_status_kib("VmHWM") and _clear_refs_writable()):
         pytest.skip("no resettable VmHWM here")
     if method == "psutil-sampled":

@@ -61,7 +61,7 @@ def markdown(result: dict) -> str:
     if c:
         lines += [f"--curve: {c['epochs']} epochs, test accuracy (last block's head) after each, outside the timed "
                   f"window; {c['seeds']} seed(s); samples/s over the training epochs after the first", ""]
-    acc_head = ["final acc", f"time to {c['target_acc']} (s)"] if c else []
+    acc_head = ["final acc", f"time to {c['target_acc'] or 'target'} (s)"] if c else []  # no --target-acc: "-"
     lines += ["Memory: exact = the largest rank's parameters + gradients + optimizer state + autograd's saved "
               "activations + transport/replay buffers (decoupled/memory.py); process train / eval = the largest "
               "process's peak growth (CPU: resident set, glibc heap included) during training and during the "
