@@ -14,8 +14,8 @@ when it ends, so `peak_mem_bytes` is the peak of training alone and `eval_peak_m
 evaluations (where the mark can restart: "cuda", "psutil-sampled", and "proc-vmhwm" where the kernel
 allows the reset; elsewhere one peak of both, and `eval_peak_mem_bytes` is None). On CPU the heap
 is trimmed first (glibc's malloc_trim, `trim_heap`): glibc keeps freed heap pages resident, so without
-it the mark would restart at whatever the phase before left behind (measured: 80 MB freed in 80 KB
-tensors stayed resident, 154 MiB, until a trim gave it back), and an evaluation would read as high
+it the mark would restart at whatever the phase before left behind (measured: 154 MiB freed in 80 KB
+tensors stayed resident until a trim gave it back), and an evaluation would read as high
 as training, or training after it as high as the evaluation.
 """
 from __future__ import annotations
@@ -111,8 +111,7 @@ class PeakMemory:
         self.train_peak = 0  # training's peak before the mark last restarted (evaluating())
         self.eval_peak: int | None = None  # the evaluations' peak; None: none measured apart
         self.reserved_peak = 0  # CUDA: the caching allocator's reserved bytes, training's peak
-        if self.method == "cuda":
-            torch.cuda.synchronize(self.device)
+        if self.method == "cuda":  # no synchronize: see reset_peak
             torch.cuda.reset_peak_memory_stats(self.device)
             self.baseline = torch.cuda.memory_allocated(self.device)
         elif self.method == "proc-vmhwm":

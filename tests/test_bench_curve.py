@@ -30,7 +30,9 @@ def test_time_to_target_on_a_hand_made_curve():
     assert time_to_target(curve, 0.995) is None  # never reached
     assert time_to_target(curve, None) is None and time_to_target([], 0.5) is None
     assert epoch_seconds(curve) == 2.5  # epochs of 2.5, 2.5, 2.0 after the first (warm-up) one
-    s = seed_summary([{"curve": curve, "time_to_target_s": 4.0}, {"curve": curve[:2], "time_to_target_s": None}], 0.97)
+    s = seed_summary([{"curve": curve, "time_to_target_s": 4.0, "samples_per_s": 10.0},
+                      {"curve": curve[:2], "time_to_target_s": None, "samples_per_s": 14.0}], 0.97)
+    assert s["samples_per_s_mean"] == 12.0 and s["samples_per_s_std"] == 2.0
     assert s["final_acc_mean"] == pytest.approx(0.98) and s["final_acc_std"] == pytest.approx(0.01)
     assert s["time_to_target_mean_s"] == 4.0 and s["reached_target"] == 1 and s["n_seeds"] == 2
 

@@ -103,11 +103,13 @@ def mean_std(xs: list[float | None]) -> tuple[float | None, float | None]:
 
 
 def seed_summary(rows: list[dict], target: float | None) -> dict:
-    """One row's figures over its seeds' runs: final accuracy and time to target, mean and std, and
-    how many seeds reached the target (the time's mean is over those)."""
+    """One row's figures over its seeds' runs: final accuracy, time to target and samples/s, mean and
+    std, and how many seeds reached the target (the time's mean is over those)."""
     finals = [r["curve"][-1]["test_acc"] if r.get("curve") else None for r in rows]
     times = [r.get("time_to_target_s") for r in rows]
     fm, fs = mean_std(finals)
     tm, ts = mean_std(times)
+    sm, ss = mean_std([r.get("samples_per_s") for r in rows])
     return {"final_acc_mean": fm, "final_acc_std": fs, "time_to_target_mean_s": tm, "time_to_target_std_s": ts,
-            "reached_target": sum(t is not None for t in times), "n_seeds": len(rows)}
+            "reached_target": sum(t is not None for t in times), "n_seeds": len(rows),
+            "samples_per_s_mean": sm, "samples_per_s_std": ss}

@@ -60,7 +60,8 @@ def markdown(result: dict) -> str:
     c = result.get("curve")
     if c:
         lines += [f"--curve: {c['epochs']} epochs, test accuracy (last block's head) after each, outside the timed "
-                  f"window; {c['seeds']} seed(s); samples/s over the training epochs after the first", ""]
+                  f"window; {c['seeds']} seed(s); samples/s over the training epochs after the first (with several "
+                  "seeds: mean ± std; vs e2e and of bound: the first seed's)", ""]
     acc_head = ["final acc", f"time to {c['target_acc'] or 'target'} (s)"] if c else []  # no --target-acc: "-"
     lines += ["Memory: exact = the largest rank's parameters + gradients + optimizer state + autograd's saved "
               "activations + transport/replay buffers (decoupled/memory.py); process train / eval = the largest "
@@ -81,7 +82,9 @@ def markdown(result: dict) -> str:
         ob = f"{r['of_bound']:.2f}" if r.get("of_bound") else ""
         fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
         per = "; ".join(f"{fmt(x['compute_s'])} / {fmt(x['comm_s'])} / {fmt(x['idle_s'])}" for x in r["ranks"])
-        cells = [name, f"{r['samples_per_s']:.1f}", vs, ob, f"{mib(exact(r)):.2f}", f"{mib(peak(r)):.1f}",
+        sps = (_pm(r["samples_per_s_mean"], r["samples_per_s_std"], ".1f") if r.get("samples_per_s_mean")
+               else f"{r['samples_per_s']:.1f}")  # --seeds: the mean over seeds; vs e2e / of bound: seed 0's
+        cells = [name, sps, vs, ob, f"{mib(exact(r)):.2f}", f"{mib(peak(r)):.1f}",
                  fmt(None if peak(r, "eval_peak_mem_bytes") is None else mib(peak(r, "eval_peak_mem_bytes"))),
                  *accuracy_cells(result, r), per]
         lines.append("| " + " | ".join(cells) + " |")

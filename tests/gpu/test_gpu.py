@@ -34,6 +34,33 @@ def test_every_single_process_mode_on_cuda(tmp_path, mode):
     assert s["ranks"][0]["peak_mem_bytes"] > 0
 
 
+def test_evaluation_peak_apart_on_cuda():
+    """The allocator's peak restarts around an evaluation (no synchronize): a 64 MiB evaluation between
+    two 8 MiB training phases is eval_peak_mem_bytes, not training's peak; the exact meter's CUDA
+    figure is read after each optimizer step, so the restarts do not clobber it."""
+    from decoupled.memory import ExactMemory
+    from decoupled.metrics import PeakMemory
+    dev = torch.device("cuda")
+    mem = PeakMemory(dev)
+    w = torch.nn.Parameter(torch.ones(1024, device=dev))
+    opt = torch.optim.SGD([w], lr=0.1)
+    with ExactMemory([w], dev) as exact:
+        x = torch.ones(2 * 2**20, device=dev)  # 8 MiB of training
+        (w.sum() * x.sum()).backward()
+        opt.step()
+        del x
+        with mem.evaluating():
+            y = torch.ones(16 * 2**20, device=dev)  # 64 MiB of evaluation
+            del y
+        x = torch.ones(2 * 2**20, device=dev)
+        (w.sum() * x.sum()).backward()
+        opt.step()
+        del x
+    r = mem.report()
+    assert 8 * 2**20 <= r["peak_mem_bytes"] < 32 * 2**20 and r["eval_peak_mem_bytes"] >= 64 * 2**20, r
+    assert 8 * 2**20 <= exact.report()["exact_mem"]["cuda_max_allocated_bytes"] < 32 * 2**20
+
+
 def test_quicknet_on_cuda(tmp_path):
     s = train(load(None, SMALL + ["train.mode=quicknet", "objective.name=quicknet", "optim.name=adam",
                                   "optim.lr=0.001", "train.patience=1"]), tmp_path / "qn")
