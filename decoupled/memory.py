@@ -17,9 +17,10 @@ counts what training holds, per component, while a training loop runs inside `Ex
   total_bytes        the sum of these five peaks (an upper bound of their joint peak: the
                      components peak at different moments of a step)
 
-On CUDA also `cuda_max_allocated_bytes`: the allocator's peak read after every optimizer step, minus
-what was allocated when the loop started (the peak restarts only around evaluations,
-metrics.PeakMemory.evaluating, so it is the training steps'). Evaluation under no_grad saves nothing
+On CUDA also `cuda_max_allocated_bytes`: the allocator's peak of the training phases above what was
+allocated when training started, read once at the end from the process meter (`allocator_peak`:
+metrics.PeakMemory restarts the peak where evaluation and training meet and keeps training's apart,
+so no step pays for a `memory_stats` read). Evaluation under no_grad saves nothing
 and steps no optimizer, so the figures are the training steps' alone (held_bytes: a rank's in-flight
 evaluation batches count when a step samples them).
 
@@ -75,14 +76,18 @@ class _Saved:
 
 
 class ExactMemory:
-    def __init__(self, params, device: torch.device, held: Callable[[], int] | None = None):
+    def __init__(self, params, device: torch.device, held: Callable[[], int] | None = None,
+                 allocator_peak: Callable[[], int | None] | None = None):
+        """`allocator_peak`: on CUDA, the training phases' allocator peak (metrics.PeakMemory.peak_bytes,
+        which restarts around evaluations and keeps training's apart), read once at report: nothing
+        on the step's hot path."""
         self.all_params, self.device, self.held = list(params), device, held
+        self.allocator_peak = allocator_peak if device.type == "cuda" else None
         self.params_bytes = self.grads_bytes = self.optimizer_bytes = 0
         self.activations_bytes = self.held_bytes = 0
         self.live = 0  # saved bytes alive now
         self.refs: dict[int, list[int]] = {}  # storage -> [holders, bytes]
         self.per_opt: dict[int, tuple[int, int]] = {}  # id(optimizer) -> (grads, state) after its last step
-        self.cuda_max_allocated = None
 
     # ------------------------------------------------------------------ autograd's saved tensors
     def _pack(self, t: torch.Tensor):
@@ -123,9 +128,6 @@ class ExactMemory:
         self.optimizer_bytes = max(self.optimizer_bytes, sum(s for _, s in self.per_opt.values()))
         if self.held is not None:
             self.held_bytes = max(self.held_bytes, self.held())
-        if self.cuda_max_allocated is not None:
-            now = torch.cuda.max_memory_allocated(self.device) - self._cuda_base
-            self.cuda_max_allocated = max(self.cuda_max_allocated, now)
 
     # ------------------------------------------------------------------ the context
     def __enter__(self) -> "ExactMemory":
@@ -134,10 +136,6 @@ class ExactMemory:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
         self._step_hook = register_optimizer_step_post_hook(self._after_step)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)  # host-side counters: no synchronize needed
-            self._cuda_base = torch.cuda.memory_allocated(self.device)
-            self.cuda_max_allocated = 0
         return self
 
     def __exit__(self, *exc) -> None:
@@ -150,8 +148,9 @@ class ExactMemory:
                  "optimizer_bytes": self.optimizer_bytes, "activations_bytes": self.activations_bytes,
                  "held_bytes": self.held_bytes}
         total = sum(parts.values())
-        if self.cuda_max_allocated is not None:
-            parts["cuda_max_allocated_bytes"] = int(self.cuda_max_allocated)
+        cuda = self.allocator_peak() if self.allocator_peak is not None else None
+        if cuda is not None:
+            parts["cuda_max_allocated_bytes"] = int(cuda)
         return {"exact_mem": {**parts, "total_bytes": total}, "exact_train_mem_bytes": total}
 
 

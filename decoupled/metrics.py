@@ -9,14 +9,15 @@ peak exceeds the setup's, which is the usual case, else a lower bound); without 
 psutil's RSS sampled every few ms ("psutil-sampled": misses spikes shorter than that). If nothing
 can measure it the peak is None (unknown), never 0.
 
-Training and evaluation peak apart (`evaluating()`): the mark restarts when an evaluation begins and
-when it ends, so `peak_mem_bytes` is the peak of training alone and `eval_peak_mem_bytes` that of the
-evaluations (where the mark can restart: "cuda", "psutil-sampled", and "proc-vmhwm" where the kernel
-allows the reset; elsewhere one peak of both, and `eval_peak_mem_bytes` is None). On CPU the heap
-is trimmed first (glibc's malloc_trim, `trim_heap`): glibc keeps freed heap pages resident, so without
-it the mark would restart at whatever the phase before left behind (measured: 154 MiB freed in 80 KB
-tensors stayed resident until a trim gave it back), and an evaluation would read as high
-as training, or training after it as high as the evaluation.
+Training and evaluation peak apart (`enter(phase)`, `evaluating()`): the mark restarts when an
+evaluation begins and when training resumes, so `peak_mem_bytes` is the peak of training alone and
+`eval_peak_mem_bytes` that of the evaluations (where the mark can restart: "cuda", "psutil-sampled",
+and "proc-vmhwm" where the kernel allows the reset; elsewhere one peak of both, and
+`eval_peak_mem_bytes` is None). On CPU the heap is trimmed first (glibc's malloc_trim,
+`trim_heap`): glibc keeps freed heap pages resident, so without it the mark would restart at
+whatever the phase before left behind (measured: 154 MiB freed in 80 KB tensors stayed resident
+until a trim gave it back), and an evaluation would read as high as training, or training after it
+as high as the evaluation.
 """
 from __future__ import annotations
 
@@ -108,8 +109,9 @@ class PeakMemory:
     def reset(self) -> None:
         """Call after model and data are built: what follows is what training costs."""
         self.hwm_reset = False
-        self.train_peak = 0  # training's peak before the mark last restarted (evaluating())
-        self.eval_peak: int | None = None  # the evaluations' peak; None: none measured apart
+        self.phase = "train"  # what the mark measures now: "train" or "eval" (enter())
+        self.train_peak = 0  # training's peak before the mark last restarted
+        self.eval_peak: int | None = None  # the evaluations' peak before it last restarted; None: none apart
         self.reserved_peak = 0  # CUDA: the caching allocator's reserved bytes, training's peak
         if self.method == "cuda":  # no synchronize: see reset_peak
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -136,21 +138,36 @@ class PeakMemory:
         """Whether the mark can restart (reset_peak), so evaluation's peak can be told from training's."""
         return self.method in ("cuda", "psutil-sampled") or (self.method == "proc-vmhwm" and self.hwm_reset)
 
+    def enter(self, phase: str) -> None:
+        """From now on the mark measures `phase` ("train" or "eval"). Only a change of phase restarts it
+        (a heap trim and a /proc write on CPU), so a rank that calls this on every message pays for
+        it once per evaluation, not once per batch."""
+        if phase == self.phase:
+            return
+        if self.restarts:
+            self._fold()
+            self.reset_peak()
+        self.phase = phase
+
     @contextmanager
     def evaluating(self):
         """An evaluation: its peak goes to eval_peak, and training's peak_bytes() leaves it out."""
-        if not self.restarts:
-            yield
-            return
-        self.train_peak = max(self.train_peak, self._since_restart() or 0)
-        if self.method == "cuda":
-            self.reserved_peak = max(self.reserved_peak, torch.cuda.max_memory_reserved(self.device))
-        self.reset_peak()
+        before = self.phase
+        self.enter("eval")
         try:
             yield
         finally:
-            self.eval_peak = max(self.eval_peak or 0, self._since_restart() or 0)
-            self.reset_peak()
+            self.enter(before)
+
+    def _fold(self) -> None:
+        """The mark's peak since its last restart, into the phase it measured."""
+        now = self._since_restart() or 0
+        if self.phase == "eval":
+            self.eval_peak = max(self.eval_peak or 0, now)
+        else:
+            self.train_peak = max(self.train_peak, now)
+            if self.method == "cuda":
+                self.reserved_peak = max(self.reserved_peak, torch.cuda.max_memory_reserved(self.device))
 
     def reset_peak(self) -> None:
         """Restart the high-water mark from now, keeping the baseline. resource-maxrss cannot restart:
@@ -167,10 +184,18 @@ class PeakMemory:
             self._sampler.peak = self._sampler.proc.memory_info().rss
 
     def peak_bytes(self) -> int | None:
-        """Training's peak bytes above the baseline, evaluations apart (evaluating()); None when
-        nothing can measure it."""
+        """Training's peak bytes above the baseline, evaluations apart (enter()); None when nothing
+        can measure it."""
         now = self._since_restart()
-        return None if now is None else max(self.train_peak, now)
+        if now is None:
+            return None
+        return self.train_peak if self.phase == "eval" and self.restarts else max(self.train_peak, now)
+
+    def eval_peak_bytes(self) -> int | None:
+        """The evaluations' peak above the baseline; None when none was measured apart from training."""
+        if self.phase == "eval" and self.restarts:
+            return max(self.eval_peak or 0, self._since_restart() or 0)
+        return self.eval_peak
 
     def _since_restart(self) -> int | None:
         """Peak bytes above the baseline since the mark last restarted."""
@@ -189,9 +214,10 @@ class PeakMemory:
         peak = self.peak_bytes()
         out = {"peak_mem_bytes": None if peak is None else int(peak), "mem_method": self.method,
                "mem_baseline_bytes": None if self.baseline is None else int(self.baseline),
-               "eval_peak_mem_bytes": self.eval_peak}
+               "eval_peak_mem_bytes": self.eval_peak_bytes()}
         if self.method == "cuda":  # training's, as peak_mem_bytes (the allocator's peak restarts around evaluations)
-            self.reserved_peak = max(self.reserved_peak, torch.cuda.max_memory_reserved(self.device))
+            if self.phase == "train":
+                self.reserved_peak = max(self.reserved_peak, torch.cuda.max_memory_reserved(self.device))
             out["peak_reserved_bytes"] = int(self.reserved_peak)
             out["peak_allocated_bytes"] = int(peak + self.baseline)
         else:

@@ -105,3 +105,30 @@ def test_evaluation_peak_apart_from_training(monkeypatch, tmp_path, method):
             del y
         r = mem.report()
         assert r["eval_peak_mem_bytes"] is None and r["peak_mem_bytes"] >= 90 * 2**20, r
+
+
+def test_phases_restart_the_mark_only_where_they_change(monkeypatch, tmp_path):
+    """A torchrun rank sets the phase on every message (metrics.PeakMemory.enter): a run of evaluation
+    batches restarts the mark once on entry and once when training resumes, not per batch, and a
+    report taken during an evaluation still keeps the two peaks apart."""
+    monkeypatch.setattr(metrics, "PROC_STATUS", str(tmp_path / "no-proc" / "status"))
+    monkeypatch.setattr(metrics, "_maxrss_bytes", lambda: None)
+    trim, restarts = metrics.trim_heap, []
+    trim()  # the earlier tests' freed heap is not resident: training's 24 MiB grows the RSS
+    mem = metrics.PeakMemory(torch.device("cpu"))  # psutil-sampled: restarts everywhere
+    monkeypatch.setattr(metrics, "trim_heap", lambda: (restarts.append(mem.phase), trim()))
+    x = _touch(24)
+    for phase in ["train"] * 3 + ["eval"] * 5 + ["train"] * 2 + ["eval"] * 2:
+        mem.enter(phase)
+        if phase == "eval":
+            y = _touch(48)
+            mem._since_restart()  # a sampled meter sees the moment it is asked
+            del y
+    del x
+    assert restarts == ["train", "eval", "train"]  # each restart trims the heap first, in the phase it leaves
+    r = mem.report()
+    assert 20 * 2**20 <= r["peak_mem_bytes"] < 44 * 2**20, r
+    assert r["eval_peak_mem_bytes"] >= 44 * 2**20, r
+    with mem.evaluating():  # nested in an evaluation: no restart, and the phase comes back
+        pass
+    assert mem.phase == "eval" and restarts == ["train", "eval", "train"]

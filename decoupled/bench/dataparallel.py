@@ -171,7 +171,7 @@ def main(cfg_path: str, out: str, mode: str) -> None:
     params = [p for b in net.blocks for p in b.parameters()] + list(net.head.parameters())
     opt = build_optimizer(params, cfg.optim, cfg.optim.lr)
     memory = PeakMemory(device)
-    with ExactMemory(list(net.parameters()), device) as exact:
+    with ExactMemory(list(net.parameters()), device, allocator_peak=memory.peak_bytes) as exact:
         epochs, curve, losses = train(cfg, data, model, opt, device, rank, world, stats, memory)
     timed = epochs[1:] or epochs
     per = lambda key: sum(e[key] for e in timed) / len(timed)  # noqa: E731

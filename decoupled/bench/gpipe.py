@@ -176,7 +176,7 @@ def main(cfg_path: str, out: str, microbatches: int, schedule_name: str = "gpipe
         with memory.evaluating():
             return accuracy(module, cfg, data, plan, shapes, rank, world, device)
 
-    with ExactMemory(list(module.parameters()), device) as exact:
+    with ExactMemory(list(module.parameters()), device, allocator_peak=memory.peak_bytes) as exact:
         epochs, dropped, losses_seen, curve = train_epochs(cfg, data, device, stage, schedule, opt, rank, world,
                                                            evaluate)
     timed = epochs[1:] or epochs

@@ -268,19 +268,8 @@ def pipeline_baseline_row(mode: str, cfg_path: Path, out: Path, B: int, ranks: i
         return {"mode": mode, "samples_per_s": None, "ranks": [],
                 "error": f"no microbatch count in {list(microbatches)} divides data.batch_size={B} and is "
                          f">= {ranks} stages"}
-    tried = []
-    for m in cands:
-        d = out / f"{mode}-m{m}"
-        cmd, threads = row_command(mode, cfg_path, d, ranks, m, split)
-        err = run(cmd, out / "logs" / f"{mode}-m{m}.log", threads, timeout, mmap_threshold)
-        row = None
-        if err is None:
-            try:
-                row = json.loads((d / f"{mode}.json").read_text())
-            except (OSError, ValueError) as e:
-                err = f"could not read the run: {e!r}"
-        tried.append(row or {"mode": mode, "microbatches": m, "error": err, "samples_per_s": None, "ranks": []})
-        tried[-1]["cmd"] = " ".join(cmd)
+    tried = [{**run_row(mode, cfg_path, out, 0, B, ranks, m, timeout, mmap_threshold, split, name=f"{mode}-m{m}"),
+              "microbatches": m} for m in cands]
     ok = [r for r in tried if r.get("samples_per_s")]
     best = dict(max(ok, key=lambda r: r["samples_per_s"]) if ok else tried[0])
     best["microbatch_sweep"] = [{"microbatches": r.get("microbatches"), "samples_per_s": r.get("samples_per_s"),
@@ -290,11 +279,12 @@ def pipeline_baseline_row(mode: str, cfg_path: Path, out: Path, B: int, ranks: i
 
 
 def run_row(mode: str, cfg_path: Path, out: Path, n: int, B: int, ranks: int, microbatches: int, timeout: float,
-            mmap_threshold: int, split: list[int] | None = None) -> dict:
-    """Run one row's process and read its numbers; a row with `error` when either fails."""
-    d = out / mode
+            mmap_threshold: int, split: list[int] | None = None, name: str | None = None) -> dict:
+    """Run one row's process (in OUT/<name>, the mode's name by default) and read its numbers; a row
+    with `error` when either fails."""
+    d = out / (name or mode)
     cmd, threads = row_command(mode, cfg_path, d, ranks, microbatches, split)
-    err = run(cmd, out / "logs" / f"{mode}.log", threads, timeout, mmap_threshold)
+    err = run(cmd, out / "logs" / f"{name or mode}.log", threads, timeout, mmap_threshold)
     row = None
     if err is None:
         try:

@@ -67,6 +67,12 @@ class Run:
         """Around every evaluation: its peak memory apart from training's (metrics.PeakMemory.evaluating)."""
         return self.memory.evaluating() if self.memory is not None else nullcontext()
 
+    def memory_phase(self, phase: str) -> None:
+        """A rank's messages set the phase one by one (metrics.PeakMemory.enter): a restart only where
+        evaluation and training meet, not per batch."""
+        if self.memory is not None:
+            self.memory.enter(phase)
+
     def evaluate(self) -> dict:
         if not self.eval_fresh:
             with self.evaluating():

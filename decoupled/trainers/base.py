@@ -75,7 +75,8 @@ class Trainer(Mode):
         run.live.start(run.stages)
         run.recorder.log(kind="train_start", rank=self.rank())  # the bench's curves count training time from here
         t0 = time.perf_counter()
-        with ExactMemory([p for s in run.stages for p in s.parameters()], run.device, self.held()) as exact:
+        with ExactMemory([p for s in run.stages for p in s.parameters()], run.device, self.held(),
+                         allocator_peak=memory.peak_bytes) as exact:
             self.train(run, start)
             synchronize(run.device)
         return self.finish(run, memory, time.perf_counter() - t0, t_start, exact.report())

@@ -37,14 +37,14 @@ def test_every_single_process_mode_on_cuda(tmp_path, mode):
 def test_evaluation_peak_apart_on_cuda():
     """The allocator's peak restarts around an evaluation (no synchronize): a 64 MiB evaluation between
     two 8 MiB training phases is eval_peak_mem_bytes, not training's peak; the exact meter's CUDA
-    figure is read after each optimizer step, so the restarts do not clobber it."""
+    figure is the meter's training peak, so the restarts do not clobber it."""
     from decoupled.memory import ExactMemory
     from decoupled.metrics import PeakMemory
     dev = torch.device("cuda")
     mem = PeakMemory(dev)
     w = torch.nn.Parameter(torch.ones(1024, device=dev))
     opt = torch.optim.SGD([w], lr=0.1)
-    with ExactMemory([w], dev) as exact:
+    with ExactMemory([w], dev, allocator_peak=mem.peak_bytes) as exact:
         x = torch.ones(2 * 2**20, device=dev)  # 8 MiB of training
         (w.sum() * x.sum()).backward()
         opt.step()

@@ -57,17 +57,18 @@ class Pipeline:
         """Process one message; False once training is over."""
         handover(m.ready, m.x, m.y, m.ids, m.aux)  # received on the receiver's stream (CUDA)
         m.ready = None
+        # the memory mark follows the messages: evaluation batches apart from training (an async rank
+        # may train between two of them), restarting only where the phase changes
+        self.run.memory_phase("eval" if m.kind in (Kind.EVAL, Kind.END_EVAL) else "train")
         if m.kind == Kind.TRAIN:
             self.train_batch(m.x, m.y, m.ids, m.step)
         elif m.kind == Kind.END_EPOCH:
             self.end_epoch(m.epoch)
         elif m.kind == Kind.EVAL:
-            with self.run.evaluating():  # each batch apart: an async rank may train between two of them
-                h, z = self.tally.add(self.stages, m)
-                self.send(Message(Kind.EVAL, m.epoch, m.step, h, m.y, m.ids, z))
+            h, z = self.tally.add(self.stages, m)
+            self.send(Message(Kind.EVAL, m.epoch, m.step, h, m.y, m.ids, z))
         elif m.kind == Kind.END_EVAL:
-            with self.run.evaluating():
-                self.end_eval(m.epoch)
+            self.end_eval(m.epoch)
         elif m.kind == Kind.STOP:
             self.send(Message(Kind.STOP, m.epoch))
             return False

@@ -120,10 +120,12 @@ def _measure(cfg: JobConfig, world: W.World, input_shape, num_classes: int) -> B
 def _print_plan(cfg: JobConfig, lay: Layout, predicted: list[float], costs: BlockCosts, steps: int) -> None:
     """The measured layout, with each group's predicted seconds per epoch and the throughput bound."""
     mib = [round(sum(costs.mem[j] for j in g) / 2**20, 1) for g in lay.blocks]
-    print(f"decoupled: dist.placement={cfg.dist.placement} dist.replicas={cfg.dist.replicas}: blocks per group "
-          f"{[len(g) for g in lay.blocks]} ({lay.blocks}), ranks per group {lay.replicas}; predicted s/epoch per "
-          f"group {[round(t, 3) for t in predicted]}, bound {steps * cfg.data.batch_size / max(predicted):.0f} "
-          f"samples/s; measured MiB per rank {mib}", flush=True)
+    # one write per line (as live.py): under PYTHONUNBUFFERED a print is two writes another rank can split
+    sys.stdout.write(f"decoupled: dist.placement={cfg.dist.placement} dist.replicas={cfg.dist.replicas}: blocks per "
+                     f"group {[len(g) for g in lay.blocks]} ({lay.blocks}), ranks per group {lay.replicas}; predicted "
+                     f"s/epoch per group {[round(t, 3) for t in predicted]}, bound "
+                     f"{steps * cfg.data.batch_size / max(predicted):.0f} samples/s; measured MiB per rank {mib}\n")
+    sys.stdout.flush()
 
 
 def _data(cfg: JobConfig, world: W.World) -> tuple[Data | None, tuple]:
