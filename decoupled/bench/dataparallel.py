@@ -45,7 +45,7 @@ from ..job import load
 from ..data import batches, build_data, resolve_augment
 from ..device import synchronize
 from ..engine.build import build_rank_stages
-from ..engine.ranks.world import resolve_backend
+from ..engine.ranks.world import resolve_backend, shutdown
 from ..memory import ExactMemory
 from ..metrics import PeakMemory
 from ..optim import build_optimizer
@@ -154,15 +154,9 @@ def train(cfg, data, model, opt, device, rank: int, world: int, stats: dict, mem
     return epochs, curve, losses
 
 
-def main(cfg_path: str, out: str, mode: str) -> None:
-    cfg = load(cfg_path, ["train.mode=e2e"])  # the e2e row's network, built as train.py builds it
-    backend, device = resolve_backend(cfg)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.dist.timeout_s))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(cfg.train.seed)
-    data = build_data(cfg.data, cfg.train.seed)
+def train_rank(cfg, data, mode: str, device, rank: int, world: int) -> tuple[dict, list, list]:
+    """This rank's training and its report. The DDP / FSDP module lives only in here: it is freed when
+    this returns, before the group is destroyed (Note [teardown] in engine/ranks/world.py)."""
     stages = build_rank_stages(cfg, data.input_shape, data.num_classes, device, class_counts=data.class_counts)
     net = E2ENet(stages).to(device)
     stats = {"comm_s": 0.0}
@@ -179,6 +173,19 @@ def main(cfg_path: str, out: str, mode: str) -> None:
             **exact.report(), "epoch_s": median([e["wall_s"] for e in timed]), "compute_s": per("compute_s"),
             "comm_s": per("comm_s") if mode == "ddp" else None,
             "idle_s": max(per("wall_s") - per("compute_s"), 0.0)}
+    return mine, curve, losses
+
+
+def main(cfg_path: str, out: str, mode: str) -> None:
+    cfg = load(cfg_path, ["train.mode=e2e"])  # the e2e row's network, built as train.py builds it
+    backend, device = resolve_backend(cfg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.dist.timeout_s))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(cfg.train.seed)
+    data = build_data(cfg.data, cfg.train.seed)
+    mine, curve, losses = train_rank(cfg, data, mode, device, rank, world)
     reports = [None] * world if rank == 0 else None
     dist.gather_object(mine, reports, dst=0)
     if rank == 0:
@@ -193,7 +200,7 @@ def main(cfg_path: str, out: str, mode: str) -> None:
             row["curve"] = curve
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(row, indent=2))
-    dist.destroy_process_group()
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from ..job import load
 from ..data import batches, build_data, resolve_augment
 from ..device import synchronize
 from ..engine.ranks.placement import placement
-from ..engine.ranks.world import resolve_backend
+from ..engine.ranks.world import resolve_backend, shutdown
 from ..engine.build import init_module
 from ..memory import ExactMemory
 from ..metrics import PeakMemory
@@ -151,20 +151,10 @@ def train_epochs(cfg, data, device, stage: TimedStage, schedule, opt, rank: int,
     return epochs, dropped, losses_seen, curve
 
 
-def main(cfg_path: str, out: str, microbatches: int, schedule_name: str = "gpipe",
-         split: list[int] | None = None) -> None:
-    cfg = load(cfg_path)
-    if split:
-        cfg.dist.placement = list(split)  # placement() checks it against the world and the blocks
-    backend, device = resolve_backend(cfg)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.dist.timeout_s))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    seed = cfg.train.seed
-    torch.manual_seed(seed)
-    data = build_data(cfg.data, seed)  # every rank: rank 0 needs the inputs, the last rank the labels
-
+def train_rank(cfg, data, microbatches: int, schedule_name: str, rank: int, world: int, device) -> tuple:
+    """This rank's training and its report, with its plan and dropped samples. The stage and schedule
+    live only in here: freed when this returns, before the group is destroyed (Note [teardown] in
+    engine/ranks/world.py)."""
     module, plan, shapes = build_module(cfg, data, rank, world, device)
     opt = build_optimizer(module.parameters(), cfg.optim, cfg.optim.lr)
     stage = TimedStage(module, rank, world, device)
@@ -187,6 +177,24 @@ def main(cfg_path: str, out: str, microbatches: int, schedule_name: str = "gpipe
             "idle_s": max(per("wall_s") - per("compute_s") - per("comm_s"), 0.0),
             "samples": timed[-1]["samples"], "last_loss": losses_seen[-1] if losses_seen else None,
             "curve": curve}
+    return mine, plan, dropped
+
+
+def main(cfg_path: str, out: str, microbatches: int, schedule_name: str = "gpipe",
+         split: list[int] | None = None) -> None:
+    cfg = load(cfg_path)
+    if split:
+        cfg.dist.placement = list(split)  # placement() checks it against the world and the blocks
+    backend, device = resolve_backend(cfg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.dist.timeout_s))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    seed = cfg.train.seed
+    torch.manual_seed(seed)
+    data = build_data(cfg.data, seed)  # every rank: rank 0 needs the inputs, the last rank the labels
+
+    mine, plan, dropped = train_rank(cfg, data, microbatches, schedule_name, rank, world, device)
     reports = [None] * world if rank == 0 else None
     dist.gather_object(mine, reports, dst=0)
     if rank == 0:
@@ -206,7 +214,7 @@ def main(cfg_path: str, out: str, microbatches: int, schedule_name: str = "gpipe
             r.pop("curve")
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(row, indent=2))
-    dist.destroy_process_group()
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ the same way whatever carries the activations.
 """
 from __future__ import annotations
 
+import gc
 import os
 import time
 from contextlib import contextmanager
@@ -182,6 +183,14 @@ def all_gather(obj, world: World) -> list:
 
 
 def shutdown() -> None:
+    """Note [teardown]: a worker frees what holds the process group (a DDP reducer, FSDP's state, a
+    pipeline stage: their in-flight works and futures keep tensors and Python callbacks) while the
+    interpreter is alive, then destroys the group. Left to interpreter finalization, gloo's threads can
+    drop a work that re-acquires the GIL, and the process aborts ("terminate called without an active
+    exception", SIGABRT) after writing its results: seen once in CI on the bench's ddp worker. Callers
+    let those objects go out of scope first (a function that returns only plain data); the collection
+    here breaks their reference cycles."""
+    gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
 
