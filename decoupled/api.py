@@ -31,5 +31,5 @@ def train(config: str | os.PathLike | dict | JobConfig | None = None, overrides:
     (default runs/<timestamp>); returns the summary (summary.json's content), None on ranks other than 0.
     train.mode sync / async run on the ranks of an enclosing torchrun, or as a world of one."""
     cfg = load_config(config, overrides)
-    from .train import train as run_job  # the engine: torch and the trainers, only once the config is valid
+    from .run_job import train as run_job  # the engine: torch and the trainers, only once the config is valid
     return run_job(cfg, Path(out) if out is not None else None, resume=resume)

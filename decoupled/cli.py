@@ -130,7 +130,7 @@ def _launch_train(args, raw: list[str]) -> int:
                               f"them agree (--nproc-per-node {sum(reps)})")
     except ConfigError as e:
         return _fail(f"config error: {e}", 2)
-    from .train import default_out
+    from .run_job import default_out
     out = out or default_out()  # chosen here, so the comparison knows where the run is
     worker = [a for a in strip_flag(raw) if a != "--compare-e2e"]
     if args.out is None and args.resume is None:
@@ -145,7 +145,7 @@ def _compare_e2e(cfg, run_dir: Path) -> int:
     """The end-to-end backprop baseline on the same config (RUN/e2e), and one line against the run."""
     import json
     from dataclasses import replace
-    from .train import train
+    from .run_job import train
     run = json.loads((run_dir / "summary.json").read_text())
     base = load_config(None, ["train.mode=e2e"], base=replace(cfg, train=replace(cfg.train, quiet=True)))
     print(f"end-to-end baseline (train.mode=e2e, 1 process) into {run_dir / 'e2e'} ...", flush=True)

@@ -41,7 +41,7 @@ class Live:
         self.prefix = f"[rank {rank}] " if distributed else ""
         self.loss_sum: dict[int, torch.Tensor] = {}
         self.loss_steps: dict[int, int] = {}
-        self.memory = None  # PeakMemory, set by train.py once it exists
+        self.memory = None  # PeakMemory, set by run_job.py once it exists
         self.bar = None  # the terminal's progress bar, if one is shown
         self.shown: dict[int, torch.Tensor] = {}  # latest loss per block, for the progress bar
         self.t0 = time.perf_counter()  # start of the current epoch

@@ -47,7 +47,7 @@ def shared_reference(tmp_path_factory):
     """shared_reference(cfg) -> (run folder, summary): the single-process simultaneous trainer on cfg,
     run once per resolved config for the whole session (read-only)."""
     from decoupled.job import load
-    from decoupled.train import train
+    from decoupled.run_job import train
     from torchrun_utils import overrides
     done: dict = {}
 

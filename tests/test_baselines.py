@@ -16,7 +16,7 @@ from decoupled.trainers.e2e import e2e_loss
 from decoupled.models import build_model
 from decoupled.objectives import OBJECTIVES, build_objective
 from decoupled.optim import build_optimizer, build_scheduler
-from decoupled.train import train
+from decoupled.run_job import train
 
 SMALL = ["data.limit_train=300", "data.batch_size=32", "model.widths=[16,16]", "train.epochs=2",
          "train.device=cpu", "train.checkpoint=false", "train.log_every=1000"]

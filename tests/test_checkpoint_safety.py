@@ -9,7 +9,7 @@ import torch
 from decoupled import checkpoint
 from decoupled.cli import main
 from decoupled.job import ConfigError, load
-from decoupled.train import train
+from decoupled.run_job import train
 
 SMALL = ["data.limit_train=100", "data.batch_size=32", "model.widths=[16,16]", "train.device=cpu",
          "train.log_every=1000", "train.quiet=true"]

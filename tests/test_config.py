@@ -210,7 +210,7 @@ def test_to_toml_round_trip(tmp_path):
 
 
 def test_bad_hierarchy_through_train(tmp_path):
-    from decoupled.train import train
+    from decoupled.run_job import train
     cfg = load(None, ["model.name=vgg", "model.hierarchy=[1,1,1,1,1]", "model.width=4", "train.epochs=1"])
     out = tmp_path / "run"
     with pytest.raises(ConfigError) as e:

@@ -177,7 +177,7 @@ def test_mnist_idx_files(tmp_path):
 def test_trains_on_mnist_idx_files(tmp_path, mnist_root):
     """A whole single-process run on data.name=mnist: the conv and MLP paths take 28 x 28 inputs."""
     from decoupled.job import load
-    from decoupled.train import train
+    from decoupled.run_job import train
     for model in (["model.widths=[32,32]"], ["model.name=vgg", "model.hierarchy=[1,1]", "model.width=4"]):
         s = train(load(None, ["data.name=mnist", f"data.root={mnist_root}", "train.epochs=1", "train.quiet=true",
                               "data.batch_size=16", *model]), tmp_path / model[0])

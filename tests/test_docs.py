@@ -77,7 +77,7 @@ def test_summary_and_metrics_fields_are_documented(tmp_path):
     in docs/ (docs/outputs.md, or the page of the feature that adds it)."""
     import json
     from decoupled.job import load
-    from decoupled.train import train
+    from decoupled.run_job import train
     s = train(load(None, ["model.widths=[16,16]", "train.epochs=1", "data.limit_train=256", "train.quiet=true"]),
               tmp_path)
     fields = set(s) | {k for layer in s["layers"] for k in layer} | {k for rank in s["ranks"] for k in rank}

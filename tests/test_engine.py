@@ -10,7 +10,7 @@ import torch
 
 from decoupled import checkpoint
 from decoupled.job import ConfigError, load
-from decoupled.train import train
+from decoupled.run_job import train
 
 from configs import MLP, VGG_CASCADE
 from torchrun_utils import (REPO, assert_same_results, assert_same_states, check, copy_run, env, free_port, overrides,

@@ -16,7 +16,7 @@ import torch
 from decoupled import checkpoint
 from decoupled.job import ConfigError, load
 from decoupled.engine.ranks.setup import dry_run, handshake
-from decoupled.train import train
+from decoupled.run_job import train
 
 from configs import MLP_PLAIN
 from torchrun_utils import (assert_same_results, assert_same_states, check, kill_tree, overrides, sets, summary,

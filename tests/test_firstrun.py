@@ -14,7 +14,7 @@ import pytest
 from decoupled.cli import main
 from decoupled.job import load
 from decoupled.launch import strip_flag, torchrun_command
-from decoupled.train import train
+from decoupled.run_job import train
 
 from torchrun_utils import REPO, env
 

@@ -6,7 +6,7 @@ import torch
 from decoupled.job import load
 from decoupled.engine.build import build_stages
 from decoupled.flops import count_flops, inference_flops, stage_costs, train_flops
-from decoupled.train import train
+from decoupled.run_job import train
 
 CPU = torch.device("cpu")
 C = 10  # classes

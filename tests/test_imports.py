@@ -90,3 +90,15 @@ def test_config_is_a_leaf():
 
 def test_no_import_cycle():
     assert _cycle(graph()) is None, " -> ".join(_cycle(graph()))
+
+
+def test_api_names_are_not_shadowed_by_submodules():
+    """`decoupled.train` and `decoupled.load_config` stay the API functions after the training-run
+    module is imported: no submodule shares their names, so the package swaps no module class."""
+    import decoupled
+    import decoupled.run_job  # the one training run (formerly decoupled/train.py)
+    for name in ("train", "load_config"):
+        assert f"decoupled.{name}" not in _modules(), name
+        assert callable(getattr(decoupled, name)) and not isinstance(getattr(decoupled, name), type(decoupled))
+    assert decoupled.run_job.train is not decoupled.train
+    assert "__class__" not in (PACKAGE / "__init__.py").read_text()

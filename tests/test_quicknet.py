@@ -14,7 +14,7 @@ from decoupled.trainers.quicknet import draw
 from decoupled.engine.build import build_stages
 from decoupled.objectives import LocalOutput
 from decoupled.objectives.quicknet import class_sample_weights, confidence
-from decoupled.train import train
+from decoupled.run_job import train
 
 QN = ["train.mode=quicknet", "objective.name=quicknet"]
 

@@ -93,7 +93,7 @@ QUICK = {"objective.name": "quicknet", "train.epochs": 3, "optim.name": "adam", 
 def test_routed_samples_reach_the_next_block_exactly_once_per_epoch(tmp_path, monkeypatch):
     from decoupled.job import load
     from decoupled.engine import flow
-    from decoupled.train import train
+    from decoupled.run_job import train
     from torchrun_utils import overrides
 
     seen: list[tuple[int, list[int], list[int]]] = []  # (block, ids in, ids passed on)
@@ -121,7 +121,7 @@ def test_routed_samples_reach_the_next_block_exactly_once_per_epoch(tmp_path, mo
 def test_quicknet_sync_with_routing_equals_simultaneous(tmp_path):
     """Class-balanced re-batching (objective.quicknet_balance's default) included."""
     from decoupled.job import load
-    from decoupled.train import train
+    from decoupled.run_job import train
     from torchrun_utils import check, overrides, sets, summary, torchrun
 
     ref = train(load(None, overrides({**QUICK, "train.mode": "simultaneous"})), tmp_path / "ref")

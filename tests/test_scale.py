@@ -18,7 +18,7 @@ from decoupled.engine.ranks.replay import Entry, ReplayBuffer
 from decoupled.engine.ranks.setup import cascade_handoffs
 from decoupled.engine.ranks.sources import DatasetSource
 from decoupled.engine.ranks.transport import Kind, Message
-from decoupled.train import train
+from decoupled.run_job import train
 
 from torchrun_utils import (MLP, assert_same_results, assert_same_states, check, copy_run, overrides, sets, summary,
                             torchrun)

@@ -7,7 +7,7 @@ import torch
 
 from decoupled import checkpoint
 from decoupled.job import load
-from decoupled.train import train
+from decoupled.run_job import train
 
 SMALL = ["data.limit_train=200", "data.batch_size=32", "model.widths=[32,32,32]", "train.epochs=2",
          "train.log_every=3", "train.device=cpu"]  # bit-for-bit checks are CPU checks

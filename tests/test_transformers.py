@@ -94,7 +94,7 @@ VIT = {"model.name": "vit", "model.width": 16, "model.depth": 3, "model.heads": 
 
 def test_token_features_cross_ranks_sync_equals_simultaneous(tmp_path):
     ref = load(None, [f"{k}={v}" for k, v in VIT.items()])
-    from decoupled.train import train
+    from decoupled.run_job import train
     expected = train(ref, tmp_path / "ref")
     dist = tmp_path / "sync"
     check(torchrun(2, ["--out", str(dist), *sets({**VIT, "train.mode": "sync"})]))

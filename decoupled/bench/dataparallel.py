@@ -177,7 +177,7 @@ def train_rank(cfg, data, mode: str, device, rank: int, world: int) -> tuple[dic
 
 
 def main(cfg_path: str, out: str, mode: str) -> None:
-    cfg = load(cfg_path, ["train.mode=e2e"])  # the e2e row's network, built as train.py builds it
+    cfg = load(cfg_path, ["train.mode=e2e"])  # the e2e row's network, built as run_job.py builds it
     backend, device = resolve_backend(cfg)
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -18,7 +18,7 @@ import torch
 
 from decoupled.job import load
 from decoupled.engine.ranks.transport import handover
-from decoupled.train import train
+from decoupled.run_job import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
