@@ -16,6 +16,7 @@ import torch
 
 from .config import ConfigError, DataConfig
 from .data_plugin import plugin_loader
+from .device import accel
 from .plugins import resolve
 from .rng import generator
 
@@ -275,9 +276,9 @@ def batches(split: Split, batch_size: int, *, seed: int = 0, epoch: int = 0, shu
         augment = CIFAR
     n = len(split)
     order = torch.randperm(n, generator=generator(seed, "order", epoch)) if shuffle else torch.arange(n)
-    if split.y.is_cuda:  # data on the device (the async hand-off's cache): index it with device ids,
-        # sent up once per epoch from pinned memory; host ids would cost a synchronising copy per gather
-        order = order.pin_memory().to(split.y.device, non_blocking=True)
+    # data on a device (the async hand-off's cache): index it with device ids, sent up once per epoch
+    # from pinned memory; host ids would cost a synchronising copy per gather (on the host: the same ids)
+    order = accel(split.y.device).upload(order)[0]
     g = generator(seed, "augment", epoch)
     for step, start in enumerate(range(0, n, batch_size)):
         ids = order[start:start + batch_size]

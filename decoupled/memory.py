@@ -42,6 +42,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .device import accel
+
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard (FSDP2), any other tensor itself."""
@@ -82,7 +84,7 @@ class ExactMemory:
         which restarts around evaluations and keeps training's apart), read once at report: nothing
         on the step's hot path."""
         self.all_params, self.device, self.held = list(params), device, held
-        self.allocator_peak = allocator_peak if device.type == "cuda" else None
+        self.allocator_peak = allocator_peak if accel(device).allocator else None
         self.params_bytes = self.grads_bytes = self.optimizer_bytes = 0
         self.activations_bytes = self.held_bytes = 0
         self.live = 0  # saved bytes alive now

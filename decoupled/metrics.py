@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from .device import accel
+
 PROC_STATUS = "/proc/self/status"  # module constants, so tests can take /proc away
 CLEAR_REFS = "/proc/self/clear_refs"
 
@@ -102,7 +104,9 @@ def _cpu_method() -> str | None:
 class PeakMemory:
     def __init__(self, device: torch.device):
         self.device = device
-        self.method = "cuda" if device.type == "cuda" else _cpu_method()
+        self.dev = accel(device)
+        # the allocator's statistics where the device has them (CUDA; the checked host's stand-in)
+        self.method = self.dev.memory_method if self.dev.allocator else _cpu_method()
         self._sampler: _RssSampler | None = None
         self.reset()
 
@@ -113,9 +117,9 @@ class PeakMemory:
         self.train_peak = 0  # training's peak before the mark last restarted
         self.eval_peak: int | None = None  # the evaluations' peak before it last restarted; None: none apart
         self.reserved_peak = 0  # CUDA: the caching allocator's reserved bytes, training's peak
-        if self.method == "cuda":  # no synchronize: see reset_peak
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.baseline = torch.cuda.memory_allocated(self.device)
+        if self.dev.allocator:  # no synchronize: see reset_peak
+            self.dev.reset_peak_memory_stats()
+            self.baseline = self.dev.memory_allocated()
         elif self.method == "proc-vmhwm":
             trim_heap()  # the baseline is what is live, not what setup freed (and reset_peak trims alike)
             try:  # "5" resets the peak RSS to the current RSS (Linux >= 4.0)
@@ -136,7 +140,7 @@ class PeakMemory:
     @property
     def restarts(self) -> bool:
         """Whether the mark can restart (reset_peak), so evaluation's peak can be told from training's."""
-        return self.method in ("cuda", "psutil-sampled") or (self.method == "proc-vmhwm" and self.hwm_reset)
+        return self.dev.allocator or self.method == "psutil-sampled" or (self.method == "proc-vmhwm" and self.hwm_reset)
 
     def enter(self, phase: str) -> None:
         """From now on the mark measures `phase` ("train" or "eval"). Only a change of phase restarts it
@@ -166,15 +170,15 @@ class PeakMemory:
             self.eval_peak = max(self.eval_peak or 0, now)
         else:
             self.train_peak = max(self.train_peak, now)
-            if self.method == "cuda":
-                self.reserved_peak = max(self.reserved_peak, torch.cuda.max_memory_reserved(self.device))
+            if self.dev.allocator:
+                self.reserved_peak = max(self.reserved_peak, self.dev.max_memory_reserved())
 
     def reset_peak(self) -> None:
         """Restart the high-water mark from now, keeping the baseline. resource-maxrss cannot restart:
         its peak stays the one since the baseline. On CUDA the allocator counts at allocation time on
         the host, so no synchronize: one here could wait on a receiver's posted NCCL recv."""
-        if self.method == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        if self.dev.allocator:
+            self.dev.reset_peak_memory_stats()
         elif self.method == "proc-vmhwm" and self.hwm_reset:
             trim_heap()  # else the mark restarts at the freed heap the phase before left resident
             with open(CLEAR_REFS, "w") as f:
@@ -199,8 +203,8 @@ class PeakMemory:
 
     def _since_restart(self) -> int | None:
         """Peak bytes above the baseline since the mark last restarted."""
-        if self.method == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) - self.baseline
+        if self.dev.allocator:
+            return self.dev.max_memory_allocated() - self.baseline
         if self.method == "proc-vmhwm":
             return max(0, (_proc_status_kib("VmHWM") or 0) * 1024 - self.baseline)
         if self.method == "resource-maxrss":
@@ -215,9 +219,9 @@ class PeakMemory:
         out = {"peak_mem_bytes": None if peak is None else int(peak), "mem_method": self.method,
                "mem_baseline_bytes": None if self.baseline is None else int(self.baseline),
                "eval_peak_mem_bytes": self.eval_peak_bytes()}
-        if self.method == "cuda":  # training's, as peak_mem_bytes (the allocator's peak restarts around evaluations)
+        if self.dev.allocator:  # training's, as peak_mem_bytes (the allocator's peak restarts around evaluations)
             if self.phase == "train":
-                self.reserved_peak = max(self.reserved_peak, torch.cuda.max_memory_reserved(self.device))
+                self.reserved_peak = max(self.reserved_peak, self.dev.max_memory_reserved())
             out["peak_reserved_bytes"] = int(self.reserved_peak)
             out["peak_allocated_bytes"] = int(peak + self.baseline)
         else:

@@ -9,6 +9,7 @@ from typing import ClassVar, Literal
 import torch
 
 from .config import Choice, ConfigError, knob
+from .device import accel
 
 
 def _schedule_is(*names: str):
@@ -73,7 +74,8 @@ def _fused(params: list) -> dict:
     device (fp16 then never syncs the host: with an unfused optimizer GradScaler.step reads found_inf
     with .item() every step). CPU: torch's default implementation, unchanged (the CPU tests compare
     modes bit for bit)."""
-    return {"fused": True} if params and all(p.is_cuda for p in params) else {}
+    devices = {p.device for p in params}
+    return {"fused": True} if len(devices) == 1 and accel(devices.pop()).fused_optimizer() else {}
 
 
 def block_lr(cfg: OptimConfig, j: int) -> float:

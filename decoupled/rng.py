@@ -11,6 +11,8 @@ import hashlib
 
 import torch
 
+from .device import accel
+
 
 def derive_seed(seed: int, *names) -> int:
     digest = hashlib.sha256(repr((int(seed),) + names).encode()).digest()
@@ -28,27 +30,26 @@ class RngState:
     """
 
     def __init__(self, seed: int, device: torch.device):
-        self.device = device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        self.device, self.dev = device, accel(device)
+        with torch.random.fork_rng(devices=self.dev.rng_devices()):
             torch.manual_seed(seed)
             self.cpu = torch.get_rng_state()
-            self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+            self.cuda = self.dev.get_rng_state()  # the device's generator (None: the host has none apart)
         self._saved = None
 
     def __enter__(self):
-        self._saved = (torch.get_rng_state(),
-                       torch.cuda.get_rng_state(self.device) if self.cuda is not None else None)
+        self._saved = (torch.get_rng_state(), self.dev.get_rng_state() if self.cuda is not None else None)
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
-            torch.cuda.set_rng_state(self.cuda, self.device)
+            self.dev.set_rng_state(self.cuda)
         return self
 
     def __exit__(self, *exc):
         self.cpu = torch.get_rng_state()
         torch.set_rng_state(self._saved[0])
         if self.cuda is not None:
-            self.cuda = torch.cuda.get_rng_state(self.device)
-            torch.cuda.set_rng_state(self._saved[1], self.device)
+            self.cuda = self.dev.get_rng_state()
+            self.dev.set_rng_state(self._saved[1])
         return False
 
     def state_dict(self) -> dict:

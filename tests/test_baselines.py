@@ -1,7 +1,9 @@
 """Issue 13, faithful to the papers and fair to the baselines: the validation hold-out, the plateau
 rule on the monitored loss, the e2e baseline's cross-entropy, Ma 2020's activation / schedule /
-dropout, and the pipelines' split search."""
+dropout, the pipelines' split search, and (issue 29) the ddp baseline's loss scaling across ranks."""
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,6 +19,9 @@ from decoupled.models import build_model
 from decoupled.objectives import OBJECTIVES, build_objective
 from decoupled.optim import build_optimizer, build_scheduler
 from decoupled.run_job import train
+
+from configs import MLP_PLAIN
+from torchrun_utils import REPO, env, overrides
 
 SMALL = ["data.limit_train=300", "data.batch_size=32", "model.widths=[16,16]", "train.epochs=2",
          "train.device=cpu", "train.checkpoint=false", "train.log_every=1000"]
@@ -215,3 +220,58 @@ def test_best_split_balances_known_costs():
     assert best_split([2, 2, 2], 3) == [1, 1, 1] and best_split([7], 1) == [1]
     with pytest.raises(ValueError):
         best_split([1, 2], 3)
+
+
+# ------------------------------------------------------------------ data-parallel baseline
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # one in-process e2e run and a 2-rank torchrun job: a minute on the loaded 2-core machine
+def test_ddp_on_two_ranks_makes_the_e2e_losses(tmp_path):
+    """Note [global batch] (bench/dataparallel.py) across ranks: the ddp worker on 2 ranks, each
+    training on its torch.tensor_split part of every global batch, makes the e2e trainer's per-step
+    losses in one process (same network, seed, data order). Batch 33 over 300 samples, so the parts are
+    uneven (17 / 16, and 2 / 1 for the last batch of 3): each rank's loss is its part's summed
+    cross-entropy times 2 / len(batch), and DDP's mean over ranks of loss and gradients is the global
+    batch's. Neither BatchNorm (a rank's part has its own batch statistics) nor dropout (both ranks
+    draw the same masks for their different samples) is on: with them the runs are different
+    training, not the same one summed differently. Only float32 summation order differs (a part's sum
+    and the all-reduce against one mean), so the losses agree within rtol 1e-4, atol 1e-5, over all 20
+    steps of 2 epochs; they are not bit for bit equal."""
+    cfg = {**MLP_PLAIN, "data.batch_size": 33, "model.batchnorm": "off", "train.mode": "e2e",
+           "train.device": "cpu", "train.log_every": 1, "train.probe_epochs": 0, "train.checkpoint": False}
+    train(load(None, overrides(cfg)), tmp_path / "e2e")
+    e2e = [m["loss"] for m in map(json.loads, (tmp_path / "e2e" / "metrics.jsonl").read_text().splitlines())
+           if m.get("kind") == "step"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "decoupled.bench.dataparallel", str(tmp_path / "e2e" / "config.toml"), str(tmp_path / "ddp.json"),
+           "ddp"]
+    p = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    row = json.loads((tmp_path / "ddp.json").read_text())
+    assert row["per_rank_batch"] == [17, 16] and len(row["ranks"]) == 2
+    assert len(e2e) == len(row["losses"]) == 2 * 10
+    assert row["losses"] == pytest.approx(e2e, rel=1e-4, abs=1e-5)
+    assert sum(e2e[10:]) < sum(e2e[:10])  # it trained (epoch 2's losses below epoch 1's): not two flat lines
+    assert all(r["comm_s"] > 0 for r in row["ranks"])  # the comm hook timed the all-reduces
+
+
+def test_baseline_batches_pair_each_batch_with_its_part_one_ahead():
+    """bench/worker.streamed: each batch comes with the device copy of what `take` picked of it (a
+    rank's part on the host, then uploaded), and the next batch's copy is issued before the current
+    batch is handed out (the overlap); gpipe.full drops the partial last batch and counts it."""
+    from decoupled.bench.dataparallel import part
+    from decoupled.bench.gpipe import full
+    from decoupled.bench.worker import streamed
+    from decoupled.data import Split, batches
+    split = Split(torch.arange(10.0).unsqueeze(1), torch.arange(10))
+    taken, seen = [], []
+
+    def take(x, y):
+        taken.append(int(y[0]))
+        return part(x, 1, 2), None
+    dropped = [0]
+    for b, (x, none) in streamed(full(batches(split, 4, shuffle=False), 4, dropped), torch.device("cpu"), take):
+        seen.append((int(b.y[0]), len(taken)))
+        assert none is None and torch.equal(x, b.x[2:])  # rank 1's half of the batch
+    assert seen == [(0, 2), (4, 2)]  # the second batch was taken before the first was handed out
+    assert dropped == [2]  # the last batch, samples 8 and 9

@@ -1,6 +1,7 @@
 """What the CPU can show of the CUDA/NCCL path (issue 21): the receiver thread's device, the hand-off
 tap's hand-over, the NCCL environment defaults, the device ordinal, and a replica sending before its
-round's all-reduce. CUDA calls are replaced by recorders; tests/gpu/ has the rest."""
+round's all-reduce. The device layer's torch.cuda is a recorder (tests/fake_cuda.py); tests/gpu/ has
+the rest, and tests/test_device.py the layer itself."""
 from __future__ import annotations
 
 import os
@@ -10,37 +11,30 @@ import torch
 import torch.distributed as dist
 
 from decoupled import device as device_mod
+from decoupled.device import CudaAccel
 from decoupled.job import load
-from decoupled.engine.ranks import feed as feed_mod, pipeline, receiver as receiver_mod, world
+from decoupled.engine.ranks import feed as feed_mod, pipeline, world
 from decoupled.engine.ranks.budget import UpstreamEpochs
 from decoupled.engine.ranks.transport import Kind, Message
 from decoupled.engine.build import build_stages
+
+from fake_cuda import install
 
 
 class FakeLink:
     """Hands out `messages` in order; records what this thread's CUDA device was at each recv."""
 
-    def __init__(self, device, messages, log):
-        self.device, self.peer, self.messages, self.log = device, 0, list(messages), log
+    def __init__(self, device, messages, fake):
+        self.device, self.peer, self.messages, self.fake = device, 0, list(messages), fake
 
     def recv(self):
-        self.log.append(("recv", self.log_device()))
+        self.fake.log.append(("recv", (self.fake.current,)))
         return self.messages.pop(0)
-
-    def log_device(self):
-        return getattr(receiver_mod, "_current", None)
 
 
 def _receiver(monkeypatch, messages, tap=None):
-    log = []
-
-    def set_device(d):  # what torch.cuda.set_device would make current on this thread
-        log.append(("set_device", torch.device(d)))
-        receiver_mod._current = torch.device(d)
-
-    monkeypatch.setattr(torch.cuda, "set_device", set_device)
-    monkeypatch.setattr(receiver_mod, "_current", None, raising=False)
-    link = FakeLink(torch.device("cuda", 3), messages, log)
+    fake = install(monkeypatch)  # the device layer's torch.cuda, recording
+    link = FakeLink(torch.device("cuda", 3), messages, fake)
     cfg = load(None, ["train.mode=sync"])
     r = feed_mod.SyncFeed([link], 1, cfg.dist, cfg.replay, cfg.train.seed, tap=tap)
     r.start()
@@ -48,21 +42,21 @@ def _receiver(monkeypatch, messages, tap=None):
     while not got or got[-1] is None or got[-1].kind != Kind.STOP:
         got.append(r.inboxes[0].get(timeout=10))
         r.check()
-    return log, got
+    return fake.log, got
 
 
 def test_receiver_thread_sets_its_device_before_receiving(monkeypatch):
     log, got = _receiver(monkeypatch, [Message(Kind.STOP)])
-    assert log[0] == ("set_device", torch.device("cuda", 3))
-    assert log[1] == ("recv", torch.device("cuda", 3))  # every recv runs on the link's device
+    assert log[0] == ("set_device", (torch.device("cuda", 3),))
+    assert log[1] == ("recv", (torch.device("cuda", 3),))  # every recv runs on the link's device
     assert [m.kind for m in got] == [Kind.STOP]
 
 
 def test_the_tap_reads_a_message_only_after_it_is_handed_over(monkeypatch):
     """HandoffCache.offer (the tap) reads on the receiver thread's current stream: the message must be
-    handed over to it first (transport.handover with the message's event)."""
+    handed over to it first (Accel.hand_over with the message's event)."""
     order = []
-    monkeypatch.setattr(receiver_mod, "handover", lambda ready, *ts: order.append(("handover", ready, len(ts))))
+    monkeypatch.setattr(CudaAccel, "hand_over", lambda self, ready, *ts: order.append(("handover", ready, len(ts))))
     x, y, ids = torch.ones(2, 3), torch.zeros(2, dtype=torch.int64), torch.arange(2)
     m = Message(Kind.TRAIN, 0, 0, x, y, ids, ready="event")
     _, got = _receiver(monkeypatch, [m, Message(Kind.STOP)], tap=lambda msg: order.append(("tap", msg.ready)))

@@ -14,11 +14,19 @@ part (they still run the step, contributing zero). Each rank's loss is its part'
 cross-entropy times K / len(batch), so the all-reduce's mean over ranks is exactly the global batch's
 mean loss whatever the split; on one rank it is the e2e row's loss, computed the same way.
 
-Timing: compute_s is forward + backward + optimizer step (it includes the all-reduce's or the
-FSDP collectives' exposed part: what backward waits for); DDP's comm_s is the gradient all-reduces'
-own duration, issue to completion, timed by a comm hook (it overlaps backward, so compute + comm can
-exceed the wall time); FSDP's collectives are not separable from compute (comm_s null). idle_s is
-the rest of the epoch's wall time (data, Python).
+Timing, by the device's events (device.StepTimer: host clocks on CPU, CUDA events on GPU, so the
+work and not its launch; read at epoch ends, no host sync in the loop), as the engine times its rows:
+compute_s is forward + backward + optimizer step (it includes the all-reduce's or the FSDP
+collectives' exposed part: what backward and the step wait for); DDP's comm_s is the gradient
+all-reduces' own duration, issue to completion: a comm hook starts a timer when it issues a bucket's
+all-reduce and stops it in the future's callback, which runs once the all-reduce has finished (gloo)
+or, on CUDA, with a stream current that is ordered after the NCCL kernels (so its event marks their
+completion, not their launch); it overlaps backward, so compute + comm can exceed the wall time.
+FSDP2's collectives run on its own streams inside its pre- and post-hooks and are not separable from
+compute: comm_s is null (unavailable, said in the row's notes). idle_s is the rest of the epoch's
+wall time (data, Python). Batches are uploaded as the decoupled rows' are: each rank takes its part
+on the host, copies it from pinned memory without blocking, and the next batch's copy is issued
+before the current step (bench/worker.streamed).
 
 Memory (decoupled/memory.py): DDP runs with gradient_as_bucket_view, so its gradients are its
 all-reduce buckets and count once; FSDP's parameters, gradients and optimizer state are the local
@@ -33,7 +41,6 @@ import json
 import os
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -43,13 +50,14 @@ from torch import nn
 
 from ..job import load
 from ..data import batches, build_data, resolve_augment
-from ..device import synchronize
+from ..device import StepTimer, accel
 from ..engine.build import build_rank_stages
-from ..engine.ranks.world import resolve_backend, shutdown
+from ..engine.ranks.world import shutdown
 from ..memory import ExactMemory
 from ..metrics import PeakMemory
 from ..optim import build_optimizer
 from .runner import median
+from .worker import start, streamed
 
 MODES = ("ddp", "fsdp")
 
@@ -70,7 +78,7 @@ class E2ENet(nn.Module):
         return self.head(x)
 
 
-def wrap(net: E2ENet, mode: str, device, stats: dict) -> nn.Module:
+def wrap(net: E2ENet, mode: str, device, comm: StepTimer) -> nn.Module:
     if mode == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -79,20 +87,24 @@ def wrap(net: E2ENet, mode: str, device, stats: dict) -> nn.Module:
             fully_shard(block, mesh=mesh)
         return fully_shard(net, mesh=mesh)
     from torch.nn.parallel import DistributedDataParallel as DDP
-    ddp = DDP(net, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
-    ddp.register_comm_hook(None, timed_allreduce(stats))
+    d = accel(device).process_group_device()  # the GPU (device_ids) or None (the host: no device_ids)
+    ddp = DDP(net, device_ids=[d.index] if d is not None else None, gradient_as_bucket_view=True)
+    ddp.register_comm_hook(None, timed_allreduce(comm))
     return ddp
 
 
-def timed_allreduce(stats: dict):
-    """DDP's default all-reduce (mean over ranks), with each bucket's issue-to-completion time added up."""
+def timed_allreduce(comm: StepTimer):
+    """DDP's default all-reduce (mean over ranks), with each bucket's issue-to-completion time added to
+    `comm`: started where the hook issues it, stopped in the future's callback, which runs after the
+    all-reduce (gloo) or on a stream ordered after its kernels (CUDA). DDP waits for the callback's
+    future before backward returns, so every region is closed at the epoch's end."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     def hook(state, bucket):
-        t0 = time.perf_counter()
+        t0 = comm.start()
 
         def done(fut):
-            stats["comm_s"] += time.perf_counter() - t0
+            comm.stop(t0)
             return fut.value()
         return allreduce_hook(state, bucket).then(done)
     return hook
@@ -111,39 +123,43 @@ def loss_of(logits, y, n: int, world: int) -> torch.Tensor:
 
 
 def accuracy(model: nn.Module, test, eval_batch: int, device, rank: int, world: int) -> float:
-    """Test accuracy of the network, each rank scoring its part of every evaluation batch."""
+    """Test accuracy of the network, each rank scoring its part of every evaluation batch (uploaded as
+    the training batches are), counted on the device and read once."""
     model.eval()
-    correct = torch.zeros(2, dtype=torch.float64)
+    correct, n = torch.zeros((), dtype=torch.float64, device=device), 0
     with torch.no_grad():
-        for i in range(0, len(test.y), eval_batch):
-            x, y = part(test.x[i:i + eval_batch], rank, world), part(test.y[i:i + eval_batch], rank, world)
-            pred = model(x.to(device)).argmax(-1).cpu()
-            correct += torch.tensor([(pred == y).sum().item(), len(y)], dtype=torch.float64)
-    dist.all_reduce(correct)
+        for _, (x, y) in streamed(batches(test, eval_batch, shuffle=False), device,
+                                  lambda x, y: (part(x, rank, world), part(y, rank, world))):
+            correct += (model(x).argmax(-1) == y).sum()
+            n += len(y)
+    counts = torch.stack([correct, torch.tensor(float(n), dtype=torch.float64, device=device)])
+    dist.all_reduce(counts)  # on the device: NCCL carries device tensors only
     model.train()
-    return float(correct[0] / correct[1])
+    return float(counts[0] / counts[1])
 
 
-def train(cfg, data, model, opt, device, rank: int, world: int, stats: dict, memory: PeakMemory):
+def train(cfg, data, model, opt, device, rank: int, world: int, comm: StepTimer, memory: PeakMemory):
     """Every epoch: timed training, then (train.eval_every) the test accuracy outside the timer."""
     B, seed = cfg.data.batch_size, cfg.train.seed
     epochs, curve, train_s, losses = [], [], 0.0, []
+    dev, compute = accel(device), StepTimer(device)
+    mine = lambda x, y: (part(x, rank, world), part(y, rank, world))  # noqa: E731  (on the host, then uploaded)
     torch.manual_seed(seed)  # as e2e: one RNG stream (dropout) for the whole network
     for epoch in range(cfg.train.epochs):
-        t0, compute, comm0, step_losses = time.perf_counter(), 0.0, stats["comm_s"], []
-        for b in batches(data.train, B, seed=seed, epoch=epoch, augment=resolve_augment(cfg.data)):
-            x, y = part(b.x, rank, world).to(device), part(b.y, rank, world).to(device)
-            c = time.perf_counter()
+        t0, compute0, comm0, step_losses = time.perf_counter(), compute.seconds, comm.seconds, []
+        train = batches(data.train, B, seed=seed, epoch=epoch, augment=resolve_augment(cfg.data))
+        for b, (x, y) in streamed(train, device, mine):
+            c = compute.start()
             loss = loss_of(model(x), y, len(b.y), world)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            compute += time.perf_counter() - c
+            compute.stop(c)
             step_losses.append(loss.detach())
-        synchronize(device)
+        dev.synchronize()
         wall = time.perf_counter() - t0
         train_s += wall
-        epochs.append({"wall_s": wall, "compute_s": compute, "comm_s": stats["comm_s"] - comm0})
+        epochs.append({"wall_s": wall, "compute_s": compute.seconds - compute0, "comm_s": comm.seconds - comm0})
         step = torch.stack(step_losses).float()
         dist.all_reduce(step)  # the global batches' losses (Note [global batch]), outside the timer
         losses += (step / world).tolist()
@@ -159,14 +175,14 @@ def train_rank(cfg, data, mode: str, device, rank: int, world: int) -> tuple[dic
     this returns, before the group is destroyed (Note [teardown] in engine/ranks/world.py)."""
     stages = build_rank_stages(cfg, data.input_shape, data.num_classes, device, class_counts=data.class_counts)
     net = E2ENet(stages).to(device)
-    stats = {"comm_s": 0.0}
-    model = wrap(net, mode, device, stats)
+    comm = StepTimer(device)  # DDP's all-reduces (FSDP: unused, its collectives are not separable)
+    model = wrap(net, mode, device, comm)
     # the e2e row's parameter order: every block, then the last head (outlets hold none)
     params = [p for b in net.blocks for p in b.parameters()] + list(net.head.parameters())
     opt = build_optimizer(params, cfg.optim, cfg.optim.lr)
     memory = PeakMemory(device)
     with ExactMemory(list(net.parameters()), device, allocator_peak=memory.peak_bytes) as exact:
-        epochs, curve, losses = train(cfg, data, model, opt, device, rank, world, stats, memory)
+        epochs, curve, losses = train(cfg, data, model, opt, device, rank, world, comm, memory)
     timed = epochs[1:] or epochs
     per = lambda key: sum(e[key] for e in timed) / len(timed)  # noqa: E731
     mine = {"rank": rank, "blocks": list(range(len(stages))), **memory.report(),
@@ -178,11 +194,7 @@ def train_rank(cfg, data, mode: str, device, rank: int, world: int) -> tuple[dic
 
 def main(cfg_path: str, out: str, mode: str) -> None:
     cfg = load(cfg_path, ["train.mode=e2e"])  # the e2e row's network, built as run_job.py builds it
-    backend, device = resolve_backend(cfg)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.dist.timeout_s))
-    rank, world = dist.get_rank(), dist.get_world_size()
+    backend, device, rank, world = start(cfg)
     torch.manual_seed(cfg.train.seed)
     data = build_data(cfg.data, cfg.train.seed)
     mine, curve, losses = train_rank(cfg, data, mode, device, rank, world)
@@ -196,6 +208,10 @@ def main(cfg_path: str, out: str, mode: str) -> None:
                "notes": [f"{'DDP' if mode == 'ddp' else 'FSDP2 fully_shard per block, then the root'} of the e2e "
                          f"network on {world} ranks, global batch {cfg.data.batch_size} split by "
                          "torch.tensor_split (Note [global batch] in bench/dataparallel.py)"]}
+        if mode == "fsdp":
+            row["notes"].append("comm_s unavailable: FSDP2's all-gathers and reduce-scatters run inside its "
+                                "module hooks on its own streams, not separable from compute (compute_s includes "
+                                "their exposed part)")
         if cfg.train.eval_every:
             row["curve"] = curve
         Path(out).parent.mkdir(parents=True, exist_ok=True)

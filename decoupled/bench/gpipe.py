@@ -23,6 +23,16 @@ What breaks, measured on torch 2.14.1 / gloo / CPU:
   of the wall time outside compute (data loading, Python). Measured through public methods only:
   no private torch function is patched. (The gloo multi-Work batch-p2p bug, pytorch/pytorch#132644,
   is fixed in this torch by PR #152938: `_wait_batch_p2p` waits on every Work.)
+
+Timing: compute_s (the chunks and the optimizer step) by the device's events (device.StepTimer:
+host clocks on CPU, CUDA events on GPU, so the kernels and not their launch, as the engine times its
+rows; read at epoch ends). comm_s is a host-clock figure (time in the schedule minus the chunks'),
+valid only where the device is the host (bench/worker.host_timed): on CUDA a host clock around
+`schedule.step` times queued NCCL calls and launches, not their completion, so there comm_s is null
+(unavailable, said in the row's notes) and idle_s is the wall time outside compute. Batches are
+uploaded as the decoupled rows' are (rank 0 its inputs, the last rank its labels; pinned,
+non_blocking, the next batch's copy issued before the current step: bench/worker.streamed), and the
+last stage's losses stay on the device until the epoch's timed window has closed.
 """
 from __future__ import annotations
 
@@ -30,7 +40,6 @@ import json
 import os
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -41,9 +50,9 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from ..job import load
 from ..data import batches, build_data, resolve_augment
-from ..device import synchronize
+from ..device import StepTimer, accel
 from ..engine.ranks.placement import placement
-from ..engine.ranks.world import resolve_backend, shutdown
+from ..engine.ranks.world import shutdown
 from ..engine.build import init_module
 from ..memory import ExactMemory
 from ..metrics import PeakMemory
@@ -52,25 +61,27 @@ from ..objectives import build_objective
 from ..optim import build_optimizer
 from ..rng import derive_seed
 from .runner import median
+from .worker import host_timed, start, streamed
 
 
 class TimedStage(PipelineStage):
-    """A PipelineStage that adds up the time of its forward and backward chunks (pure compute)."""
-    compute_s = 0.0
+    """A PipelineStage that times its forward and backward chunks (pure compute) with `timer`, a
+    device.StepTimer (the device's events: the kernels on CUDA, the host clock on CPU)."""
+    timer: StepTimer
 
     def forward_one_chunk(self, *args, **kwargs):
-        t0 = time.perf_counter()
+        t0 = self.timer.start()
         try:
             return super().forward_one_chunk(*args, **kwargs)
         finally:
-            self.compute_s += time.perf_counter() - t0
+            self.timer.stop(t0)
 
     def backward_one_chunk(self, *args, **kwargs):
-        t0 = time.perf_counter()
+        t0 = self.timer.start()
         try:
             return super().backward_one_chunk(*args, **kwargs)
         finally:
-            self.compute_s += time.perf_counter() - t0
+            self.timer.stop(t0)
 
 
 def build_module(cfg, data, rank: int, world: int, device) -> tuple[nn.Module, list[list[int]], list[tuple]]:
@@ -94,12 +105,14 @@ def build_module(cfg, data, rank: int, world: int, device) -> tuple[nn.Module, l
 @torch.no_grad()
 def accuracy(module: nn.Module, cfg, data, plan, shapes, rank: int, world: int, device) -> float | None:
     """Test accuracy of the pipelined network (None except on the last rank), batch by batch down the
-    ranks; eval mode, so BatchNorm uses its running statistics as every other row's evaluation."""
+    ranks; eval mode, so BatchNorm uses its running statistics as every other row's evaluation. Batches
+    are uploaded as in training; the last rank counts on the device and reads the count once."""
     module.eval()
-    correct = 0
-    for b in batches(data.test, cfg.data.eval_batch_size, shuffle=False):
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    for b, (x, y) in streamed(batches(data.test, cfg.data.eval_batch_size, shuffle=False), device,
+                              uploads(rank, world)):
         if rank == 0:
-            h = b.x.to(device)
+            h = x
         else:
             h = torch.empty((len(b.y), *shapes[plan[rank][0] - 1]), device=device)
             dist.recv(h, rank - 1)
@@ -107,9 +120,24 @@ def accuracy(module: nn.Module, cfg, data, plan, shapes, rank: int, world: int, 
         if rank < world - 1:
             dist.send(h.contiguous(), rank + 1)
         else:
-            correct += int((h.argmax(-1).cpu() == b.y).sum())
+            correct += (h.argmax(-1) == y).sum()
     module.train()
-    return correct / len(data.test) if rank == world - 1 else None
+    return int(correct) / len(data.test) if rank == world - 1 else None
+
+
+def uploads(rank: int, world: int):
+    """What a rank uploads of a batch: the inputs on the first rank, the labels on the last."""
+    return lambda x, y: (x if rank == 0 else None, y if rank == world - 1 else None)
+
+
+def full(train, B: int, dropped: list):
+    """The full batches of an epoch (see the module docstring: shapes are fixed at the first step);
+    the samples of the others are added to dropped[0]."""
+    for b in train:
+        if len(b.y) == B:
+            yield b
+        else:
+            dropped[0] += len(b.y)
 
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -121,30 +149,35 @@ def train_epochs(cfg, data, device, stage: TimedStage, schedule, opt, rank: int,
     curve, `evaluate()` after the epochs it names, outside the timer."""
     B, seed = cfg.data.batch_size, cfg.train.seed
     epochs, dropped, losses_seen, curve, train_s = [], 0, [], [], 0.0
+    dev, stepping, on_host = accel(device), StepTimer(device), host_timed(device)
     for epoch in range(cfg.train.epochs):
-        t0, c0, trained, comm = time.perf_counter(), stage.compute_s, 0, 0.0
-        for b in batches(data.train, B, seed=seed, epoch=epoch, augment=resolve_augment(cfg.data)):
-            if len(b.y) != B:  # see the module docstring: shapes are fixed at the first step
-                dropped += len(b.y) * (epoch == 0)
-                continue
-            x, y = b.x.to(device), b.y.to(device)
+        t0, trained, in_schedule, step_losses, cut = time.perf_counter(), 0, 0.0, [], [0]
+        chunks0, stepping0 = stage.timer.seconds, stepping.seconds
+        train = batches(data.train, B, seed=seed, epoch=epoch, augment=resolve_augment(cfg.data))
+        for b, (x, y) in streamed(full(train, B, cut), device, uploads(rank, world)):
             opt.zero_grad(set_to_none=True)
             losses: list = []
             args = (x,) if rank == 0 else ()
             kwargs = {"target": y, "losses": losses} if rank == world - 1 else {}
-            c_step, t_step = stage.compute_s, time.perf_counter()
+            t_step = time.perf_counter()
             schedule.step(*args, **kwargs)
-            t = time.perf_counter()
-            comm += (t - t_step) - (stage.compute_s - c_step)  # in the schedule, outside the chunks
+            in_schedule += time.perf_counter() - t_step
+            s = stepping.start()
             opt.step()
-            stage.compute_s += time.perf_counter() - t
-            trained += len(y)
-            if losses:
-                losses_seen.append(float(torch.stack([l.detach() for l in losses]).mean()))
-        synchronize(device)
+            stepping.stop(s)
+            trained += len(b.y)
+            if losses:  # the microbatches' losses, on the device until the timed window closes
+                step_losses.append([loss.detach() for loss in losses])
+        dev.synchronize()
         wall = time.perf_counter() - t0
-        epochs.append({"wall_s": wall, "compute_s": stage.compute_s - c0, "comm_s": comm,
+        chunks = stage.timer.seconds - chunks0
+        # in the schedule, outside the chunks: host clocks on both sides, so only where they time the work
+        comm = in_schedule - chunks if on_host else None
+        epochs.append({"wall_s": wall, "compute_s": chunks + stepping.seconds - stepping0, "comm_s": comm,
                        "samples": trained})
+        if step_losses:  # each step's mean over its microbatches, read in one transfer
+            losses_seen += torch.stack([torch.stack(ls).mean() for ls in step_losses]).tolist()
+        dropped += cut[0] * (epoch == 0)
         train_s += wall
         if cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0:
             curve.append({"epoch": epoch + 1, "train_s": train_s, "test_acc": evaluate()})
@@ -158,6 +191,7 @@ def train_rank(cfg, data, microbatches: int, schedule_name: str, rank: int, worl
     module, plan, shapes = build_module(cfg, data, rank, world, device)
     opt = build_optimizer(module.parameters(), cfg.optim, cfg.optim.lr)
     stage = TimedStage(module, rank, world, device)
+    stage.timer = StepTimer(device)
     schedule = SCHEDULES[schedule_name](stage, n_microbatches=microbatches,
                                         loss_fn=lambda out, y: F.cross_entropy(out, y))
     memory = PeakMemory(device)
@@ -171,13 +205,14 @@ def train_rank(cfg, data, microbatches: int, schedule_name: str, rank: int, worl
                                                            evaluate)
     timed = epochs[1:] or epochs
     per = lambda key: sum(e[key] for e in timed) / len(timed)  # noqa: E731
-    mine = {"rank": rank, "blocks": plan[rank], **memory.report(), **exact.report(),
-            "epoch_s": median([e["wall_s"] for e in timed]),
-            "compute_s": per("compute_s"), "comm_s": per("comm_s"),
-            "idle_s": max(per("wall_s") - per("compute_s") - per("comm_s"), 0.0),
-            "samples": timed[-1]["samples"], "last_loss": losses_seen[-1] if losses_seen else None,
-            "curve": curve}
-    return mine, plan, dropped
+    comm = per("comm_s") if timed[0]["comm_s"] is not None else None
+    report = {"rank": rank, "blocks": plan[rank], **memory.report(), **exact.report(),
+              "epoch_s": median([e["wall_s"] for e in timed]),
+              "compute_s": per("compute_s"), "comm_s": comm,
+              "idle_s": max(per("wall_s") - per("compute_s") - (comm or 0.0), 0.0),
+              "samples": timed[-1]["samples"], "last_loss": losses_seen[-1] if losses_seen else None,
+              "curve": curve}
+    return report, plan, dropped
 
 
 def main(cfg_path: str, out: str, microbatches: int, schedule_name: str = "gpipe",
@@ -185,11 +220,7 @@ def main(cfg_path: str, out: str, microbatches: int, schedule_name: str = "gpipe
     cfg = load(cfg_path)
     if split:
         cfg.dist.placement = list(split)  # placement() checks it against the world and the blocks
-    backend, device = resolve_backend(cfg)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.dist.timeout_s))
-    rank, world = dist.get_rank(), dist.get_world_size()
+    backend, device, rank, world = start(cfg)
     seed = cfg.train.seed
     torch.manual_seed(seed)
     data = build_data(cfg.data, seed)  # every rank: rank 0 needs the inputs, the last rank the labels
@@ -208,6 +239,10 @@ def main(cfg_path: str, out: str, microbatches: int, schedule_name: str = "gpipe
                          f"{SCHEDULES[schedule_name].__name__} with {microbatches} microbatches of "
                          f"{cfg.data.batch_size // microbatches} samples",
                          "partial last batches are dropped: stage shapes are fixed at the first step"]}
+        if reports[-1]["comm_s"] is None:
+            row["notes"].append("comm_s unavailable: it is host time in the schedule outside the chunks, and on "
+                                f"{device.type} a host clock times the p2p calls' launch, not their completion "
+                                "(idle_s is then the wall time outside compute)")
         if cfg.train.eval_every:
             row["curve"] = reports[-1]["curve"]  # scored on the last rank, on its clock
         for r in reports:

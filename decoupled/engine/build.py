@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
+from ..device import accel
 from ..job import JobConfig
 from ..models import ModelError, build_model
 from ..objectives import build_objective, objective_spec
@@ -65,7 +66,7 @@ def build_stage(cfg: JobConfig, j: int, block: nn.Module, objective, outlet: nn.
     lr = block_lr(cfg.optim, j)
     optimizer = build_optimizer(list(block.parameters()) + list(objective.local_parameters()), cfg.optim, lr)
     precision = Precision(device, compute=AUTOCAST[cfg.train.precision], wire=WIRE[cfg.dist.wire_dtype],
-                          check_every=cfg.train.check_every or (100 if device.type == "cuda" else 1))
+                          check_every=cfg.train.check_every or accel(device).check_every)
     stats = StageStats(device)
     stepper = _stepper(replicas, replica, [block, objective], optimizer=optimizer, precision=precision,
                        scheduler=build_scheduler(optimizer, cfg.optim, epochs), stats=stats)

@@ -15,6 +15,7 @@ import torch
 from ..checkpoint import Checkpointer
 from ..job import JobConfig, to_toml
 from ..data import Data
+from ..device import accel
 from ..live import Live
 from ..metrics import PeakMemory, Recorder, progress
 from .evaluate import evaluate
@@ -46,9 +47,7 @@ class Run:
     def to_device(self, *tensors):
         """Host batches to the device. On CUDA from pinned memory, so the copy is truly asynchronous
         (non_blocking from pageable memory is a synchronous copy); a no-op on CPU."""
-        if self.device.type != "cuda":
-            return [t.to(self.device) for t in tensors]
-        return [(t.pin_memory() if t.device.type == "cpu" else t).to(self.device, non_blocking=True) for t in tensors]
+        return accel(self.device).upload(*tensors)
 
     def progress(self, total: int, desc: str):
         bar = progress(total, desc, postfix=self.live.bar_text)

@@ -27,9 +27,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..device import StepTimer
+from ..device import StepTimer, accel
 from .precision import Precision
-from .ranks.transport import PeerError, issue
+from .ranks.transport import PeerError
 from .stats import StageStats
 
 
@@ -261,8 +261,7 @@ class AllReduce(Rounds):
 
     def _all_reduce(self, flat: torch.Tensor) -> None:
         try:
-            with issue(flat.device):  # note [NCCL issue lock]: the receiver threads issue NCCL calls too
-                dist.all_reduce(flat, group=self.group)
+            accel(flat.device).all_reduce(flat, self.group)  # note [NCCL issue lock]: receivers issue calls too
         except RuntimeError as e:  # a replica died or hung: name it, as a failed link names its peer
             me = dist.get_rank()
             others = [r for r in dist.get_process_group_ranks(self.group) if r != me]

@@ -37,7 +37,7 @@ from .budget import BUDGETS, OwnSteps, UpstreamEpochs
 from .groups import next_index
 from .receiver import Receiver
 from .replay import Entry, ReplayBuffer
-from .transport import Kind, Link, Message, PeerError, handover
+from .transport import Kind, Link, Message, PeerError
 
 if TYPE_CHECKING:
     from ...config import DistConfig, ReplayConfig
@@ -176,7 +176,7 @@ class AsyncFeed(Receiver):
             e = self.buffer.pick()
             if e is not None:
                 self.picked()  # a paced frozen stream may deliver its next batch
-                handover(e.ready, e.x, e.y, e.ids)
+                self.dev.hand_over(e.ready, e.x, e.y, e.ids)
                 e.ready = None
                 yield Message(Kind.TRAIN, e.epoch, e.step, e.x, e.y, e.ids)
                 continue

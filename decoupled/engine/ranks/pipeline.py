@@ -22,13 +22,14 @@ import time
 from typing import Callable, Iterable
 
 from ... import exits
+from ...device import accel
 from ..run import Run
 from ..flow import drain_chain, feed_chain
 from ..stepping import AllReduce
 from .budget import OwnSteps, UpstreamEpochs
 from .evaluation import EvalTally
 from .groups import share
-from .transport import Kind, Link, Message, PeerError, handover
+from .transport import Kind, Link, Message, PeerError
 
 
 class Pipeline:
@@ -36,6 +37,7 @@ class Pipeline:
                  recv: list[Link], send: list[Link], batch_index: Callable[[int], int], start_epoch: int = 0):
         self.run, self.cfg, self.stages = run, run.cfg, run.stages
         self.rank = run.rank
+        self.dev = accel(run.device)
         self.feed, self.budget = feed, budget
         self.recv_links, self.send_links = recv, send  # by upstream / downstream replica
         self.batch_index = batch_index  # a training message's source step -> what replicas share it by
@@ -55,7 +57,7 @@ class Pipeline:
     # ------------------------------------------------------------------ handlers (same on every rank)
     def handle(self, m: Message) -> bool:
         """Process one message; False once training is over."""
-        handover(m.ready, m.x, m.y, m.ids, m.aux)  # received on the receiver's stream (CUDA)
+        self.dev.hand_over(m.ready, m.x, m.y, m.ids, m.aux)  # received on the receiver's stream (markers: no tensors)
         m.ready = None
         # the memory mark follows the messages: evaluation batches apart from training (an async rank
         # may train between two of them), restarting only where the phase changes

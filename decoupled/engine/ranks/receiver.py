@@ -12,20 +12,11 @@ import threading
 import time
 from typing import TYPE_CHECKING, Callable
 
-import torch
-
-from .transport import Kind, Link, Message, PeerAbort, PeerError, handover
+from ...device import accel
+from .transport import Kind, Link, Message, PeerAbort, PeerError
 
 if TYPE_CHECKING:
     from ...config import DistConfig
-
-
-def _use_device(device: torch.device) -> None:
-    """Make the link's device this thread's current device. A new thread starts on cuda:0, and leaving
-    a `torch.cuda.stream` context restores that device's stream through cudaSetDevice, which since
-    CUDA 12 creates a context (hundreds of MB) on GPU 0 for every receiver thread of every rank."""
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
 
 
 class Receiver:
@@ -37,6 +28,7 @@ class Receiver:
     def __init__(self, links: list[Link], rank: int, dist: DistConfig, share: tuple[int, int] = (0, 1),
                  source_steps: int = 1, tap: Callable[[Message], None] | None = None):
         self.links, self.rank = links, rank
+        self.dev = accel(links[0].device)  # the links' device: one per rank
         self.share, self.source_steps = share, source_steps  # (replica, replicas) of this rank's group
         self.timeout = dist.timeout_s
         self.tap = tap  # sees every data message first, on the receiver thread (the cascade hand-off cache)
@@ -50,7 +42,10 @@ class Receiver:
 
     def _receive(self, i: int) -> None:
         try:
-            _use_device(self.links[i].device)
+            # the link's device is this thread's current device: a new thread starts on cuda:0, and
+            # leaving a stream context restores that device's stream through cudaSetDevice, which since
+            # CUDA 12 creates a context (hundreds of MB) on GPU 0 for every receiver thread of every rank
+            self.dev.bind()
             while True:
                 m = self.links[i].recv()
                 self.last_recv = time.perf_counter()
@@ -70,7 +65,7 @@ class Receiver:
         which training uses too): hand the tensors over to it first. Without that it could read them
         before the transfer lands, and the caching allocator, which knows only the link's side stream,
         could give their block to the next irecv while the tap's copies are still queued."""
-        handover(m.ready, m.x, m.y, m.ids, m.aux)
+        self.dev.hand_over(m.ready, m.x, m.y, m.ids, m.aux)
         self.tap(m)
 
     def _deliver(self, i: int, m: Message | None) -> None:

@@ -32,7 +32,7 @@ class Entry:
     step: int  # upstream's step when it produced the batch
     seq: int = 0  # arrival order
     uses: int = 0
-    ready: object = None  # CUDA: the receiver stream's event (transport.handover), until first used
+    ready: object = None  # the receiver stream's event (device.Accel.hand_over), until first used
 
 
 @dataclass

@@ -34,28 +34,19 @@ makes the current stream wait for NCCL's. On gloo `wait(timeout)` blocks on a co
 """
 from __future__ import annotations
 
-import contextlib
 import enum
-import threading
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from ...device import Accel, accel
 
 HEADER_LEN = 14
 HEADER_BYTES = HEADER_LEN * 8
 MAX_DIMS = 5
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-
-_ISSUE_LOCK = threading.Lock()  # note [NCCL issue lock]
-
-
-def issue(device: torch.device):
-    """Context for enqueuing an NCCL call (note [NCCL issue lock]); nothing on CPU/gloo."""
-    return _ISSUE_LOCK if device.type == "cuda" else contextlib.nullcontext()
-
 
 class Kind(enum.IntEnum):
     TRAIN = 1
@@ -91,7 +82,7 @@ class Message:
     y: torch.Tensor | None = None
     ids: torch.Tensor | None = None
     aux: torch.Tensor | None = None
-    ready: object = None  # CUDA: event recorded on the receiver's stream once the tensors have landed
+    ready: object = None  # the receiver stream's event, recorded once the tensors have landed (device.Accel.hand_over)
     frozen: bool = False  # a batch through blocks that have made their budget (note [paced frozen stream])
 
     @property
@@ -137,15 +128,13 @@ def header_meta(m: Message, max_count: int) -> list[int]:
     return meta
 
 
-def pack(m: Message, meta: list[int], size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def pack(m: Message, meta: list[int], size: int, dev: Accel) -> tuple[torch.Tensor, torch.Tensor]:
     """The message as one byte buffer of `size` >= its own size, in one concatenation (each op costs
     microseconds of dispatch, and small messages are all fixed cost) and without a host sync: the
     header goes up from (pinned) host memory asynchronously. Returns the buffer and the host header
     (kept alive until the send completes)."""
-    host = torch.tensor(meta, dtype=torch.int64)
-    if device.type == "cuda":
-        host = host.pin_memory()
-    parts = [host.to(device, non_blocking=True).view(torch.uint8)]
+    host = dev.pin(torch.tensor(meta, dtype=torch.int64))
+    parts = [dev.upload(host)[0].view(torch.uint8)]
     if m.x is not None:
         parts.append(torch.cat([m.y.to(torch.int64), m.ids.to(torch.int64)]).view(torch.uint8))
         parts += _segment(m.x)
@@ -153,7 +142,7 @@ def pack(m: Message, meta: list[int], size: int, device: torch.device) -> tuple[
             parts += _segment(m.aux.float())
     used = sum(p.numel() for p in parts)
     if used < size:  # padding up to the transfer the receiver has posted; never read
-        parts.append(torch.empty(size - used, dtype=torch.uint8, device=device))
+        parts.append(torch.empty(size - used, dtype=torch.uint8, device=dev.device))
     return torch.cat(parts), host
 
 
@@ -180,36 +169,24 @@ def unpack(buf: torch.Tensor, header: list[int]) -> Message:
     return m
 
 
-def handover(ready, *tensors) -> None:
-    """Make tensors the receiver thread produced on its side stream safe to use on the current
-    stream of *their* device: that stream waits for the side stream's event `ready` (the host does
-    not), and the caching allocator learns that it uses them. A no-op on CPU (ready is None)."""
-    if ready is None:
-        return
-    device = next(t.device for t in tensors if t is not None)
-    stream = torch.cuda.current_stream(device)
-    stream.wait_event(ready)
-    for t in tensors:
-        if t is not None:
-            t.record_stream(stream)
-
-
 class Link:
     """One direction of one edge of the pipeline, seen from one end."""
 
     def __init__(self, group, peer: int, device: torch.device, timeout_s: float, max_count: int,
                  max_inflight: int = 2):
         self.group, self.peer, self.device = group, peer, device
+        self.dev = accel(device)  # every device difference (streams, events, pinned memory, waits)
         self.max_count = max_count  # most samples one message may carry
-        self.timeout = timedelta(seconds=timeout_s)
+        self.timeout_s = timeout_s
         self.max_inflight = max_inflight
         self.inflight: list[tuple[list, list[torch.Tensor]]] = []  # (works, tensors kept alive)
         self.expect = HEADER_BYTES  # the size of the next transfer, as both ends know it
         self.bytes = 0  # bytes on the wire (padding and announcements included)
+        self.transfers = 0  # point-to-point calls issued (isends, or irecvs posted)
         self.messages = 0
         self.samples = 0  # samples carried by data messages (routing makes this shrink downstream)
         self.blocked_s = 0.0  # time spent waiting on this link
-        self.stream = None  # CUDA: the receiver thread's stream (made on first receive, on that thread)
+        self.stream = None  # the receiver thread's stream (made on first receive, on that thread)
         self.header_host = None
         self.posted = None  # receiving: the irecv already posted for the next transfer, and its buffer
 
@@ -220,14 +197,15 @@ class Link:
         meta = header_meta(m, self.max_count)
         size = meta[12]
         if size <= self.expect:
-            bufs, keep = zip(pack(m, meta, self.expect, self.device))
+            bufs, keep = zip(pack(m, meta, self.expect, self.dev))
         else:  # announce the size first, in the transfer the receiver has posted, then the message
-            bufs, keep = zip(pack(Message(m.kind, m.epoch, m.step), meta, self.expect, self.device),
-                             pack(m, meta, size, self.device))
+            bufs, keep = zip(pack(Message(m.kind, m.epoch, m.step), meta, self.expect, self.dev),
+                             pack(m, meta, size, self.dev))
         if m.x is not None:
             self.expect = size
-        # Never touch (or free) a tensor before its isend completes: keep them until wait().
-        works = [self._issue(dist.isend, b) for b in bufs]
+        # Never touch (or free) a tensor before its isend completes: keep them until it has.
+        works = [self.dev.isend(b, self.group, self.peer_in_group()) for b in bufs]
+        self.transfers += len(works)
         self.bytes += sum(b.numel() for b in bufs)
         self.messages += 1
         self.samples += m.count
@@ -242,7 +220,7 @@ class Link:
     def abort(self, origin: int) -> None:
         """Best effort: tell downstream that rank `origin` failed, without waiting long for it."""
         try:
-            self.timeout = timedelta(seconds=min(5.0, self.timeout.total_seconds()))
+            self.timeout_s = min(5.0, self.timeout_s)
             self.inflight.clear()  # what was in flight no longer matters
             self.send(Message(Kind.ABORT, step=origin))
             self.flush()
@@ -258,37 +236,22 @@ class Link:
 
     # ------------------------------------------------------------------ receiving (receiver thread)
     def recv(self) -> Message:
-        """The next message. On CUDA every NCCL call of the receiver runs on its own stream, so
-        waiting on a receive never makes the training stream wait (Work.wait makes the *current*
-        stream wait for NCCL's event); the message's tensors are handed over by an event (handover)."""
-        with self._on_stream():
+        """The next message. Every call of the receiver runs on its own stream, so waiting on a receive
+        never makes the training stream wait (Work.wait orders the *current* stream after NCCL's); the
+        message's tensors are handed over by the event recorded here (Accel.hand_over)."""
+        if self.stream is None:
+            self.stream = self.dev.side_stream()
+            self.header_host = self.dev.host_buffer(HEADER_LEN, torch.int64)
+        with self.dev.on(self.stream):
             m = self._recv_message()
-            if self.stream is not None:
-                m.ready = torch.cuda.Event()
-                m.ready.record(self.stream)
+            m.ready = self.dev.event()
+            m.ready.record(self.stream)
         return m
-
-    def _on_stream(self):
-        if self.device.type != "cuda":
-            return contextlib.nullcontext()
-        if self.stream is None:
-            torch.cuda.set_device(self.device)  # this thread's current device: no context on cuda:0
-            self.stream = torch.cuda.Stream(self.device)
-            self.header_host = torch.empty(HEADER_LEN, dtype=torch.int64).pin_memory()
-        return torch.cuda.stream(self.stream)
-
-    def _read_header(self, raw: torch.Tensor) -> list[int]:
-        head = raw[:HEADER_BYTES].view(torch.int64)
-        if self.stream is None:
-            return head.tolist()
-        # into pinned memory, then wait for the receiver's stream only (not the device)
-        self.header_host.copy_(head, non_blocking=True)
-        self.stream.synchronize()
-        return self.header_host.tolist()
 
     def _post(self, size: int) -> None:
         buf = torch.empty(size, dtype=torch.uint8, device=self.device)
-        self.posted = (self._issue(dist.irecv, buf), buf)
+        self.posted = (self.dev.irecv(buf, self.group, self.peer_in_group()), buf)
+        self.transfers += 1
 
     def _take(self) -> tuple[torch.Tensor, list[int]]:
         if self.posted is None:
@@ -297,7 +260,8 @@ class Link:
         self.posted = None
         self._await(work, "receive from")
         self.bytes += buf.numel()
-        return buf, self._read_header(buf)
+        # into (pinned) host memory, waiting for the receiver's stream only, never the device
+        return buf, self.dev.download(self.header_host, buf[:HEADER_BYTES].view(torch.int64), self.stream)
 
     def _recv_message(self) -> Message:
         buf, header = self._take()
@@ -319,25 +283,10 @@ class Link:
         # two-rank groups hold (lower, higher) global ranks as group ranks 0 and 1
         return 0 if self.peer < dist.get_rank() else 1
 
-    def _issue(self, op, buf: torch.Tensor):
-        with issue(self.device):
-            if op is dist.isend:
-                return dist.isend(buf, group=self.group, group_dst=self.peer_in_group())
-            return dist.irecv(buf, group=self.group, group_src=self.peer_in_group())
-
     def _await(self, work, what: str) -> None:
-        """Until `work` is done, or dist.timeout_s (note [waiting on NCCL])."""
+        """Until `work` is done, or dist.timeout_s (Accel.wait, note [waiting on NCCL])."""
         try:
-            if self.device.type != "cuda":
-                work.wait(self.timeout)
-                return
-            deadline, pause = time.monotonic() + self.timeout.total_seconds(), 2e-5
-            while not work.is_completed():
-                if time.monotonic() > deadline:
-                    raise RuntimeError("no completion")
-                time.sleep(pause)
-                pause = min(2 * pause, 1e-3)
-            work.wait()  # stream-ordered only: the current stream waits for NCCL's
+            self.dev.wait(work, self.timeout_s)
         except RuntimeError as e:
             raise PeerError(f"rank {dist.get_rank()}: {what} rank {self.peer} failed or timed out after "
-                            f"{self.timeout.total_seconds():.0f}s (dist.timeout_s): {e}", self.peer) from e
+                            f"{self.timeout_s:.0f}s (dist.timeout_s): {e}", self.peer) from e

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ...job import ConfigError, JobConfig
-from ...device import local_cuda_index
+from ...device import accel, cuda_available, local_cuda_index
 from .transport import PeerError
 
 
@@ -86,11 +86,11 @@ class BudgetBoard:
 
 def resolve_backend(cfg: JobConfig) -> tuple[str, torch.device]:
     backend = cfg.dist.backend
-    cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
+    cuda = cuda_available() and cfg.train.device != "cpu"
     if backend == "auto":
         backend = "nccl" if cuda else "gloo"
     if backend == "nccl":
-        if not torch.cuda.is_available():
+        if not cuda_available():
             raise ConfigError("dist.backend='nccl' needs CUDA, which is not available; "
                               "use dist.backend='gloo' or 'auto'")
         if cfg.train.device == "cpu":
@@ -100,7 +100,7 @@ def resolve_backend(cfg: JobConfig) -> tuple[str, torch.device]:
         raise ConfigError("dist.sync_bn=true needs CUDA (torch's SyncBatchNorm runs on GPU only); on CPU leave it "
                           "false: each replica normalises its own batch and the running statistics are averaged")
     if cfg.train.device == "cuda":
-        if not torch.cuda.is_available():
+        if not cuda_available():
             raise ConfigError("train.device='cuda' but no CUDA device is visible; use 'cpu' or 'auto'")
         raise ConfigError("train.device='cuda' with dist.backend='gloo' is not supported; use dist.backend='nccl' "
                           "(or 'auto')")
@@ -129,14 +129,18 @@ def nccl_env_defaults() -> None:
         os.environ.setdefault(name, value)
 
 
-def init(cfg: JobConfig) -> World:
+def start_process_group(cfg: JobConfig):
+    """The one start-up of a torchrun worker (the engine's ranks and every bench worker): the backend
+    and device (resolve_backend), our NCCL defaults before the first NCCL group, this thread bound to
+    its device, and the default process group, created eagerly on that device (`device_id`: NCCL
+    connects at once, not at the first collective). Returns (backend, device, store)."""
     backend, device = resolve_backend(cfg)
     timeout = timedelta(seconds=cfg.dist.timeout_s)
     if backend == "nccl":
         nccl_env_defaults()
+    dev = accel(device)
+    dev.bind()
     if "WORLD_SIZE" in os.environ:  # launched by torchrun (env:// rendezvous)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         store, rank, size = next(dist.rendezvous("env://", timeout=timeout))
         # torchrun shares one TCP store across restarts (--max-restarts): keys of the failed attempt
         # (e.g. the addresses of our per-link groups) would be read back by the new one and gloo
@@ -144,10 +148,16 @@ def init(cfg: JobConfig) -> World:
         # without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1.
         store = dist.PrefixStore(f"decoupled/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout,
-                                device_id=device if device.type == "cuda" else None)
+                                device_id=dev.process_group_device())
     else:  # plain `decoupled train` with mode sync/async: a world of one, no network
         store = dist.HashStore()
         dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+    return backend, device, store
+
+
+def init(cfg: JobConfig) -> World:
+    backend, device, store = start_process_group(cfg)
+    timeout = timedelta(seconds=cfg.dist.timeout_s)
     rank, size = dist.get_rank(), dist.get_world_size()
     ctrl = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
     # Waits on a peer's *work* rather than its liveness: rank 0 loading a large dataset, every rank
