@@ -59,6 +59,11 @@ def cuda_available() -> bool:
     return cuda.is_available()
 
 
+def gpu_names() -> list[str]:
+    """The visible GPUs' names (none on a host without CUDA)."""
+    return [cuda.get_device_name(i) for i in range(cuda.device_count())]
+
+
 def resolve_device(name: str) -> torch.device:
     """"auto" = cuda when available; under torchrun cuda:(LOCAL_RANK mod visible devices)."""
     if name == "auto":
@@ -162,6 +167,20 @@ class Accel:
     def all_reduce(self, t: torch.Tensor, group) -> None:
         with self.issue(group):
             _dist().all_reduce(t, group=group)
+
+    def warm(self, op, t: torch.Tensor, group, peer: int | None):
+        """A group's first call (note [NCCL communicators], R3), on the main thread before any other
+        thread drives the group; returns its work. op: dist.isend, dist.irecv or dist.all_reduce."""
+        with self.issue_first(group):
+            if peer is None:
+                return op(t, group=group, async_op=True)
+            if op.__name__ == "isend":
+                return op(t, group=group, group_dst=peer)
+            return op(t, group=group, group_src=peer)
+
+    def issue_first(self, group):
+        """Context for a group's warm-up call (the checked host records the group as warm)."""
+        return self.issue(group)
 
     def download(self, dst: torch.Tensor, src: torch.Tensor, stream) -> list[int]:
         """`src` (on `stream`, the current one) to the host buffer `dst` and its values, waiting for that
@@ -450,6 +469,7 @@ class CheckedHostAccel(HostAccel):
         self.local = threading.local()
         self.pending: dict[int, tuple[object, torch.Tensor, torch.Tensor]] = {}  # storage -> (stream, buf, truth)
         self.drivers: dict[int, int] = {}  # id(process group) -> the one thread that issues its calls
+        self.warmed: set[int] = set()  # groups warmed up (World.warm_up)
         self.posted = 0  # receives issued and not yet completed
         self.rng = torch.Generator().manual_seed(0)
         super().__init__(device)
@@ -480,9 +500,22 @@ class CheckedHostAccel(HostAccel):
     def issue(self, group):
         me, key = threading.get_ident(), id(group)
         with self.lock:
+            warm = key in self.warmed
             owner = self.drivers.setdefault(key, me)
-        if owner != me:  # note [NCCL communicators]: one thread per communicator
+        if not warm:  # note [NCCL communicators], R3
+            raise CheckError(f"process group {key} used before its warm-up (World.warm_up)")
+        if owner != me:  # R1: one thread per communicator
             raise CheckError(f"process group {key} driven from two threads ({owner} and {me})")
+        return contextlib.nullcontext()
+
+    def warm(self, op, t, group, peer):
+        return _Completion(Accel.warm(self, op, t, group, peer))
+
+    def issue_first(self, group):
+        """The warm-up: on the main thread, before any thread drives the group (its driver is
+        registered by the first call after it)."""
+        with self.lock:
+            self.warmed.add(id(group))
         return contextlib.nullcontext()
 
     def isend(self, buf, group, dst):

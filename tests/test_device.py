@@ -160,9 +160,12 @@ def test_checked_host_refuses_a_send_buffer_written_in_flight():
 
 
 def test_checked_host_drives_each_process_group_from_one_thread():
-    """Note [NCCL communicators]: the invariant the design relies on."""
+    """Note [NCCL communicators]: the invariant the design relies on (R1), after the warm-up (R3)."""
     dev = CheckedHostAccel(torch.device("cpu"))
     group = object()
+    with pytest.raises(CheckError, match="before its warm-up"):
+        dev.issue(group)
+    dev.issue_first(group)
     with dev.issue(group):
         pass
     errors = []
@@ -176,7 +179,12 @@ def test_checked_host_drives_each_process_group_from_one_thread():
     t.start()
     t.join()
     assert len(errors) == 1 and "two threads" in str(errors[0])
-    dev.issue(object())  # another group may have another thread
+    other_group = object()
+    dev.issue_first(other_group)
+    t = threading.Thread(target=dev.issue, args=(other_group,))  # another group, another thread
+    t.start()
+    t.join()
+    assert dev.drivers[id(other_group)] != dev.drivers[id(group)]
 
 
 def test_checked_host_refuses_a_device_wide_synchronize_while_a_receive_is_posted():

@@ -19,10 +19,13 @@ from .guard import TIMED, VGG
 from .runner import median, read_jsonl, timed
 
 
+E2E_ROUNDS = 8  # alternated rounds of e2e_overhead (4 gave a spread of +-15 % across invocations)
+
+
 def e2e_overhead(out: str) -> None:
-    """The e2e trainer's epoch over a plain loop's, alternated four times in this one process (the
-    same network, batches of the same size, SGD with the same settings, no augmentation, no
-    evaluation)."""
+    """The e2e trainer's epoch over a plain loop's, alternated E2E_ROUNDS times in this one process
+    (the same network, batches of the same size, SGD with the same settings, no augmentation, no
+    evaluation); the fastest epoch of each."""
     from ..data import build_data
     from ..trainers.e2e import E2E
     from ..engine.run import Run
@@ -34,7 +37,7 @@ def e2e_overhead(out: str) -> None:
     cfg = load(None, [f"train.log_every={steps}"], base=cfg)  # one `step` stamp per epoch
     cpu = torch.device("cpu")
     e2e, plain = [], []
-    for r in range(4):  # alternated, the order flipped every round: a drift in machine speed cancels
+    for r in range(E2E_ROUNDS):  # alternated, the order flipped every round: a drift in machine speed cancels
         for which in (("e2e", "plain") if r % 2 == 0 else ("plain", "e2e")):
             if which == "plain":
                 plain += plain_loop(cfg, data, build_stages)
@@ -77,19 +80,21 @@ def plain_loop(cfg, data, build_stages) -> list[float]:
     return times[1:]
 
 
-def recv_cost(out: str, messages: int = 1000) -> None:
-    """Per message: a Link (one transfer, its receiver's next irecv posted ahead) against bare
-    isend/irecv of the same bytes in the same pattern (two sends in flight, one receive posted ahead):
-    what the message format and its Python cost. Small messages, so fixed costs dominate."""
+def recv_cost(out: str, messages: int = 1000, rounds: int = 8) -> None:
+    """Per message: a Link (one transfer, its receiver's next irecv posted ahead) against the old
+    three-transfer format on bare isend/irecv (header, labels and ids, activations: three transfers a
+    message, each received in turn; two messages in flight), alternated in this one invocation: the
+    ratio of their fastest rounds. A Link that went back to three transfers would cost the three
+    rendezvous plus its Python, more than the bare three (a ratio above 1)."""
     import torch.distributed as dist
 
-    from ..engine.ranks.transport import Kind, Link, Message, layout
+    from ..engine.ranks.transport import HEADER_BYTES, Kind, Link, Message
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     group, raw_group = dist.new_group([0, 1]), dist.new_group([0, 1])  # the Link keeps an irecv posted
     n, width = 64, 16
     m = Message(Kind.TRAIN, 0, 0, torch.randn(n, width), torch.zeros(n, dtype=torch.int64), torch.arange(n))
-    nbytes = layout(n, [width], torch.float32, 0)[1]
+    sizes = [HEADER_BYTES, 2 * n * 8, n * width * 4]  # the old format's three transfers
     link = Link(group, 1 - rank, torch.device("cpu"), 60.0, n)
 
     def link_loop():
@@ -97,34 +102,33 @@ def recv_cost(out: str, messages: int = 1000) -> None:
             link.send(m) if rank == 0 else link.recv()
         link.flush()
 
-    def raw_loop():  # the Link's pattern on bare buffers: two sends in flight; a receive posted as the last lands
-        def post():
-            return dist.irecv(torch.empty(nbytes, dtype=torch.uint8), 0, group=raw_group)
-        works = [] if rank == 0 else [post()]
-        for i in range(messages):
+    def three_loop():
+        inflight = []
+        for _ in range(messages):
             if rank == 0:
-                works.append(dist.isend(torch.empty(nbytes, dtype=torch.uint8), 1, group=raw_group))
-                while len(works) > 2:
-                    works.pop(0).wait()
+                inflight.append([dist.isend(torch.empty(s, dtype=torch.uint8), 1, group=raw_group) for s in sizes])
+                while len(inflight) > 2:
+                    for w in inflight.pop(0):
+                        w.wait()
             else:
-                works.pop(0).wait()
-                if i + 1 < messages:
-                    works.append(post())
-        for w in works:
-            w.wait()
+                for s in sizes:
+                    dist.irecv(torch.empty(s, dtype=torch.uint8), 0, group=raw_group).wait()
+        for works in inflight:
+            for w in works:
+                w.wait()
 
-    result = {"link": float("inf"), "raw": float("inf")}
-    for name, loop in [("link", link_loop), ("raw", raw_loop)] * 8:  # alternated; the fastest round of each
+    result = {"link": float("inf"), "three": float("inf")}
+    for name, loop in [("link", link_loop), ("three", three_loop)] * rounds:  # alternated; fastest of each
         dist.barrier(group)
         t0 = time.perf_counter()
         loop()
         dist.barrier(group)
         result[name] = min(result[name], (time.perf_counter() - t0) / messages * 1e6)
     if rank == 0:
-        Path(out).write_text(json.dumps({"value": result["link"] / result["raw"],
-                                         "detail": f"Link {result['link']:.0f} µs/message, "
-                                                   f"bare p2p in the same pattern {result['raw']:.0f} µs "
-                                                   f"({nbytes} B messages; fastest of 8 rounds of {messages} each)"}))
+        Path(out).write_text(json.dumps({"value": result["link"] / result["three"],
+                                         "detail": f"Link {result['link']:.0f} µs/message, the three-transfer "
+                                                   f"format on bare p2p {result['three']:.0f} µs ({sum(sizes)} B "
+                                                   f"messages; fastest of {rounds} rounds of {messages} each)"}))
     dist.destroy_process_group()
 
 

@@ -120,7 +120,9 @@ def pipeline_row(mode: str, out: Path, n: int, batch: int) -> dict:
     return {"mode": mode, "samples_per_s": n / epoch_s, "epoch_s": epoch_s,
             "last_block_fresh_samples_per_s": _fresh_per_s(summary["ranks"][-1], batch),
             "epochs_timed": timed(stamps[slowest]), "ranks": ranks,
-            "placement": summary.get("placement"), "backend": summary.get("backend")}
+            # the layout the run trained on (sync-auto chooses it at start-up): blocks and ranks per stage group
+            "placement": summary.get("placement"), "replicas": summary.get("replicas"),
+            "backend": summary.get("backend")}
 
 
 def _fresh_per_s(r: dict, batch: int) -> float | None:

@@ -31,18 +31,21 @@ def timed(stamps: list[float]) -> list[float]:
 
 def machine() -> dict:
     import torch
+
+    from ..device import cuda_available, gpu_names
     info = {"hostname": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "cpu_count": os.cpu_count(),
             "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "loadavg_start": list(os.getloadavg()), "cuda": torch.cuda.is_available(),
+            "loadavg_start": list(os.getloadavg()), "cuda": cuda_available(),
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:
         info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                                  if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    if torch.cuda.is_available():
-        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    names = gpu_names()
+    if names:
+        info["gpus"] = names
     return info
 
 

@@ -1,5 +1,5 @@
-"""What one GPU can show (skipped without CUDA). Two NCCL ranks need two GPUs, so the multi-rank NCCL
-path is covered by design (transport.py, receiver.py) and by the CPU tests of the same code; here:
+"""What one GPU can show (skipped without CUDA). Two NCCL ranks need two GPUs: the multi-rank NCCL jobs
+are in tests/gpu/run.sh (run with >= 2 GPUs) and the CPU tests of the same code; here:
 every single-process mode on CUDA, AMP, the side-stream hand-over (also against allocator reuse and
 under the CUDA sanitizer), no host sync in a train step (fp32, bf16, fp16, a replica's) or from the
 async hand-off cache's source, NCCL's wait(timeout) against our completion poll on a world of one,
@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from decoupled.device import accel
 from decoupled.job import load
-from decoupled.engine.ranks.transport import handover
 from decoupled.run_job import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -79,19 +79,21 @@ def test_amp_and_wire_dtypes_on_cuda(tmp_path, precision, wire):
 
 
 def test_side_stream_handover_while_the_side_stream_is_busy():
-    """A tensor produced on a side stream and handed over by an event (transport.handover) is read
-    correctly by the main stream while the side stream still has queued work."""
-    side = torch.cuda.Stream()
+    """A tensor produced on a side stream and handed over by an event (Accel.hand_over, the device
+    layer's, as the receiver uses it) is read correctly by the main stream while the side stream
+    still has queued work."""
+    dev = accel(torch.device("cuda", torch.cuda.current_device()))
+    side = dev.side_stream()
     a = torch.randn(2048, 2048, device="cuda")
-    with torch.cuda.stream(side):
+    with dev.on(side):
         x = a @ a  # the hand-over tensor, allocated on the side stream
-        ready = torch.cuda.Event()
+        ready = dev.event()
         ready.record(side)
         for _ in range(20):  # keep the side stream busy after the event
             a @ a
-    handover(ready, x)
+    dev.hand_over(ready, x)
     got = x.sum()  # main stream: waits for `ready`, not for the later work
-    torch.cuda.synchronize()
+    dev.synchronize()
     assert torch.allclose(got, (a @ a).sum(), rtol=1e-3)
 
 
@@ -169,13 +171,14 @@ def test_simultaneous_vs_e2e_throughput_vgg11(tmp_path, capsys):
 
 HANDOVER_REUSE = """
 import torch
-from decoupled.engine.ranks.transport import handover
-side = torch.cuda.Stream()
-with torch.cuda.stream(side):  # the receiver: a message lands in a block of the side stream's pool
+from decoupled.device import accel
+dev = accel(torch.device("cuda", torch.cuda.current_device()))
+side = dev.side_stream()
+with dev.on(side):  # the receiver: a message lands in a block of the side stream's pool
     x = torch.ones(1 << 20, device="cuda")
-    ready = torch.cuda.Event()
+    ready = dev.event()
     ready.record(side)
-handover(ready, x)  # the training (default) stream takes it
+dev.hand_over(ready, x)  # the training (default) stream takes it
 torch.cuda._sleep(200_000_000)  # a long queue ahead of the read on the default stream
 got = x.clone()  # queued behind the sleep
 x_ptr = x.data_ptr()
@@ -192,7 +195,7 @@ print("ok")
 
 @pytest.mark.parametrize("sanitizer", [False, True], ids=["plain", "TORCH_CUDA_SANITIZER"])
 def test_handover_keeps_a_freed_block_from_the_next_receive(sanitizer):
-    """transport.handover: record_stream makes the allocator wait for the training stream's queued
+    """Accel.hand_over: record_stream makes the allocator wait for the training stream's queued
     read before it gives the block to the side stream again (the hand-off tap and the replay buffer
     rely on it). In a subprocess: the sanitizer is switched on at import."""
     env = {**os.environ, **({"TORCH_CUDA_SANITIZER": "1"} if sanitizer else {})}
@@ -202,7 +205,7 @@ def test_handover_keeps_a_freed_block_from_the_next_receive(sanitizer):
 
 def test_wait_with_timeout_polls_slower_than_our_completion_poll(tmp_path, capsys):
     """NCCL's WorkNCCL::wait(timeout) polls isCompleted() with a 1 ms sleep; transport.Link._await
-    polls is_completed() with a short backoff, then wait() without a timeout. A world of one: a small
+    (Accel.wait) polls is_completed() with a short backoff, then wait() without a timeout. A world of one: a small
     all-reduce (point-to-point to oneself is not allowed)."""
     import torch.distributed as dist
     from decoupled.engine.ranks.transport import Link

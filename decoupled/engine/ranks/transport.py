@@ -10,18 +10,21 @@ exactly `expect` bytes (NCCL needs the sizes to match; the tail is padding); a l
 header-sized announcement of `expect` bytes, then itself. In steady state (same batch shape) every
 message is one transfer: a rendezvous on gloo costs ~100-150 µs on 2 cores, and three per message
 (header, labels, activations) made a slow downstream block its upstream in async. Markers carry no
-data and do not change `expect`, so a train batch after an end-of-epoch is still one transfer.
+data and do not change `expect`, so a train batch after an end-of-epoch is one transfer when it is
+no larger than the batch before the marker (after a smaller last batch, or an evaluation's batches,
+the next full batch is announced: two transfers, once per epoch; tests/test_transport.py counts them).
 The receiver posts the next irecv as soon as it has read a header (it knows the next size then), so
 the transfer overlaps its handling of the current message.
 
 Each link (rank j-1 -> rank j) has its own two-rank process group: the sender uses it only from its
 main thread and the receiver only from its receiver thread, so no process group is ever driven from
-two threads at once. The same code runs over gloo (CPU) and NCCL (CUDA), see note [NCCL issue lock].
+two threads at once. The same code runs over gloo (CPU) and NCCL (CUDA), see note [NCCL issue lock]
+and, for why several communicators driven at once cannot deadlock, note [NCCL communicators] (world.py).
 
 Note [NCCL issue lock]. NCCL is not safe to drive from several threads at once, even on separate
 communicators of one device (NCCL's thread-safety notes; torch warns about it), and a rank does:
 its receiver threads post irecvs while its training thread posts isends and replica all-reduces.
-Every NCCL call is therefore *issued* under one process-wide lock (`issue`), which is held only
+Every NCCL call is therefore *issued* under one process-wide lock (`Accel.issue`), which is held only
 while the call enqueues its kernel, never while waiting for one, so a blocked receive cannot stall
 the sends. Issuing everything from one thread would serialise the waits too. On gloo the lock is
 not taken (gloo's pairs are thread-safe and its calls block in its own threads).
@@ -30,7 +33,8 @@ Note [waiting on NCCL]. `WorkNCCL::wait(timeout)` polls completion with a 1 ms s
 waited that way costs at least 1 ms. Here a host that must know a transfer is done (the header it
 reads, the back-pressure on sends) polls `Work.is_completed()` (an event query) with a short
 backoff and its own deadline (dist.timeout_s), then calls `wait()` without a timeout, which only
-makes the current stream wait for NCCL's. On gloo `wait(timeout)` blocks on a condition variable.
+makes the current stream wait for NCCL's (`Accel.wait`; the checked host walks the same loop). On
+gloo `wait(timeout)` blocks on a condition variable.
 """
 from __future__ import annotations
 

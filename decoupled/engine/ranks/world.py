@@ -5,6 +5,54 @@ object collectives that start-up and the end-of-run report use.
 Backend auto: NCCL with device cuda:(LOCAL_RANK mod visible GPUs) when CUDA is available, gloo on CPU. Object
 collectives (metadata, errors, the summary) always go over a gloo group, so they work and time out
 the same way whatever carries the activations.
+
+Note [NCCL communicators]. Every process group is an NCCL communicator: one per link (two ranks) and
+one per replicated stage group. A rank drives several at once: its receiver threads keep an irecv
+posted on each upstream link while its training thread sends downstream and all-reduces with its
+replicas. NCCL's guide warns that operations on several communicators can deadlock unless every rank
+issues them in one order, "at different epochs with a locking mechanism" (Using multiple NCCL
+communicators concurrently). Async has no global order across ranks by design, so what holds is an
+order *per communicator*:
+- NCCL pairs the calls of a communicator by their order alone ("Rank peer needs to call ncclRecv with
+  the same datatype and the same count", nccl.h ncclSend). So each communicator's kernels pair up
+  whatever the others do, provided:
+  R1 each group is driven by one thread, for its whole life (a link: the sender's training thread and
+     the receiver's thread for it; a replica group: the training threads);
+  R2 both ends issue the same sequence of calls and sizes (note [one transfer per message]: markers,
+     announcements and padding included; replicas: the same all-reduces, padded rounds in sync).
+- Not batch_isend_irecv: it fuses the calls of one communicator, which nccl.h asks for when sends and
+  receives must progress together (a pair sending both ways); every link here is one-way, and the
+  calls that must progress together are on different communicators and threads. Not fewer
+  communicators: torch runs a group's point-to-point calls on its one NCCL stream, so a posted irecv
+  would hold back every later isend on it, and only a global order would avoid the wait.
+NCCL adds three more kinds of wait, each kept out of a cycle:
+- host: the first call on a communicator connects it and blocks until the peer makes its own (NCCL
+  connects point-to-point peers "upon the first exchange", and NCCL_RUNTIME_CONNECT defers collective
+  connections the same way), inside the issue lock. R3: `World.warm_up` makes every group's first
+  call on the main thread, in one order on every rank, before any receiver thread starts. After it,
+  host waits poll one work's completion (note [waiting on NCCL]) and synchronize one stream or event.
+- stream: isend/irecv run on the group's NCCL stream after the issuing thread's current stream, and
+  the all-reduce on the training stream: edges in each thread's own program order.
+- device: a posted irecv occupies the GPU until upstream sends. Anything that waits for the whole
+  device then waits for upstream too: torch.cuda.synchronize(), and the caching allocator's cudaFree
+  (empty_cache, its retry after an out-of-memory, garbage_collection_threshold). R4: no device-wide
+  wait while a receive may be posted; the engine synchronizes the device only at the end of training
+  (STOP: nothing posted) and never empties the cache; leave memory headroom, since an allocation
+  retry would hang rather than fail. CUDA promises no forward progress between streams (NVIDIA/nccl
+  #574, #783): the design relies on a few small NCCL kernels being co-resident, which holds for one
+  GPU per rank with a handful of communicators (R5: keep NCCL groups and side streams per device
+  under torch's pool of 32 streams; never set CUDA_DEVICE_MAX_CONNECTIONS=1).
+The checked host (note [checked host], device.py) asserts R1, R3 and R4 on the CPU suite: a group
+used before its warm-up, a group driven from two threads, or a device-wide synchronize while a
+receive is posted is an error. R2 is what every sync == simultaneous test exercises.
+Sources: NCCL user guide, docs.nvidia.com/deeplearning/nccl/user-guide/docs/usage/communicators.html
+and .../threadsafety.html; NVIDIA/nccl src/nccl.h.in (ncclSend, ncclGroupStart), src/group.cc
+(ncclP2PPreconnectFunc), src/init.cc (NCCL_RUNTIME_CONNECT) at 5067397c; NVIDIA/nccl issues #195,
+#574, #744, #781, #783, #1174; torch 2.14.1: c10d ProcessGroupNCCL.cpp (pointToPoint, collective,
+WorkNCCL::wait), ProcessGroupNCCL.hpp (ncclStreams_), distributed_c10d.py (_new_process_group_helper,
+eager_connect_single_device), c10/cuda/CUDAStream.cpp (kStreamsPerPool = 32),
+c10/cuda/CUDACachingAllocator.cpp (release_cached_blocks); CUDA C++ Programming Guide, "Implicit
+Synchronization".
 """
 from __future__ import annotations
 
@@ -42,12 +90,15 @@ class World:
     replica_group: object = None
 
     def connect(self, layout) -> None:
-        """Every group the layout needs, created by every rank in the same order (torch requires it)."""
+        """Every group the layout needs, created by every rank in the same order (torch requires it),
+        then warmed in that order, before any receiver thread starts (note [NCCL communicators], R3)."""
         self.recv_groups, self.send_groups = {}, {}
+        order = []  # (group, ranks, is a link): every rank's list, the same on every rank
         for g in range(1, len(layout.replicas)):
             for up in layout.ranks(g - 1):
                 for down in layout.ranks(g):
                     group = dist.new_group([up, down], timeout=self.timeout)
+                    order.append((group, [up, down], True))
                     if self.rank == down:
                         self.recv_groups[up] = group
                     if self.rank == up:
@@ -55,8 +106,33 @@ class World:
         for g, r in enumerate(layout.replicas):
             if r > 1:  # the backend of the job: NCCL all-reduces the gradients on GPU
                 group = dist.new_group(layout.ranks(g), timeout=self.timeout)
+                order.append((group, layout.ranks(g), False))
                 if self.rank in layout.ranks(g):
                     self.replica_group = group
+        self.warm_up(order)
+
+    def warm_up(self, order: list) -> None:
+        """Note [NCCL communicators], R3: the first call on an NCCL communicator connects it to its
+        peers and blocks the host until they make theirs. Made here, one exchange per group, in one
+        order on every rank (blocking pairs in a common order cannot wait in a cycle), on the main
+        thread, before the receiver threads start; afterwards no first call can block inside the
+        issue lock while another thread's call waits on a peer. A link: one small send and receive
+        (both ends, so the link's own sequence stays the same at both ends); a replica group: one
+        all-reduce."""
+        dev = accel(self.device)
+        for group, ranks, link in order:
+            if self.rank not in ranks:
+                continue
+            t = torch.zeros(1, device=self.device)
+            if link:
+                up, down = ranks
+                peer = 1 if self.rank == up else 0  # group ranks: (lower, higher) global ranks
+                if self.rank == up:
+                    dev.wait(dev.warm(dist.isend, t, group, peer), self.timeout.total_seconds())
+                else:
+                    dev.wait(dev.warm(dist.irecv, t, group, peer), self.timeout.total_seconds())
+            else:
+                dev.wait(dev.warm(dist.all_reduce, t, group, None), self.timeout.total_seconds())
 
 
 class BudgetBoard:
