@@ -473,8 +473,6 @@ class CheckedHostAccel(HostAccel):
         self.posted = 0  # receives issued and not yet completed
         self.rng = torch.Generator().manual_seed(0)
         super().__init__(device)
-        from . import metrics  # the process's resident-set marks stand in for the allocator's
-        self._rss = metrics
 
     def current_stream(self):
         s = getattr(self.local, "stream", None)
@@ -567,22 +565,33 @@ class CheckedHostAccel(HostAccel):
     def set_rng_state(self, state: torch.Tensor) -> None:
         self.rng.set_state(state)
 
+    # the process's resident-set marks stand in for the allocator's statistics (Linux /proc; 0 elsewhere)
     def memory_allocated(self) -> int:
-        return (self._rss._proc_status_kib("VmRSS") or 0) * 1024
+        return _status_bytes("VmRSS")
 
     def max_memory_allocated(self) -> int:
-        return (self._rss._proc_status_kib("VmHWM") or 0) * 1024
+        return _status_bytes("VmHWM")
 
     def max_memory_reserved(self) -> int:
         return self.max_memory_allocated()
 
     def reset_peak_memory_stats(self) -> None:
-        self._rss.trim_heap()
         try:
-            with open(self._rss.CLEAR_REFS, "w") as f:
-                f.write("5")
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # the peak RSS restarts from the current RSS
         except OSError:
             pass
+
+
+def _status_bytes(field: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------- the one accessor
