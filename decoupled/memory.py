@@ -12,17 +12,31 @@ counts what training holds, per component, while a training loop runs inside `Ex
   activations_bytes  what autograd saves for backward (`saved_tensors_hooks`): parameters excluded,
                      each storage once, counted from the moment it is saved until the graph that
                      holds it is freed: the peak of the live total over the whole loop
-  held_bytes         what the caller's `held` callable reports (a rank's transport and replay
-                     buffer), sampled after every optimizer step, peak over steps
-  total_bytes        the sum of these five peaks (an upper bound of their joint peak: the
+  held_bytes         the storages of the tensors the caller's `held` callable returns (a rank's
+                     transport and replay buffers), sampled after every optimizer step and wherever
+                     the caller samples (`sample_held`: a decoupled rank at every message, so its
+                     evaluation batches and the forwards of a rank whose budget is made count too),
+                     peak over samples. A storage held at the last sample is not counted again when
+                     autograd saves it (an async rank's drawn batch, which stays in the replay buffer
+                     and which its first layer saves): it is held, once
+  allreduce_bytes    the flat copy a replica's gradient all-reduce sends (stepping.AllReduce: every
+                     gradient, the float buffers, a flag per parameter and the sample count), alive
+                     through the optimizer step after it (`count_comm`), peak over steps; only
+                     where a replica all-reduced (as summary.json's allreduce_s)
+  total_bytes        the sum of these six peaks (an upper bound of their joint peak: the
                      components peak at different moments of a step)
 
 On CUDA also `cuda_max_allocated_bytes`: the allocator's peak of the training phases above what was
 allocated when training started, read once at the end from the process meter (`allocator_peak`:
 metrics.PeakMemory restarts the peak where evaluation and training meet and keeps training's apart,
 so no step pays for a `memory_stats` read). Evaluation under no_grad saves nothing
-and steps no optimizer, so the figures are the training steps' alone (held_bytes: a rank's in-flight
-evaluation batches count when a step samples them).
+and steps no optimizer, so the other figures are the training steps' alone; held_bytes is sampled at
+evaluation batches too (a rank's queued and in-flight evaluation batches are held).
+
+FSDP (bench/dataparallel.py): parameters, gradients and optimizer state are the local shards; the
+unsharded parameters FSDP all-gathers around each block and the unsharded gradients it reduce-scatters
+are not counted (the gathered parameters are parameters, which the activation count leaves out), so an
+FSDP row's total is a lower bound (bench.md marks it "≥").
 
 Note [checkpointed activations]: torch.utils.checkpoint (non-reentrant) saves each checkpointed
 block's inputs through the hooks outside it, so they are counted, and installs its own hooks inside
@@ -35,7 +49,8 @@ on a 3-block VGG on digits (batch 64): 134 KB kept with checkpointing, 1283 KB s
 """
 from __future__ import annotations
 
-from typing import Callable
+import weakref
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -77,16 +92,41 @@ class _Saved:
         self.owner._release(self.key)
 
 
+_OPEN: list["ExactMemory"] = []  # the ExactMemory contexts open in this process (sample_held, count_comm)
+
+
+def sample_held() -> None:
+    """Sample every open ExactMemory's held tensors now (a decoupled rank calls it at every message:
+    engine/ranks/pipeline.py), so held_bytes is a peak over evaluation batches and frozen forwards too,
+    not only over optimizer steps."""
+    for m in _OPEN:
+        m.sample_held()
+
+
+def count_comm(t: torch.Tensor) -> None:
+    """`t` is a communication buffer alive through the optimizer step that follows (stepping.AllReduce's
+    flat copy): every open ExactMemory counts its bytes (allreduce_bytes, peak)."""
+    if _OPEN:
+        n = _storage(t)[1]
+        for m in _OPEN:
+            m.allreduce_bytes = max(m.allreduce_bytes, n)
+
+
 class ExactMemory:
-    def __init__(self, params, device: torch.device, held: Callable[[], int] | None = None,
+    def __init__(self, params, device: torch.device, held: Callable[[], Iterable[torch.Tensor]] | None = None,
                  allocator_peak: Callable[[], int | None] | None = None):
-        """`allocator_peak`: on CUDA, the training phases' allocator peak (metrics.PeakMemory.peak_bytes,
+        """`held`: the tensors held outside the stages now (pipeline_held); each storage counts once.
+        `allocator_peak`: on CUDA, the training phases' allocator peak (metrics.PeakMemory.peak_bytes,
         which restarts around evaluations and keeps training's apart), read once at report: nothing
         on the step's hot path."""
         self.all_params, self.device, self.held = list(params), device, held
         self.allocator_peak = allocator_peak if accel(device).allocator else None
         self.params_bytes = self.grads_bytes = self.optimizer_bytes = 0
-        self.activations_bytes = self.held_bytes = 0
+        self.activations_bytes = self.held_bytes = self.allreduce_bytes = 0
+        # storage -> a weak reference to a tensor on it, as held at the last sample: autograd saving
+        # one of them does not count it again (weak: a storage freed since cannot lend its address
+        # to an activation that would then go uncounted, and the count keeps nothing alive)
+        self.held_now: dict[int, weakref.ref] = {}
         self.live = 0  # saved bytes alive now
         self.refs: dict[int, list[int]] = {}  # storage -> [holders, bytes]
         self.per_opt: dict[int, tuple[int, int]] = {}  # id(optimizer) -> (grads, state) after its last step
@@ -97,6 +137,9 @@ class ExactMemory:
             return t
         key, n = _storage(t)
         if key in self.params:
+            return t
+        held = self.held_now.get(key)
+        if held is not None and held() is not None:  # counted in held_bytes
             return t
         ref = self.refs.get(key)
         if ref is None:
@@ -128,8 +171,20 @@ class ExactMemory:
         self.per_opt[id(opt)] = (grads, state)
         self.grads_bytes = max(self.grads_bytes, sum(g for g, _ in self.per_opt.values()))
         self.optimizer_bytes = max(self.optimizer_bytes, sum(s for _, s in self.per_opt.values()))
-        if self.held is not None:
-            self.held_bytes = max(self.held_bytes, self.held())
+        self.sample_held()
+
+    def sample_held(self) -> None:
+        """held_bytes: the distinct storages of the held tensors now, peak over samples; they are
+        remembered (weakly) so that autograd saving one of them does not count it twice."""
+        if self.held is None:
+            return
+        now: dict[int, tuple[int, torch.Tensor]] = {}
+        for t in self.held():
+            if isinstance(t, torch.Tensor):
+                k, n = _storage(t)
+                now[k] = (n, t)
+        self.held_bytes = max(self.held_bytes, sum(n for n, _ in now.values()))
+        self.held_now = {k: weakref.ref(t) for k, (_, t) in now.items()}
 
     # ------------------------------------------------------------------ the context
     def __enter__(self) -> "ExactMemory":
@@ -138,17 +193,22 @@ class ExactMemory:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
         self._step_hook = register_optimizer_step_post_hook(self._after_step)
+        _OPEN.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
         self._step_hook.remove()
+        _OPEN.remove(self)
+        self.held_now = {}
 
     def report(self) -> dict:
         """summary.json's per-rank `exact_mem` (bytes) and `exact_train_mem_bytes` (its total)."""
         parts = {"params_bytes": self.params_bytes, "grads_bytes": self.grads_bytes,
                  "optimizer_bytes": self.optimizer_bytes, "activations_bytes": self.activations_bytes,
                  "held_bytes": self.held_bytes}
+        if self.allreduce_bytes:  # replicas only, as rank_metrics' allreduce_s
+            parts["allreduce_bytes"] = self.allreduce_bytes
         total = sum(parts.values())
         cuda = self.allocator_peak() if self.allocator_peak is not None else None
         if cuda is not None:
@@ -156,17 +216,19 @@ class ExactMemory:
         return {"exact_mem": {**parts, "total_bytes": total}, "exact_train_mem_bytes": total}
 
 
-def pipeline_held(pipe) -> Callable[[], int]:
+def pipeline_held(pipe) -> Callable[[], list]:
     """What a decoupled rank holds outside its stages (engine/ranks/pipeline.py's Pipeline): the replay
     buffer's batches (AsyncFeed), the messages queued in its feed (SyncFeed's inboxes, AsyncFeed's
     control queue with its evaluation batches: every feed's `queued()`), posted receive buffers, and the
-    tensors of sends still in flight. Duck-typed on the pipeline, so memory.py imports nothing of the engine."""
-    def held() -> int:
+    tensors of sends still in flight; ExactMemory counts their storages (each once). Sampled by the
+    pipeline at every message (`sample_held`) and after every optimizer step. Duck-typed on the
+    pipeline, so memory.py imports nothing of the engine."""
+    def held() -> list:
         ts: list = []
         if pipe.buffer is not None:
             ts += [t for e in list(pipe.buffer.entries) for t in (e.x, e.y, e.ids)]
         ts += [t for m in pipe.feed.queued() for t in (m.x, m.y, m.ids, m.aux)]
         ts += [link.posted[1] for link in pipe.recv_links if link.posted is not None]
         ts += [t for link in pipe.send_links for _, keep in list(link.inflight) for t in keep]
-        return storage_bytes(ts)
+        return ts
     return held

@@ -144,8 +144,10 @@ class PeakMemory:
 
     def enter(self, phase: str) -> None:
         """From now on the mark measures `phase` ("train" or "eval"). Only a change of phase restarts it
-        (a heap trim and a /proc write on CPU), so a rank that calls this on every message pays for
-        it once per evaluation, not once per batch."""
+        (a heap trim and a /proc write on CPU), so a rank that calls this at every evaluation batch
+        pays for it once per evaluation, not once per batch. A torchrun rank (Pipeline.handle) enters
+        "eval" at an evaluation's first batch and "train" after its END_EVAL, and never at a training
+        batch: an async rank's training draws between evaluation batches count in the evaluation."""
         if phase == self.phase:
             return
         if self.restarts:

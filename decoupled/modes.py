@@ -157,10 +157,10 @@ class Async(Sync):
 
     @classmethod
     def check_replicas(cls, cfg) -> None:
-        if cfg.replay.budget == "upstream":
-            raise ConfigError(f"dist.replicas={cfg.dist.replicas} with replay.budget='upstream': replicas average "
-                              "their gradients every step, so they must make the same number of steps, which only "
-                              "replay.budget='steps' guarantees; use replay.budget='steps' (the default)")
+        if cfg.replay.budget != "steps":
+            raise ConfigError(f"dist.replicas={cfg.dist.replicas} with replay.budget={cfg.replay.budget!r}: replicas "
+                              "average their gradients every step, so they must make the same number of steps, which "
+                              "only replay.budget='steps' guarantees; use replay.budget='steps' (the default)")
         super().check_replicas(cfg)
 
 

@@ -275,3 +275,202 @@ def test_baseline_batches_pair_each_batch_with_its_part_one_ahead():
         assert none is None and torch.equal(x, b.x[2:])  # rank 1's half of the batch
     assert seen == [(0, 2), (4, 2)]  # the second batch was taken before the first was handed out
     assert dropped == [2]  # the last batch, samples 8 and 9
+
+
+# ------------------------------------------------------------------ baselines honour every setting or refuse it
+
+# 300 / 32: 9 full batches and one of 12 an epoch (gpipe drops it); 3 epochs of a cosine schedule
+HONOURED = {**MLP_PLAIN, "model.batchnorm": "off", "train.epochs": 3, "optim.schedule": "cosine",
+            "train.mode": "e2e", "train.device": "cpu", "train.log_every": 1, "train.probe_epochs": 0,
+            "train.eval_every": 0, "train.checkpoint": False}
+
+
+def run_e2e(tmp_path, monkeypatch, cfg: dict, name: str) -> tuple[list[float], list[float]]:
+    """The e2e trainer in this process: (the network optimizer's LR at every step, every step's loss)."""
+    import decoupled.trainers.e2e as e2e_trainer
+    lrs: list[list[float]] = []
+    real = e2e_trainer.build_optimizer
+
+    def spied(params, ocfg, lr):
+        opt = real(params, ocfg, lr)
+        seen: list[float] = []
+        lrs.append(seen)
+        opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(o.param_groups[0]["lr"]))
+        return opt
+    monkeypatch.setattr(e2e_trainer, "build_optimizer", spied)
+    train(load(None, overrides(cfg)), tmp_path / name)
+    monkeypatch.undo()
+    losses = [m["loss"] for m in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+              if m.get("kind") == "step"]
+    return lrs[0], losses  # the first optimizer is the network's (the probes' are built after, unused here)
+
+
+def run_worker(tmp_path, cfg_path, mode: str, nproc: int = 2, name: str | None = None) -> dict:
+    """One baseline worker's torchrun job; its row."""
+    out = tmp_path / f"{name or mode}.json"
+    module = "decoupled.bench.dataparallel" if mode in ("ddp", "fsdp") else "decoupled.bench.gpipe"
+    args = [str(cfg_path), str(out)] + ([mode] if mode in ("ddp", "fsdp") else ["2", mode])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", module,
+           *args]
+    p = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # an in-process e2e run and four 2-rank torchrun jobs: minutes on the loaded 2-core machine
+def test_baselines_step_the_schedule_as_e2e_and_record_how_they_trained(tmp_path, monkeypatch):
+    """Note [baseline settings] (bench/worker.py). (a) With a cosine schedule over 3 epochs, every
+    baseline (ddp, fsdp, and on each of its ranks gpipe and 1f1b) trains each epoch at the LR the e2e
+    trainer's network optimizer steps at in that epoch (its LR read at every optimizer step: stepped
+    once per epoch); ddp's losses still equal e2e's (a schedule it ignored would part them from epoch 2).
+    (b) Their rows and the e2e row (rows.add_run_fields) record the same global batch, schedule and
+    precision, and the same optimizer steps per epoch and first-epoch data order except where a row
+    declares the difference: gpipe drops the partial last batch (12 of 300 samples), so it takes 9 steps
+    an epoch, not 10, and its order hash is that of the 9 full batches (the same as data.batches draws)."""
+    from decoupled.bench.rows import add_run_fields
+    from decoupled.bench.worker import data_order_sha
+    e2e_lrs, e2e_losses = run_e2e(tmp_path, monkeypatch, HONOURED, "e2e")
+    per_epoch = len(e2e_lrs) // 3
+    assert per_epoch == 10 and len(e2e_lrs) == 30
+    assert all(len(set(e2e_lrs[e * 10:(e + 1) * 10])) == 1 for e in range(3))  # stepped per epoch, not per step
+    epoch_lrs = e2e_lrs[::10]
+    assert epoch_lrs == pytest.approx([0.05, 0.05 * 0.75, 0.05 * 0.25])  # cosine to 0 over 3 epochs
+    cfg_path = tmp_path / "e2e" / "config.toml"
+    e2e = {"mode": "e2e"}
+    add_run_fields(e2e, "e2e", cfg_path)
+    rows = {m: run_worker(tmp_path, cfg_path, m) for m in ("ddp", "fsdp", "gpipe", "1f1b")}
+
+    for mode, row in rows.items():  # (a)
+        assert row["lrs"] == epoch_lrs, mode  # the same floats: the same LambdaLR stepped at the same points
+        for r in row["ranks"]:
+            assert r["lrs"] == epoch_lrs, (mode, r["rank"])  # the pipelines: every stage's own scheduler
+    assert rows["ddp"]["losses"] == pytest.approx(e2e_losses, rel=1e-4, abs=1e-5)
+
+    assert e2e["optimizer_steps_per_epoch"] == 10 and e2e["declared_differences"] == []  # (b)
+    assert e2e["data_order_sha"] == data_order_sha(300, 32, 0)
+    for mode, row in rows.items():
+        for key in ("global_batch", "schedule", "precision"):
+            assert row[key] == e2e[key], (mode, key)
+        for key in ("optimizer_steps_per_epoch", "data_order_sha"):
+            assert row[key] == e2e[key] or row["declared_differences"], (mode, key)
+    assert e2e["schedule"]["name"] == "cosine" and e2e["global_batch"] == 32 and e2e["precision"] == "fp32"
+    for mode in ("ddp", "fsdp"):
+        assert rows[mode]["declared_differences"] == []
+        assert rows[mode]["optimizer_steps_per_epoch"] == 10 and rows[mode]["data_order_sha"] == e2e["data_order_sha"]
+    for mode in ("gpipe", "1f1b"):
+        row = rows[mode]
+        assert row["dropped_samples_per_epoch"] == 12 and row["optimizer_steps_per_epoch"] == 9
+        assert row["data_order_sha"] == data_order_sha(300, 32, 0, full_only=True) != e2e["data_order_sha"]
+        assert len(row["declared_differences"]) == 1 and "partial last batch" in row["declared_differences"][0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ddp_honours_fp16_as_e2e(tmp_path, monkeypatch):
+    """train.precision: on one rank the ddp worker under fp16 (autocast around the forward and the loss,
+    GradScaler on the step, as the e2e trainer) makes e2e's fp16 losses; they are not its fp32 losses."""
+    fp16 = {**HONOURED, "train.epochs": 2, "optim.schedule": "constant", "train.precision": "fp16"}
+    _, e2e_losses = run_e2e(tmp_path, monkeypatch, fp16, "e2e")
+    _, fp32_losses = run_e2e(tmp_path, monkeypatch, {**fp16, "train.precision": "fp32"}, "fp32")
+    row = run_worker(tmp_path, tmp_path / "e2e" / "config.toml", "ddp", nproc=1)
+    assert row["precision"] == "fp16" and len(row["losses"]) == len(e2e_losses) == 20
+    assert row["losses"] == pytest.approx(e2e_losses, rel=1e-6, abs=1e-7)
+    assert row["losses"] != pytest.approx(fp32_losses, rel=1e-6, abs=1e-7)
+
+
+REFUSED = [("ddp", {"train.patience": 2}, "train.patience=2"),
+           ("fsdp", {"train.plateau_factor": 0.5, "optim.schedule": "constant"}, "train.plateau_factor=0.5"),
+           ("ddp", {"train.e2e_loss": "local"}, "train.e2e_loss='local'"),
+           ("gpipe", {"train.precision": "bf16"}, "train.precision='bf16'"),
+           ("1f1b", {"train.precision": "fp16"}, "train.precision='fp16'")]
+
+
+@pytest.mark.parametrize("mode,sets,named", REFUSED)
+def test_a_refused_setting_stops_the_worker_before_its_process_group(tmp_path, monkeypatch, mode, sets, named):
+    """Note [baseline settings]: a setting a baseline does not honour raises a ConfigError naming the
+    key and its fix in `main`, right after the config loads: before start() creates the process group,
+    so every rank refuses alike and none waits for a peer."""
+    from decoupled.bench import dataparallel, gpipe
+    from decoupled.job import to_toml
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(load(None, overrides({**HONOURED, **sets}))))
+    worker = dataparallel if mode in ("ddp", "fsdp") else gpipe
+
+    def start(cfg):
+        raise AssertionError("the process group was started")
+    monkeypatch.setattr(worker, "start", start)
+    with pytest.raises(ConfigError, match=named.replace("(", r"\(")) as e:
+        worker.main(str(path), str(tmp_path / "row.json"), mode) if worker is dataparallel else \
+            worker.main(str(path), str(tmp_path / "row.json"), 2, mode)
+    assert "set " in str(e.value)  # the fix
+    assert not (tmp_path / "row.json").exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_refusing_pipeline_exits_on_every_rank(tmp_path):
+    """The same refusal under torchrun: both ranks exit with the named error (none is left waiting for
+    the other), and no row is written."""
+    from decoupled.job import to_toml
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(load(None, overrides({**HONOURED, "train.precision": "bf16"}))))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+           "decoupled.bench.gpipe", str(path), str(tmp_path / "row.json"), "2", "gpipe"]
+    p = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=100)
+    assert p.returncode != 0 and not (tmp_path / "row.json").exists()
+    assert (p.stdout + p.stderr).count("ConfigError: train.precision='bf16'") == 2, p.stderr[-3000:]
+
+
+def test_activation_checkpointing_reaches_the_baselines(monkeypatch):
+    """train.activation_checkpointing, honoured as the e2e trainer does (torch.utils.checkpoint per block,
+    non-reentrant): the ddp / fsdp network recomputes every block and its gradients are the plain
+    network's; the pipelines wrap each of a rank's blocks (gpipe.Checkpointed)."""
+    from decoupled.bench import dataparallel, gpipe
+    from decoupled.engine.build import build_rank_stages
+    cfg = load(None, overrides({**HONOURED, "train.activation_checkpointing": True}))
+    data = build_data(cfg.data, 0)
+    calls = []
+    real = dataparallel.checkpoint
+
+    def counting(fn, *args, **kwargs):
+        calls.append(fn)
+        return real(fn, *args, **kwargs)
+    monkeypatch.setattr(dataparallel, "checkpoint", counting)
+    monkeypatch.setattr(gpipe, "checkpoint", counting)
+    x, y = data.train.x[:8], data.train.y[:8]
+    grads = []
+    for on in (False, True):
+        net = dataparallel.E2ENet(build_rank_stages(cfg, data.input_shape, data.num_classes, torch.device("cpu")), on)
+        F.cross_entropy(net(x), y).backward()
+        grads.append([p.grad for p in net.parameters()])
+    assert calls == list(net.blocks)  # every block once, and only when on
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    module, plan, _ = gpipe.build_module(cfg, data, 0, 1, torch.device("cpu"))
+    assert sum(isinstance(m, gpipe.Checkpointed) for m in module) == len(plan[0]) == 3
+    F.cross_entropy(module(x), y).backward()
+    assert len(calls) == 6
+
+
+def test_rows_declare_how_the_decoupled_rows_differ(tmp_path):
+    """rows.add_run_fields for the engine's rows: the e2e row's batch, schedule, precision and data order
+    (the order data.batches draws: where the engine's sources start), the optimizer steps the engine
+    counted (the most any block took), and declared differences: replicas averaging several batches
+    per step, async's replay buffer, per-block LR decay."""
+    from decoupled.bench.rows import add_run_fields
+    from decoupled.bench.worker import data_order_sha
+    from decoupled.job import to_toml
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(load(None, overrides({**HONOURED, "train.mode": "sync", "optim.block_lr_decay": 0.5}))))
+    steps = lambda *per_rank: [{"optimizer_steps_per_epoch": [s]} for s in per_rank]  # noqa: E731  (pipeline_row's)
+    e2e, sync = {}, {"ranks": steps(10.0, 10.0)}
+    auto = {"replicas": [2, 1], "ranks": steps(5.0, 5.0, 10.0)}  # group 0: two ranks, each half the batches
+    async_ = {"ranks": steps(10.0, 12.5)}  # a replaying rank
+    for row, mode in ((e2e, "e2e"), (sync, "sync"), (auto, "sync-auto"), (async_, "async")):
+        add_run_fields(row, mode, path)
+        assert row["data_order_sha"] == data_order_sha(300, 32, 0) and row["global_batch"] == 32
+        assert row["schedule"] == e2e["schedule"] and row["precision"] == "fp32"
+    assert e2e["optimizer_steps_per_epoch"] == sync["optimizer_steps_per_epoch"] == 10
+    assert isinstance(sync["optimizer_steps_per_epoch"], int) and async_["optimizer_steps_per_epoch"] == 12.5
+    assert e2e["declared_differences"] == [] and ["block_lr_decay" in d for d in sync["declared_differences"]] == [True]
+    assert any(d.startswith("dist.replicas=[2, 1]") for d in auto["declared_differences"])
+    assert any(d.startswith("async: ") for d in async_["declared_differences"])

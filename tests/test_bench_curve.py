@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from decoupled import metrics
-from decoupled.bench.curve import epoch_seconds, seed_summary, time_to_target
+from decoupled.bench.curve import epoch_seconds, median_time_to_target, seed_summary, time_to_target
+from decoupled.bench.report import markdown
 from decoupled.memory import ExactMemory
 
 from test_memory import _clear_refs_writable
@@ -40,6 +41,97 @@ def test_time_to_target_on_a_hand_made_curve():
     assert s["samples_per_s_mean"] == 12.0 and s["samples_per_s_std"] == 2.0
     assert s["final_acc_mean"] == pytest.approx(0.98) and s["final_acc_std"] == pytest.approx(0.01)
     assert s["time_to_target_mean_s"] == 4.0 and s["reached_target"] == 1 and s["n_seeds"] == 2
+
+
+def _reaching(at: float | None, final: float = 0.99) -> list[dict]:
+    """A seed's curve that first reaches 0.98 at `at` seconds (None: never; it ends below, at 0.97)."""
+    if at is None:
+        return [{"epoch": 1, "train_s": 10.0, "test_acc": 0.90}, {"epoch": 2, "train_s": 20.0, "test_acc": 0.97}]
+    return [{"epoch": 1, "train_s": at / 2, "test_acc": 0.90}, {"epoch": 2, "train_s": at, "test_acc": final}]
+
+
+def test_median_time_to_target_counts_seeds_that_never_reach_it_as_never():
+    """Issue 31: a seed that never reaches the target is a failure (+inf), not dropped: the median over
+    all seeds is a time when more than half reached it, else never (None)."""
+    assert median_time_to_target([10.0, 30.0, None]) == 30.0
+    assert median_time_to_target([10.0, None, None]) is None  # two of three never
+    assert median_time_to_target([None, None, None]) is None and median_time_to_target([]) is None
+    assert median_time_to_target([30.0, 10.0, 20.0, None]) == 25.0  # 3 of 4: between the 2nd and 3rd
+    assert median_time_to_target([10.0, None]) is None  # half is not more than half
+    assert median_time_to_target([7.0]) == 7.0
+
+
+def test_seed_summary_over_per_seed_curves_counts_failures():
+    """seed_summary from the seeds' curves alone (the time read from each curve when a run carries none):
+    reaching at 10 s, 30 s and never gives median 30 and 2 of 3; the mean, std, min and max stay over
+    the seeds that reached it; a run without a curve (it failed) is a seed that never reached it."""
+    rows = [{"curve": _reaching(10.0, 0.99)}, {"curve": _reaching(30.0, 0.985)}, {"curve": _reaching(None)}]
+    s = seed_summary(rows, 0.98)
+    assert s["time_to_target_median_s"] == 30.0
+    assert s["time_to_target_reached"] == s["reached_target"] == 2
+    assert s["time_to_target_seeds"] == s["n_seeds"] == 3
+    assert s["time_to_target_mean_s"] == 20.0 and s["time_to_target_std_s"] == 10.0  # over the 2 that reached it
+    assert (s["time_to_target_min_s"], s["time_to_target_max_s"]) == (10.0, 30.0)
+    assert (s["final_acc_min"], s["final_acc_max"]) == (0.97, 0.99)
+    assert s["final_acc_mean"] == pytest.approx((0.99 + 0.985 + 0.97) / 3)
+    s = seed_summary([{"curve": _reaching(10.0)}, {"curve": _reaching(None)}, {"curve": _reaching(None)}], 0.98)
+    assert s["time_to_target_median_s"] is None and s["time_to_target_reached"] == 1
+    assert s["time_to_target_mean_s"] == 10.0  # the mean alone would hide the two failures
+    failed = {"error": "row timed out", "samples_per_s": None}
+    s = seed_summary([{"curve": _reaching(10.0)}, {"curve": _reaching(20.0)}, failed], 0.98)
+    assert (s["time_to_target_median_s"], s["time_to_target_reached"], s["time_to_target_seeds"]) == (20.0, 2, 3)
+    assert s["final_acc_max"] == 0.99 and s["samples_per_s_mean"] is None  # the failed run has no figures
+    s = seed_summary([{"curve": _reaching(10.0)}], None)  # no --target-acc: nothing to reach
+    assert s["time_to_target_median_s"] is None and s["time_to_target_reached"] == 0
+
+
+def _curve_result(seeds: int, rows: dict[str, list[float | None]], target: float | None = 0.98) -> dict:
+    """A bench result by hand: each mode's seeds first reaching 0.98 at the given seconds (None: never)."""
+    out = []
+    for mode, ats in rows.items():
+        runs = [{"curve": _reaching(at), "samples_per_s": 100.0} for at in ats]
+        row = {"mode": mode, "samples_per_s": 100.0, "final_acc": runs[0]["curve"][-1]["test_acc"],
+               "time_to_target_s": time_to_target(runs[0]["curve"], target), "curve": runs[0]["curve"],
+               "ranks": [{"compute_s": 1.0, "comm_s": 0.0, "idle_s": 0.0, "exact_train_mem_bytes": 2 ** 20,
+                          "peak_mem_bytes": 2 ** 21, "eval_peak_mem_bytes": None}]}
+        if seeds > 1:
+            row.update(seed_summary(runs, target))
+        out.append(row)
+    out.append({"mode": "sequential", "samples_per_s": 100.0, "ranks": out[0]["ranks"]})  # no curve
+    return {"n_train": 128, "batch_size": 32, "ranks": 2, "repeats": 3, "rows": out,
+            "machine": {"torch": "x", "cpu_count": 2, "loadavg_start": [0.0, 0.0, 0.0]},
+            "curve": {"epochs": 2, "target_acc": target, "seeds": seeds, "rows": list(rows)}}
+
+
+def test_bench_md_shows_failed_seeds_as_never_with_the_count_and_the_spread():
+    """bench.md with --seeds 3: the mean column as before (over the seeds that reached it, with the
+    count), min–max of the time and the final accuracy, and the median over all seeds: "never" with the
+    count when at most half reached it."""
+    res = _curve_result(3, {"sync": [10.0, 30.0, None], "async": [10.0, None, None], "ddp": [None, None, None],
+                            "e2e": [40.0, 20.0, 30.0]})
+    md = markdown(res)
+    table = _table(md)
+    assert table["sync"]["time to 0.98 (s)"] == "20.0 ± 10.0 (2/3)"  # the existing column keeps its meaning
+    assert table["sync"]["median time to 0.98 (s)"] == "30.0 (2/3)"
+    assert table["sync"]["time to 0.98 min–max (s)"] == "10.0–30.0"
+    assert table["sync"]["final acc min–max"] == "0.9700–0.9900"
+    assert table["async"]["time to 0.98 (s)"] == "10.0 ± 0.0 (1/3)"
+    assert table["async"]["median time to 0.98 (s)"] == "never (1/3)"  # two of three never
+    assert table["ddp"]["time to 0.98 (s)"] == table["ddp"]["median time to 0.98 (s)"] == "never (0/3)"
+    assert table["ddp"]["final acc"] == "0.9700 ± 0.0000"
+    assert table["e2e"]["median time to 0.98 (s)"] == "30.0 (3/3)"
+    assert table["sequential"]["final acc"] == "(no curve)" and table["sequential"]["median time to 0.98 (s)"] == ""
+    assert len({len(cells) for cells in table.values()}) == 1  # every row fills every column
+    assert "counting as never" in md
+    # one seed: the two columns as before, "never" where it did not reach the target
+    table = _table(markdown(_curve_result(1, {"sync": [10.0], "ddp": [None]})))
+    assert list(table["sync"]) == ["row", "samples/s", "vs e2e", "of bound", "exact train MiB", "process train MiB",
+                                   "process eval MiB", "final acc", "time to 0.98 (s)",
+                                   "per rank: compute / comm / idle s/epoch"]
+    assert table["sync"]["time to 0.98 (s)"] == "10.0" and table["ddp"]["time to 0.98 (s)"] == "never"
+    # no --target-acc: nothing to reach, no "never"
+    table = _table(markdown(_curve_result(3, {"sync": [None, None, None]}, target=None)))
+    assert table["sync"]["median time to target (s)"] == "-" and table["sync"]["time to target (s)"] == "-"
 
 
 def test_pipeline_curve_cuts_evaluations_and_reads_a_final_point_without_epoch_end(tmp_path):

@@ -123,3 +123,58 @@ def test_steps_budget_with_cascade_budgets_streams_until_every_block_is_done(tmp
     evals = [m["epoch"] for m in read_jsonl(tmp_path / "sc" / "metrics.jsonl") if m.get("kind") == "eval"
              and m["rank"] == 2]
     assert evals[:4] == [0, 1, 2, 3] and len(evals) == 5 and evals[4] >= 4, evals
+
+
+def test_random_draws_the_least_used_first():
+    """Pacing under "random" (note [paced frozen stream]): a batch never trained on is drawn before any
+    replay, so the paced stream's next batch is let in as soon as the unused ones are drawn."""
+    buf = ReplayBuffer(capacity=4, policy="random", max_reuse=0, seed=3)
+    for i in range(3):
+        buf.put(entry(i))
+    for _ in range(5):
+        buf.pick()  # 3 fresh, then replays
+    buf.put(entry(3))
+    assert buf.unused() == 1 and buf.pick().step == 3  # the fresh one, not a replay
+    first = sorted(e.step for e in [buf.pick() for _ in range(4)])
+    assert buf.stats.fresh_draws == 4 and len(first) == 4
+
+
+# Rank 0 holds 5 of 6 blocks, rank 1 one small block: a fast last rank that replays while it waits.
+FAST_SINK = {"data.limit_train": 256, "model.widths": [256] * 5 + [16], "data.batch_size": 16, "train.epochs": 2,
+             "dist.placement": [5, 1], "train.eval_every": 0, "train.checkpoint": False, "train.mode": "async",
+             "replay.capacity": 4, "replay.max_reuse": 4, "replay.policy": "priority-lifo"}
+
+
+@pytest.mark.slow
+def test_fresh_budget_spans_upstream_training(tmp_path):
+    """Note [fresh budget]: the last rank's last epoch ends only after upstream's last training batch
+    reached it (causal: it needs E x S fresh batches, and upstream's training makes exactly E x S), so
+    its training spans upstream's whatever the speeds; its replays did not spend its budget."""
+    check(torchrun(2, ["--out", str(tmp_path / "fresh"), *sets({**FAST_SINK, "replay.budget": "fresh"})]))
+    ends = [m for m in read_jsonl(tmp_path / "fresh" / "metrics.jsonl") if m.get("kind") == "own_epoch_end"]
+    last = {r: max((m for m in ends if m["rank"] == r), key=lambda m: m["epoch"]) for r in (0, 1)}
+    assert last[0]["epoch"] == last[1]["epoch"] == 1
+    assert last[0]["last_step"] == 2 * 16 - 1  # the source's last training batch
+    assert last[1]["last_step"] >= last[0]["last_step"]
+    s = summary(tmp_path / "fresh")
+    rep = s["ranks"][1]["replay"]
+    # every fresh batch trained on, replays on top (a draw after the budget only forwards: no step)
+    assert rep["fresh_draws"] >= 2 * 16 and 2 * 16 <= s["ranks"][1]["optimizer_steps"][0] <= rep["draws"]
+    assert all(l["epochs"] == 2 for l in s["layers"])
+
+
+def test_a_stream_past_its_last_epoch_that_brings_nothing_stops_with_the_reason():
+    """An unfinished rank under "steps" whose frozen upstream routes every sample away (QuickNet)
+    would read marker after marker forever: the first epoch past the last that brings no batch stops it."""
+    from types import SimpleNamespace
+
+    from decoupled.engine.ranks.budget import FreshSteps, OwnSteps
+    for budget_class in (OwnSteps, FreshSteps):
+        b = budget_class(last=1, steps_per_epoch=4, board=None)
+        stages = [SimpleNamespace(training=True)]
+        b.at_stream_epoch_end(0, 4, stages, rank=2)
+        b.at_stream_epoch_end(1, 4, stages, rank=2)  # the last epoch brought nothing: the stream goes on
+        b.at_stream_epoch_end(2, 7, stages, rank=2)  # past the last, but batches came: it may yet finish
+        with pytest.raises(RuntimeError, match="rank 2: epoch 3 of the stream.*replay.budget='upstream'"):
+            b.at_stream_epoch_end(3, 7, stages, rank=2)
+        b.at_stream_epoch_end(4, 7, [SimpleNamespace(training=False)], rank=2)  # done: nothing to wait for

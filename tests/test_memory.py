@@ -1,9 +1,21 @@
-"""Peak memory says how it was measured, and an unmeasurable peak is unknown (None), never 0."""
+"""Peak memory says how it was measured, and an unmeasurable peak is unknown (None), never 0; the
+evaluations' peak apart from training's. Exact memory (decoupled/memory.py) by hand counts: a replica's
+all-reduce copy, a held batch autograd also saves (once), held bytes sampled where no optimizer steps,
+and FSDP's figure marked a lower bound in bench.md."""
+from types import SimpleNamespace
+
 import pytest
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from decoupled import metrics
 from decoupled.console import format_summary
+from decoupled.device import accel
+from decoupled.engine.ranks.pipeline import Pipeline
+from decoupled.engine.ranks.replay import Entry, ReplayBuffer
+from decoupled.engine.ranks.transport import Kind, Message
+from decoupled.memory import ExactMemory, pipeline_held
 
 
 def _allocate_and_measure(mem: metrics.PeakMemory) -> dict:
@@ -132,3 +144,162 @@ def test_phases_restart_the_mark_only_where_they_change(monkeypatch, tmp_path):
     with mem.evaluating():  # nested in an evaluation: no restart, and the phase comes back
         pass
     assert mem.phase == "eval" and restarts == ["train", "eval", "train"]
+
+
+# ---------------------------------------------------------------------- exact memory (decoupled/memory.py)
+CPU = torch.device("cpu")
+
+
+def _rank(buffer=None, queued=(), **parts) -> SimpleNamespace:
+    """What Pipeline.handle and memory.pipeline_held read of a rank, by hand: a replay buffer (async),
+    the feed's queued messages, no links; `parts` replace the handlers."""
+    me = SimpleNamespace(dev=accel(CPU), buffer=buffer, feed=SimpleNamespace(queued=lambda: list(queued)),
+                         recv_links=[], send_links=[], stages=[], run=SimpleNamespace(memory_phase=lambda p: None),
+                         train_batch=lambda *a: None, end_epoch=lambda e: None, end_eval=lambda e: None,
+                         send=lambda m: None, tally=SimpleNamespace(add=lambda stages, m: (m.x, None)))
+    me.__dict__.update(parts)
+    return me
+
+
+def test_a_replicas_all_reduce_copy_is_counted():
+    """stepping.AllReduce.close all-reduces one flat float32 copy of [every gradient, the float buffers,
+    a flag per parameter, n], alive through the step after it: training memory. Stage 0 of an MLP with
+    BatchNorm (Linear 64->16 without bias, BatchNorm 16, head Linear 16->10), 2 replicas in one process:
+    4 * (1024 + 16 + 16 + 160 + 10 params + 16 + 16 running stats + 5 flags + 1) = 5056 bytes, the
+    larger of the two stages' (stage 1: 4 * (256 + 32 + 170 + 32 + 5 + 1) = 1984), and in the total."""
+    from decoupled.job import load
+    from decoupled.engine.build import build_stages
+    from decoupled.engine.ranks.budget import UpstreamEpochs
+    mp = pytest.MonkeyPatch()
+    mp.setattr(dist, "all_reduce", lambda t, group=None, **kw: None)  # a group of one: the sum is the tensor
+    try:
+        cfg = load(None, ["model.widths=[16,16]", "model.batchnorm=true", "data.batch_size=8"])
+        stages = build_stages(cfg, (1, 8, 8), 10, CPU, replication=lambda n: ({j: 2 for j in range(n)}, 0))
+        for s in stages:
+            s.join(None, sync_bn=False)
+        flats = [4 * (sum(p.numel() for p in s.stepper.params())
+                      + sum(b.numel() for b in s.stepper.buffers() if b.is_floating_point())
+                      + len(s.stepper.params()) + 1) for s in stages]
+        assert flats == [4 * (1024 + 16 + 16 + 160 + 10 + 32 + 5 + 1), 4 * (256 + 16 + 16 + 160 + 10 + 32 + 5 + 1)]
+        fake = SimpleNamespace(delay=None, stages=stages, _log=None, last_step=0, steps=0, budget=UpstreamEpochs(0),
+                               _maybe_done=lambda: None, _send_flow=lambda flow, step: None)
+        x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+        with ExactMemory([p for s in stages for p in s.parameters()], CPU) as m:
+            for step in range(2):
+                Pipeline.train_batch(fake, x, y, torch.arange(8), step)
+        assert all(s.stats.updates == 2 for s in stages)
+    finally:
+        mp.undo()
+    r = m.report()
+    assert r["exact_mem"]["allreduce_bytes"] == 5056 == max(flats)
+    parts = ["params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "held_bytes", "allreduce_bytes"]
+    assert r["exact_train_mem_bytes"] == r["exact_mem"]["total_bytes"] == sum(r["exact_mem"][k] for k in parts)
+    with ExactMemory(stages[0].parameters(), CPU) as m:  # no replicas, no copy: no such part
+        stages[0].forward(x)
+    assert "allreduce_bytes" not in m.report()["exact_mem"]
+
+
+def test_a_held_batch_the_first_layer_saves_counts_once():
+    """An async rank's drawn batch stays in the replay buffer (held) and is the input its first Linear
+    saves for backward (activations): counted once. Linear 6->3, batch n=5, loss = sum (saves nothing),
+    SGD without momentum (no state): params = grads = (6*3 + 3) * 4 = 84; x = 5*6*4 = 120 bytes, y and
+    ids 5*8 = 40 each. Held, x is in held_bytes (with y and ids) and not in activations_bytes; not
+    held, it is the 120 activation bytes; either way the total has it once."""
+    n, d, k = 5, 6, 3
+    params = (d * k + k) * 4
+
+    def steps(m: ExactMemory, x: torch.Tensor, lin: nn.Linear, opt) -> None:
+        opt.zero_grad()
+        lin(x).sum().backward()
+        opt.step()
+        assert m.live == 0
+
+    torch.manual_seed(0)
+    lin = nn.Linear(d, k)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    x, y, ids = torch.randn(n, d), torch.randint(0, k, (n,)), torch.arange(n)
+    buffer = ReplayBuffer(4, "fifo", max_reuse=0, seed=0)
+    buffer.put(Entry(x, y, ids, epoch=0, step=0))
+    me = _rank(buffer, train_batch=lambda x, y, ids, step, fresh: steps(m, x, lin, opt))
+    with ExactMemory(lin.parameters(), CPU, held=pipeline_held(me)) as m:
+        for _ in range(2):
+            e = buffer.pick()  # as AsyncFeed draws: max_reuse 0 keeps it in the buffer
+            Pipeline.handle(me, Message(Kind.TRAIN, e.epoch, e.step, e.x, e.y, e.ids))
+    r = m.report()["exact_mem"]
+    assert r == {"params_bytes": params, "grads_bytes": params, "optimizer_bytes": 0, "activations_bytes": 0,
+                 "held_bytes": n * d * 4 + 2 * n * 8, "total_bytes": 2 * params + n * d * 4 + 2 * n * 8}
+    with ExactMemory(lin.parameters(), CPU) as m:  # nothing held: the saved input is an activation
+        steps(m, x, lin, opt)
+    r = m.report()["exact_mem"]
+    assert r["activations_bytes"] == n * d * 4 and r["held_bytes"] == 0
+    assert r["total_bytes"] == 2 * params + n * d * 4
+    # a batch that has left the buffer since the last sample and been freed: whatever is saved in its
+    # place (at its address, maybe) is an activation again
+    with ExactMemory(lin.parameters(), CPU, held=pipeline_held(me)) as m:
+        m.sample_held()
+        buffer.clear()
+        del e, x
+        steps(m, torch.randn(n, d), lin, opt)
+    assert m.report()["exact_mem"]["activations_bytes"] == n * d * 4
+
+
+def test_held_bytes_are_sampled_at_evaluation_batches_and_frozen_forwards():
+    """No optimizer step: an evaluation, and a rank whose budget is made (it only forwards). Every
+    message samples the held tensors (Pipeline.handle), so the peak is over them too. Evaluation: three
+    batches of 4 x 8 float32 (128 bytes, y and ids 32 each: 192) queued in the control queue; at the
+    first one's handling two are still queued: 384. Frozen: a buffer of three such batches: 576."""
+    def batch():
+        return torch.randn(4, 8), torch.randint(0, 3, (4,)), torch.arange(4)
+
+    queue = [Message(Kind.EVAL, 0, i, *batch()) for i in range(3)]
+    me = _rank(queued=queue)
+    with ExactMemory([], CPU, held=pipeline_held(me)) as m:
+        while queue:
+            Pipeline.handle(me, queue.pop(0))
+        Pipeline.handle(me, Message(Kind.END_EVAL, 0))
+    assert m.report()["exact_mem"]["held_bytes"] == 2 * 192
+
+    buffer = ReplayBuffer(4, "fifo", max_reuse=1, seed=0)  # budget made: each batch forwarded once
+    for i in range(3):
+        buffer.put(Entry(*batch(), epoch=0, step=i))
+    me = _rank(buffer, train_batch=lambda *a: None)
+    with ExactMemory([], CPU, held=pipeline_held(me)) as m:
+        while (e := buffer.pick()) is not None:  # the first draw leaves two in the buffer
+            Pipeline.handle(me, Message(Kind.TRAIN, e.epoch, e.step, e.x, e.y, e.ids))
+    assert m.report()["exact_mem"]["held_bytes"] == 2 * 192
+
+
+def test_an_evaluation_is_one_phase_whatever_an_async_rank_trains_between_its_batches(monkeypatch, tmp_path):
+    """An async rank draws training batches between its evaluation batches: EVAL, TRAIN, EVAL, TRAIN,
+    END_EVAL, TRAIN restarts the mark twice (when the evaluation begins, after its END_EVAL), not at
+    every change of message kind (6 restarts, each a heap trim), and the trailing training is training's."""
+    monkeypatch.setattr(metrics, "PROC_STATUS", str(tmp_path / "no-proc" / "status"))
+    monkeypatch.setattr(metrics, "_maxrss_bytes", lambda: None)
+    mem = metrics.PeakMemory(CPU)  # psutil-sampled: restarts everywhere
+    assert mem.restarts
+    restarts, trained = [], []
+    monkeypatch.setattr(mem, "reset_peak", lambda: restarts.append(mem.phase))
+    me = _rank(run=SimpleNamespace(memory_phase=mem.enter),
+               train_batch=lambda *a: trained.append(mem.phase))
+    x, y = torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)
+    for kind in [Kind.EVAL, Kind.TRAIN, Kind.EVAL, Kind.TRAIN, Kind.END_EVAL, Kind.TRAIN]:
+        m = Message(kind, 0, 0, x, y, torch.arange(2)) if kind != Kind.END_EVAL else Message(kind, 0)
+        Pipeline.handle(me, m)
+    assert restarts == ["train", "eval"]  # the phase each restart leaves
+    assert trained == ["eval", "eval", "train"] and mem.phase == "train"
+
+
+def test_bench_md_marks_the_fsdp_exact_memory_a_lower_bound():
+    """FSDP's exact figure counts its shards, not the parameters it all-gathers nor its unsharded
+    gradients: bench.md's cell says "≥" and the memory note says why; the other rows' cells do not."""
+    from decoupled.bench.report import markdown
+    ranks = [{"compute_s": 1.0, "comm_s": 0.0, "idle_s": 0.0, "exact_train_mem_bytes": 2 ** 20,
+              "peak_mem_bytes": 2 ** 21, "eval_peak_mem_bytes": None}]
+    res = {"n_train": 128, "batch_size": 32, "ranks": 2, "repeats": 3,
+           "machine": {"torch": "x", "cpu_count": 2, "loadavg_start": [0.0, 0.0, 0.0]},
+           "rows": [{"mode": m, "samples_per_s": 100.0, "ranks": ranks} for m in ("e2e", "ddp", "fsdp")]}
+    md = markdown(res)
+    cells = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[4] for line in md.splitlines()
+             if line.startswith("| ") and "samples/s" not in line}
+    assert cells == {"e2e": "1.00", "ddp": "1.00", "fsdp": "≥ 1.00"}
+    assert "lower bound (fsdp: the parameters FSDP all-gathers" in md

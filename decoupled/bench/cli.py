@@ -72,8 +72,9 @@ def add_parser(sub) -> None:
     b.add_argument("--epochs", type=int, help="--curve: epochs per row (default: the config's train.epochs)")
     b.add_argument("--target-acc", type=float, help="--curve: the test accuracy whose first time is time_to_target_s")
     b.add_argument("--seeds", type=int, default=1,
-                   help="--curve: runs of every curve row (train.seed, +1, ...): mean and std of final accuracy "
-                        "and time to target")
+                   help="--curve: runs of every curve row (train.seed, +1, ...): mean, std and min-max of final "
+                        "accuracy and of time to target (over the seeds that reached it, with their count), and "
+                        "the median time to target over all seeds, a seed that never reached it counting as never")
     b.add_argument("--timeout", type=float, default=900.0, help="seconds per row before it counts as failed")
 
 

@@ -102,14 +102,34 @@ def mean_std(xs: list[float | None]) -> tuple[float | None, float | None]:
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
 
 
+def median_time_to_target(times: list[float | None]) -> float | None:
+    """The median time to target over every seed, a seed that never reached it (None) counting as never
+    (+inf) rather than dropped: a number when more than half the seeds reached the target, else None
+    (never; with an even count, half reaching it is never too: the median's upper half is never)."""
+    if not times:
+        return None
+    m = median([math.inf if t is None else t for t in times])
+    return None if math.isinf(m) else m
+
+
 def seed_summary(rows: list[dict], target: float | None) -> dict:
-    """One row's figures over its seeds' runs: final accuracy, time to target and samples/s, mean and
-    std, and how many seeds reached the target (the time's mean is over those)."""
+    """One row's figures over its seeds' runs (each {curve, time_to_target_s, samples_per_s}; a run
+    without a curve, one that failed, counts as a seed that never reached the target): final accuracy,
+    time to target and samples/s, mean and std, and min and max of the first two; how many seeds reached
+    the target (the time's mean, std, min and max are over those); and the median time to target over
+    all seeds, a seed that never reached it counting as never (median_time_to_target)."""
     finals = [r["curve"][-1]["test_acc"] if r.get("curve") else None for r in rows]
-    times = [r.get("time_to_target_s") for r in rows]
+    times = [r["time_to_target_s"] if "time_to_target_s" in r else time_to_target(r.get("curve"), target)
+             for r in rows]
     fm, fs = mean_std(finals)
     tm, ts = mean_std(times)
     sm, ss = mean_std([r.get("samples_per_s") for r in rows])
+    reached = [t for t in times if t is not None]
+    acc = [f for f in finals if f is not None]
     return {"final_acc_mean": fm, "final_acc_std": fs, "time_to_target_mean_s": tm, "time_to_target_std_s": ts,
-            "reached_target": sum(t is not None for t in times), "n_seeds": len(rows),
-            "samples_per_s_mean": sm, "samples_per_s_std": ss}
+            "reached_target": len(reached), "n_seeds": len(rows),
+            "samples_per_s_mean": sm, "samples_per_s_std": ss,
+            "final_acc_min": min(acc, default=None), "final_acc_max": max(acc, default=None),
+            "time_to_target_min_s": min(reached, default=None), "time_to_target_max_s": max(reached, default=None),
+            "time_to_target_median_s": median_time_to_target(times) if target is not None else None,
+            "time_to_target_reached": len(reached), "time_to_target_seeds": len(rows)}

@@ -6,6 +6,12 @@ the network (torch DDP) or a shard of it (FSDP2: `fully_shard` per block, then t
 
 Trains config epochs (the bench's first is warm-up) and writes one bench row to OUT.json; with
 train.eval_every > 0 also the row's curve (test accuracy after every epoch, outside the timed window).
+Honours the LR schedule (stepped after every epoch, as e2e steps it), train.precision (autocast around
+the forward and the loss, a GradScaler for fp16: ShardedGradScaler under FSDP) and
+train.activation_checkpointing as the e2e trainer does; refuses early stopping, the plateau rule and
+train.e2e_loss="local" before the process group starts (Note [baseline settings] in bench/worker.py).
+The row records how it trained (bench/worker.run_fields): global batch, optimizer steps per epoch,
+schedule, precision, the first epoch's data order (data_order_sha) and the LR of every epoch (`lrs`).
 
 Note [global batch]: every rank draws the same global batches (data.batches, the e2e row's seed and
 order) and takes its part, torch.tensor_split into K nearly equal parts: a batch that K does not
@@ -47,35 +53,54 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..job import load
 from ..data import batches, build_data, resolve_augment
 from ..device import StepTimer, accel
 from ..engine.build import build_rank_stages
+from ..engine.precision import AUTOCAST
 from ..engine.ranks.world import shutdown
 from ..memory import ExactMemory
 from ..metrics import PeakMemory
-from ..optim import build_optimizer
+from ..optim import build_optimizer, build_scheduler
 from .runner import median
-from .worker import start, streamed
+from .worker import order_sha, refuse, run_fields, start, streamed
 
 MODES = ("ddp", "fsdp")
 
 
 class E2ENet(nn.Module):
     """The e2e row's network as one module: blocks with their outlets (model.dropout_position), then
-    the last block's head."""
+    the last block's head; with `checkpointed` (train.activation_checkpointing) each block's activations
+    are recomputed in the backward pass, as the e2e trainer does."""
 
-    def __init__(self, stages):
+    def __init__(self, stages, checkpointed: bool = False):
         super().__init__()
         self.blocks = nn.ModuleList(s.block for s in stages)
         self.outlets = nn.ModuleList(s.outlet for s in stages)
         self.head = stages[-1].objective.head
+        self.checkpointed = checkpointed
 
     def forward(self, x):
         for block, outlet in zip(self.blocks, self.outlets):
-            x = outlet(block(x))
+            x = outlet(checkpoint(block, x, use_reentrant=False) if self.checkpointed and self.training else block(x))
         return self.head(x)
+
+
+def amp(cfg, mode: str, device):
+    """train.precision as the e2e trainer applies it: (a torch.autocast context factory, the loss
+    scaler: enabled for fp16 only). Under FSDP each rank holds only its shard's gradients, so the
+    scaler is torch's ShardedGradScaler, which all-reduces the non-finite check: every rank then skips
+    or takes the same steps and keeps the same scale (DDP's gradients are all-reduced already: the
+    plain GradScaler, the e2e trainer's, sees the same ones on every rank)."""
+    dtype, fp16 = AUTOCAST[cfg.train.precision], cfg.train.precision == "fp16"
+    if mode == "fsdp" and fp16:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+        scaler = ShardedGradScaler(device.type)
+    else:
+        scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+    return (lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)), scaler
 
 
 def wrap(net: E2ENet, mode: str, device, comm: StepTimer) -> nn.Module:
@@ -138,28 +163,39 @@ def accuracy(model: nn.Module, test, eval_batch: int, device, rank: int, world: 
     return float(counts[0] / counts[1])
 
 
-def train(cfg, data, model, opt, device, rank: int, world: int, comm: StepTimer, memory: PeakMemory):
-    """Every epoch: timed training, then (train.eval_every) the test accuracy outside the timer."""
+def train(cfg, data, model, opt, scheduler, amp, device, rank: int, world: int, comm: StepTimer,
+          memory: PeakMemory) -> dict:
+    """Every epoch: timed training as the e2e trainer's epoch (autocast around the forward and the
+    loss, the scaler on the step), then outside the timer the LR schedule's step (as e2e steps it:
+    EarlyStopping.after_epoch) and (train.eval_every) the test accuracy."""
     B, seed = cfg.data.batch_size, cfg.train.seed
-    epochs, curve, train_s, losses = [], [], 0.0, []
+    epochs, curve, train_s, losses, lrs, order, steps = [], [], 0.0, [], [], [], 0
     dev, compute = accel(device), StepTimer(device)
+    autocast, scaler = amp
     mine = lambda x, y: (part(x, rank, world), part(y, rank, world))  # noqa: E731  (on the host, then uploaded)
     torch.manual_seed(seed)  # as e2e: one RNG stream (dropout) for the whole network
     for epoch in range(cfg.train.epochs):
         t0, compute0, comm0, step_losses = time.perf_counter(), compute.seconds, comm.seconds, []
+        lrs.append(opt.param_groups[0]["lr"])  # the LR this epoch trains at
         train = batches(data.train, B, seed=seed, epoch=epoch, augment=resolve_augment(cfg.data))
         for b, (x, y) in streamed(train, device, mine):
             c = compute.start()
-            loss = loss_of(model(x), y, len(b.y), world)
+            with autocast():
+                loss = loss_of(model(x), y, len(b.y), world)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             compute.stop(c)
             step_losses.append(loss.detach())
+            if epoch == 0:  # the global batches as drawn: every rank the same (Note [global batch])
+                order.append(b.ids)
+                steps += 1
         dev.synchronize()
         wall = time.perf_counter() - t0
         train_s += wall
         epochs.append({"wall_s": wall, "compute_s": compute.seconds - compute0, "comm_s": comm.seconds - comm0})
+        scheduler.step()  # once per epoch, as the e2e trainer (no plateau rule: refused)
         step = torch.stack(step_losses).float()
         dist.all_reduce(step)  # the global batches' losses (Note [global batch]), outside the timer
         losses += (step / world).tolist()
@@ -167,33 +203,38 @@ def train(cfg, data, model, opt, device, rank: int, world: int, comm: StepTimer,
             with memory.evaluating():
                 acc = accuracy(model, data.test, cfg.data.eval_batch_size, device, rank, world)
             curve.append({"epoch": epoch + 1, "train_s": train_s, "test_acc": acc})
-    return epochs, curve, losses
+    return {"epochs": epochs, "curve": curve, "losses": losses, "lrs": lrs, "steps": steps,
+            "order": order_sha(order)}
 
 
 def train_rank(cfg, data, mode: str, device, rank: int, world: int) -> tuple[dict, list, list]:
     """This rank's training and its report. The DDP / FSDP module lives only in here: it is freed when
     this returns, before the group is destroyed (Note [teardown] in engine/ranks/world.py)."""
     stages = build_rank_stages(cfg, data.input_shape, data.num_classes, device, class_counts=data.class_counts)
-    net = E2ENet(stages).to(device)
+    net = E2ENet(stages, cfg.train.activation_checkpointing).to(device)
     comm = StepTimer(device)  # DDP's all-reduces (FSDP: unused, its collectives are not separable)
     model = wrap(net, mode, device, comm)
     # the e2e row's parameter order: every block, then the last head (outlets hold none)
     params = [p for b in net.blocks for p in b.parameters()] + list(net.head.parameters())
     opt = build_optimizer(params, cfg.optim, cfg.optim.lr)
+    scheduler = build_scheduler(opt, cfg.optim, cfg.train.epochs)  # the e2e trainer's, over the same epochs
     memory = PeakMemory(device)
     with ExactMemory(list(net.parameters()), device, allocator_peak=memory.peak_bytes) as exact:
-        epochs, curve, losses = train(cfg, data, model, opt, device, rank, world, comm, memory)
+        ran = train(cfg, data, model, opt, scheduler, amp(cfg, mode, device), device, rank, world, comm, memory)
+    epochs = ran["epochs"]
     timed = epochs[1:] or epochs
     per = lambda key: sum(e[key] for e in timed) / len(timed)  # noqa: E731
     mine = {"rank": rank, "blocks": list(range(len(stages))), **memory.report(),
             **exact.report(), "epoch_s": median([e["wall_s"] for e in timed]), "compute_s": per("compute_s"),
             "comm_s": per("comm_s") if mode == "ddp" else None,
-            "idle_s": max(per("wall_s") - per("compute_s"), 0.0)}
-    return mine, curve, losses
+            "idle_s": max(per("wall_s") - per("compute_s"), 0.0),
+            "lrs": ran["lrs"], "data_order_sha": ran["order"], "optimizer_steps_per_epoch": ran["steps"]}
+    return mine, ran["curve"], ran["losses"]
 
 
 def main(cfg_path: str, out: str, mode: str) -> None:
     cfg = load(cfg_path, ["train.mode=e2e"])  # the e2e row's network, built as run_job.py builds it
+    refuse(cfg, mode, autocast=True)  # before the process group: no rank waits for a refusing peer
     backend, device, rank, world = start(cfg)
     torch.manual_seed(cfg.train.seed)
     data = build_data(cfg.data, cfg.train.seed)
@@ -204,6 +245,8 @@ def main(cfg_path: str, out: str, mode: str) -> None:
         epoch_s = max(r["epoch_s"] for r in reports)
         row = {"mode": mode, "samples_per_s": len(data.train) / epoch_s, "epoch_s": epoch_s,
                "ranks": reports, "backend": backend, "losses": losses,
+               **run_fields(cfg, reports[0]["optimizer_steps_per_epoch"], reports[0]["data_order_sha"]),
+               "lrs": reports[0]["lrs"],
                "per_rank_batch": [len(part(torch.empty(cfg.data.batch_size), r, world)) for r in range(world)],
                "notes": [f"{'DDP' if mode == 'ddp' else 'FSDP2 fully_shard per block, then the root'} of the e2e "
                          f"network on {world} ranks, global batch {cfg.data.batch_size} split by "

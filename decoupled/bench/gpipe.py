@@ -7,7 +7,13 @@ head and one global cross-entropy) pipelined over K ranks with torch.distributed
 SCHEDULE: gpipe (default) | 1f1b (needs MICROBATCHES >= K). SPLIT: blocks per rank, comma-separated
 (e.g. 3,1): the bench passes each baseline its own best contiguous split (placement.best_split on the
 measured per-block e2e costs); default: dist.placement or the engine's even split.
-Trains config epochs (the first is warm-up) and writes one bench row to OUT.json. With
+Trains config epochs (the first is warm-up) and writes one bench row to OUT.json. Every rank steps
+its own optimizer's LR schedule (optim.build_scheduler) once after every epoch, as the e2e trainer
+steps the network's; train.activation_checkpointing recomputes each block in the backward chunk, as
+e2e does; early stopping, the plateau rule, train.e2e_loss="local" and any train.precision but fp32
+are refused before the process group starts (Note [baseline settings] in bench/worker.py). The row
+records how it trained (bench/worker.run_fields; data_order_sha over the trained, full batches, and
+the partial last batch's drop among its declared_differences) and every rank's LR per epoch (`lrs`). With
 train.eval_every (bench --curve) the test accuracy of the network's output after those epochs, outside
 the timed window: the test batches flow through the ranks' modules in eval mode by plain send / recv
 (every rank knows every batch's size and every block's output shape, so no header), scored on the
@@ -46,6 +52,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from ..job import load
@@ -58,10 +65,10 @@ from ..memory import ExactMemory
 from ..metrics import PeakMemory
 from ..models import build_model
 from ..objectives import build_objective
-from ..optim import build_optimizer
+from ..optim import build_optimizer, build_scheduler
 from ..rng import derive_seed
 from .runner import median
-from .worker import host_timed, start, streamed
+from .worker import host_timed, order_sha, refuse, run_fields, start, streamed
 
 
 class TimedStage(PipelineStage):
@@ -84,6 +91,18 @@ class TimedStage(PipelineStage):
             self.timer.stop(t0)
 
 
+class Checkpointed(nn.Module):
+    """A block whose activations are recomputed in the backward chunk (train.activation_checkpointing,
+    torch.utils.checkpoint as the e2e trainer applies it per block); a plain forward in eval mode."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return checkpoint(self.block, x, use_reentrant=False) if self.training else self.block(x)
+
+
 def build_module(cfg, data, rank: int, world: int, device) -> tuple[nn.Module, list[list[int]], list[tuple]]:
     """This rank's blocks, initialised from the same seeds as the engine's stages; the last rank adds
     the last block's head (the e2e classifier). Also the plan and every block's output shape."""
@@ -93,7 +112,8 @@ def build_module(cfg, data, rank: int, world: int, device) -> tuple[nn.Module, l
     parts = []
     for j in plan[rank]:
         init_module(built.blocks[j], derive_seed(seed, "block", j))
-        parts += [built.blocks[j], built.outlets[j]]  # outlet: dropout after the block (model.dropout_position)
+        block = Checkpointed(built.blocks[j]) if cfg.train.activation_checkpointing else built.blocks[j]
+        parts += [block, built.outlets[j]]  # outlet: dropout after the block (model.dropout_position)
     if rank == world - 1:
         last = len(built.blocks) - 1
         head = build_objective(cfg.objective, built.shapes[last], data.num_classes).head
@@ -143,15 +163,19 @@ def full(train, B: int, dropped: list):
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
 
-def train_epochs(cfg, data, device, stage: TimedStage, schedule, opt, rank: int, world: int, evaluate):
+def train_epochs(cfg, data, device, stage: TimedStage, schedule, opt, scheduler, rank: int, world: int,
+                 evaluate) -> dict:
     """Every epoch through the schedule: per-epoch wall / compute / comm seconds and samples, the
-    samples dropped from partial last batches, the last stage's losses, and (train.eval_every) the
-    curve, `evaluate()` after the epochs it names, outside the timer."""
+    samples dropped from partial last batches, the last stage's losses, the LR of every epoch, the
+    first epoch's optimizer steps and data order, and (train.eval_every) the curve, `evaluate()` after
+    the epochs it names, outside the timer. The LR schedule steps after every epoch, outside the
+    timer, as the e2e trainer steps it (EarlyStopping.after_epoch)."""
     B, seed = cfg.data.batch_size, cfg.train.seed
-    epochs, dropped, losses_seen, curve, train_s = [], 0, [], [], 0.0
+    epochs, dropped, losses_seen, curve, train_s, lrs, order = [], 0, [], [], 0.0, [], []
     dev, stepping, on_host = accel(device), StepTimer(device), host_timed(device)
     for epoch in range(cfg.train.epochs):
         t0, trained, in_schedule, step_losses, cut = time.perf_counter(), 0, 0.0, [], [0]
+        lrs.append(opt.param_groups[0]["lr"])  # the LR this epoch trains at
         chunks0, stepping0 = stage.timer.seconds, stepping.seconds
         train = batches(data.train, B, seed=seed, epoch=epoch, augment=resolve_augment(cfg.data))
         for b, (x, y) in streamed(full(train, B, cut), device, uploads(rank, world)):
@@ -166,10 +190,13 @@ def train_epochs(cfg, data, device, stage: TimedStage, schedule, opt, rank: int,
             opt.step()
             stepping.stop(s)
             trained += len(b.y)
+            if epoch == 0:  # the trained (full) batches, as drawn: every rank the same
+                order.append(b.ids)
             if losses:  # the microbatches' losses, on the device until the timed window closes
                 step_losses.append([loss.detach() for loss in losses])
         dev.synchronize()
         wall = time.perf_counter() - t0
+        scheduler.step()  # once per epoch, every rank its own, as the e2e trainer (no plateau rule: refused)
         chunks = stage.timer.seconds - chunks0
         # in the schedule, outside the chunks: host clocks on both sides, so only where they time the work
         comm = in_schedule - chunks if on_host else None
@@ -181,7 +208,8 @@ def train_epochs(cfg, data, device, stage: TimedStage, schedule, opt, rank: int,
         train_s += wall
         if cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0:
             curve.append({"epoch": epoch + 1, "train_s": train_s, "test_acc": evaluate()})
-    return epochs, dropped, losses_seen, curve
+    return {"epochs": epochs, "dropped": dropped, "losses": losses_seen, "curve": curve, "lrs": lrs,
+            "steps": len(order), "order": order_sha(order)}
 
 
 def train_rank(cfg, data, microbatches: int, schedule_name: str, rank: int, world: int, device) -> tuple:
@@ -190,6 +218,7 @@ def train_rank(cfg, data, microbatches: int, schedule_name: str, rank: int, worl
     engine/ranks/world.py)."""
     module, plan, shapes = build_module(cfg, data, rank, world, device)
     opt = build_optimizer(module.parameters(), cfg.optim, cfg.optim.lr)
+    scheduler = build_scheduler(opt, cfg.optim, cfg.train.epochs)  # this stage's: the e2e trainer's, per rank
     stage = TimedStage(module, rank, world, device)
     stage.timer = StepTimer(device)
     schedule = SCHEDULES[schedule_name](stage, n_microbatches=microbatches,
@@ -201,8 +230,8 @@ def train_rank(cfg, data, microbatches: int, schedule_name: str, rank: int, worl
             return accuracy(module, cfg, data, plan, shapes, rank, world, device)
 
     with ExactMemory(list(module.parameters()), device, allocator_peak=memory.peak_bytes) as exact:
-        epochs, dropped, losses_seen, curve = train_epochs(cfg, data, device, stage, schedule, opt, rank, world,
-                                                           evaluate)
+        ran = train_epochs(cfg, data, device, stage, schedule, opt, scheduler, rank, world, evaluate)
+    epochs, dropped, losses_seen, curve = ran["epochs"], ran["dropped"], ran["losses"], ran["curve"]
     timed = epochs[1:] or epochs
     per = lambda key: sum(e[key] for e in timed) / len(timed)  # noqa: E731
     comm = per("comm_s") if timed[0]["comm_s"] is not None else None
@@ -211,13 +240,15 @@ def train_rank(cfg, data, microbatches: int, schedule_name: str, rank: int, worl
               "compute_s": per("compute_s"), "comm_s": comm,
               "idle_s": max(per("wall_s") - per("compute_s") - (comm or 0.0), 0.0),
               "samples": timed[-1]["samples"], "last_loss": losses_seen[-1] if losses_seen else None,
-              "curve": curve}
+              "curve": curve, "lrs": ran["lrs"], "data_order_sha": ran["order"],
+              "optimizer_steps_per_epoch": ran["steps"]}
     return report, plan, dropped
 
 
 def main(cfg_path: str, out: str, microbatches: int, schedule_name: str = "gpipe",
          split: list[int] | None = None) -> None:
     cfg = load(cfg_path)
+    refuse(cfg, schedule_name, autocast=False)  # before the process group: no rank waits for a refusing peer
     if split:
         cfg.dist.placement = list(split)  # placement() checks it against the world and the blocks
     backend, device, rank, world = start(cfg)
@@ -235,6 +266,11 @@ def main(cfg_path: str, out: str, microbatches: int, schedule_name: str = "gpipe
                "ranks": reports, "placement": plan, "backend": backend,
                "train_loss_last": reports[-1]["last_loss"],
                "dropped_samples_per_epoch": dropped,
+               **run_fields(cfg, reports[-1]["optimizer_steps_per_epoch"], reports[-1]["data_order_sha"],
+                            [f"the partial last batch of every epoch is dropped ({dropped} samples; stage shapes "
+                             "are fixed at the first step): fewer optimizer steps per epoch, and data_order_sha "
+                             "is the order of the full batches"] if dropped else []),
+               "lrs": reports[-1]["lrs"],
                "notes": ["global loss at the last stage (e2e backprop through every block, pipelined)",
                          f"{SCHEDULES[schedule_name].__name__} with {microbatches} microbatches of "
                          f"{cfg.data.batch_size // microbatches} samples",

@@ -3,7 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .curve import seed_summary
+
 MiB = 2 ** 20
+# rows whose exact training memory is a lower bound (memory.py): FSDP counts its shards, not the
+# parameters it all-gathers nor the unsharded gradients it reduce-scatters
+LOWER_BOUND_EXACT = {"fsdp"}
 
 
 def _row(result: dict, mode: str) -> dict | None:
@@ -26,18 +31,50 @@ def _pm(mean, std, spec: str) -> str:
     return "-" if mean is None else format(mean, spec) + (f" ± {format(std, spec)}" if std is not None else "")
 
 
+def _range(lo, hi, spec: str) -> str:
+    return "-" if lo is None else f"{format(lo, spec)}–{format(hi, spec)}"
+
+
+def accuracy_head(result: dict) -> list[str]:
+    """--curve's columns: final accuracy and time to target; with several seeds, their min–max and the
+    median time to target too (no --target-acc: "target", and its cells "-")."""
+    c = result.get("curve")
+    if not c:
+        return []
+    t = c["target_acc"] or "target"
+    if c["seeds"] <= 1:
+        return ["final acc", f"time to {t} (s)"]
+    return ["final acc", "final acc min–max", f"time to {t} (s)", f"time to {t} min–max (s)",
+            f"median time to {t} (s)"]
+
+
 def accuracy_cells(result: dict, r: dict) -> list[str]:
-    """--curve: final accuracy and time to target (mean ± std over seeds when there are several)."""
-    if "curve" not in result:
+    """--curve: final accuracy and time to target. With several seeds: the final accuracy's mean ± std and
+    min–max over the seeds that have a curve; the time to target's mean ± std and min–max over the seeds
+    that reached it, with (reached/seeds); and its median over every seed, a seed that never reached it
+    counting as never (curve.median_time_to_target): "never" unless more than half reached it."""
+    head = accuracy_head(result)
+    if not head:
         return []
     if r["mode"] not in result["curve"]["rows"]:
-        return ["(no curve)", ""]
-    if "n_seeds" in r:
-        t = _pm(r["time_to_target_mean_s"], r["time_to_target_std_s"], ".1f")
-        return [_pm(r["final_acc_mean"], r["final_acc_std"], ".4f"), f"{t} ({r['reached_target']}/{r['n_seeds']})"]
-    t = r.get("time_to_target_s")
-    return [_pm(r.get("final_acc"), None, ".4f"), "never" if t is None and result["curve"]["target_acc"] else
-            _pm(t, None, ".1f")]
+        return ["(no curve)"] + [""] * (len(head) - 1)
+    target = result["curve"]["target_acc"]
+    if "n_seeds" not in r and len(head) > 2:  # one run under several seeds' columns: a summary of one seed
+        r = {**r, **seed_summary([r], target)}
+    if "n_seeds" not in r:
+        t = r.get("time_to_target_s")
+        return [_pm(r.get("final_acc"), None, ".4f"), "never" if t is None and target else _pm(t, None, ".1f")]
+    k, n = r.get("time_to_target_reached", r["reached_target"]), r.get("time_to_target_seeds", r["n_seeds"])
+    final = [_pm(r["final_acc_mean"], r["final_acc_std"], ".4f"),
+             _range(r.get("final_acc_min"), r.get("final_acc_max"), ".4f")]
+    if not target:
+        return final + ["-", "-", "-"]
+    if not k:
+        return final + [f"never ({k}/{n})", "never", f"never ({k}/{n})"]
+    med = r.get("time_to_target_median_s")
+    return final + [f"{_pm(r['time_to_target_mean_s'], r['time_to_target_std_s'], '.1f')} ({k}/{n})",
+                    _range(r.get("time_to_target_min_s"), r.get("time_to_target_max_s"), ".1f"),
+                    f"{'never' if med is None else format(med, '.1f')} ({k}/{n})"]
 
 
 def mib(b: int | None) -> float:
@@ -62,9 +99,16 @@ def markdown(result: dict) -> str:
         lines += [f"--curve: {c['epochs']} epochs, test accuracy (last block's head) after each, outside the timed "
                   f"window; {c['seeds']} seed(s); samples/s over the training epochs after the first (with several "
                   "seeds: mean ± std; vs e2e and of bound: the first seed's)", ""]
-    acc_head = ["final acc", f"time to {c['target_acc'] or 'target'} (s)"] if c else []  # no --target-acc: "-"
+        if c["seeds"] > 1:
+            lines += ["Over the seeds: final acc mean ± std and min–max; time to target mean ± std and min–max over "
+                      "the seeds that reached it (reached/seeds); median time to target over every seed, one that "
+                      "never reached it counting as never: a time when more than half reached it, "
+                      "else never", ""]
+    acc_head = accuracy_head(result)
     lines += ["Memory: exact = the largest rank's parameters + gradients + optimizer state + autograd's saved "
-              "activations + transport/replay buffers (decoupled/memory.py); process train / eval = the largest "
+              "activations + transport/replay buffers + a replica's all-reduce copy (decoupled/memory.py); "
+              "≥: a lower bound (fsdp: the parameters FSDP all-gathers and the unsharded gradients it "
+              "reduce-scatters are not counted, only its shards); process train / eval = the largest "
               "process's peak growth (CPU: resident set, glibc heap included) during training and during the "
               "evaluations, measured apart (metrics.PeakMemory.evaluating)", ""]
     lines += ["| " + " | ".join(["row", "samples/s", "vs e2e", "of bound", "exact train MiB", "process train MiB",
@@ -86,7 +130,8 @@ def markdown(result: dict) -> str:
         per = "; ".join(f"{fmt(x['compute_s'])} / {fmt(x['comm_s'])} / {fmt(x['idle_s'])}" for x in r["ranks"])
         sps = (_pm(r["samples_per_s_mean"], r["samples_per_s_std"], ".1f") if r.get("samples_per_s_mean")
                else f"{r['samples_per_s']:.1f}")  # --seeds: the mean over seeds; vs e2e / of bound: seed 0's
-        cells = [name, sps, vs, ob, f"{mib(exact(r)):.2f}", f"{mib(peak(r)):.1f}",
+        bound = "≥ " if r["mode"] in LOWER_BOUND_EXACT and exact(r) is not None else ""
+        cells = [name, sps, vs, ob, f"{bound}{mib(exact(r)):.2f}", f"{mib(peak(r)):.1f}",
                  fmt(None if peak(r, "eval_peak_mem_bytes") is None else mib(peak(r, "eval_peak_mem_bytes"))),
                  *accuracy_cells(result, r), per]
         lines.append("| " + " | ".join(cells) + " |")

@@ -2,6 +2,7 @@
 numbers back from its run directory (metrics.jsonl stamps and counters, summary.json)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -13,6 +14,7 @@ from ..job import JobConfig, load, to_toml
 from .curve import epoch_seconds, pipeline_curve, seed_summary, single_process_curve, time_to_target
 from .report import chart, markdown
 from .runner import machine, median, read_jsonl, run, timed, torchrun
+from .worker import data_order_sha, run_fields
 
 from ..engine.ranks.placement import best_split
 
@@ -101,6 +103,9 @@ def pipeline_row(mode: str, out: Path, n: int, batch: int) -> dict:
         per = lambda key: (e[-1].get(key, 0.0) - e[0].get(key, 0.0)) / k  # noqa: E731  (per timed epoch)
         row = rank_row(r, {"compute_s": per("compute_s"), "comm_s": per("comm_s"), "idle_s": per("idle_s")})
         row["steps_per_epoch"] = per("steps")
+        if "optimizer_steps" in e[-1]:  # per block of the rank (cumulative counters; one epoch: its own count)
+            first = e[0]["optimizer_steps"] if len(e) > 1 else [0] * len(e[-1]["optimizer_steps"])
+            row["optimizer_steps_per_epoch"] = [(b - a) / k for a, b in zip(first, e[-1]["optimizer_steps"])]
         span = e[-1]["time_s"] - e[0]["time_s"]
         row["epoch_s"] = span / k
         entered = per("samples_recv") if r["rank"] != summary["ranks"][0]["rank"] else per("samples_trained")
@@ -157,6 +162,7 @@ def prepare(config: str | None, overrides: list[str], repeats: int,
                       f"train.log_every={steps}",  # one `step` record per block per epoch: its end stamp
                       f"data.eval_batch_size={base.data.batch_size}"],  # the peak is training's, not eval's
                base=base)
+    _TRAIN_SIZE[_size_key(cfg)] = n
     return cfg, n
 
 
@@ -300,10 +306,69 @@ def run_row(mode: str, cfg_path: Path, out: Path, n: int, B: int, ranks: int, mi
             err = f"could not read the run: {e!r}"
     if row is None:
         row = {"mode": mode, "error": err, "samples_per_s": None, "ranks": []}
+    if err is None and mode not in WORKERS:  # the workers record their own, as they trained
+        try:
+            add_run_fields(row, mode, cfg_path)
+        except (OSError, KeyError, ValueError) as e:
+            row["run_fields_error"] = repr(e)
     if mode == "e2e-Kthreads":
         row["threads"] = ranks
     row["cmd"] = " ".join(cmd)
     return row
+
+
+_TRAIN_SIZE: dict[tuple, int] = {}  # (data settings, seed) -> training samples (prepare fills the bench's)
+
+
+def _size_key(cfg: JobConfig) -> tuple:
+    return repr(dataclasses.replace(cfg.data, eval_batch_size=0)), cfg.train.seed
+
+
+def train_size(cfg: JobConfig) -> int:
+    """The training split's size under this config's data settings and seed (data.limit_train's subset and
+    the validation hold-out are seeded), built once per distinct (data, seed)."""
+    key = _size_key(cfg)
+    if key not in _TRAIN_SIZE:
+        from ..data import build_data
+        _TRAIN_SIZE[key] = len(build_data(cfg.data, cfg.train.seed).train)
+    return _TRAIN_SIZE[key]
+
+
+def add_run_fields(row: dict, mode: str, cfg_path: Path) -> None:
+    """bench/worker.run_fields for a row the e2e trainer or the engine trained, from the config it ran:
+    global batch, schedule and precision as configured; data_order_sha of the first epoch as
+    data.batches draws it (every such row, and every rank of the engine, trains in that order: the
+    order depends on the split's size, the batch and train.seed only); optimizer steps per epoch one
+    per batch (e2e, sequential: per block), or as the engine counted them (sync / async: the most any
+    block took per timed epoch; each rank's per block in ranks[]). Where a row differs from the e2e
+    row by construction, `declared_differences` says how."""
+    cfg = load(cfg_path, validate_now=False)  # validated when the row ran; no second round of notices
+    n = train_size(cfg)
+    B, o = cfg.data.batch_size, cfg.optim
+    steps: float = -(-n // B)
+    declared = []
+    if mode in SINGLE and cfg.train.patience:
+        declared.append(f"train.patience={cfg.train.patience}: early stopping may end training before "
+                        "train.epochs")
+    if mode in ("sequential", *DECOUPLED) and o.block_lr_decay != 1.0:
+        declared.append(f"optim.block_lr_decay={o.block_lr_decay}: block j trains at optim.lr x "
+                        f"{o.block_lr_decay}^j (the e2e network, one optimizer, at optim.lr)")
+    if mode in DECOUPLED:
+        measured = [s for r in row["ranks"] for s in r.get("optimizer_steps_per_epoch") or []]
+        if measured:
+            steps = max(measured)
+            steps = int(steps) if float(steps).is_integer() else steps
+        if any(r > 1 for r in row.get("replicas") or []):
+            declared.append(f"dist.replicas={row['replicas']}: a stage group of R ranks averages R batches "
+                            "(R x global_batch samples) per optimizer step, so its blocks take about 1/R of the "
+                            "optimizer steps per epoch (ranks[].optimizer_steps_per_epoch)")
+        if mode == "async":
+            r = cfg.replay
+            declared.append(f"async: blocks after the first train on batches drawn from a replay buffer "
+                            f"(replay.policy={r.policy!r}, max_reuse={r.max_reuse}, budget={r.budget!r}): their "
+                            "order and number of steps per epoch are the buffer's; data_order_sha is the order "
+                            "the data enters the first block")
+    row.update(run_fields(cfg, steps, data_order_sha(n, B, cfg.train.seed), declared))
 
 
 def curve_row(mode: str, cfg: JobConfig, out: Path, n: int, ranks: int, timeout: float, mmap_threshold: int,
@@ -329,7 +394,7 @@ def curve_row(mode: str, cfg: JobConfig, out: Path, n: int, ranks: int, timeout:
     if curve.seeds > 1:
         first["seeds"] = [{k: r.get(k) for k in ("seed", "samples_per_s", "final_acc", "time_to_target_s", "curve",
                                                    "error")} for r in runs]
-        first.update(seed_summary([r for r in runs if r.get("curve")], curve.target))
+        first.update(seed_summary(runs, curve.target))  # a crashed seed counts as never, not dropped
     return first
 
 

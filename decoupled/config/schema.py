@@ -193,7 +193,10 @@ class ReplayConfig:
     #   stream and once more at the end, when every block is final
     # "upstream": a rank trains while its upstream streams; what it is too slow to take is dropped,
     #   its epochs follow upstream's: a slowdown costs updates, not time
-    budget: Literal["steps", "upstream"] = "steps"
+    # "fresh": "steps" counted in fresh batches (drawn for the first time): replays (at most
+    #   max_reuse - 1 per batch) fill a fast rank's idle time without spending its budget, so no
+    #   block finishes while the blocks feeding it still train (engine/ranks/budget.py, note [fresh budget])
+    budget: Literal["steps", "upstream", "fresh"] = "steps"
     # MiB of evaluation batches a rank may hold from upstream before upstream waits: a slow rank then
     # evaluates while its upstream trains on, and only a test set larger than this (at that link's
     # activation size) makes upstream wait during an evaluation; 0 = one batch at a time

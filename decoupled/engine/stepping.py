@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..device import StepTimer, accel
+from ..memory import count_comm
 from .precision import Precision
 from .ranks.transport import PeerError
 from .stats import StageStats
@@ -243,6 +244,7 @@ class AllReduce(Rounds):
         floats = [b for b in self.buffers() if b.is_floating_point()]
         parts = [p.grad.reshape(-1) for p in params] + [b.reshape(-1).float() for b in floats]
         flat = torch.cat(parts + had + [torch.full((1,), float(self.n), device=device)])
+        count_comm(flat)  # training memory too: alive through the step below (memory.ExactMemory's allreduce_bytes)
         t0 = self.comm.start()
         self._all_reduce(flat)
         self.comm.stop(t0)

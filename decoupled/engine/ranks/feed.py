@@ -178,7 +178,7 @@ class AsyncFeed(Receiver):
                 self.picked()  # a paced frozen stream may deliver its next batch
                 self.dev.hand_over(e.ready, e.x, e.y, e.ids)
                 e.ready = None
-                yield Message(Kind.TRAIN, e.epoch, e.step, e.x, e.y, e.ids)
+                yield Message(Kind.TRAIN, e.epoch, e.step, e.x, e.y, e.ids, fresh=e.uses == 1)
                 continue
             self.wait()  # nothing to train on: idle until the receiver thread delivers
 

@@ -23,6 +23,7 @@ from typing import Callable, Iterable
 
 from ... import exits
 from ...device import accel
+from ...memory import sample_held
 from ..run import Run
 from ..flow import drain_chain, feed_chain
 from ..stepping import AllReduce
@@ -59,11 +60,19 @@ class Pipeline:
         """Process one message; False once training is over."""
         self.dev.hand_over(m.ready, m.x, m.y, m.ids, m.aux)  # received on the receiver's stream (markers: no tensors)
         m.ready = None
-        # the memory mark follows the messages: evaluation batches apart from training (an async rank
-        # may train between two of them), restarting only where the phase changes
-        self.run.memory_phase("eval" if m.kind in (Kind.EVAL, Kind.END_EVAL) else "train")
+        sample_held()  # memory.ExactMemory's held bytes at every message: evaluations and frozen forwards too
+        # the memory mark follows the messages: an evaluation is one phase, from its first batch to its
+        # END_EVAL, so the mark restarts once when it begins and once after it ends. An async rank draws
+        # training batches between its evaluation batches: those draws are counted in the evaluation
+        # (a TRAIN message never sets the phase; outside an evaluation it is training's already). The
+        # other markers are training's: an END_EPOCH that comes inside an evaluation (async, upstream
+        # replicas whose markers merge behind a fast replica's evaluation batches) splits it there.
+        if m.kind in (Kind.EVAL, Kind.END_EVAL):
+            self.run.memory_phase("eval")
+        elif m.kind != Kind.TRAIN:
+            self.run.memory_phase("train")
         if m.kind == Kind.TRAIN:
-            self.train_batch(m.x, m.y, m.ids, m.step)
+            self.train_batch(m.x, m.y, m.ids, m.step, m.fresh)
         elif m.kind == Kind.END_EPOCH:
             self.end_epoch(m.epoch)
         elif m.kind == Kind.EVAL:
@@ -71,12 +80,13 @@ class Pipeline:
             self.send(Message(Kind.EVAL, m.epoch, m.step, h, m.y, m.ids, z))
         elif m.kind == Kind.END_EVAL:
             self.end_eval(m.epoch)
+            self.run.memory_phase("train")  # the evaluation is over
         elif m.kind == Kind.STOP:
             self.send(Message(Kind.STOP, m.epoch))
             return False
         return True
 
-    def train_batch(self, x, y, ids, step: int) -> None:
+    def train_batch(self, x, y, ids, step: int, fresh: bool = True) -> None:
         if self.delay is not None:  # chaos testing (dist.debug_delay_ms)
             time.sleep(self.delay.uniform(0, self.cfg.dist.debug_delay_ms) / 1000)
         flow = feed_chain(self.stages, [(x, y, ids)], self._log)  # train (or forward if frozen), route
@@ -85,7 +95,7 @@ class Pipeline:
         self._send_flow(flow, step)
         for s in self.stages:  # replicas: the round's all-reduce and step, after the send (stepping.AllReduce)
             s.settle()
-        ended = self.budget.after_step(self.stages)
+        ended = self.budget.after_step(self.stages, fresh)
         if ended:
             self._own_epoch_end(ended[0].stats.epochs_done - 1)
         self._maybe_done()
@@ -95,7 +105,10 @@ class Pipeline:
         times), not only the stream's markers: a rank that replays through its budget before
         upstream's marker arrives would otherwise show an epoch of marker spacing with no compute in it."""
         extra = {"replay": self.buffer.stats.as_dict()} if self.buffer is not None else {}
-        self.run.recorder.log(kind="own_epoch_end", rank=self.rank, epoch=epoch, **self.rank_metrics(), **extra)
+        # last_step: the newest source step this rank has trained on (note [fresh budget]: under "fresh"
+        # a block's last epoch cannot end before upstream's last training batch has reached it)
+        self.run.recorder.log(kind="own_epoch_end", rank=self.rank, epoch=epoch, last_step=self.last_step,
+                              **self.rank_metrics(), **extra)
 
     def _maybe_done(self) -> None:
         """Once every stage here has made its budget early (budget.OwnSteps), count this rank in; from
@@ -117,6 +130,8 @@ class Pipeline:
     def end_epoch(self, epoch: int) -> None:
         self._send_flow(drain_chain(self.stages, self._log), self.last_step)  # routed remainders, before the marker
         self.budget.at_marker(self.stages)
+        arrived = self.buffer.stats.received if self.buffer is not None else self.steps  # batches taken in
+        self.budget.at_stream_epoch_end(epoch, arrived, self.stages, self.rank)
         self._maybe_done()
         self.epoch = epoch + 1
         self.send(Message(Kind.END_EPOCH, epoch))

@@ -6,7 +6,9 @@ its upstream (when full, the oldest batch is evicted; unused evictions count as 
 
 Policies pick among entries that may still be used:
 - fifo: the oldest of the least-used entries (fresh data in arrival order, then replays in order);
-- random: uniformly at random (seeded);
+- random: uniformly at random among the least-used entries (seeded): fresh batches before replays,
+  as the other policies, so a paced frozen stream (note [paced frozen stream]), which holds its next
+  batch back while two are unused, is never starved by draws that miss the unused ones;
 - priority-lifo: the newest of the least-used entries (freshest activations first), as in DGL's
   reference buffer (eugenium/DGL, buffer_experiments/cifar_buffer.py), with two documented
   differences: there, ties among the least used are broken by ring-buffer slot, which after the
@@ -107,7 +109,7 @@ class ReplayBuffer:
             elif self.policy == "priority-lifo":
                 e = max(cands, key=lambda x: x.seq)
             else:
-                e = self.entries[int(torch.randint(len(self.entries), (1,), generator=self.g))]
+                e = cands[int(torch.randint(len(cands), (1,), generator=self.g))]
             if e.uses == 0:
                 self.pending_by_epoch[e.epoch] -= 1
                 self.stats.fresh_draws += 1

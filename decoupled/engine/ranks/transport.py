@@ -88,6 +88,7 @@ class Message:
     aux: torch.Tensor | None = None
     ready: object = None  # the receiver stream's event, recorded once the tensors have landed (device.Accel.hand_over)
     frozen: bool = False  # a batch through blocks that have made their budget (note [paced frozen stream])
+    fresh: bool = True  # local, not on the wire: a replay buffer's draw of a batch trained on before is not
 
     @property
     def count(self) -> int:
