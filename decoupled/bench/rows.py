@@ -21,7 +21,10 @@ from ..engine.ranks.placement import best_split
 ROWS = ("e2e", "e2e-Kthreads", "e2e-checkpoint", "sequential", "sync", "sync-auto", "async", "ddp", "fsdp",
         "gpipe", "1f1b")
 PIPELINES = ("gpipe", "1f1b")  # the e2e network through torch.distributed.pipelining (gpipe.py)
-DECOUPLED = {"sync": [], "async": [],  # the engine on K torchrun ranks: the row's --set overrides
+# the engine on K torchrun ranks: the row's --set overrides. async: note [fresh budget] (engine/ranks/
+# budget.py): measured on Fashion-MNIST (2 seeds), "steps" froze the last rank at 38-40 % of the stream
+# and it ended below sync; "fresh" trained it to the end (2.4-2.6 draws per fresh batch) and ended above
+DECOUPLED = {"sync": [], "async": ['replay.budget="fresh"'],
              "sync-auto": ['dist.placement="auto"', 'dist.replicas="auto"']}
 DATA_PARALLEL = ("ddp", "fsdp")  # the e2e network on K ranks with torch DDP / FSDP2 (dataparallel.py)
 SINGLE = ("e2e", "e2e-Kthreads", "e2e-checkpoint")  # one process: `decoupled train` in e2e mode
@@ -124,6 +127,8 @@ def pipeline_row(mode: str, out: Path, n: int, batch: int) -> dict:
     epoch_s = ranks[slowest]["epoch_s"]
     return {"mode": mode, "samples_per_s": n / epoch_s, "epoch_s": epoch_s,
             "last_block_fresh_samples_per_s": _fresh_per_s(summary["ranks"][-1], batch),
+            # async: the last rank's draws per fresh batch (1: no replay), beside its accuracy
+            "replay_draws_per_fresh": _draws_per_fresh(summary["ranks"][-1]),
             "epochs_timed": timed(stamps[slowest]), "ranks": ranks,
             # the layout the run trained on (sync-auto chooses it at start-up): blocks and ranks per stage group
             "placement": summary.get("placement"), "replicas": summary.get("replicas"),
@@ -135,6 +140,11 @@ def _fresh_per_s(r: dict, batch: int) -> float | None:
     timed window: a replaying async rank may draw no fresh batch between two of its own epoch ends."""
     fresh = r["replay"]["fresh_draws"] * batch if r.get("replay") else r.get("samples_trained", 0)
     return fresh / r["train_s"] if r.get("train_s") else None
+
+
+def _draws_per_fresh(r: dict) -> float | None:
+    rep = r.get("replay")
+    return rep["draws"] / rep["fresh_draws"] if rep and rep.get("fresh_draws") else None
 
 
 def _epoch_ends(records: list[dict], rank: int) -> list[dict]:
@@ -342,7 +352,8 @@ def add_run_fields(row: dict, mode: str, cfg_path: Path) -> None:
     per batch (e2e, sequential: per block), or as the engine counted them (sync / async: the most any
     block took per timed epoch; each rank's per block in ranks[]). Where a row differs from the e2e
     row by construction, `declared_differences` says how."""
-    cfg = load(cfg_path, validate_now=False)  # validated when the row ran; no second round of notices
+    # as the row ran it: the bench's config and the row's own overrides (DECOUPLED); validated when it ran
+    cfg = load(cfg_path, DECOUPLED.get(mode, []), validate_now=False)
     n = train_size(cfg)
     B, o = cfg.data.batch_size, cfg.optim
     steps: float = -(-n // B)
