@@ -75,6 +75,11 @@ def test_the_cuda_class_is_straight_torch_cuda_calls(monkeypatch):
     dev.set_rng_state(dev.get_rng_state())
     dev.reset_peak_memory_stats()
     dev.memory_allocated(), dev.max_memory_allocated(), dev.max_memory_reserved()
+    from fake_cuda import Obj
+    dev.pin(Obj(fake.log, "host"))
+    assert dev.issue(object()) is device_mod._ISSUE_LOCK  # note [NCCL issue lock]: one lock per process
+    assert fake.names()[-1] == "host.pin_memory"
+    fake.log.pop()
     assert fake.names() == [
         "set_device", "synchronize", "Stream", "stream", "Event", "event.record", "event.query",
         "event.synchronize", "Event", "event.elapsed_time", "get_rng_state", "set_rng_state",
