@@ -143,8 +143,8 @@ def _fresh_per_s(r: dict, batch: int) -> float | None:
 
 
 def _draws_per_fresh(r: dict) -> float | None:
-    rep = r.get("replay")
-    return rep["draws"] / rep["fresh_draws"] if rep and rep.get("fresh_draws") else None
+    rep = r.get("replay") or {}
+    return rep["draws"] / rep["fresh_draws"] if rep.get("draws") is not None and rep.get("fresh_draws") else None
 
 
 def _epoch_ends(records: list[dict], rank: int) -> list[dict]:
