@@ -13,7 +13,7 @@ from typing import Callable, ClassVar
 
 from .config import ConfigError
 from .config.applies import set_keys
-from .config.schema import DistConfig, ReplayConfig, replicated
+from .config.schema import DistConfig, ReplayConfig, replicated, split_layout_check
 
 E2E_KEYS = frozenset({"train.probe_epochs", "train.e2e_loss", "train.activation_checkpointing"})
 CACHE = frozenset({"train.cache"})  # frozen upstream outputs kept (or recomputed)
@@ -73,6 +73,8 @@ class Mode:
                 and len(d.placement) != len(d.replicas):
             raise ConfigError(f"dist.placement={d.placement} and dist.replicas={d.replicas} must have one entry "
                               "per stage group each (blocks per group, ranks per group)")
+        if d.replica_batch == "split" and isinstance(d.replicas, list):
+            split_layout_check(d.replicas)  # routing objectives: refused with any replicas (job.py)
 
     @classmethod
     def note_ignored(cls, cfg) -> None:
@@ -139,10 +141,11 @@ class QuickNet(Mode):
         super().check(cfg)
 
 
-# the engine across ranks reads every [dist] key but the two refused where they do nothing (check,
-# config/applies.py: dist.max_stage_mem_mb acts with dist.placement="auto", dist.sync_bn with replicas)
+# the engine across ranks reads every [dist] key but the three refused where they do nothing (check,
+# config/applies.py: dist.max_stage_mem_mb acts with dist.placement="auto", dist.sync_bn and
+# dist.replica_batch with replicas)
 ACROSS_RANKS = frozenset(f"dist.{f.name}" for f in dataclasses.fields(DistConfig)
-                         if f.name not in ("max_stage_mem_mb", "sync_bn"))
+                         if f.name not in ("max_stage_mem_mb", "sync_bn", "replica_batch"))
 
 
 class Sync(Mode):
@@ -157,6 +160,11 @@ class Async(Sync):
 
     @classmethod
     def check_replicas(cls, cfg) -> None:
+        if cfg.dist.replica_batch == "split":
+            raise ConfigError("dist.replica_batch='split' with train.mode='async': a replica would have to wait for "
+                              "its share of every batch from each upstream replica, which async never does; async "
+                              "replicas take alternate batches (dist.replica_batch='alternate'); use train.mode="
+                              "'sync' to split batches")
         if cfg.replay.budget != "steps":
             raise ConfigError(f"dist.replicas={cfg.dist.replicas} with replay.budget={cfg.replay.budget!r}: replicas "
                               "average their gradients every step, so they must make the same number of steps, which "

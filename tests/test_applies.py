@@ -41,6 +41,7 @@ REFUSED = {
     "train.plateau_patience": ("2", ["train.mode=e2e"]),
     "dist.max_stage_mem_mb": ("100", ["train.mode=sync"]),
     "dist.sync_bn": ("true", ["train.mode=sync"]),
+    "dist.replica_batch": ('"split"', ["train.mode=sync"]),
     "model.patch_size": ("2", []), "model.depth": ("2", ["model.name=vgg"]), "model.heads": ("2", []),
     "model.mlp_ratio": ("4.0", []), "data.args": ("{dim = 3}", []),
     "objective.token_pool": ('"mean"', ["model.name=resnet"]),

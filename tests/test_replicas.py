@@ -3,6 +3,8 @@ step. Real torchrun jobs (gloo, CPU, 3 ranks, tiny models, timeouts) against the
 reference that accumulates R batches per step."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from decoupled.job import ConfigError, load
 from decoupled.engine.ranks.groups import Layout, next_index, share
 from decoupled.engine.ranks.placement import BlockCosts, best_layout, best_replicas, layout
 
-from configs import MLP, VGG_CASCADE
+from configs import MLP, MLP_PLAIN, VGG_CASCADE
 from torchrun_utils import check, copy_run, sets, summary, torchrun
 
 # MLP: 300 samples / 32 = 10 batches an epoch (even rounds); 3 blocks, dropout: per-slot RNG streams
@@ -54,6 +56,69 @@ def test_sync_with_replicas_equals_the_accumulating_reference(shared_run, shared
     assert all(r["allreduce_s"] > 0 for r in replicated)
     last = max(checkpoint.epochs(ref_dir, 0))
     assert_replicas_match_reference(ref_dir, run, lay, last)
+
+
+# Note [split replicas]: 289 / 32 = 9 batches and one of a single row, so the last batch leaves a replica
+# an empty part (it joins its group's all-reduce with n = 0); [2, 1]: the source group splits and the
+# sink joins both parts; [1, 2]: the single source rank sends each sink replica its rows
+@pytest.mark.parametrize("cfg,replicas", [({**MLP, "data.limit_train": 289}, [2, 1]),
+                                          ({**VGG_CASCADE, "data.limit_train": 193}, [1, 2])],
+                         ids=["mlp-source-split", "vgg-cascade-sink-split"])
+def test_split_replicas_equal_the_splitting_reference(shared_run, shared_reference, cfg, replicas):
+    cfg = {**cfg, "dist.replicas": replicas, "dist.replica_batch": "split"}
+    ref_dir, ref = shared_reference(cfg)
+    run, _ = shared_run(3, {**cfg, "train.mode": "sync"})
+    got = summary(run)
+    key = lambda s: [(l["block"], l["test_acc"], l["train_samples"], l["epochs"]) for l in s["layers"]]  # noqa
+    assert key(got) == key(ref) and got["ensemble_test_acc"] == ref["ensemble_test_acc"]
+    lay = Layout(got["placement"], replicas)
+    steps = -(-cfg["data.limit_train"] // cfg["data.batch_size"])
+    for r in got["ranks"]:  # one optimizer step per batch, as an unreplicated run takes (not one per R)
+        g = lay.group_of(r["rank"])
+        assert r["optimizer_steps"] == [steps * e for e in ref_epochs(ref, lay.blocks[g])], r
+    n = cfg["data.limit_train"]
+    for layer in got["layers"]:  # every sample reaches each block once per epoch, across its replicas
+        assert layer["epoch_samples"] == [n] * layer["epochs"]
+    assert_replicas_match_reference(ref_dir, run, lay, max(checkpoint.epochs(ref_dir, 0)))
+
+
+def ref_epochs(ref: dict, blocks: list[int]) -> list[int]:
+    return [ref["layers"][j]["epochs"] for j in blocks]
+
+
+def test_split_replicas_train_the_unreplicated_experiment(shared_run, shared_reference):
+    """Split replicas step on the whole batch (DDP's batch semantics): without BatchNorm and dropout,
+    every block ends where the unreplicated simultaneous run's does, up to float rounding (the sum of
+    the parts' row-weighted losses is not the whole batch's mean bit for bit); alternate replicas,
+    one step per 2 batches, end elsewhere."""
+    cfg = {**MLP_PLAIN, "dist.replicas": [2, 1], "train.mode": "sync"}
+    plain_dir, _ = shared_reference(MLP_PLAIN)
+    split, _ = shared_run(3, {**cfg, "dist.replica_batch": "split"})
+    last = max(checkpoint.epochs(plain_dir, 0))
+    want = {s["index"]: s["block"] for s in checkpoint.load(checkpoint.path(plain_dir, 0, last))["stages"]}
+    for rank in (0, 2):  # a replica of the split group, and the group after it
+        for s in checkpoint.load(checkpoint.path(split, rank, last))["stages"]:
+            for k, w in want[s["index"]].items():
+                assert torch.allclose(s["block"][k], w, rtol=1e-4, atol=1e-6), (rank, s["index"], k)
+    alternate, _ = shared_run(3, cfg)
+    s = checkpoint.load(checkpoint.path(alternate, 0, last))["stages"][0]
+    assert not all(torch.allclose(s["block"][k], w, rtol=1e-4, atol=1e-6) for k, w in want[0].items())
+
+
+def test_split_layouts_are_searched_and_checked():
+    c = BlockCosts([1.0, 1.0, 4.0, 1.0], [0.0] * 4, [100.0] * 4, 1e-4, 1e-3)
+    d = load(None, ["train.mode=sync", "dist.placement=auto", "dist.replicas=auto", "dist.replica_batch=split"]).dist
+    lay = layout(d, 4, 5, c)
+    assert all(a == b or 1 in (a, b) for a, b in zip(lay.replicas, lay.replicas[1:])) and lay.size == 5
+    # split all-reduces every batch, alternate every R-th: with a costly all-reduce split replicates less
+    c_slow = BlockCosts([1.0, 1.0, 4.0, 1.0], [0.0] * 4, [1e6] * 4, 1e-5, 0.0)
+    assert dataclasses.replace(c_slow, split=True).group_s([2], 2) > c_slow.group_s([2], 2)
+    with pytest.raises(ConfigError, match="groups 0 and 1 hold 2 and 3 replicas"):
+        load(None, ["train.mode=sync", "dist.replicas=[2, 3]", "dist.replica_batch=split"])
+    with pytest.raises(ConfigError, match="train.mode='async'"):
+        load(None, ["train.mode=async", "dist.replicas=[2, 1]", "dist.replica_batch=split"])
+    with pytest.raises(ConfigError, match="dist.replica_batch='split' does nothing here"):
+        load(None, ["train.mode=sync", "dist.replica_batch=split"])
 
 
 def test_resume_with_replicas_continues_bit_for_bit(tmp_path, shared_run, shared_reference):

@@ -25,7 +25,9 @@ PIPELINES = ("gpipe", "1f1b")  # the e2e network through torch.distributed.pipel
 # budget.py): measured on Fashion-MNIST (2 seeds), "steps" froze the last rank at 38-40 % of the stream
 # and it ended below sync; "fresh" trained it to the end (2.4-2.6 draws per fresh batch) and ended above
 DECOUPLED = {"sync": [], "async": ['replay.budget="fresh"'],
-             "sync-auto": ['dist.placement="auto"', 'dist.replicas="auto"']}
+             # split: replicas split each batch as DDP's ranks do (Note [split replicas], groups.py), so the
+             # row keeps every other row's global batch and optimizer steps per epoch
+             "sync-auto": ['dist.placement="auto"', 'dist.replicas="auto"', 'dist.replica_batch="split"']}
 DATA_PARALLEL = ("ddp", "fsdp")  # the e2e network on K ranks with torch DDP / FSDP2 (dataparallel.py)
 SINGLE = ("e2e", "e2e-Kthreads", "e2e-checkpoint")  # one process: `decoupled train` in e2e mode
 CURVE_ROWS = (*SINGLE, *DECOUPLED, *DATA_PARALLEL, *PIPELINES)  # the rows --curve evaluates after every epoch
@@ -132,6 +134,7 @@ def pipeline_row(mode: str, out: Path, n: int, batch: int) -> dict:
             "epochs_timed": timed(stamps[slowest]), "ranks": ranks,
             # the layout the run trained on (sync-auto chooses it at start-up): blocks and ranks per stage group
             "placement": summary.get("placement"), "replicas": summary.get("replicas"),
+            "replica_batch": summary.get("replica_batch"),
             "backend": summary.get("backend")}
 
 
@@ -369,7 +372,7 @@ def add_run_fields(row: dict, mode: str, cfg_path: Path) -> None:
         if measured:
             steps = max(measured)
             steps = int(steps) if float(steps).is_integer() else steps
-        if any(r > 1 for r in row.get("replicas") or []):
+        if any(r > 1 for r in row.get("replicas") or []) and cfg.dist.replica_batch == "alternate":
             declared.append(f"dist.replicas={row['replicas']}: a stage group of R ranks averages R batches "
                             "(R x global_batch samples) per optimizer step, so its blocks take about 1/R of the "
                             "optimizer steps per epoch (ranks[].optimizer_steps_per_epoch)")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from .schema import ConfigError
+from .schema import ConfigError, replicated
 
 TORCHVISION = ("mnist", "fashion-mnist", "cifar10", "cifar100")
 ROOT_DATASETS = (*TORCHVISION, "imagefolder")  # the built-in datasets read from data.root
@@ -32,6 +32,7 @@ APPLIES: dict[str, Rule] = {
     "train.keep_checkpoints": (lambda c: c.train.checkpoint, "train.checkpoint=true"),
     "train.plateau_patience": (lambda c: c.train.plateau_factor < 1.0, "train.plateau_factor < 1"),
     "dist.max_stage_mem_mb": (lambda c: c.dist.placement == "auto", "dist.placement='auto'"),
+    "dist.replica_batch": (lambda c: replicated(c.dist), "dist.replicas with a group of more than one rank"),
 }
 
 

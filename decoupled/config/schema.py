@@ -158,6 +158,13 @@ class DistConfig:
     # dist.placement "auto" or a list). In train.mode="simultaneous" a block of a group with R
     # replicas accumulates R batches per optimizer step: the reference that sync with replicas equals
     replicas: list[int] | Literal["auto"] = knob([], ge=1, empty_ok=True)
+    # how a group's replicas share the batches (groups.py): "alternate" = batch b goes to replica
+    # b mod R, one optimizer step per R batches (R x the global batch of one rank) | "split" = every
+    # batch is split by rows into R nearly equal parts (torch.tensor_split, as DDP's ranks take theirs),
+    # one step per batch: the global batch and steps per epoch of every unreplicated run. Split needs
+    # neighbouring groups with equal replica counts or one of them a single rank, and train.mode sync
+    # or simultaneous (its reference, splitting the same rows)
+    replica_batch: Literal["alternate", "split"] = "alternate"
     # replicas: BatchNorm over the union of the replicas' batches (torch SyncBatchNorm; CUDA only).
     # false = each replica normalises its own batch and the running statistics are averaged over
     # the group after every step, so every replica holds the same buffers too
@@ -176,6 +183,17 @@ class DistConfig:
 def replicated(d: "DistConfig") -> bool:
     """Whether some stage group may be held by more than one rank (dist.replicas)."""
     return d.replicas == "auto" or any(r > 1 for r in d.replicas)
+
+
+def split_layout_check(replicas: list[int]) -> None:
+    """dist.replica_batch='split' (engine/ranks/groups.py, Note [split replicas]): neighbouring groups hold
+    equal replica counts or one of them is a single rank, so which upstream replicas a replica reads
+    never depends on a batch's size."""
+    for g, (a, b) in enumerate(zip(replicas, replicas[1:])):
+        if a != b and 1 not in (a, b):
+            raise ConfigError(f"dist.replicas={replicas} with dist.replica_batch='split': groups {g} and {g + 1} "
+                              f"hold {a} and {b} replicas; neighbouring groups need equal counts or one of them a "
+                              "single rank, e.g. [2, 2] or [1, 2]; or use dist.replica_batch='alternate'")
 
 
 @dataclass

@@ -9,9 +9,19 @@ from __future__ import annotations
 
 import torch
 
+from .ranks.groups import join_tensors, split_tensors
+
 
 def feed(stage, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, log=None):
     """Take an incoming (sub-)batch; yield what goes on to the next block as (h, y, ids)."""
+    parts = stage.stepper.parts
+    if parts > 1:  # Note [split replicas]: the reference plays every replica's part of the batch
+        outs = [out for i in range(parts) for part in [split_tensors((x, y, ids), i, parts)] if len(part[1])
+                for out in step(stage, *part, log)]
+        stage.stepper.end_batch()
+        if outs:
+            yield tuple(join_tensors(outs))
+        return
     rebatcher = stage.router.rebatcher if stage.router else None
     if rebatcher is None:
         yield from step(stage, x, y, ids, log)

@@ -38,6 +38,7 @@ class Stepper:
     """What every stepper shares: the optimizer, its schedule, and the one step."""
 
     slots: tuple[int, ...] = (0,)  # the RNG slots this process plays
+    parts = 1  # the parts this process splits every batch into (Note [split replicas]: the reference's R)
 
     def __init__(self, *, optimizer: torch.optim.Optimizer, scheduler, precision: Precision, stats: StageStats):
         self.optimizer, self.scheduler = optimizer, scheduler
@@ -62,6 +63,9 @@ class Stepper:
 
     def settle(self) -> None:
         """Close a step that was deferred (AllReduce); nothing to do otherwise."""
+
+    def end_batch(self) -> None:
+        """After the parts of one batch (Note [split replicas]); nothing to do otherwise."""
 
     def pad_epoch(self) -> None:
         """At a training epoch's end, after its last batch."""
@@ -169,11 +173,13 @@ class Rounds(Stepper):
 
 
 class Accumulate(Rounds):
-    """The reference: one process plays every slot of a round in turn."""
+    """The reference: one process plays every slot of a round in turn. `split` (Note [split replicas]):
+    a round is one batch, its slots the batch's parts."""
 
-    def __init__(self, replicas: int, modules: list[nn.Module], **parts):
+    def __init__(self, replicas: int, modules: list[nn.Module], split: bool = False, **parts):
         super().__init__(replicas, modules, **parts)
         self.round_size = replicas
+        self.parts = replicas if split else 1
         self.slots = tuple(range(replicas))
         self.slot_buffers: list[list[torch.Tensor]] = []
 
@@ -196,11 +202,19 @@ class Accumulate(Rounds):
         self._average(sums, torch.full((1,), float(self.n), device=self.precision.device))
         self._step()
 
+    def end_batch(self) -> None:
+        """A batch of fewer rows than parts left its last slots empty: its round steps on what it has."""
+        if self.parts > 1:
+            self._close_partial()
+
     def pad_epoch(self) -> None:
-        t0 = self.stats.timer.start()  # outside any train step: the step is compute
-        self.close()  # a partial last round steps on what it has
-        self.stats.timer.stop(t0)
+        self._close_partial()  # a partial last round steps on what it has
         super().pad_epoch()
+
+    def _close_partial(self) -> None:
+        t0 = self.stats.timer.start()  # outside any train step: the step is compute
+        self.close()
+        self.stats.timer.stop(t0)
 
 
 class AllReduce(Rounds):
@@ -276,14 +290,20 @@ class AllReduce(Rounds):
         with nothing (zero gradient, n = 0), so the group's all-reduces pair up. Async epochs end by
         step count, without padding (epoch_rounds None)."""
         self.settle()
-        scaler = self.precision.scaler
         while self.epoch_rounds is not None and self.epoch_batches < self.epoch_rounds:
-            self.begin()
-            if scaler.is_enabled():
-                scaler.scale(torch.zeros((), device=self.precision.device))  # the scale exists before its first step
-            self.epoch_batches += 1
-            self.close()
+            self.join_empty()
         super().pad_epoch()
+
+    def join_empty(self) -> None:
+        """Join the group's next round with nothing (zero gradient, n = 0): an epoch's padding, or a
+        batch whose part here has no rows (Note [split replicas])."""
+        self.settle()
+        self.begin()
+        scaler = self.precision.scaler
+        if scaler.is_enabled():
+            scaler.scale(torch.zeros((), device=self.precision.device))  # the scale exists before its first step
+        self.epoch_batches += 1
+        self.close()
 
     @property
     def comm_s(self) -> float:

@@ -78,6 +78,7 @@ class Decoupled(Trainer):
         predicted = {"predicted_stage_s": self.setup.predicted_stage_s} if self.setup.predicted_stage_s else {}
         return S.write(cfg, run.out, world.size, world.device, t_start, layers, ensemble,
                        [r["rank"] for r in reports], placement=self.setup.plan, replicas=lay.replicas,
+                       replica_batch=cfg.dist.replica_batch,
                        backend=world.backend, **predicted, train_flops=sum(layer["train_flops"] for layer in layers),
                        **curve)
 

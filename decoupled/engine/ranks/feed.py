@@ -34,7 +34,7 @@ import time
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from .budget import BUDGETS, OwnSteps, UpstreamEpochs
-from .groups import next_index
+from .groups import join_tensors, next_index, split_sources
 from .receiver import Receiver
 from .replay import Entry, ReplayBuffer
 from .transport import Kind, Link, Message, PeerError
@@ -70,6 +70,7 @@ class SyncFeed(Receiver):
                  share: tuple[int, int] = (0, 1), source_steps: int = 1, tap: Callable[[Message], None] | None = None):
         super().__init__(links, rank, dist, share, source_steps, tap)
         self.inboxes = [queue.Queue(maxsize=dist.max_inflight) for _ in links]  # one per link
+        self.split = dist.replica_batch == "split"  # Note [split replicas]
 
     def _deliver(self, i: int, m: Message | None) -> None:
         self.inboxes[i].put(m)
@@ -101,6 +102,11 @@ class SyncFeed(Receiver):
             index = next_index(cursor, replica, replicas)
             i = index % len(self.links)
             m = self._get(i)
+            if m.kind == Kind.TRAIN and self.split:
+                # every batch, from the same links (cursor stays 0: a phase's first link is the first of
+                # split_sources, so a following evaluation is read from where its first batch comes)
+                yield self._joined(i, m)
+                continue
             if m.kind in (Kind.TRAIN, Kind.EVAL):
                 cursor = (m.step % self.source_steps if m.kind == Kind.TRAIN else m.step) + 1
                 yield m
@@ -110,6 +116,24 @@ class SyncFeed(Receiver):
             yield m
             if m.kind == Kind.STOP:
                 return
+
+    def _joined(self, i: int, m: Message) -> Message:
+        """Note [split replicas]: this replica's rows of a training batch, joined in row order from the
+        upstream replicas that hold them (link i's message `m` first)."""
+        replica, replicas = self.share
+        sources = split_sources(replica, len(self.links), replicas)
+        assert sources[0] == i, (sources, i)
+        pieces = [m] + [self._get(j) for j in sources[1:]]
+        if len(pieces) == 1:
+            return m
+        for j, p in zip(sources, pieces):
+            if (p.kind, p.step) != (Kind.TRAIN, m.step):
+                raise PeerError(f"rank {self.rank}: upstream replicas out of step: training batch {m.step} from rank "
+                                f"{self.links[i].peer}, {p.kind.name} {p.step} from rank {self.links[j].peer}")
+            self.dev.hand_over(p.ready, p.x, p.y, p.ids)  # before the copy that joins them
+            p.ready = None
+        x, y, ids = join_tensors([(p.x, p.y, p.ids) for p in pieces])
+        return Message(Kind.TRAIN, m.epoch, m.step, x, y, ids, frozen=m.frozen)
 
     def _merge(self, i: int, m: Message) -> None:
         """Link i's phase is over (marker `m`): so is every other link's; read their markers."""

@@ -13,13 +13,16 @@ rank and in both modes (the shape of torch.distributed.pipelining: schedules ove
 Stage groups (groups.py): a rank is replica i of R of its group. It trains batch b of an epoch
 when b mod R = i (the source group reads only those), sends its output of batch b (and evaluation
 batch b) to replica b mod R' of the next group, and every marker to all of them; its blocks'
-replicas average their gradients every step (stepping.py).
+replicas average their gradients every step (stepping.py). With dist.replica_batch="split" it
+trains its rows of every batch instead (Note [split replicas]).
 """
 from __future__ import annotations
 
 import random
 import time
 from typing import Callable, Iterable
+
+import torch
 
 from ... import exits
 from ...device import accel
@@ -29,19 +32,22 @@ from ..flow import drain_chain, feed_chain
 from ..stepping import AllReduce
 from .budget import OwnSteps, UpstreamEpochs
 from .evaluation import EvalTally
-from .groups import share
+from .groups import share, split_route
 from .transport import Kind, Link, Message, PeerError
 
 
 class Pipeline:
     def __init__(self, run: Run, feed: Iterable[Message], budget: UpstreamEpochs | OwnSteps, total_epochs: int,
-                 recv: list[Link], send: list[Link], batch_index: Callable[[int], int], start_epoch: int = 0):
+                 recv: list[Link], send: list[Link], batch_index: Callable[[int], int], start_epoch: int = 0,
+                 share: tuple[int, int] = (0, 1)):
         self.run, self.cfg, self.stages = run, run.cfg, run.stages
         self.rank = run.rank
         self.dev = accel(run.device)
         self.feed, self.budget = feed, budget
         self.recv_links, self.send_links = recv, send  # by upstream / downstream replica
         self.batch_index = batch_index  # a training message's source step -> what replicas share it by
+        self.share = share  # (replica, replicas) of this rank's group
+        self.split = self.cfg.dist.replica_batch == "split"  # Note [split replicas] (groups.py)
         self.is_sink = not send  # the last stage group: scores the ensemble, sends nothing
         self.total_epochs = total_epochs
         self.epoch = start_epoch  # epochs this rank has completed (tags its outputs)
@@ -89,7 +95,14 @@ class Pipeline:
     def train_batch(self, x, y, ids, step: int, fresh: bool = True) -> None:
         if self.delay is not None:  # chaos testing (dist.debug_delay_ms)
             time.sleep(self.delay.uniform(0, self.cfg.dist.debug_delay_ms) / 1000)
-        flow = feed_chain(self.stages, [(x, y, ids)], self._log)  # train (or forward if frozen), route
+        if self.split and not len(y):  # Note [split replicas]: this replica's part of the batch has no rows
+            for s in self.stages:
+                if s.training:
+                    s.stepper.join_empty()
+            last = self.stages[-1]
+            flow = [(last.precision.to_wire(torch.empty((0, *last.out_shape), device=x.device)), y, ids)]
+        else:
+            flow = feed_chain(self.stages, [(x, y, ids)], self._log)  # train (or forward if frozen), route
         self.last_step = max(self.last_step, step)
         self.steps += 1
         self._send_flow(flow, step)
@@ -160,6 +173,10 @@ class Pipeline:
     def send(self, m: Message) -> None:
         """A batch to the downstream replica that takes it, a marker to every one."""
         links = self.send_links
+        if self.split and links and m.kind == Kind.TRAIN:  # Note [split replicas]: each its rows
+            for j, part in split_route(len(m.y), *self.share, len(links)):
+                links[j].send(Message(Kind.TRAIN, m.epoch, m.step, m.x[part], m.y[part], m.ids[part], frozen=m.frozen))
+            return
         if len(links) > 1 and m.kind in (Kind.TRAIN, Kind.EVAL):
             index = self.batch_index(m.step) if m.kind == Kind.TRAIN else m.step
             links = [links[share(index, len(links))]]

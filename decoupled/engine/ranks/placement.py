@@ -7,7 +7,10 @@ The cost model: each replica of a group of blocks B held by R ranks takes every 
 batch of the source it needs (sum(step_s[B]) + allreduce(B)) / R seconds, where allreduce(B) is 0
 for R = 1 and otherwise |B| x latency (each block's step all-reduces on its own) + 2 (R-1)/R x
 bytes(B) x seconds per byte (a ring all-reduce moves that much per rank), both measured on the job's
-own backend at start-up. It assumes one core (or
+own backend at start-up. With dist.replica_batch="split" (Note [split replicas], groups.py) every
+replica takes 1/R of every batch's rows and all-reduces after each: sum(step_s[B]) / R + allreduce(B)
+(compute taken as proportional to rows), and only layouts whose neighbouring groups hold equal
+replica counts, or one of them a single rank, are searched. It assumes one core (or
 device) per rank: on an oversubscribed machine the measured times exceed it.
 """
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ...config import ConfigError, DistConfig
+from ...config.schema import split_layout_check
 from ...job import JobConfig
 from ...device import synchronize
 from ..build import build_stages
@@ -36,14 +40,16 @@ class BlockCosts:
     grad_bytes: list[float]  # what a replica all-reduces per step
     comm_s_per_byte: float = 0.0
     comm_latency_s: float = 0.0  # one all-reduce of a single element
+    split: bool = False  # dist.replica_batch="split": replicas split every batch (Note [split replicas])
 
     def group_s(self, blocks: range | list[int], replicas: int) -> float:
         """Seconds per batch of the source, for the group of `blocks` held by `replicas` ranks."""
         t = sum(self.step_s[j] for j in blocks)
+        comm = 0.0
         if replicas > 1:
             nbytes = sum(self.grad_bytes[j] for j in blocks)
-            t += len(blocks) * self.comm_latency_s + 2 * (replicas - 1) / replicas * nbytes * self.comm_s_per_byte
-        return t / replicas
+            comm = len(blocks) * self.comm_latency_s + 2 * (replicas - 1) / replicas * nbytes * self.comm_s_per_byte
+        return t / replicas + comm if self.split else (t + comm) / replicas
 
 
 def placement(cfg: JobConfig, num_blocks: int, world: int, costs: list[float] | None = None,
@@ -61,13 +67,21 @@ def layout(d: DistConfig, num_blocks: int, world: int, costs: BlockCosts | None 
     remainder). Raises ConfigError before anything trains."""
     cap = d.max_stage_mem_mb * MiB
     replicas = d.replicas
+    split = d.replica_batch == "split"
+    if costs is not None:
+        costs = dataclasses.replace(costs, split=split)
     if replicas == "auto":
+        if split:  # Note [split replicas]: only layouts whose neighbouring groups may exchange rows
+            fixed = None if d.placement == "auto" else _given(d.placement, num_blocks, None)
+            return _make(*split_layout(costs, num_blocks, world, cap, fixed))
         if d.placement == "auto":
             counts, replicas = best_layout(costs, num_blocks, world, cap)
             return _make(counts, replicas)
         counts = _given(d.placement, num_blocks, None)
         return _make(counts, best_replicas(costs, _groups(counts), world))
     replicas = list(replicas) or [1] * world
+    if split:
+        split_layout_check(replicas)
     if sum(replicas) != world:
         raise ConfigError(f"dist.replicas={replicas} holds {sum(replicas)} ranks but the world has {world}; "
                           f"make the counts sum to {world} (--nproc-per-node x nodes) or launch {sum(replicas)} ranks")
@@ -241,6 +255,52 @@ def best_layout(costs: BlockCosts, n: int, world: int, cap: float = 0.0) -> tupl
         counts.append(i - j)
         reps.append(rr)
         i, r = j, r - rr
+    return counts[::-1], reps[::-1]
+
+
+def split_layout(costs: BlockCosts, n: int, world: int, cap: float = 0.0,
+                 fixed: list[int] | None = None) -> tuple[list[int], list[int]]:
+    """best_layout (or, with `fixed` blocks per group, best_replicas) for dist.replica_batch="split":
+    the layout whose slowest group is fastest among those whose neighbouring groups hold equal replica
+    counts or one of them a single rank (Note [split replicas]). Dynamic programming over (blocks,
+    ranks, the last group's replicas); ties go to the layout found first, as in best_layout."""
+    inf = float("inf")
+    ends = None if fixed is None else [sum(fixed[:g]) for g in range(len(fixed) + 1)]
+    if ends is not None and world < len(fixed):
+        raise ConfigError(f"dist.placement has {len(fixed)} stage groups but the world has {world} ranks; "
+                          "every group needs a rank")
+    # best[i][r][last]: the smallest slowest-group time of the first i blocks on r ranks whose last group
+    # has `last` replicas (0: no group yet); how: (j, rr, the previous group's replicas)
+    best = [[[inf] * (world + 1) for _ in range(world + 1)] for _ in range(n + 1)]
+    how: dict = {}
+    best[0][0][0] = 0.0
+    for i in range(1, n + 1):
+        if ends is not None and i not in ends:
+            continue
+        starts = range(i - 1, -1, -1) if ends is None else [ends[ends.index(i) - 1]]
+        for r in range(1, world + 1):
+            for j in starts:
+                if cap and sum(costs.mem[j:i]) > cap:
+                    continue
+                for rr in range(1, r + 1):
+                    t = costs.group_s(range(j, i), rr)
+                    for prev in range(world + 1):
+                        before = best[j][r - rr][prev]
+                        if before == inf or (prev and prev != rr and 1 not in (prev, rr)):
+                            continue
+                        v = max(before, t)
+                        if v < best[i][r][rr] - 1e-12 * max(1.0, abs(v)):
+                            best[i][r][rr], how[i, r, rr] = v, (j, prev)
+    last = min(range(1, world + 1), key=lambda rr: (best[n][world][rr], rr))
+    if best[n][world][last] == inf:
+        raise ConfigError(f"dist.max_stage_mem_mb={cap / MiB:g}: no layout of the {n} blocks on {world} ranks fits "
+                          f"(blocks need {[round(m / MiB, 1) for m in costs.mem]} MiB); raise the cap")
+    counts, reps, i, r, rr = [], [], n, world, last
+    while i > 0:
+        j, prev = how[i, r, rr]
+        counts.append(i - j)
+        reps.append(rr)
+        i, r, rr = j, r - rr, prev
     return counts[::-1], reps[::-1]
 
 

@@ -230,7 +230,14 @@ def setup_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World, fe
             if group == 0 and data is None:
                 data = build_data(cfg.data, cfg.train.seed)
     steps = -(-n_train // cfg.data.batch_size)  # source batches per epoch
-    if cfg.dist.sync_bn and feed.lockstep and any(steps % r for r in lay.replicas):
+    split = cfg.dist.replica_batch == "split"  # Note [split replicas]: every replica takes every batch
+    rounds = steps if split else -(-steps // replicas)  # this rank's batches per epoch (sync)
+    if split and cfg.dist.sync_bn and 0 < n_train % cfg.data.batch_size < max(lay.replicas):
+        raise ConfigError(f"dist.sync_bn=true with dist.replica_batch='split': an epoch's last batch of "
+                          f"{n_train % cfg.data.batch_size} rows leaves a replica of dist.replicas={lay.replicas} "
+                          "without rows, which would skip SyncBatchNorm's collectives; choose data.batch_size / "
+                          "data.limit_train so the last batch has a row for every replica")
+    if cfg.dist.sync_bn and feed.lockstep and not split and any(steps % r for r in lay.replicas):
         raise ConfigError(f"dist.sync_bn=true with dist.replicas={lay.replicas}: an epoch of {steps} batches does "
                           "not divide by every group's replicas, and a replica padding the last round would skip "
                           "SyncBatchNorm's collectives; choose data.batch_size / data.limit_train so it divides")
@@ -238,7 +245,7 @@ def setup_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World, fe
     for s in stages:
         if isinstance(s.stepper, AllReduce):
             # lockstep: the group's rounds per epoch; async epochs end by step count, without padding
-            s.join(world.replica_group, cfg.dist.sync_bn, -(-steps // replicas) if feed.lockstep else None)
+            s.join(world.replica_group, cfg.dist.sync_bn, rounds if feed.lockstep else None)
     predicted = None
     if costs is not None:  # each group's predicted seconds per epoch
         predicted = [costs.group_s(g, r) * steps for g, r in zip(lay.blocks, lay.replicas)]
@@ -267,17 +274,18 @@ def _pipeline(run: Run, world: W.World, lay: Layout, feed: Feed, start: int, ste
     handoffs = cascade_handoffs(cfg, lay.blocks, start, feed)  # per group (never with replicas: config rules)
     stop_after = handoffs[group + 1] if group + 1 < len(lay.blocks) else None  # downstream caches ours by then
     last = epochs - 1 if stop_after is None else stop_after
-    budget = feed.budget_for(cfg.replay).start(last, -(-steps // replicas), world.board)
+    rounds = steps if cfg.dist.replica_batch == "split" else -(-steps // replicas)  # Note [split replicas]
+    budget = feed.budget_for(cfg.replay).start(last, rounds, world.board)
     index = functools.partial(feed.batch_index, source_steps=steps)
     if not recv:  # the source group reads the dataset
         d = run.data
         source = DatasetSource(run, d.train, d.test, start, last, augment=resolve_augment(cfg.data),
                                more=budget.more, share=(replica, replicas), batch_index=feed.batch_index)
-        return Pipeline(run, source, budget, epochs, recv, send, index, start)
+        return Pipeline(run, source, budget, epochs, recv, send, index, start, (replica, replicas))
     handoff = None
     if handoffs[group] is not None:
         handoff = HandoffCache(run, handoffs[group], cache_mode(cfg.train, cfg.data), *sizes)
     upstream = feed(recv, rank, cfg.dist, cfg.replay, cfg.train.seed, (replica, replicas), steps,
                     tap=handoff.offer if handoff else None)
     source = HandoffFeed(upstream, handoff, last, budget.more) if handoff else upstream
-    return Pipeline(run, source, budget, epochs, recv, send, index, start)
+    return Pipeline(run, source, budget, epochs, recv, send, index, start, (replica, replicas))

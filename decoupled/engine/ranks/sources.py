@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 from ...data import Augment, Split, batches
 from ..frozen import StreamedInputs
 from ..run import Run
-from .groups import share
+from .groups import share, split_tensors
 from .receiver import Receiver
 from .transport import Kind, Message, PeerError
 
@@ -53,6 +53,7 @@ class DatasetSource:
         self.start, self.last, self.test_aux, self.augment, self.more = start, last, test_aux, augment, more
         self.share = share  # (replica, replicas) of the source group: this rank streams its share (groups.py)
         self.batch_index = batch_index  # the feed class's: what replicas share a batch by
+        self.split = run.cfg.dist.replica_batch == "split" and share[1] > 1  # Note [split replicas]
 
     def _keep(self, epoch: int | None, steps: int = 0):
         """Which batches of training epoch `epoch` (None: of an evaluation, shared by batch index) this
@@ -61,9 +62,15 @@ class DatasetSource:
         replica, replicas = self.share
         if replicas == 1:
             return None
+        if epoch is not None and self.split:
+            return None  # Note [split replicas]: every training batch, this replica's rows of it (upload)
         if epoch is None:
             return lambda b: share(b, replicas) == replica
         return lambda b: share(self.batch_index(epoch * steps + b, steps), replicas) == replica
+
+    def _upload(self, *tensors):
+        """A training batch to the device: with split replicas, only this replica's rows of it."""
+        return self.run.to_device(*(split_tensors(tensors, *self.share) if self.split else tensors))
 
     def _epochs(self) -> Iterator[int]:
         # No cap on the extra epochs: how many a slow rank needs is the speed ratio of the ranks, which
@@ -84,7 +91,7 @@ class DatasetSource:
                 complete = True
                 train = batches(self.train, cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch,
                                 augment=self.augment, keep=self._keep(epoch, steps))
-                for b, tensors in prefetched(train, run.to_device):
+                for b, tensors in prefetched(train, self._upload):
                     if epoch > self.last and not self.more():
                         complete = False  # every rank is done: no need to finish the epoch
                         break
