@@ -88,6 +88,9 @@ def merge_rank_layers(groups: list[list[dict]]) -> list[dict]:
         for k, layer in enumerate(first["layers"]):
             rows = [r["layers"][k] for r in replicas]
             layer["test_acc"] = sum(r["correct"][layer["block"]] for r in replicas) / max(tested, 1)
+            if "val_acc" in layer:  # data.val_fraction > 0: the validation split, shared out the same way
+                val = sum(r["val_correct"][layer["block"]] for r in replicas)
+                layer["val_acc"] = val / max(sum(r["val_tested"] for r in replicas), 1)
             for key in ("train_samples", "train_flops"):
                 layer[key] = sum(row[key] for row in rows)
             layer["epoch_samples"] = [sum(e) for e in zip(*(row["epoch_samples"] for row in rows))]

@@ -30,6 +30,21 @@ def test_sync_equals_simultaneous_bit_for_bit(shared_run, shared_reference, cfg,
         assert got["placement"] == [[0, 1], [2]]
 
 
+def test_sync_scores_the_validation_split_as_simultaneous(shared_run, shared_reference):
+    """data.val_fraction: every rank scores its heads on the held-out split after training (Kind.VAL),
+    the very floats the single-process trainer reports, and training is untouched by it."""
+    cfg = {**MLP, "data.val_fraction": 0.2}
+    _, ref = shared_reference(cfg)
+    run, _ = shared_run(2, {**cfg, "train.mode": "sync"})
+    got = summary(run)
+    assert_same_results(ref, got)
+    assert [layer["val_acc"] for layer in got["layers"]] == [layer["val_acc"] for layer in ref["layers"]]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    from decoupled.data import build_data
+    held_out = len(build_data(load(None, overrides(cfg)).data, 0).val)  # about 20 % of 300, stratified
+    assert sum(r["tested"] for r in records if r.get("kind") == "val" and r["rank"] == 1) == held_out
+
+
 def test_sync_in_one_process_equals_simultaneous(tmp_path, shared_reference):
     _, ref = shared_reference(MLP)
     got = train(load(None, overrides({**MLP, "train.mode": "sync"})), tmp_path / "sync1")

@@ -21,6 +21,7 @@ training samples per second of that median epoch.
     decoupled bench --config launch/configs/bench_cpu.toml --ranks 2 --out runs/bench
     decoupled bench --sweep depth --config launch/configs/bench_cpu.toml --out runs/sweep
     decoupled bench --sweep layouts --config launch/configs/layouts_cpu.toml --ranks 3 --out runs/layouts
+    decoupled bench --tune optim.lr=0.01,0.03,0.1 --config launch/configs/bench_cpu.toml --out runs/tuned
     decoupled bench --guard                     the speed guard (guard.py): ratios against committed thresholds
 
 Writes bench.json, bench.md and bench.png (sweep: sweep.json, sweep.md, sweep.png) into --out.
@@ -32,6 +33,7 @@ from pathlib import Path
 
 from ..config import ConfigError
 from .rows import MICROBATCHES, ROWS, Curve, bench
+from .tune import Tune, parse_tune
 from .report import markdown
 from .layouts import layouts
 from .straggler import straggler
@@ -75,6 +77,14 @@ def add_parser(sub) -> None:
                    help="--curve: runs of every curve row (train.seed, +1, ...): mean, std and min-max of final "
                         "accuracy and of time to target (over the seeds that reached it, with their count), and "
                         "the median time to target over all seeds, a seed that never reached it counting as never")
+    b.add_argument("--tune", metavar="SECTION.KEY=V1,V2,...",
+                   help="each row at its own best value of one setting: every row first trains one epoch on the "
+                        "first seed per value (the same grid for every row) and keeps the value of the best final "
+                        "validation accuracy (last block's head), then runs with it (bench.json: rows[].tune; "
+                        "bench/tune.py), e.g. --tune optim.lr=0.01,0.03,0.1")
+    b.add_argument("--val-fraction", type=float,
+                   help="--tune: data.val_fraction, the stratified hold-out tuning scores on; every run, tuning and "
+                        "real, trains on the rest (default 0.1)")
     b.add_argument("--timeout", type=float, default=900.0, help="seconds per row before it counts as failed")
 
 
@@ -89,6 +99,7 @@ def main(args) -> int:
         raise ConfigError(f"bench: --rows must be among {', '.join(ROWS)} (got {bad}); --ranks, --repeats and "
                           "--microbatches must be >= 1")
     curve = _curve(args)
+    tune = _tune(args)
     if args.guard:
         return guard_main(args.out)
     out = args.out or Path("runs") / time.strftime("bench-%Y%m%d-%H%M%S")
@@ -105,8 +116,9 @@ def main(args) -> int:
         straggler(args.config, args.overrides, out, args.timeout)
         print((out / "straggler.md").read_text() + f"written: {out}/straggler.json, straggler.md")
         return 0
-    result = bench(args.config, args.overrides, args.ranks, out, args.repeats, micro, rows,
-                   args.timeout, args.mmap_threshold or 0, curve)
+    overrides = list(args.overrides) + ([f"data.val_fraction={tune.val_fraction}"] if tune else [])
+    result = bench(args.config, overrides, args.ranks, out, args.repeats, micro, rows,
+                   args.timeout, args.mmap_threshold or 0, curve, tune)
     print(markdown(result) + f"written: {out}/bench.json, bench.md, bench.png")
     return 1 if any("error" in r for r in result["rows"]) else 0
 
@@ -124,3 +136,17 @@ def _curve(args) -> Curve | None:
     if args.target_acc is not None and not 0.0 < args.target_acc <= 1.0:
         raise ConfigError(f"bench: --target-acc is a test accuracy in (0, 1] (got {args.target_acc}); e.g. 0.98")
     return Curve(args.epochs, args.target_acc, args.seeds)
+
+
+def _tune(args) -> Tune | None:
+    """--tune and --val-fraction, checked (every value of the grid loads) before anything runs."""
+    if args.tune is None:
+        if args.val_fraction is not None:
+            raise ConfigError("bench: --val-fraction applies to --tune; add --tune, or hold out a validation split "
+                              "with --set data.val_fraction=F")
+        return None
+    if args.sweep or args.guard:
+        raise ConfigError("bench: --tune applies to the row bench, not to --sweep or --guard; drop one")
+    if any(o.split("=")[0].strip() == "data.val_fraction" for o in args.overrides):
+        raise ConfigError("bench: with --tune the hold-out is --val-fraction; drop --set data.val_fraction")
+    return parse_tune(args.tune, args.val_fraction, args.config, args.overrides)

@@ -148,7 +148,8 @@ def loss_of(logits, y, n: int, world: int) -> torch.Tensor:
 
 
 def accuracy(model: nn.Module, test, eval_batch: int, device, rank: int, world: int) -> float:
-    """Test accuracy of the network, each rank scoring its part of every evaluation batch (uploaded as
+    """Accuracy of the network on a split (the test set, or the validation split), each rank scoring its
+    part of every evaluation batch (uploaded as
     the training batches are), counted on the device and read once."""
     model.eval()
     correct, n = torch.zeros((), dtype=torch.float64, device=device), 0
@@ -203,8 +204,12 @@ def train(cfg, data, model, opt, scheduler, amp, device, rank: int, world: int, 
             with memory.evaluating():
                 acc = accuracy(model, data.test, cfg.data.eval_batch_size, device, rank, world)
             curve.append({"epoch": epoch + 1, "train_s": train_s, "test_acc": acc})
+    val_acc = None
+    if data.val is not None:  # data.val_fraction: the network's final accuracy on the held-out split (tuning reads it)
+        with memory.evaluating():
+            val_acc = accuracy(model, data.val, cfg.data.eval_batch_size, device, rank, world)
     return {"epochs": epochs, "curve": curve, "losses": losses, "lrs": lrs, "steps": steps,
-            "order": order_sha(order)}
+            "order": order_sha(order), "val_acc": val_acc}
 
 
 def train_rank(cfg, data, mode: str, device, rank: int, world: int) -> tuple[dict, list, list]:
@@ -228,7 +233,8 @@ def train_rank(cfg, data, mode: str, device, rank: int, world: int) -> tuple[dic
             **exact.report(), "epoch_s": median([e["wall_s"] for e in timed]), "compute_s": per("compute_s"),
             "comm_s": per("comm_s") if mode == "ddp" else None,
             "idle_s": max(per("wall_s") - per("compute_s"), 0.0),
-            "lrs": ran["lrs"], "data_order_sha": ran["order"], "optimizer_steps_per_epoch": ran["steps"]}
+            "lrs": ran["lrs"], "data_order_sha": ran["order"], "optimizer_steps_per_epoch": ran["steps"],
+            "val_acc": ran["val_acc"]}
     return mine, ran["curve"], ran["losses"]
 
 
@@ -246,7 +252,7 @@ def main(cfg_path: str, out: str, mode: str) -> None:
         row = {"mode": mode, "samples_per_s": len(data.train) / epoch_s, "epoch_s": epoch_s,
                "ranks": reports, "backend": backend, "losses": losses,
                **run_fields(cfg, reports[0]["optimizer_steps_per_epoch"], reports[0]["data_order_sha"]),
-               "lrs": reports[0]["lrs"],
+               "lrs": reports[0]["lrs"], "val_acc": reports[0]["val_acc"],
                "per_rank_batch": [len(part(torch.empty(cfg.data.batch_size), r, world)) for r in range(world)],
                "notes": [f"{'DDP' if mode == 'ddp' else 'FSDP2 fully_shard per block, then the root'} of the e2e "
                          f"network on {world} ranks, global batch {cfg.data.batch_size} split by "

@@ -123,13 +123,14 @@ def build_module(cfg, data, rank: int, world: int, device) -> tuple[nn.Module, l
 
 
 @torch.no_grad()
-def accuracy(module: nn.Module, cfg, data, plan, shapes, rank: int, world: int, device) -> float | None:
-    """Test accuracy of the pipelined network (None except on the last rank), batch by batch down the
+def accuracy(module: nn.Module, cfg, split, plan, shapes, rank: int, world: int, device) -> float | None:
+    """Accuracy of the pipelined network on a split (the test set, or the validation split; None except
+    on the last rank), batch by batch down the
     ranks; eval mode, so BatchNorm uses its running statistics as every other row's evaluation. Batches
     are uploaded as in training; the last rank counts on the device and reads the count once."""
     module.eval()
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    for b, (x, y) in streamed(batches(data.test, cfg.data.eval_batch_size, shuffle=False), device,
+    for b, (x, y) in streamed(batches(split, cfg.data.eval_batch_size, shuffle=False), device,
                               uploads(rank, world)):
         if rank == 0:
             h = x
@@ -142,7 +143,7 @@ def accuracy(module: nn.Module, cfg, data, plan, shapes, rank: int, world: int, 
         else:
             correct += (h.argmax(-1) == y).sum()
     module.train()
-    return int(correct) / len(data.test) if rank == world - 1 else None
+    return int(correct) / len(split) if rank == world - 1 else None
 
 
 def uploads(rank: int, world: int):
@@ -225,12 +226,14 @@ def train_rank(cfg, data, microbatches: int, schedule_name: str, rank: int, worl
                                         loss_fn=lambda out, y: F.cross_entropy(out, y))
     memory = PeakMemory(device)
 
-    def evaluate():
+    def evaluate(split=data.test):
         with memory.evaluating():
-            return accuracy(module, cfg, data, plan, shapes, rank, world, device)
+            return accuracy(module, cfg, split, plan, shapes, rank, world, device)
 
     with ExactMemory(list(module.parameters()), device, allocator_peak=memory.peak_bytes) as exact:
         ran = train_epochs(cfg, data, device, stage, schedule, opt, scheduler, rank, world, evaluate)
+    # data.val_fraction: the network's final accuracy on the held-out split (tuning reads it; the last rank's)
+    val_acc = evaluate(data.val) if data.val is not None else None
     epochs, dropped, losses_seen, curve = ran["epochs"], ran["dropped"], ran["losses"], ran["curve"]
     timed = epochs[1:] or epochs
     per = lambda key: sum(e[key] for e in timed) / len(timed)  # noqa: E731
@@ -241,7 +244,7 @@ def train_rank(cfg, data, microbatches: int, schedule_name: str, rank: int, worl
               "idle_s": max(per("wall_s") - per("compute_s") - (comm or 0.0), 0.0),
               "samples": timed[-1]["samples"], "last_loss": losses_seen[-1] if losses_seen else None,
               "curve": curve, "lrs": ran["lrs"], "data_order_sha": ran["order"],
-              "optimizer_steps_per_epoch": ran["steps"]}
+              "optimizer_steps_per_epoch": ran["steps"], "val_acc": val_acc}
     return report, plan, dropped
 
 
@@ -270,7 +273,7 @@ def main(cfg_path: str, out: str, microbatches: int, schedule_name: str = "gpipe
                             [f"the partial last batch of every epoch is dropped ({dropped} samples; stage shapes "
                              "are fixed at the first step): fewer optimizer steps per epoch, and data_order_sha "
                              "is the order of the full batches"] if dropped else []),
-               "lrs": reports[-1]["lrs"],
+               "lrs": reports[-1]["lrs"], "val_acc": reports[-1]["val_acc"],
                "notes": ["global loss at the last stage (e2e backprop through every block, pipelined)",
                          f"{SCHEDULES[schedule_name].__name__} with {microbatches} microbatches of "
                          f"{cfg.data.batch_size // microbatches} samples",

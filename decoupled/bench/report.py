@@ -104,7 +104,15 @@ def markdown(result: dict) -> str:
                       "the seeds that reached it (reached/seeds); median time to target over every seed, one that "
                       "never reached it counting as never: a time when more than half reached it, "
                       "else never", ""]
-    acc_head = accuracy_head(result)
+    t = result.get("tune")
+    tune_head = [t["key"]] if t else []
+    if t:
+        lines += [f"--tune: every row at its own {t['key']} of {t['grid']}, chosen by the final validation accuracy "
+                  f"(last block's head) after {t['epochs']} epoch on seed {t['seed']}; every run, tuning and real, "
+                  f"trains on the training set minus the data.val_fraction={t['val_fraction']} stratified hold-out "
+                  "(the same samples on that seed; bench/tune.py). Each candidate's accuracy: bench.json "
+                  "rows[].tune", ""]
+    acc_head = [*tune_head, *accuracy_head(result)]
     lines += ["Memory: exact = the largest rank's parameters + gradients + optimizer state + autograd's saved "
               "activations + transport/replay buffers + a replica's all-reduce copy (decoupled/memory.py); "
               "≥: a lower bound (fsdp: the parameters FSDP all-gathers and the unsharded gradients it "
@@ -133,7 +141,7 @@ def markdown(result: dict) -> str:
         bound = "≥ " if r["mode"] in LOWER_BOUND_EXACT and exact(r) is not None else ""
         cells = [name, sps, vs, ob, f"{bound}{mib(exact(r)):.2f}", f"{mib(peak(r)):.1f}",
                  fmt(None if peak(r, "eval_peak_mem_bytes") is None else mib(peak(r, "eval_peak_mem_bytes"))),
-                 *accuracy_cells(result, r), per]
+                 *([str(r.get("tune", {}).get("chosen_text"))] if t else []), *accuracy_cells(result, r), per]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -14,6 +14,7 @@ from ..job import JobConfig, load, to_toml
 from .curve import epoch_seconds, pipeline_curve, seed_summary, single_process_curve, time_to_target
 from .report import chart, markdown
 from .runner import machine, median, read_jsonl, run, timed, torchrun
+from .tune import Tune, read_val_acc, tune_row
 from .worker import data_order_sha, run_fields
 
 from ..engine.ranks.placement import best_split
@@ -187,7 +188,9 @@ def microbatch_candidates(microbatches, batch: int, ranks: int) -> list[int]:
 
 def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repeats: int = 3,
           microbatches=MICROBATCHES, rows: tuple[str, ...] = ROWS, timeout: float = 900.0,
-          mmap_threshold: int = 0, curve: Curve | None = None) -> dict:
+          mmap_threshold: int = 0, curve: Curve | None = None, tune: Tune | None = None) -> dict:
+    """`tune` (--tune, tune.py): every row first picks its value of the grid, then runs with it; the
+    overrides then hold data.val_fraction (cli.py adds it: Note [tuning split])."""
     out.mkdir(parents=True, exist_ok=True)
     info = machine()
     cfg, n = prepare(config, overrides, repeats, curve)
@@ -227,18 +230,42 @@ def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repea
             split = best_split(result["e2e_block_costs"], ranks)
             result["pipeline_split"] = split
 
+    if tune:
+        result["tune"] = {"key": tune.key, "grid": tune.values, "val_fraction": tune.val_fraction, "epochs": 1,
+                          "seed": cfg.train.seed, "score": "final validation accuracy of the last block's head"}
+
     for mode in rows:
         t0 = time.perf_counter()
-        if mode in PIPELINES:
-            row = pipeline_baseline_row(mode, plain, out, B, ranks, microbatches, split, timeout, mmap_threshold)
+        row_cfg, row_plain, tuned = cfg, plain, None
+        cands = microbatch_candidates(microbatches, B, ranks)
+        if tune and (cands or mode not in PIPELINES):  # a pipeline without a count fails as it would untuned
+            first = (cands or [0])[0]  # the pipelines train the same at any microbatch count: the first
+
+            def score(cfg_path: Path, d: Path, mode=mode, first=first) -> dict:
+                return tuning_score(mode, cfg_path, d, ranks, first, split, timeout, mmap_threshold)
+            tuned = tune_row(mode, tune, cfg, out, score)
+            print(f"  {mode:13s} {tune.key}: " + ", ".join(
+                f"{c['text']} -> {'failed' if c.get('val_acc') is None else format(c['val_acc'], '.4f')}"
+                for c in tuned["candidates"]) + f"; chosen {tuned['chosen_text']}", flush=True)
+            if tuned["chosen"] is not None:
+                row_cfg = load(None, [tune.override(tuned["chosen_text"])], base=cfg)
+                row_plain = out / "tune" / f"{mode}-chosen.toml"
+                row_plain.write_text(to_toml(load(None, ["train.eval_every=0"], base=row_cfg) if curve else row_cfg))
+        if tuned is not None and tuned["chosen"] is None:
+            row = {"mode": mode, "samples_per_s": None, "ranks": [],
+                   "error": f"--tune: every value of {tune.key} failed (logs/tune-{mode}-*.log)"}
+        elif mode in PIPELINES:
+            row = pipeline_baseline_row(mode, row_plain, out, B, ranks, microbatches, split, timeout, mmap_threshold)
             if curve and row.get("samples_per_s"):  # the curve at the sweep's fastest microbatch count
                 sweep = {k: row[k] for k in ("microbatch_sweep", "split_searched")}
-                row = {**curve_row(mode, cfg, out, n, ranks, timeout, mmap_threshold, curve,
+                row = {**curve_row(mode, row_cfg, out, n, ranks, timeout, mmap_threshold, curve,
                                    row["microbatches"], split), **sweep}
         elif curve and mode in CURVE_ROWS:
-            row = curve_row(mode, cfg, out, n, ranks, timeout, mmap_threshold, curve)
+            row = curve_row(mode, row_cfg, out, n, ranks, timeout, mmap_threshold, curve)
         else:
-            row = run_row(mode, plain, out, n, B, ranks, 0, timeout, mmap_threshold)
+            row = run_row(mode, row_plain, out, n, B, ranks, 0, timeout, mmap_threshold)
+        if tuned is not None:
+            row["tune"] = tuned
         if mode in DECOUPLED and row.get("samples_per_s"):
             # The bound from the row's own stages as the engine ran them (each rank's compute per
             # epoch, Stage.train_step timed in the run): stages timed in another process drift from
@@ -258,6 +285,19 @@ def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repea
     (out / "bench.md").write_text(markdown(result))
     chart(result, out / "bench.png")
     return result
+
+
+def tuning_score(mode: str, cfg_path: Path, d: Path, ranks: int, microbatches: int, split, timeout: float,
+                 mmap_threshold: int) -> dict:
+    """One tuning candidate (tune.py): the row's process on `cfg_path` in `d`, and its final validation accuracy."""
+    cmd, threads = row_command(mode, cfg_path, d, ranks, microbatches, split)
+    err = run(cmd, d.parent.parent / "logs" / f"tune-{d.name}.log", threads, timeout, mmap_threshold)
+    if err is None:
+        try:
+            return {"val_acc": read_val_acc(mode, d, WORKERS)}
+        except (OSError, KeyError, ValueError, IndexError) as e:
+            err = f"could not read the validation accuracy: {e!r}"
+    return {"val_acc": None, "error": err}
 
 
 def row_command(mode: str, cfg_path: Path, d: Path, ranks: int, microbatches: int,

@@ -75,7 +75,8 @@ class DataConfig:
     # a seeded, class-stratified hold-out of the training set (after limit_train; seeded by train.seed):
     # this fraction of every class is removed from training and becomes the validation split. Early
     # stopping and plateau LR decay (train.patience / plateau_factor) then watch the validation loss
-    # instead of the training loss, and summary.json layers[] gain val_acc (single-process modes).
+    # instead of the training loss, and summary.json layers[] gain val_acc (sync / async: scored once,
+    # after the last test evaluation).
     # 0 = no validation split. The test set is never used for any decision.
     val_fraction: float = knob(0.0, ge=0.0, lt=1.0)
     # training-batch augmentation of (C,H,W) images (data.py: AUGMENT_AUTO), before any flattening:

@@ -45,7 +45,8 @@ class Decoupled(Trainer):
 
     def score(self, run: Run) -> list[dict]:
         pipe = self.setup.pipeline
-        return S.layers(run.stages, pipe.results[max(pipe.results)]["layer_acc"])
+        val = pipe.val_result["layer_acc"] if pipe.val_result is not None else None  # data.val_fraction > 0
+        return S.layers(run.stages, pipe.results[max(pipe.results)]["layer_acc"], val)
 
     def report(self, run: Run, layers: list[dict], costs: dict, memory: PeakMemory, train_s: float,
                t_start: float, exact: dict) -> dict | None:
@@ -60,6 +61,8 @@ class Decoupled(Trainer):
                      params_sha=S.params_sha(run.stages))
         report = {"layers": layers, "ensemble": final.get("ensemble_acc"), "tested": final["n"],
                   "correct": final["correct"], "ensemble_correct": final.get("ensemble_correct"),
+                  **({"val_tested": pipe.val_result["n"], "val_correct": pipe.val_result["correct"]}
+                     if pipe.val_result is not None else {}),
                   "rank": S.rank_report(world.rank, run.stages, memory, train_s, extra)}
         S.save_rank_report(run.out, world.rank, report)
         # the early-exit curve: this rank's exits' answers in the final evaluation, and its blocks' costs

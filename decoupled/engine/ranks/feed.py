@@ -37,7 +37,7 @@ from .budget import BUDGETS, OwnSteps, UpstreamEpochs
 from .groups import join_tensors, next_index, split_sources
 from .receiver import Receiver
 from .replay import Entry, ReplayBuffer
-from .transport import Kind, Link, Message, PeerError
+from .transport import BATCHES, EVALUATIONS, Kind, Link, Message, PeerError
 
 if TYPE_CHECKING:
     from ...config import DistConfig, ReplayConfig
@@ -107,7 +107,7 @@ class SyncFeed(Receiver):
                 # split_sources, so a following evaluation is read from where its first batch comes)
                 yield self._joined(i, m)
                 continue
-            if m.kind in (Kind.TRAIN, Kind.EVAL):
+            if m.kind in BATCHES:
                 cursor = (m.step % self.source_steps if m.kind == Kind.TRAIN else m.step) + 1
                 yield m
                 continue
@@ -214,7 +214,7 @@ class AsyncFeed(Receiver):
             self.buffer.put(Entry(m.x, m.y, m.ids, m.epoch, m.step, ready=m.ready))
         else:
             with self.ready:
-                if m is not None and m.kind == Kind.EVAL:
+                if m is not None and m.kind in EVALUATIONS:
                     size = _nbytes(m)
                     self.ready.wait_for(lambda: self.eval_bytes == 0 or self.eval_bytes + size <= self.max_eval_bytes)
                     self.eval_bytes += size
@@ -255,7 +255,7 @@ class AsyncFeed(Receiver):
             if m.kind == Kind.END_EPOCH and not self.buffer.epoch_done(m.epoch):
                 return None
             self.ready.notify_all()  # room in the control queue: the threads may read on
-            if m.kind == Kind.EVAL:
+            if m.kind in EVALUATIONS:
                 self.eval_bytes -= _nbytes(m)
             return self.control.popleft()
 

@@ -33,7 +33,7 @@ from ..stepping import AllReduce
 from .budget import OwnSteps, UpstreamEpochs
 from .evaluation import EvalTally
 from .groups import share, split_route
-from .transport import Kind, Link, Message, PeerError
+from .transport import BATCHES, EVALUATIONS, Kind, Link, Message, PeerError
 
 
 class Pipeline:
@@ -55,6 +55,10 @@ class Pipeline:
         self.last_step = 0  # source step of the newest batch trained on
         self.tally = EvalTally(self.is_sink, exits.wanted(self.cfg))
         self.results: dict[int, dict] = {}  # epoch -> this rank's test accuracies
+        # the validation split's final evaluation (data.val_fraction; sources.py), tallied apart: the
+        # test tally keeps its exits' answers for the early-exit curve
+        self.val_tally = EvalTally(self.is_sink, False)
+        self.val_result: dict | None = None
         self.delay = random.Random(self.cfg.train.seed * 7919 + self.rank) if self.cfg.dist.debug_delay_ms else None
 
     @property
@@ -73,7 +77,7 @@ class Pipeline:
         # (a TRAIN message never sets the phase; outside an evaluation it is training's already). The
         # other markers are training's: an END_EPOCH that comes inside an evaluation (async, upstream
         # replicas whose markers merge behind a fast replica's evaluation batches) splits it there.
-        if m.kind in (Kind.EVAL, Kind.END_EVAL):
+        if m.kind in (*EVALUATIONS, Kind.END_EVAL, Kind.END_VAL):
             self.run.memory_phase("eval")
         elif m.kind != Kind.TRAIN:
             self.run.memory_phase("train")
@@ -81,12 +85,15 @@ class Pipeline:
             self.train_batch(m.x, m.y, m.ids, m.step, m.fresh)
         elif m.kind == Kind.END_EPOCH:
             self.end_epoch(m.epoch)
-        elif m.kind == Kind.EVAL:
-            h, z = self.tally.add(self.stages, m)
-            self.send(Message(Kind.EVAL, m.epoch, m.step, h, m.y, m.ids, z))
+        elif m.kind in EVALUATIONS:
+            h, z = (self.tally if m.kind == Kind.EVAL else self.val_tally).add(self.stages, m)
+            self.send(Message(m.kind, m.epoch, m.step, h, m.y, m.ids, z))
         elif m.kind == Kind.END_EVAL:
             self.end_eval(m.epoch)
             self.run.memory_phase("train")  # the evaluation is over
+        elif m.kind == Kind.END_VAL:
+            self.end_val(m.epoch)
+            self.run.memory_phase("train")
         elif m.kind == Kind.STOP:
             self.send(Message(Kind.STOP, m.epoch))
             return False
@@ -170,6 +177,15 @@ class Pipeline:
         self.run.live.rank_eval(epoch, res["layer_acc"], res.get("ensemble_acc"))
         self.send(Message(Kind.END_EVAL, epoch))
 
+    def end_val(self, epoch: int) -> None:
+        """The validation split's accuracies (summary.json layers[].val_acc; `val` records), reported
+        only: no decision is taken on them after training, as in the single-process trainers."""
+        res = self.val_result = self.val_tally.result(self.stages)
+        self.run.recorder.log(kind="val", rank=self.rank, epoch=epoch, tested=res["n"],
+                              val_acc={str(k): v for k, v in res["layer_acc"].items()},
+                              ensemble_val_acc=res.get("ensemble_acc"))
+        self.send(Message(Kind.END_VAL, epoch))
+
     def send(self, m: Message) -> None:
         """A batch to the downstream replica that takes it, a marker to every one."""
         links = self.send_links
@@ -177,7 +193,7 @@ class Pipeline:
             for j, part in split_route(len(m.y), *self.share, len(links)):
                 links[j].send(Message(Kind.TRAIN, m.epoch, m.step, m.x[part], m.y[part], m.ids[part], frozen=m.frozen))
             return
-        if len(links) > 1 and m.kind in (Kind.TRAIN, Kind.EVAL):
+        if len(links) > 1 and m.kind in BATCHES:
             index = self.batch_index(m.step) if m.kind == Kind.TRAIN else m.step
             links = [links[share(index, len(links))]]
         for link in links:

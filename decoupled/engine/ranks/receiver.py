@@ -13,7 +13,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from ...device import accel
-from .transport import Kind, Link, Message, PeerAbort, PeerError
+from .transport import BATCHES, Kind, Link, Message, PeerAbort, PeerError
 
 if TYPE_CHECKING:
     from ...config import DistConfig
@@ -51,7 +51,7 @@ class Receiver:
                 self.last_recv = time.perf_counter()
                 if m.kind == Kind.ABORT:
                     raise PeerAbort(m.step, self.rank)
-                if self.tap is not None and m.kind in (Kind.TRAIN, Kind.EVAL):
+                if self.tap is not None and m.kind in BATCHES:
                     self._tap(m)
                 self._deliver(i, m)
                 if m.kind == Kind.STOP:

@@ -134,7 +134,8 @@ def _data(cfg: JobConfig, world: W.World) -> tuple[Data | None, tuple]:
     if world.rank == 0:
         try:
             data = build_data(cfg.data, cfg.train.seed)
-            meta = (data.input_shape, data.num_classes, len(data.train), len(data.test), data.class_counts)
+            meta = (data.input_shape, data.num_classes, len(data.train), len(data.test), data.class_counts,
+                    len(data.val) if data.val is not None else 0)
         except (ConfigError, OSError) as e:
             meta = ConfigError(str(e))
     # Loading a large dataset takes as long as it takes (minutes for ImageNet-sized folders): the
@@ -170,7 +171,7 @@ def _build(cfg: JobConfig, world: W.World, meta: tuple, costs: BlockCosts | None
     """Place, build and dry-run this rank's blocks; every rank learns every rank's verdict before anyone
     trains, so a rank that cannot start never leaves its peers waiting for it."""
     rank = world.rank
-    input_shape, num_classes, _, _, class_counts = meta
+    input_shape, num_classes, _, _, class_counts, _ = meta
     found: list[Layout] = []
 
     def select(num_blocks: int) -> list[int]:
@@ -221,7 +222,7 @@ def setup_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World, fe
     check_same_code(verdict.all)
     torch.manual_seed(cfg.train.seed)
     data, meta = _data(cfg, world)
-    input_shape, num_classes, n_train, n_test, _ = meta
+    input_shape, num_classes, n_train, n_test, _, n_val = meta
     costs = _measure(cfg, world, input_shape, num_classes)
     stages, lay = _build(cfg, world, meta, costs, out, resume)
     group, replicas = lay.group_of(rank), lay.replicas[lay.group_of(rank)]
@@ -257,7 +258,7 @@ def setup_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World, fe
     start = _resume_epoch(run, world, resume, out) if resume else 0
     if start and not feed.lockstep and world.replica_group is not None:
         _align_replicas(stages, world, lay)
-    pipe = _pipeline(run, world, lay, feed, start, steps, (n_train, n_test, num_classes))
+    pipe = _pipeline(run, world, lay, feed, start, steps, (n_train, n_test, num_classes, n_val))
     return RankSetup(run, pipe, lay, predicted)
 
 
@@ -280,7 +281,7 @@ def _pipeline(run: Run, world: W.World, lay: Layout, feed: Feed, start: int, ste
     if not recv:  # the source group reads the dataset
         d = run.data
         source = DatasetSource(run, d.train, d.test, start, last, augment=resolve_augment(cfg.data),
-                               more=budget.more, share=(replica, replicas), batch_index=feed.batch_index)
+                               more=budget.more, share=(replica, replicas), batch_index=feed.batch_index, val=d.val)
         return Pipeline(run, source, budget, epochs, recv, send, index, start, (replica, replicas))
     handoff = None
     if handoffs[group] is not None:

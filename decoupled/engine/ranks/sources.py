@@ -33,7 +33,10 @@ def prefetched(batches_, to_device):
 
 class DatasetSource:
     """A split pair as the message stream every rank understands: train batches of each epoch, its
-    end-of-epoch marker, an evaluation after every `eval_every` epochs and after the last, then STOP.
+    end-of-epoch marker, an evaluation after every `eval_every` epochs and after the last, then (with
+    a validation split, data.val_fraction) one evaluation of it, then STOP. The validation batches
+    come last, after all training, and draw no random numbers (unshuffled, unaugmented): training
+    sees the same stream with or without them.
 
     `more` (budget.OwnSteps): after epoch `last`, keep streaming further epochs (through frozen
     blocks) while more() is true, that is until every rank has made its budget of steps. The
@@ -48,8 +51,8 @@ class DatasetSource:
 
     def __init__(self, run: Run, train: Split, test: Split, start: int, last: int, test_aux=None,
                  augment: Augment | None = None, more=None, share: tuple[int, int] = (0, 1),
-                 batch_index: Callable[[int, int], int] | None = None):
-        self.run, self.train, self.test = run, train, test
+                 batch_index: Callable[[int, int], int] | None = None, val: Split | None = None, val_aux=None):
+        self.run, self.train, self.test, self.val, self.val_aux = run, train, test, val, val_aux
         self.start, self.last, self.test_aux, self.augment, self.more = start, last, test_aux, augment, more
         self.share = share  # (replica, replicas) of the source group: this rank streams its share (groups.py)
         self.batch_index = batch_index  # the feed class's: what replicas share a batch by
@@ -108,28 +111,38 @@ class DatasetSource:
                     yield from self._evaluation(epoch)
         if final is not None:  # the last evaluation, when every block is final
             yield from self._evaluation(final)
+            if self.val is not None:
+                yield from self._evaluation(final, self.val, self.val_aux, Kind.VAL, Kind.END_VAL)
         yield Message(Kind.STOP, self.last if final is None else final)
 
-    def _evaluation(self, epoch: int) -> Iterator[Message]:
-        for b in batches(self.test, self.run.cfg.data.eval_batch_size, shuffle=False, keep=self._keep(None)):
-            aux = None if self.test_aux is None else self.test_aux[b.ids]
-            yield Message(Kind.EVAL, epoch, b.step, *self.run.to_device(b.x, b.y, b.ids), aux=aux)
-        yield Message(Kind.END_EVAL, epoch)
+    def _evaluation(self, epoch: int, split: Split | None = None, aux_of=None, kind: Kind = Kind.EVAL,
+                    end: Kind = Kind.END_EVAL) -> Iterator[Message]:
+        """One evaluation of `split` (the test set by default), its batches and its end marker."""
+        split, aux_of = (self.test, self.test_aux) if split is None else (split, aux_of)
+        for b in batches(split, self.run.cfg.data.eval_batch_size, shuffle=False, keep=self._keep(None)):
+            aux = None if aux_of is None else aux_of[b.ids]
+            yield Message(kind, epoch, b.step, *self.run.to_device(b.x, b.y, b.ids), aux=aux)
+        yield Message(end, epoch)
 
 
 class HandoffCache:
     """Async cascade: upstream's outputs of epoch `epoch` (memory or disk, train.cache), filled by
     the receiver thread (`offer`), then served as this rank's own source."""
 
-    def __init__(self, run: Run, epoch: int, where: str, n_train: int, n_test: int, num_classes: int):
+    SPLITS = {Kind.TRAIN: "train", Kind.EVAL: "test", Kind.VAL: "val"}
+
+    def __init__(self, run: Run, epoch: int, where: str, n_train: int, n_test: int, num_classes: int,
+                 n_val: int = 0):
         self.run, self.epoch = run, epoch
         path = run.out / "cache"  # where="disk" ("memory" otherwise: a hand-off only happens when it caches)
+        sizes = [("train", n_train, 0), ("test", n_test, num_classes)] + [("val", n_val, num_classes)] * (n_val > 0)
         self.splits = {split: StreamedInputs(n, where, path / f"rank{run.rank}-{split}.npy", run.device, votes)
-                       for split, n, votes in (("train", n_train, 0), ("test", n_test, num_classes))}
+                       for split, n, votes in sizes}
 
     def offer(self, m: Message) -> None:
+        # upstream's last epoch is the cached one: its validation evaluation (sources.DatasetSource) comes with it
         if m.epoch == self.epoch:
-            self.splits["train" if m.kind == Kind.TRAIN else "test"].put(m.ids, m.x, m.y, m.aux)
+            self.splits[self.SPLITS[m.kind]].put(m.ids, m.x, m.y, m.aux)
 
     def source(self, last: int, more=None) -> DatasetSource:
         """Every sample once an epoch, from the epoch after the hand-off to `last`."""
@@ -138,8 +151,10 @@ class HandoffCache:
                 raise PeerError(f"rank {self.run.rank}: the cached {split} pseudo-inputs of epoch {self.epoch} "
                                 "are incomplete; upstream did not send every sample once")
         train, test = self.splits["train"].split(), self.splits["test"].split()
+        val = self.splits.get("val")
         self.run.recorder.log(kind="cache", rank=self.run.rank, epoch=self.epoch, train=len(train), test=len(test))
-        return DatasetSource(self.run, train, test, self.epoch + 1, last, test_aux=self.splits["test"].aux, more=more)
+        return DatasetSource(self.run, train, test, self.epoch + 1, last, test_aux=self.splits["test"].aux, more=more,
+                             val=val.split() if val else None, val_aux=val.aux if val else None)
 
 
 class HandoffFeed:

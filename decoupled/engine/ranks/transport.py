@@ -59,6 +59,13 @@ class Kind(enum.IntEnum):
     END_EVAL = 4  # every eval message of this evaluation has been sent
     STOP = 5  # training is over; nothing follows
     ABORT = 6  # a rank failed (header step = the failing rank); every rank downstream stops too
+    VAL = 7  # an evaluation batch of the validation split (data.val_fraction), after the last test evaluation
+    END_VAL = 8  # every batch of the validation evaluation has been sent
+
+
+# the kinds that carry a batch (the rest are markers); evaluation batches of either split
+BATCHES = (Kind.TRAIN, Kind.EVAL, Kind.VAL)
+EVALUATIONS = (Kind.EVAL, Kind.VAL)
 
 
 class PeerError(RuntimeError):
@@ -162,7 +169,7 @@ def unpack(buf: torch.Tensor, header: list[int]) -> Message:
     """The message a buffer holds, as views of it (no copy)."""
     kind = Kind(int(header[0]))
     m = Message(kind, epoch=int(header[1]), step=int(header[2]), frozen=bool(header[13]))
-    if kind in (Kind.TRAIN, Kind.EVAL):
+    if kind in BATCHES:
         n, ndim, aux_w = int(header[3]), int(header[4]), int(header[11])
         dims, dtype = [int(d) for d in header[5:5 + ndim]], DTYPES[int(header[10])]
         (lab, act, aux), _ = layout(n, dims, dtype, aux_w)
@@ -275,7 +282,7 @@ class Link:
             self._post(size)
             buf, header = self._take()
         kind = Kind(int(header[0]))
-        if kind in (Kind.TRAIN, Kind.EVAL):
+        if kind in BATCHES:
             self.expect = size
             self.samples += int(header[3])
         self.messages += 1
