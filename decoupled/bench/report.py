@@ -128,7 +128,8 @@ def markdown(result: dict) -> str:
         if "split" in r:  # gpipe / 1f1b: their own split and microbatch count
             name += f" (split {r['split']}, {r.get('microbatches')} microbatches)"
         if r.get("replicas") and (r["mode"] == "sync-auto" or max(r["replicas"]) > 1):  # a layout chosen or replicated
-            name += f" (blocks {r['placement']}, ranks {r['replicas']})"
+            batches = f", {r['replica_batch']} batches" if r.get("replica_batch") and max(r["replicas"]) > 1 else ""
+            name += f" (blocks {r['placement']}, ranks {r['replicas']}{batches})"
         if not r.get("samples_per_s"):
             lines.append(f"| {name} | failed |" + " |" * (5 + len(acc_head)) + f" {r.get('error', '')[:200]} |")
             continue
