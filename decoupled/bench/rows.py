@@ -396,7 +396,7 @@ def curve_row(mode: str, cfg: JobConfig, out: Path, n: int, ranks: int, timeout:
         row = run_row(mode, path, where, n, cfg.data.batch_size, ranks, microbatches, timeout, mmap_threshold, split)
         if row.get("samples_per_s"):
             try:
-                add_curve(row, mode, where / mode, n, curve.target)
+                add_curve(row, mode, where / mode, n, curve.target, -(-n // cfg.data.batch_size))
             except (OSError, KeyError, ValueError, StopIteration) as e:
                 row.update(error=f"could not read the curve: {e!r}", samples_per_s=None)
         row["seed"] = cfg.train.seed + i
@@ -409,15 +409,15 @@ def curve_row(mode: str, cfg: JobConfig, out: Path, n: int, ranks: int, timeout:
     return first
 
 
-def add_curve(row: dict, mode: str, d: Path, n: int, target: float | None) -> None:
+def add_curve(row: dict, mode: str, d: Path, n: int, target: float | None, steps_per_epoch: int) -> None:
     """The row's curve (curve.py; the data-parallel and pipeline workers write their own), final accuracy,
     time to target, and its throughput over its training epochs alone (the first dropped as warm-up;
     the pipelines train no partial last batch)."""
     if mode in SINGLE:
-        row["curve"] = single_process_curve(d)
+        row["curve"] = single_process_curve(d, steps_per_epoch)
     elif mode in DECOUPLED:
         last = json.loads((d / "summary.json").read_text())["layers"][-1]["block"]
-        row["curve"] = pipeline_curve(d, last)
+        row["curve"] = pipeline_curve(d, last, steps_per_epoch)
     if not row.get("curve"):
         raise ValueError(f"no evaluated epoch in {d}")
     row["final_acc"] = row["curve"][-1]["test_acc"]
