@@ -41,7 +41,7 @@ def time_to_target(curve: list[dict] | None, target: float | None) -> float | No
     return next((p["train_s"] for p in curve if p["test_acc"] >= target), None)
 
 
-def _point(step: int, steps_per_epoch: int, train_s: float, acc: float, tested: int | None = None) -> dict:
+def point(step: int, steps_per_epoch: int, train_s: float, acc: float, tested: int | None = None) -> dict:
     whole = step % steps_per_epoch == 0
     p = {"epoch": step // steps_per_epoch if whole else round(step / steps_per_epoch, 4), "step": step,
          "train_s": train_s, "test_acc": acc}
@@ -60,12 +60,12 @@ def single_process_curve(out: Path, steps_per_epoch: int) -> list[dict]:
     for m in records:  # in time order: mid-epoch evaluations come before their epoch's own
         if m.get("kind") == "epoch" and m.get("block") is None and m["epoch"] in ends:
             end = ends[m["epoch"]]
-            curve.append(_point((m["epoch"] + 1) * steps_per_epoch, steps_per_epoch, end - start - evaluating,
+            curve.append(point((m["epoch"] + 1) * steps_per_epoch, steps_per_epoch, end - start - evaluating,
                                 m["test_acc"][-1]))
             evaluating += m["time_s"] - end
         elif m.get("kind") == "step_eval":
             end = m["train_end_s"]
-            curve.append(_point(m["step"], steps_per_epoch, end - start - evaluating, m["test_acc"][-1], m["tested"]))
+            curve.append(point(m["step"], steps_per_epoch, end - start - evaluating, m["test_acc"][-1], m["tested"]))
             evaluating += m["time_s"] - end
     return curve
 
@@ -80,7 +80,7 @@ def pipeline_curve(out: Path, last_block: int, steps_per_epoch: int) -> list[dic
     for step in sorted(set.intersection(*(set(p) for p in per_rank.values()))) if per_rank else []:
         pts = [per_rank[r][step] for r in sinks]
         tested = sum(p[2] for p in pts)
-        curve.append(_point(step, steps_per_epoch, max(p[0] for p in pts),
+        curve.append(point(step, steps_per_epoch, max(p[0] for p in pts),
                             sum(p[1] * p[2] for p in pts) / max(tested, 1), tested if pts[0][3] else None))
     return curve
 

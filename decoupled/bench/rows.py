@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..job import JobConfig, load, to_toml
+from ..job import ConfigError, JobConfig, load, to_toml
 from .curve import epoch_seconds, pipeline_curve, seed_summary, single_process_curve, time_to_target
 from .report import chart, markdown
 from .runner import machine, median, read_jsonl, run, timed, torchrun
@@ -39,6 +40,8 @@ class Curve:
     epochs: int | None = None  # None: the config's train.epochs
     target: float | None = None
     seeds: int = 1
+    eval_every_steps: int = 0  # --eval-every-steps: train.eval_every_steps of every curve row
+    eval_subset: int = 0  # --eval-subset: train.eval_subset (0: the whole test set)
 MICROBATCHES = (2, 4, 8)  # the pipelines' microbatch sweep (--microbatches)
 
 
@@ -167,7 +170,13 @@ def prepare(config: str | None, overrides: list[str], repeats: int,
     n = len(data.train)
     steps = -(-n // base.data.batch_size)
     epochs = (curve.epochs or base.train.epochs) if curve else 1 + repeats  # epoch 0 is warm-up
-    cfg = load(None, [f"train.epochs={epochs}", f"train.eval_every={1 if curve else 0}",
+    steps_eval = [f"train.eval_every_steps={curve.eval_every_steps}", f"train.eval_subset={curve.eval_subset}"] \
+        if curve and curve.eval_every_steps else []
+    if steps_eval and curve.eval_subset > len(data.test):  # before any row runs
+        raise ConfigError(f"bench: --eval-subset {curve.eval_subset} is more than the {len(data.test)} test samples; "
+                          f"give at most {len(data.test)} (or 0: the whole test set)")
+    _TEST_SIZE[_size_key(base)] = len(data.test)
+    cfg = load(None, [f"train.epochs={epochs}", f"train.eval_every={1 if curve else 0}", *steps_eval,
                       "train.checkpoint=false",
                       f"train.log_every={steps}",  # one `step` record per block per epoch: its end stamp
                       f"data.eval_batch_size={base.data.batch_size}"],  # the peak is training's, not eval's
@@ -204,7 +213,13 @@ def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repea
         result["curve"] = {"epochs": cfg.train.epochs, "target_acc": curve.target, "seeds": curve.seeds,
                            "rows": [m for m in rows if m in CURVE_ROWS]}
         plain = out / "config_no_eval.toml"
-        plain.write_text(to_toml(load(None, ["train.eval_every=0"], base=cfg)))
+        plain.write_text(to_toml(load(None, ["train.eval_every=0", "train.eval_every_steps=0", "train.eval_subset=0"],
+                                      base=cfg)))
+        if curve.eval_every_steps:  # the mid-epoch points' test subset, the same for every row and seed
+            m = cfg.train.eval_subset or _TEST_SIZE[_size_key(cfg)]
+            p = curve.target if curve.target is not None else 0.5  # without a target: the largest error
+            result["curve"].update(eval_every_steps=curve.eval_every_steps, eval_subset=m,
+                                   eval_subset_se=math.sqrt(p * (1 - p) / m), eval_subset_se_at=p)
 
     # 1. each rank's stages alone: the bound
     err = run([sys.executable, "-m", "decoupled.bench.stages", str(plain), str(ranks), str(out / "stages.json")],
@@ -328,6 +343,7 @@ def run_row(mode: str, cfg_path: Path, out: Path, n: int, B: int, ranks: int, mi
 
 
 _TRAIN_SIZE: dict[tuple, int] = {}  # (data settings, seed) -> training samples (prepare fills the bench's)
+_TEST_SIZE: dict[tuple, int] = {}  # the same -> test samples (prepare fills it)
 
 
 def _size_key(cfg: JobConfig) -> tuple:
