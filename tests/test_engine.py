@@ -12,12 +12,13 @@ from decoupled import checkpoint
 from decoupled.job import ConfigError, load
 from decoupled.run_job import train
 
-from configs import MLP, VGG_CASCADE
+from configs import MLP, MLP_EVAL_STEPS, VGG_CASCADE
 from torchrun_utils import (REPO, assert_same_results, assert_same_states, check, copy_run, env, free_port, overrides,
                             sets, summary, torchrun)
 
 
-@pytest.mark.parametrize("cfg,world", [(MLP, 2), (VGG_CASCADE, 3)], ids=["mlp-2ranks-grouped", "vgg-cascade-3ranks"])
+@pytest.mark.parametrize("cfg,world", [(MLP, 2), (VGG_CASCADE, 3), (MLP_EVAL_STEPS, 3)],
+                         ids=["mlp-2ranks-grouped", "vgg-cascade-3ranks", "mlp-eval-every-steps-3ranks"])
 def test_sync_equals_simultaneous_bit_for_bit(shared_run, shared_reference, cfg, world):
     ref_dir, ref = shared_reference(cfg)
     run, _ = shared_run(world, {**cfg, "train.mode": "sync"})
@@ -28,6 +29,27 @@ def test_sync_equals_simultaneous_bit_for_bit(shared_run, shared_reference, cfg,
     assert_same_states(ref_dir, run, world, last)
     if world == 2:  # 3 blocks on 2 ranks: contiguous, earlier rank takes the extra block
         assert got["placement"] == [[0, 1], [2]]
+
+
+def test_sync_evaluates_mid_epoch_as_simultaneous_does(shared_run, shared_reference):
+    """train.eval_every_steps (Note [mid-epoch evaluation]): the sink scores the test subset after the
+    same source steps as the reference, with the same accuracies (the same weights then), and the
+    epochs' own evaluations stay on the whole test set."""
+    ref_dir, _ = shared_reference(MLP_EVAL_STEPS)
+    run, _ = shared_run(3, {**MLP_EVAL_STEPS, "train.mode": "sync"})
+    read = lambda d, kind: [m for m in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())  # noqa: E731
+                            if m.get("kind") == kind]
+    ref, got = read(ref_dir, "step_eval"), [m for m in read(run, "step_eval") if m["rank"] == 2]
+    assert [m["step"] for m in ref] == [m["step"] for m in got] == [3, 6, 9, 12, 15, 18]
+    assert [m["test_acc"][-1] for m in ref] == [m["test_acc"]["2"] for m in got]
+    assert {m["tested"] for m in ref + got} == {100}
+    assert [m["tested"] for m in read(run, "eval") if m["rank"] == 2] == [_test_size(MLP)] * 2
+
+
+def _test_size(cfg: dict) -> int:
+    from decoupled.data import build_data
+    c = load(None, overrides(cfg))
+    return len(build_data(c.data, c.train.seed).test)
 
 
 def test_sync_in_one_process_equals_simultaneous(tmp_path, shared_reference):
