@@ -51,8 +51,4 @@ def validate(schema: Schema, cfg) -> None:
     if d.augment != "none" and d.name == "synthetic" and len(d.synthetic_shape) != 3:
         raise ConfigError(f"data.augment={d.augment!r} crops images, but data.synthetic_shape="
                           f"{d.synthetic_shape} is flat; set data.augment='none' or a [C,H,W] shape")
-    if t.eval_subset and not t.eval_every_steps:
-        raise ConfigError(f"train.eval_subset={t.eval_subset} sizes the test subset of the evaluations inside an "
-                          "epoch, but train.eval_every_steps=0 makes none; set train.eval_every_steps (or leave "
-                          "it at 0)")
     check_applies(cfg)
