@@ -20,8 +20,9 @@ from decoupled.data import Split
 from decoupled.engine.evaluate import evaluates_at, mid_epoch_test
 from decoupled.job import ConfigError, load
 
+from configs import MLP_EVAL_STEPS
 from test_bench_curve import TARGET, TINY, _table
-from torchrun_utils import REPO, env, sets
+from torchrun_utils import REPO, env, sets, torchrun
 
 
 def test_evaluation_points_are_every_nth_source_step_but_epoch_ends():
@@ -59,6 +60,18 @@ def test_bench_refuses_bad_options_before_anything_runs(tmp_path, capsys, args, 
     assert main(["bench", *args, "--out", str(tmp_path)]) == 2
     assert match in capsys.readouterr().err
     assert not (tmp_path / "bench.json").exists()
+
+
+@pytest.mark.timeout(240)
+def test_the_engine_refuses_it_with_replicated_stage_groups(tmp_path):
+    """A group's replicas all-reduce every round: an evaluation inside one would split it. Every rank
+    refuses at setup, before any trains, naming the key and the fix."""
+    cfg = {**MLP_EVAL_STEPS, "train.mode": "sync", "dist.replicas": [2, 1], "dist.placement": [2, 1]}
+    p = torchrun(3, ["--out", str(tmp_path / "run"), *sets(cfg)])
+    assert p.returncode != 0
+    assert p.stderr.count("config error: train.eval_every_steps=3 with stage groups of several ranks") == 3, \
+        p.stderr[-3000:]
+    assert "dist.replicas=[]" in p.stderr and not (tmp_path / "run" / "summary.json").exists()
 
 
 def _write(d, records):
