@@ -31,6 +31,10 @@ class Mode:
     plateau: ClassVar[bool] = False  # train.plateau_factor: LR decay on a plateau of the monitored loss
     early_stopping: ClassVar[bool] = False  # train.patience: a block (or the e2e network) stops early
     end_to_end: ClassVar[bool] = False  # one network, one loss: no block boundary (flops.train_flops)
+    # train.eval_every_steps: its loop scores the network between the batches of an epoch (Note
+    # [mid-epoch evaluation] in engine/evaluate.py); the greedy modes train block after block, so a
+    # source step is no point in the network's training
+    mid_epoch_eval: ClassVar[bool] = False
     # the mode-dependent keys it reads: set under another mode they are noted, not refused (users
     # flip train.mode on one config)
     keys: ClassVar[frozenset[str]] = frozenset()
@@ -54,6 +58,10 @@ class Mode:
                               f"{t.mode!r}: across ranks a block's validation loss needs an extra pass through the "
                               "pipeline, which the engine does not make; use train.mode='simultaneous' (sync "
                               "equals it) or leave it at 1.0")
+        if t.eval_every_steps and not cls.mid_epoch_eval:
+            raise ConfigError(f"train.eval_every_steps={t.eval_every_steps} (test evaluations inside an epoch) applies "
+                              f"to train.mode in {modes(lambda m: m.mid_epoch_eval)}, not {t.mode!r}: it trains block "
+                              "after block, so a source step is no point of the network's training; leave it at 0")
         if cfg.dist.sync_bn and not (cls.distributed and replicated(cfg.dist)):
             raise ConfigError(f"dist.sync_bn={cfg.dist.sync_bn!r} does nothing here: it applies to train.mode in "
                               f"{modes(lambda m: m.distributed)} with dist.replicas (a group of more than one "
@@ -91,7 +99,7 @@ class Mode:
 
 class E2E(Mode):
     mode = "e2e"
-    plateau = early_stopping = end_to_end = True
+    plateau = early_stopping = end_to_end = mid_epoch_eval = True
     keys = E2E_KEYS
 
 
@@ -110,7 +118,7 @@ class Sequential(Mode):
 
 class Simultaneous(Mode):
     mode = "simultaneous"
-    plateau = resumable = replicas = True
+    plateau = resumable = replicas = mid_epoch_eval = True
     keys = BOUNDARY | REPLICAS | {"dist.placement"}
 
     @classmethod
@@ -150,7 +158,7 @@ ACROSS_RANKS = frozenset(f"dist.{f.name}" for f in dataclasses.fields(DistConfig
 
 class Sync(Mode):
     mode = "sync"
-    distributed = resumable = replicas = True
+    distributed = resumable = replicas = mid_epoch_eval = True
     keys = ACROSS_RANKS
 
 

@@ -14,3 +14,7 @@ MLP_PLAIN = {k: v for k, v in MLP.items() if k != "model.dropout"}
 # batches an epoch, so a replica pads the last round of every epoch
 VGG_CASCADE = {"data.limit_train": 200, "model.name": "vgg", "model.hierarchy": [1, 1, 1], "model.width": 4,
                "model.dropout": 0.1, "objective.name": "cascade", "objective.aux_width": 16, "data.batch_size": 32}
+
+# MLP with evaluations inside its epochs (train.eval_every_steps): after source steps 3, 6, 9 | 12, 15, 18
+# of its 10-batch epochs, on the first 100 test samples
+MLP_EVAL_STEPS = {**MLP, "train.eval_every_steps": 3, "train.eval_subset": 100}

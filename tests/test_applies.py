@@ -42,6 +42,7 @@ REFUSED = {
     "dist.max_stage_mem_mb": ("100", ["train.mode=sync"]),
     "dist.sync_bn": ("true", ["train.mode=sync"]),
     "dist.replica_batch": ('"split"', ["train.mode=sync"]),
+    "train.eval_subset": ("100", []), "train.eval_every_steps": ("5", ["train.mode=sequential"]),
     "model.patch_size": ("2", []), "model.depth": ("2", ["model.name=vgg"]), "model.heads": ("2", []),
     "model.mlp_ratio": ("4.0", []), "data.args": ("{dim = 3}", []),
     "objective.token_pool": ('"mean"', ["model.name=resnet"]),
@@ -66,9 +67,9 @@ def _own_keys() -> set[str]:
 
 def test_every_key_is_audited():
     declared = {k for k, f in _keys().items() if "acts" in f.metadata}  # knob(acts=...) on the plug-in's field
-    # sync_bn: refused by modes.Mode.check (a distributed mode's key); data.args: by job.validate (it needs
-    # the dataset registry)
-    rules = set(APPLIES) | {"dist.sync_bn", "data.args"} | declared | _own_keys()
+    # sync_bn and eval_every_steps: refused by modes.Mode.check (a distributed mode's key; one a greedy
+    # mode cannot honour); data.args: by job.validate (it needs the dataset registry)
+    rules = set(APPLIES) | {"dist.sync_bn", "train.eval_every_steps", "data.args"} | declared | _own_keys()
     modes = MODE_KEYS
     for key in _keys():
         assert (key in ALWAYS) + (key in rules) + (key in modes) == 1, f"{key}: audit it (ALWAYS or APPLIES)"

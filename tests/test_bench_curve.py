@@ -147,9 +147,10 @@ def test_pipeline_curve_cuts_evaluations_and_reads_a_final_point_without_epoch_e
             {"kind": "own_epoch_end", "rank": 1, "epoch": 2, "time_s": 23.0},
             {"kind": "eval", "rank": 1, "epoch": 2, "time_s": 26.0, "tested": 10, "test_acc": {"2": 0.9}}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    curve = pipeline_curve(tmp_path, 2)
-    assert curve == [{"epoch": 1, "train_s": 4.0, "test_acc": 0.5}, {"epoch": 2, "train_s": 8.0, "test_acc": 0.7},
-                     {"epoch": 3, "train_s": 11.0, "test_acc": 0.9}]
+    curve = pipeline_curve(tmp_path, 2, 10)  # 10 source steps an epoch
+    assert curve == [{"epoch": 1, "step": 10, "train_s": 4.0, "test_acc": 0.5},
+                     {"epoch": 2, "step": 20, "train_s": 8.0, "test_acc": 0.7},
+                     {"epoch": 3, "step": 30, "train_s": 11.0, "test_acc": 0.9}]
     assert epoch_seconds([curve[0], curve[2]]) == 3.5  # one point after two epochs: 7 s over 2
 
 

@@ -12,12 +12,13 @@ from decoupled import checkpoint
 from decoupled.job import ConfigError, load
 from decoupled.run_job import train
 
-from configs import MLP, VGG_CASCADE
+from configs import MLP, MLP_EVAL_STEPS, VGG_CASCADE
 from torchrun_utils import (REPO, assert_same_results, assert_same_states, check, copy_run, env, free_port, overrides,
                             sets, summary, torchrun)
 
 
-@pytest.mark.parametrize("cfg,world", [(MLP, 2), (VGG_CASCADE, 3)], ids=["mlp-2ranks-grouped", "vgg-cascade-3ranks"])
+@pytest.mark.parametrize("cfg,world", [(MLP, 2), (VGG_CASCADE, 3), (MLP_EVAL_STEPS, 3)],
+                         ids=["mlp-2ranks-grouped", "vgg-cascade-3ranks", "mlp-eval-every-steps-3ranks"])
 def test_sync_equals_simultaneous_bit_for_bit(shared_run, shared_reference, cfg, world):
     ref_dir, ref = shared_reference(cfg)
     run, _ = shared_run(world, {**cfg, "train.mode": "sync"})
@@ -43,6 +44,27 @@ def test_sync_scores_the_validation_split_as_simultaneous(shared_run, shared_ref
     from decoupled.data import build_data
     held_out = len(build_data(load(None, overrides(cfg)).data, 0).val)  # about 20 % of 300, stratified
     assert sum(r["tested"] for r in records if r.get("kind") == "val" and r["rank"] == 1) == held_out
+
+
+def test_sync_evaluates_mid_epoch_as_simultaneous_does(shared_run, shared_reference):
+    """train.eval_every_steps (Note [mid-epoch evaluation]): the sink scores the test subset after the
+    same source steps as the reference, with the same accuracies (the same weights then), and the
+    epochs' own evaluations stay on the whole test set."""
+    ref_dir, _ = shared_reference(MLP_EVAL_STEPS)
+    run, _ = shared_run(3, {**MLP_EVAL_STEPS, "train.mode": "sync"})
+    read = lambda d, kind: [m for m in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())  # noqa: E731
+                            if m.get("kind") == kind]
+    ref, got = read(ref_dir, "step_eval"), [m for m in read(run, "step_eval") if m["rank"] == 2]
+    assert [m["step"] for m in ref] == [m["step"] for m in got] == [3, 6, 9, 12, 15, 18]
+    assert [m["test_acc"][-1] for m in ref] == [m["test_acc"]["2"] for m in got]
+    assert {m["tested"] for m in ref + got} == {100}
+    assert [m["tested"] for m in read(run, "eval") if m["rank"] == 2] == [_test_size(MLP)] * 2
+
+
+def _test_size(cfg: dict) -> int:
+    from decoupled.data import build_data
+    c = load(None, overrides(cfg))
+    return len(build_data(c.data, c.train.seed).test)
 
 
 def test_sync_in_one_process_equals_simultaneous(tmp_path, shared_reference):

@@ -69,10 +69,19 @@ def add_parser(sub) -> None:
                         "over its bound, e2e overhead, wire bytes, receive cost) against committed thresholds; "
                         "exits 1 on a miss (about 1.5 minutes on 2 cores; bench/guard.py)")
     b.add_argument("--curve", action="store_true",
-                   help="time to accuracy: the rows that can (e2e*, sync, sync-auto, async, ddp, fsdp) train --epochs "
-                        "epochs, each followed by a test evaluation outside the timed window (bench.json: curve)")
+                   help="time to accuracy: the rows that can (e2e*, sync, sync-auto, async, ddp, fsdp, gpipe, 1f1b) "
+                        "train --epochs epochs, each followed by a test evaluation outside the timed window "
+                        "(bench.json: curve; --eval-every-steps: between an epoch's batches too)")
     b.add_argument("--epochs", type=int, help="--curve: epochs per row (default: the config's train.epochs)")
     b.add_argument("--target-acc", type=float, help="--curve: the test accuracy whose first time is time_to_target_s")
+    b.add_argument("--eval-every-steps", type=int, default=0, metavar="N",
+                   help="--curve: evaluate after every N source steps (rank 0's batches, counted across epochs) as "
+                        "well, outside the timed window, so time to target resolves to N batches, not an epoch "
+                        "(train.eval_every_steps); 0 = after every epoch only")
+    b.add_argument("--eval-subset", type=int, default=0, metavar="M",
+                   help="--curve --eval-every-steps: the mid-epoch evaluations score the first M test samples, "
+                        "the same for every row and seed (0 = all); bench.json and bench.md state M and the standard "
+                        "error sqrt(p(1-p)/M) at the target (train.eval_subset); epoch ends score the whole test set")
     b.add_argument("--seeds", type=int, default=1,
                    help="--curve: runs of every curve row (train.seed, +1, ...): mean, std and min-max of final "
                         "accuracy and of time to target (over the seeds that reached it, with their count), and "
@@ -126,8 +135,10 @@ def main(args) -> int:
 def _curve(args) -> Curve | None:
     """--curve and its options, checked before anything runs."""
     if not args.curve:
-        if args.epochs is not None or args.target_acc is not None or args.seeds != 1:
-            raise ConfigError("bench: --epochs, --target-acc and --seeds apply to --curve; add --curve")
+        if args.epochs is not None or args.target_acc is not None or args.seeds != 1 or args.eval_every_steps \
+                or args.eval_subset:
+            raise ConfigError("bench: --epochs, --target-acc, --seeds, --eval-every-steps and --eval-subset apply to "
+                              "--curve; add --curve")
         return None
     if args.sweep or args.guard:
         raise ConfigError("bench: --curve applies to the row bench, not to --sweep or --guard; drop one")
@@ -135,7 +146,13 @@ def _curve(args) -> Curve | None:
         raise ConfigError(f"bench: --epochs and --seeds must be >= 1 (got {args.epochs}, {args.seeds})")
     if args.target_acc is not None and not 0.0 < args.target_acc <= 1.0:
         raise ConfigError(f"bench: --target-acc is a test accuracy in (0, 1] (got {args.target_acc}); e.g. 0.98")
-    return Curve(args.epochs, args.target_acc, args.seeds)
+    if args.eval_every_steps < 0 or args.eval_subset < 0:
+        raise ConfigError(f"bench: --eval-every-steps and --eval-subset must be >= 0 (got {args.eval_every_steps}, "
+                          f"{args.eval_subset}); e.g. --eval-every-steps 20 --eval-subset 2000")
+    if args.eval_subset and not args.eval_every_steps:
+        raise ConfigError(f"bench: --eval-subset {args.eval_subset} sizes the mid-epoch evaluations' test subset; "
+                          "add --eval-every-steps N (epoch ends always score the whole test set)")
+    return Curve(args.epochs, args.target_acc, args.seeds, args.eval_every_steps, args.eval_subset)
 
 
 def _tune(args) -> Tune | None:

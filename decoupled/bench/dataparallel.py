@@ -5,7 +5,8 @@ the network (torch DDP) or a shard of it (FSDP2: `fully_shard` per block, then t
     torchrun --nproc-per-node=K -m decoupled.bench.dataparallel CONFIG.toml OUT.json ddp|fsdp
 
 Trains config epochs (the bench's first is warm-up) and writes one bench row to OUT.json; with
-train.eval_every > 0 also the row's curve (test accuracy after every epoch, outside the timed window).
+train.eval_every > 0 also the row's curve (test accuracy after every epoch, outside the timed window;
+train.eval_every_steps: between an epoch's batches too, on train.eval_subset, as bench/curve.py's points).
 Honours the LR schedule (stepped after every epoch, as e2e steps it), train.precision (autocast around
 the forward and the loss, a GradScaler for fp16: ShardedGradScaler under FSDP) and
 train.activation_checkpointing as the e2e trainer does; refuses early stopping, the plateau rule and
@@ -56,14 +57,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..job import load
-from ..data import batches, build_data, resolve_augment
+from ..data import batches, build_data, num_batches, resolve_augment
 from ..device import StepTimer, accel
+from ..engine.evaluate import evaluates_at, mid_epoch_test
 from ..engine.build import build_rank_stages
 from ..engine.precision import AUTOCAST
 from ..engine.ranks.world import shutdown
 from ..memory import ExactMemory
 from ..metrics import PeakMemory
 from ..optim import build_optimizer, build_scheduler
+from .curve import point
 from .runner import median
 from .worker import order_sha, refuse, run_fields, start, streamed
 
@@ -168,15 +171,19 @@ def train(cfg, data, model, opt, scheduler, amp, device, rank: int, world: int, 
           memory: PeakMemory) -> dict:
     """Every epoch: timed training as the e2e trainer's epoch (autocast around the forward and the
     loss, the scaler on the step), then outside the timer the LR schedule's step (as e2e steps it:
-    EarlyStopping.after_epoch) and (train.eval_every) the test accuracy."""
+    EarlyStopping.after_epoch) and (train.eval_every) the test accuracy; with train.eval_every_steps
+    also between the epoch's batches (Note [mid-epoch evaluation]), each cut out of the epoch's wall time."""
     B, seed = cfg.data.batch_size, cfg.train.seed
     epochs, curve, train_s, losses, lrs, order, steps = [], [], 0.0, [], [], [], 0
     dev, compute = accel(device), StepTimer(device)
     autocast, scaler = amp
     mine = lambda x, y: (part(x, rank, world), part(y, rank, world))  # noqa: E731  (on the host, then uploaded)
+    S = num_batches(len(data.train), B)  # source steps per epoch: every rank draws every global batch
+    mid_test = mid_epoch_test(data.test, cfg.train) if cfg.train.eval_every_steps else None
     torch.manual_seed(seed)  # as e2e: one RNG stream (dropout) for the whole network
     for epoch in range(cfg.train.epochs):
         t0, compute0, comm0, step_losses = time.perf_counter(), compute.seconds, comm.seconds, []
+        wall = 0.0  # the epoch's training time before t0 (its mid-epoch evaluations cut out)
         lrs.append(opt.param_groups[0]["lr"])  # the LR this epoch trains at
         train = batches(data.train, B, seed=seed, epoch=epoch, augment=resolve_augment(cfg.data))
         for b, (x, y) in streamed(train, device, mine):
@@ -192,8 +199,16 @@ def train(cfg, data, model, opt, scheduler, amp, device, rank: int, world: int, 
             if epoch == 0:  # the global batches as drawn: every rank the same (Note [global batch])
                 order.append(b.ids)
                 steps += 1
+            count = epoch * S + b.step + 1
+            if mid_test is not None and evaluates_at(cfg.train, count, S):
+                dev.synchronize()
+                wall += time.perf_counter() - t0
+                with memory.evaluating():
+                    acc = accuracy(model, mid_test, cfg.data.eval_batch_size, device, rank, world)
+                curve.append(point(count, S, train_s + wall, acc, len(mid_test)))
+                t0 = time.perf_counter()
         dev.synchronize()
-        wall = time.perf_counter() - t0
+        wall += time.perf_counter() - t0
         train_s += wall
         epochs.append({"wall_s": wall, "compute_s": compute.seconds - compute0, "comm_s": comm.seconds - comm0})
         scheduler.step()  # once per epoch, as the e2e trainer (no plateau rule: refused)
@@ -203,7 +218,7 @@ def train(cfg, data, model, opt, scheduler, amp, device, rank: int, world: int, 
         if cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0:
             with memory.evaluating():
                 acc = accuracy(model, data.test, cfg.data.eval_batch_size, device, rank, world)
-            curve.append({"epoch": epoch + 1, "train_s": train_s, "test_acc": acc})
+            curve.append(point((epoch + 1) * S, S, train_s, acc))
     val_acc = None
     if data.val is not None:  # data.val_fraction: the network's final accuracy on the held-out split (tuning reads it)
         with memory.evaluating():

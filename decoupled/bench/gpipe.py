@@ -17,7 +17,8 @@ the partial last batch's drop among its declared_differences) and every rank's L
 train.eval_every (bench --curve) the test accuracy of the network's output after those epochs, outside
 the timed window: the test batches flow through the ranks' modules in eval mode by plain send / recv
 (every rank knows every batch's size and every block's output shape, so no header), scored on the
-last rank; `curve` as the other rows' (train_s: the last rank's cumulative epoch wall time).
+last rank; `curve` as the other rows' (train_s: the last rank's cumulative epoch wall time; with
+train.eval_every_steps also between an epoch's full batches, on train.eval_subset, cut out of it).
 
 What breaks, measured on torch 2.14.1 / gloo / CPU:
 - a stage infers its microbatch shapes at the first step and keeps them: a smaller last batch fails
@@ -61,12 +62,14 @@ from ..device import StepTimer, accel
 from ..engine.ranks.placement import placement
 from ..engine.ranks.world import shutdown
 from ..engine.build import init_module
+from ..engine.evaluate import evaluates_at, mid_epoch_test
 from ..memory import ExactMemory
 from ..metrics import PeakMemory
 from ..models import build_model
 from ..objectives import build_objective
 from ..optim import build_optimizer, build_scheduler
 from ..rng import derive_seed
+from .curve import point
 from .runner import median
 from .worker import host_timed, order_sha, refuse, run_fields, start, streamed
 
@@ -174,8 +177,11 @@ def train_epochs(cfg, data, device, stage: TimedStage, schedule, opt, scheduler,
     B, seed = cfg.data.batch_size, cfg.train.seed
     epochs, dropped, losses_seen, curve, train_s, lrs, order = [], 0, [], [], 0.0, [], []
     dev, stepping, on_host = accel(device), StepTimer(device), host_timed(device)
+    S = len(data.train) // B  # source steps per epoch: the full batches (the partial last one is dropped)
+    mid_epoch = cfg.train.eval_every_steps > 0  # every rank scores the test subset at the same step
     for epoch in range(cfg.train.epochs):
         t0, trained, in_schedule, step_losses, cut = time.perf_counter(), 0, 0.0, [], [0]
+        wall = 0.0  # the epoch's training time before t0 (its mid-epoch evaluations cut out)
         lrs.append(opt.param_groups[0]["lr"])  # the LR this epoch trains at
         chunks0, stepping0 = stage.timer.seconds, stepping.seconds
         train = batches(data.train, B, seed=seed, epoch=epoch, augment=resolve_augment(cfg.data))
@@ -195,8 +201,15 @@ def train_epochs(cfg, data, device, stage: TimedStage, schedule, opt, scheduler,
                 order.append(b.ids)
             if losses:  # the microbatches' losses, on the device until the timed window closes
                 step_losses.append([loss.detach() for loss in losses])
+            count = epoch * S + b.step + 1
+            if mid_epoch and evaluates_at(cfg.train, count, S):  # Note [mid-epoch evaluation]
+                dev.synchronize()
+                wall += time.perf_counter() - t0
+                acc, tested = evaluate(mid=True)
+                curve.append(point(count, S, train_s + wall, acc, tested))
+                t0 = time.perf_counter()
         dev.synchronize()
-        wall = time.perf_counter() - t0
+        wall += time.perf_counter() - t0
         scheduler.step()  # once per epoch, every rank its own, as the e2e trainer (no plateau rule: refused)
         chunks = stage.timer.seconds - chunks0
         # in the schedule, outside the chunks: host clocks on both sides, so only where they time the work
@@ -208,7 +221,7 @@ def train_epochs(cfg, data, device, stage: TimedStage, schedule, opt, scheduler,
         dropped += cut[0] * (epoch == 0)
         train_s += wall
         if cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0:
-            curve.append({"epoch": epoch + 1, "train_s": train_s, "test_acc": evaluate()})
+            curve.append(point((epoch + 1) * S, S, train_s, evaluate()[0]))
     return {"epochs": epochs, "dropped": dropped, "losses": losses_seen, "curve": curve, "lrs": lrs,
             "steps": len(order), "order": order_sha(order)}
 
@@ -226,14 +239,19 @@ def train_rank(cfg, data, microbatches: int, schedule_name: str, rank: int, worl
                                         loss_fn=lambda out, y: F.cross_entropy(out, y))
     memory = PeakMemory(device)
 
-    def evaluate(split=data.test):
+    test = mid_epoch_test(data.test, cfg.train) if cfg.train.eval_every_steps else None
+
+    def evaluate(mid: bool = False, split=None) -> tuple[float | None, int]:
+        """(accuracy on the last rank, samples scored): the whole test set, mid-epoch its subset, or
+        `split` (the validation split)."""
+        split = split if split is not None else test if mid else data.test
         with memory.evaluating():
-            return accuracy(module, cfg, split, plan, shapes, rank, world, device)
+            return accuracy(module, cfg, split, plan, shapes, rank, world, device), len(split)
 
     with ExactMemory(list(module.parameters()), device, allocator_peak=memory.peak_bytes) as exact:
         ran = train_epochs(cfg, data, device, stage, schedule, opt, scheduler, rank, world, evaluate)
     # data.val_fraction: the network's final accuracy on the held-out split (tuning reads it; the last rank's)
-    val_acc = evaluate(data.val) if data.val is not None else None
+    val_acc = evaluate(split=data.val)[0] if data.val is not None else None
     epochs, dropped, losses_seen, curve = ran["epochs"], ran["dropped"], ran["losses"], ran["curve"]
     timed = epochs[1:] or epochs
     per = lambda key: sum(e[key] for e in timed) / len(timed)  # noqa: E731

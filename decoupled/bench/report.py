@@ -99,6 +99,12 @@ def markdown(result: dict) -> str:
         lines += [f"--curve: {c['epochs']} epochs, test accuracy (last block's head) after each, outside the timed "
                   f"window; {c['seeds']} seed(s); samples/s over the training epochs after the first (with several "
                   "seeds: mean ± std; vs e2e and of bound: the first seed's)", ""]
+        if c.get("eval_every_steps"):
+            lines += [f"Also after every {c['eval_every_steps']} source steps inside an epoch "
+                      f"(train.eval_every_steps), on the first {c['eval_subset']} test samples (the same for every "
+                      "row and seed): an accuracy "
+                      f"p there has standard error sqrt(p(1-p)/{c['eval_subset']}) = {c['eval_subset_se']:.4f} at "
+                      f"p = {c['eval_subset_se_at']}; epoch ends score the whole test set", ""]
         if c["seeds"] > 1:
             lines += ["Over the seeds: final acc mean ± std and min–max; time to target mean ± std and min–max over "
                       "the seeds that reached it (reached/seeds); median time to target over every seed, one that "

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..job import JobConfig, load, to_toml
+from ..job import ConfigError, JobConfig, load, to_toml
 from .curve import epoch_seconds, pipeline_curve, seed_summary, single_process_curve, time_to_target
 from .report import chart, markdown
 from .runner import machine, median, read_jsonl, run, timed, torchrun
@@ -42,6 +43,8 @@ class Curve:
     epochs: int | None = None  # None: the config's train.epochs
     target: float | None = None
     seeds: int = 1
+    eval_every_steps: int = 0  # --eval-every-steps: train.eval_every_steps of every curve row
+    eval_subset: int = 0  # --eval-subset: train.eval_subset (0: the whole test set)
 MICROBATCHES = (2, 4, 8)  # the pipelines' microbatch sweep (--microbatches)
 
 
@@ -171,7 +174,13 @@ def prepare(config: str | None, overrides: list[str], repeats: int,
     n = len(data.train)
     steps = -(-n // base.data.batch_size)
     epochs = (curve.epochs or base.train.epochs) if curve else 1 + repeats  # epoch 0 is warm-up
-    cfg = load(None, [f"train.epochs={epochs}", f"train.eval_every={1 if curve else 0}",
+    steps_eval = [f"train.eval_every_steps={curve.eval_every_steps}", f"train.eval_subset={curve.eval_subset}"] \
+        if curve and curve.eval_every_steps else []
+    if steps_eval and curve.eval_subset > len(data.test):  # before any row runs
+        raise ConfigError(f"bench: --eval-subset {curve.eval_subset} is more than the {len(data.test)} test samples; "
+                          f"give at most {len(data.test)} (or 0: the whole test set)")
+    _TEST_SIZE[_size_key(base)] = len(data.test)
+    cfg = load(None, [f"train.epochs={epochs}", f"train.eval_every={1 if curve else 0}", *steps_eval,
                       "train.checkpoint=false",
                       f"train.log_every={steps}",  # one `step` record per block per epoch: its end stamp
                       f"data.eval_batch_size={base.data.batch_size}"],  # the peak is training's, not eval's
@@ -210,7 +219,13 @@ def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repea
         result["curve"] = {"epochs": cfg.train.epochs, "target_acc": curve.target, "seeds": curve.seeds,
                            "rows": [m for m in rows if m in CURVE_ROWS]}
         plain = out / "config_no_eval.toml"
-        plain.write_text(to_toml(load(None, ["train.eval_every=0"], base=cfg)))
+        plain.write_text(to_toml(load(None, ["train.eval_every=0", "train.eval_every_steps=0", "train.eval_subset=0"],
+                                      base=cfg)))
+        if curve.eval_every_steps:  # the mid-epoch points' test subset, the same for every row and seed
+            m = cfg.train.eval_subset or _TEST_SIZE[_size_key(cfg)]
+            p = curve.target if curve.target is not None else 0.5  # without a target: the largest error
+            result["curve"].update(eval_every_steps=curve.eval_every_steps, eval_subset=m,
+                                   eval_subset_se=math.sqrt(p * (1 - p) / m), eval_subset_se_at=p)
 
     # 1. each rank's stages alone: the bound
     err = run([sys.executable, "-m", "decoupled.bench.stages", str(plain), str(ranks), str(out / "stages.json")],
@@ -371,6 +386,7 @@ def run_row(mode: str, cfg_path: Path, out: Path, n: int, B: int, ranks: int, mi
 
 
 _TRAIN_SIZE: dict[tuple, int] = {}  # (data settings, seed) -> training samples (prepare fills the bench's)
+_TEST_SIZE: dict[tuple, int] = {}  # the same -> test samples (prepare fills it)
 
 
 def _size_key(cfg: JobConfig) -> tuple:
@@ -439,7 +455,7 @@ def curve_row(mode: str, cfg: JobConfig, out: Path, n: int, ranks: int, timeout:
         row = run_row(mode, path, where, n, cfg.data.batch_size, ranks, microbatches, timeout, mmap_threshold, split)
         if row.get("samples_per_s"):
             try:
-                add_curve(row, mode, where / mode, n, curve.target)
+                add_curve(row, mode, where / mode, n, curve.target, -(-n // cfg.data.batch_size))
             except (OSError, KeyError, ValueError, StopIteration) as e:
                 row.update(error=f"could not read the curve: {e!r}", samples_per_s=None)
         row["seed"] = cfg.train.seed + i
@@ -452,15 +468,15 @@ def curve_row(mode: str, cfg: JobConfig, out: Path, n: int, ranks: int, timeout:
     return first
 
 
-def add_curve(row: dict, mode: str, d: Path, n: int, target: float | None) -> None:
+def add_curve(row: dict, mode: str, d: Path, n: int, target: float | None, steps_per_epoch: int) -> None:
     """The row's curve (curve.py; the data-parallel and pipeline workers write their own), final accuracy,
     time to target, and its throughput over its training epochs alone (the first dropped as warm-up;
     the pipelines train no partial last batch)."""
     if mode in SINGLE:
-        row["curve"] = single_process_curve(d)
+        row["curve"] = single_process_curve(d, steps_per_epoch)
     elif mode in DECOUPLED:
         last = json.loads((d / "summary.json").read_text())["layers"][-1]["block"]
-        row["curve"] = pipeline_curve(d, last)
+        row["curve"] = pipeline_curve(d, last, steps_per_epoch)
     if not row.get("curve"):
         raise ValueError(f"no evaluated epoch in {d}")
     row["final_acc"] = row["curve"][-1]["test_acc"]

@@ -61,7 +61,8 @@ def refuse(cfg, mode: str, *, autocast: bool) -> None:
     Honoured by every baseline: the LR schedule (optim.build_scheduler, the same LambdaLR, stepped once
     after every epoch as EarlyStopping.after_epoch steps it for e2e; gpipe / 1f1b: every rank its own
     over its own stage's optimizer), train.activation_checkpointing (torch.utils.checkpoint per block),
-    train.e2e_loss="ce". ddp and fsdp (`autocast`) honour train.precision: torch.autocast around the
+    train.e2e_loss="ce", train.eval_every_steps (bench --eval-every-steps). ddp and fsdp (`autocast`)
+    honour train.precision: torch.autocast around the
     forward and the loss, and for fp16 a GradScaler on the step (fsdp: ShardedGradScaler, whose
     skip-the-step decision is all-reduced over the ranks' shards). Refused: early stopping and the
     plateau rule (the bench trains every row for train.epochs), the objective's local loss (not a

@@ -112,6 +112,15 @@ class TrainConfig:
     probe_epochs: int = knob(1, ge=0)  # e2e: epochs to fit each intermediate head on frozen features
     log_every: int = knob(50, ge=1)  # steps between metrics.jsonl lines
     eval_every: int = knob(1, ge=0)  # epochs between test evaluations (0 = only at the end)
+    # source steps (the data loader's batches, counted across epochs: rank 0's) between test evaluations
+    # inside an epoch as well, outside the timed window (0 = off): after every N-th batch that does not
+    # end an epoch, the network as it is then is scored on train.eval_subset (engine/evaluate.py, Note
+    # [mid-epoch evaluation]). The bench's --eval-every-steps: time to target under a tenth of an epoch
+    eval_every_steps: int = knob(0, ge=0)
+    # the test samples a mid-epoch evaluation scores: the first N of the test set, fixed across runs and
+    # seeds (0 = all of it); an accuracy p on it has standard error sqrt(p (1 - p) / N). End-of-epoch
+    # evaluations always score the whole test set. Needs train.eval_every_steps
+    eval_subset: int = knob(0, ge=0)
     checkpoint: bool = True  # per-rank checkpoint at every epoch end
     keep_checkpoints: int = knob(3, ge=0)  # newest epochs kept per rank (0 = all)
     # The monitored loss, once per epoch per block: the validation cross-entropy of the block's head

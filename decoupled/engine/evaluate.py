@@ -7,7 +7,29 @@ from __future__ import annotations
 
 import torch
 
+from ..config import ConfigError
 from ..data import Split, batches
+
+
+def evaluates_at(train, count: int, steps_per_epoch: int) -> bool:
+    """Note [mid-epoch evaluation]: whether the network is scored after `count` source steps (the
+    data loader's batches since the first epoch began, counted across epochs: the same on every rank
+    and in every mode). Every train.eval_every_steps-th one, except where an epoch ends: that
+    evaluation is the epoch's own (train.eval_every, the whole test set), never a second one. An
+    evaluation only reads the weights: it draws no random number training uses (eval mode, no
+    dropout; the batches have their own generators, data.py), so sync still equals simultaneous."""
+    n = train.eval_every_steps
+    return bool(n) and count % n == 0 and count % steps_per_epoch != 0
+
+
+def mid_epoch_test(test: Split, train) -> Split:
+    """What a mid-epoch evaluation scores: the first train.eval_subset test samples (all when 0), so
+    every row and seed is scored on the same ones. Refused when the test set is smaller."""
+    m = train.eval_subset
+    if m > len(test):
+        raise ConfigError(f"train.eval_subset={m} is more than the {len(test)} test samples; set it to at most "
+                          f"{len(test)} (or 0: the whole test set)")
+    return test if m in (0, len(test)) else Split(test.x[:m], test.y[:m])
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ here and never touch files themselves.
 """
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,11 +15,11 @@ import torch
 
 from ..checkpoint import Checkpointer
 from ..job import JobConfig, to_toml
-from ..data import Data
-from ..device import accel
+from ..data import Data, num_batches
+from ..device import accel, synchronize
 from ..live import Live
 from ..metrics import PeakMemory, Recorder, progress
-from .evaluate import evaluate
+from .evaluate import evaluate, evaluates_at, mid_epoch_test
 from .stage import Stage
 
 
@@ -43,6 +44,8 @@ class Run:
         t = self.cfg.train
         self.checkpointer = Checkpointer(self.out, self.rank, t.checkpoint, t.keep_checkpoints)
         self.live = Live(self.cfg, self.out, self.rank, self.distributed)  # epoch lines, TensorBoard
+        # train.eval_every_steps: the test subset, checked against the test set before anything trains
+        self.mid_test = mid_epoch_test(self.data.test, t) if t.eval_every_steps and self.data is not None else None
 
     def to_device(self, *tensors):
         """Host batches to the device. On CUDA from pinned memory, so the copy is truly asynchronous
@@ -78,6 +81,24 @@ class Run:
                 self.last_eval = evaluate(self.stages, self.data.test, self.cfg.data.eval_batch_size, self.device)
             self.eval_fresh = True
         return self.last_eval
+
+    def after_source_step(self, epoch: int, count: int) -> None:
+        """A single-process loop after its `count`-th batch (across epochs): a mid-epoch evaluation
+        where train.eval_every_steps says (Note [mid-epoch evaluation]), on train.eval_subset. Its
+        `step_eval` record stamps the end of the training before it (`train_end_s`, after a device
+        sync) and, as every record, its own end (`time_s`): the bench cuts the time between out."""
+        if self.mid_test is None or not evaluates_at(self.cfg.train, count, self.steps_per_epoch):
+            return
+        synchronize(self.device)
+        train_end = time.perf_counter() - self.recorder.t0
+        with self.evaluating():
+            ev = evaluate(self.stages, self.mid_test, self.cfg.data.eval_batch_size, self.device)
+        self.recorder.log(kind="step_eval", epoch=epoch, step=count, train_end_s=round(train_end, 4),
+                          tested=len(self.mid_test), test_acc=ev["layer_acc"], ensemble_test_acc=ev["ensemble_acc"])
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return num_batches(len(self.data.train), self.cfg.data.batch_size)
 
     def end_epoch(self, epoch: int, block: int | None = None) -> None:
         """Evaluate, log and checkpoint after `epoch` (0-based; of `block` in sequential mode)."""

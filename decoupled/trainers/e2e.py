@@ -78,6 +78,7 @@ class E2E(modes.E2E, Trainer):
                     s.stats.samples += len(y)
                     s.stats.steps += 1
                 run.log_step(epoch, last, res, y)
+                run.after_source_step(epoch, epoch * steps + b.step + 1)  # train.eval_every_steps
                 bar.update()
         return float(total) / len(run.data.train)
 

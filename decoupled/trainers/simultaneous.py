@@ -38,6 +38,7 @@ class Simultaneous(modes.Simultaneous, Trainer):
                                  augment=resolve_augment(cfg.data)):
                     log = partial(run.log_step, epoch)
                     feed_chain(stages, [tuple(run.to_device(b.x, b.y, b.ids))], log)
+                    run.after_source_step(epoch, epoch * steps + b.step + 1)  # train.eval_every_steps
                     bar.update()
             drain_chain(stages, partial(run.log_step, epoch))
             training = [s for s in stages if s.training]

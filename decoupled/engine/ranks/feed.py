@@ -112,7 +112,10 @@ class SyncFeed(Receiver):
                 yield m
                 continue
             self._merge(i, m)
-            cursor = 0
+            # a phase ends: the next is an epoch's from its first batch, or after a mid-epoch evaluation
+            # (END_EVAL's step: the source steps streamed) the rest of the epoch from where it stopped
+            # (split replicas read every batch from the same links: no cursor)
+            cursor = m.step % self.source_steps if m.kind == Kind.END_EVAL and not self.split else 0
             yield m
             if m.kind == Kind.STOP:
                 return
@@ -231,10 +234,11 @@ class AsyncFeed(Receiver):
 
     def _merged(self, m: Message) -> bool:
         """Whether marker `m` has now come from every link (it is handed on once, then, tagged with the
-        newest epoch any link gave it). End-of-epoch markers count per epoch; the last evaluation's and
-        the stop per kind: replicated sources streaming on for a steps budget stop when the board says
-        so, each in whatever epoch it has reached."""
-        key = (m.kind, m.epoch) if m.kind == Kind.END_EPOCH else (m.kind,)
+        newest epoch any link gave it). End-of-epoch markers count per epoch; a mid-epoch evaluation's
+        per source step (its END_EVAL's step; 0 for the others); the last evaluation's and the stop per
+        kind: replicated sources streaming on for a steps budget stop when the board says so, each in
+        whatever epoch it has reached."""
+        key = (m.kind, m.epoch) if m.kind == Kind.END_EPOCH else (m.kind, m.step)
         self.marks[key] += 1
         self.newest[key] = max(self.newest.get(key, m.epoch), m.epoch)
         if self.marks[key] < len(self.links):

@@ -59,6 +59,8 @@ class Pipeline:
         # test tally keeps its exits' answers for the early-exit curve
         self.val_tally = EvalTally(self.is_sink, False)
         self.val_result: dict | None = None
+        self.trained_at = 0.0  # metrics.jsonl time of the end of the newest training batch
+        self.eval_from: float | None = None  # trained_at when the current evaluation's first batch came
         self.delay = random.Random(self.cfg.train.seed * 7919 + self.rank) if self.cfg.dist.debug_delay_ms else None
 
     @property
@@ -86,10 +88,12 @@ class Pipeline:
         elif m.kind == Kind.END_EPOCH:
             self.end_epoch(m.epoch)
         elif m.kind in EVALUATIONS:
+            if m.kind == Kind.EVAL and self.eval_from is None:
+                self.eval_from = self.trained_at
             h, z = (self.tally if m.kind == Kind.EVAL else self.val_tally).add(self.stages, m)
             self.send(Message(m.kind, m.epoch, m.step, h, m.y, m.ids, z))
         elif m.kind == Kind.END_EVAL:
-            self.end_eval(m.epoch)
+            self.end_eval(m.epoch, m.step)
             self.run.memory_phase("train")  # the evaluation is over
         elif m.kind == Kind.END_VAL:
             self.end_val(m.epoch)
@@ -115,6 +119,7 @@ class Pipeline:
         self._send_flow(flow, step)
         for s in self.stages:  # replicas: the round's all-reduce and step, after the send (stepping.AllReduce)
             s.settle()
+        self.trained_at = time.perf_counter() - self.run.recorder.t0
         ended = self.budget.after_step(self.stages, fresh)
         if ended:
             self._own_epoch_end(ended[0].stats.epochs_done - 1)
@@ -167,8 +172,20 @@ class Pipeline:
         self.run.live.rank_epoch(epoch, self.total_epochs, self.stages, metrics, extra.get("replay"), follows)
         self.run.save_checkpoint(epoch)
 
-    def end_eval(self, epoch: int) -> None:
+    def end_eval(self, epoch: int, count: int = 0) -> None:
+        """`count`: 0 for an epoch's own evaluation (the whole test set); else the source steps after
+        which the sources evaluated mid-epoch (Note [mid-epoch evaluation]), on train.eval_subset."""
         res = self.tally.result(self.stages)
+        began, self.eval_from = self.eval_from, None
+        if count:
+            # not an epoch's result (summary.json reads those): a point of the bench's curve, with the end of
+            # the training before it (the newest batch trained before its first evaluation batch came)
+            self.run.recorder.log(kind="step_eval", rank=self.rank, epoch=epoch, step=count, tested=res["n"],
+                                  train_end_s=round(self.trained_at if began is None else began, 4),
+                                  test_acc={str(k): v for k, v in res["layer_acc"].items()},
+                                  ensemble_test_acc=res.get("ensemble_acc"))
+            self.send(Message(Kind.END_EVAL, epoch, count))
+            return
         self.results[epoch] = res
         # a replica scores its share of the test set: `tested` says how many (summary.json merges them)
         self.run.recorder.log(kind="eval", rank=self.rank, epoch=epoch, tested=res["n"],

@@ -242,6 +242,15 @@ def setup_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World, fe
         raise ConfigError(f"dist.sync_bn=true with dist.replicas={lay.replicas}: an epoch of {steps} batches does "
                           "not divide by every group's replicas, and a replica padding the last round would skip "
                           "SyncBatchNorm's collectives; choose data.batch_size / data.limit_train so it divides")
+    if cfg.train.eval_every_steps and max(lay.replicas) > 1 and not split:
+        # a group's replicas all-reduce every round of R batches: an evaluation inside a round would hold
+        # one replica in the round's all-reduce while the other evaluates first (and downstream waits on both).
+        # Split replicas close a round with every batch (Note [split replicas]): no evaluation falls inside one
+        raise ConfigError(f"train.eval_every_steps={cfg.train.eval_every_steps} with stage groups of several ranks "
+                          f"(dist.replicas {lay.replicas}) taking alternate batches: an evaluation between an "
+                          "epoch's batches would split a round the replicas all-reduce together; use "
+                          "dist.replica_batch='split' (a round per batch), one rank per group (dist.replicas=[]) "
+                          "or train.eval_every_steps=0")
     world.connect(lay)
     for s in stages:
         if isinstance(s.stepper, AllReduce):

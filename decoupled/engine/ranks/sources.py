@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 from ...data import Augment, Split, batches
+from ..evaluate import evaluates_at, mid_epoch_test
 from ..frozen import StreamedInputs
 from ..run import Run
 from .groups import share, split_tensors
@@ -34,7 +35,8 @@ def prefetched(batches_, to_device):
 class DatasetSource:
     """A split pair as the message stream every rank understands: train batches of each epoch, its
     end-of-epoch marker, an evaluation after every `eval_every` epochs and after the last, then (with
-    a validation split, data.val_fraction) one evaluation of it, then STOP. The validation batches
+    a validation split, data.val_fraction) one evaluation of it, then STOP; with train.eval_every_steps
+    also evaluations between an epoch's batches (Note [mid-epoch evaluation]). The validation batches
     come last, after all training, and draw no random numbers (unshuffled, unaugmented): training
     sees the same stream with or without them.
 
@@ -57,6 +59,8 @@ class DatasetSource:
         self.share = share  # (replica, replicas) of the source group: this rank streams its share (groups.py)
         self.batch_index = batch_index  # the feed class's: what replicas share a batch by
         self.split = run.cfg.dist.replica_batch == "split" and share[1] > 1  # Note [split replicas]
+        # train.eval_every_steps: the test subset its mid-epoch evaluations score (the first samples)
+        self.mid_test = mid_epoch_test(test, run.cfg.train) if run.cfg.train.eval_every_steps else None
 
     def _keep(self, epoch: int | None, steps: int = 0):
         """Which batches of training epoch `epoch` (None: of an evaluation, shared by batch index) this
@@ -92,6 +96,7 @@ class DatasetSource:
         with run.progress((self.last + 1 - self.start) * steps, f"rank {run.rank} source") as bar:
             for epoch in self._epochs():
                 complete = True
+                points = self._mid_epoch_points(epoch, steps)
                 train = batches(self.train, cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch,
                                 augment=self.augment, keep=self._keep(epoch, steps))
                 for b, tensors in prefetched(train, self._upload):
@@ -101,11 +106,13 @@ class DatasetSource:
                     # the global source step (the same on every rank, across epochs and resumes):
                     # every output made from this batch downstream carries it, so staleness
                     # anywhere = newest source step received - the drawn batch's source step
+                    yield from self._mid_epoch(epoch, points, epoch * steps + b.step)
                     yield Message(Kind.TRAIN, epoch, epoch * steps + b.step, *tensors)
                     bar.update()
                 final = epoch
                 if not complete:
                     break
+                yield from self._mid_epoch(epoch, points, (epoch + 1) * steps)
                 yield Message(Kind.END_EPOCH, epoch)
                 if every and (epoch + 1) % every == 0 and epoch < self.last:
                     yield from self._evaluation(epoch)
@@ -115,14 +122,32 @@ class DatasetSource:
                 yield from self._evaluation(final, self.val, self.val_aux, Kind.VAL, Kind.END_VAL)
         yield Message(Kind.STOP, self.last if final is None else final)
 
+    def _mid_epoch_points(self, epoch: int, steps: int) -> list[int]:
+        """The source step counts after which epoch `epoch` is evaluated mid-way (Note [mid-epoch
+        evaluation]); none in the epochs streamed past the last for a slow rank (a steps budget), as
+        those have no end-of-epoch evaluation either."""
+        if self.mid_test is None or epoch > self.last:
+            return []
+        return [c for c in range(epoch * steps + 1, (epoch + 1) * steps) if evaluates_at(self.run.cfg.train, c, steps)]
+
+    def _mid_epoch(self, epoch: int, points: list[int], upto: int) -> Iterator[Message]:
+        """The mid-epoch evaluations due once `upto` batches have been streamed, before the next one:
+        each replica of the source group streams only its share, so it evaluates before its first
+        batch past a point (or before the epoch's marker) and every replica makes the same ones."""
+        while points and points[0] <= upto:
+            yield from self._evaluation(epoch, count=points.pop(0))
+
     def _evaluation(self, epoch: int, split: Split | None = None, aux_of=None, kind: Kind = Kind.EVAL,
-                    end: Kind = Kind.END_EVAL) -> Iterator[Message]:
-        """One evaluation of `split` (the test set by default), its batches and its end marker."""
-        split, aux_of = (self.test, self.test_aux) if split is None else (split, aux_of)
+                    end: Kind = Kind.END_EVAL, count: int = 0) -> Iterator[Message]:
+        """One evaluation of `split` (the test set by default; after `count` source steps mid-epoch, the
+        test subset), its batches and its end marker, which carries `count` (0: the epoch's own
+        evaluation, or the validation split's; SyncFeed resumes the epoch there)."""
+        if split is None:
+            split, aux_of = (self.mid_test if count else self.test), self.test_aux
         for b in batches(split, self.run.cfg.data.eval_batch_size, shuffle=False, keep=self._keep(None)):
             aux = None if aux_of is None else aux_of[b.ids]
             yield Message(kind, epoch, b.step, *self.run.to_device(b.x, b.y, b.ids), aux=aux)
-        yield Message(end, epoch)
+        yield Message(end, epoch, count)
 
 
 class HandoffCache:
