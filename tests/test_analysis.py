@@ -1,4 +1,4 @@
-"""analysis/ablate.py (grid, skip, CSV), analysis/plots.py (PNGs), and the paper configs."""
+"""analysis/ablate.py (grid, skip, CSV), analysis/plots.py (PNGs), analysis/table.py, and the paper configs."""
 from __future__ import annotations
 
 import csv
@@ -109,3 +109,28 @@ def test_paper_configs_load_and_say_what_they_aim_at(name):
     if not name.startswith("bench"):
         assert re.search(r"\d+\.\d+ ?%", header), "the paper number it aims at"
     assert cfg.model.name in ("vgg", "simcnn", "allcnn", "resnet", "mlp")
+
+
+def test_table_pivots_seeds_into_mean_and_std(tmp_path):
+    """analysis/table.py: one cell per (objective, mode), the last block's mean ± population std over the
+    seeds found, khidden labelled with its k; a pair without runs stays empty."""
+    import table
+
+    def fake(where: str, name: str, mode: str, seed: int, accs: list[float], k: int = 1) -> None:
+        d = tmp_path / where / f"seed{seed}"
+        d.mkdir(parents=True)
+        extra = f"k = {k}\n" if name == "khidden" else ""
+        d.joinpath("config.toml").write_text(f'[objective]\nname = "{name}"\n{extra}[train]\nmode = "{mode}"\n'
+                                             f"seed = {seed}\n")
+        d.joinpath("summary.json").write_text(json.dumps({"layers": [{"test_acc": a} for a in accs]}))
+
+    fake("a", "khidden", "simultaneous", 0, [0.5, 0.8])
+    fake("a", "khidden", "simultaneous", 1, [0.5, 0.6])
+    fake("b", "khidden", "e2e", 0, [0.9], k=2)
+    fake("c", "cascade", "async", 0, [0.4, 0.7])
+    text = table.table([tmp_path])
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.split("\n\n")[0].splitlines()}
+    assert rows["objective"] == "| objective | e2e | simultaneous | async |"
+    assert "| 0.7000 ± 0.1000 (2) |" in rows["khidden k=1"] and rows["khidden k=2"].startswith("| khidden k=2 | 0.9000")
+    assert rows["cascade"] == "| cascade |  |  | 0.7000 ± 0.0000 (1) |"
+    assert "| khidden k=1 | simultaneous | 0.5000 / 0.7000 |" in text
