@@ -149,11 +149,11 @@ class QuickNet(Mode):
         super().check(cfg)
 
 
-# the engine across ranks reads every [dist] key but the three refused where they do nothing (check,
-# config/applies.py: dist.max_stage_mem_mb acts with dist.placement="auto", dist.sync_bn and
-# dist.replica_batch with replicas)
+# the engine across ranks reads every [dist] key but those refused where they do nothing (check,
+# config/applies.py: dist.max_stage_mem_mb acts with dist.placement="auto", dist.sync_bn,
+# dist.replica_batch and dist.allreduce_bucket_mb with replicas)
 ACROSS_RANKS = frozenset(f"dist.{f.name}" for f in dataclasses.fields(DistConfig)
-                         if f.name not in ("max_stage_mem_mb", "sync_bn", "replica_batch"))
+                         if f.name not in ("max_stage_mem_mb", "sync_bn", "replica_batch", "allreduce_bucket_mb"))
 
 
 class Sync(Mode):

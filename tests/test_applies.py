@@ -42,6 +42,7 @@ REFUSED = {
     "dist.max_stage_mem_mb": ("100", ["train.mode=sync"]),
     "dist.sync_bn": ("true", ["train.mode=sync"]),
     "dist.replica_batch": ('"split"', ["train.mode=sync"]),
+    "dist.allreduce_bucket_mb": ("1.0", ["train.mode=sync"]),
     "train.eval_subset": ("100", []), "train.eval_every_steps": ("5", ["train.mode=sequential"]),
     "model.patch_size": ("2", []), "model.depth": ("2", ["model.name=vgg"]), "model.heads": ("2", []),
     "model.mlp_ratio": ("4.0", []), "data.args": ("{dim = 3}", []),

@@ -155,18 +155,21 @@ def _rank(buffer=None, queued=(), **parts) -> SimpleNamespace:
     the feed's queued messages, no links; `parts` replace the handlers."""
     me = SimpleNamespace(dev=accel(CPU), buffer=buffer, feed=SimpleNamespace(queued=lambda: list(queued)),
                          recv_links=[], send_links=[], stages=[], run=SimpleNamespace(memory_phase=lambda p: None),
-                         train_batch=lambda *a: None, end_epoch=lambda e: None, end_eval=lambda e: None,
-                         send=lambda m: None, tally=SimpleNamespace(add=lambda stages, m: (m.x, None)))
+                         train_batch=lambda *a: None, end_epoch=lambda e: None, end_eval=lambda e, count=0: None,
+                         send=lambda m: None, tally=SimpleNamespace(add=lambda stages, m: (m.x, None)),
+                         eval_from=None, trained_at=0.0)
     me.__dict__.update(parts)
     return me
 
 
 def test_a_replicas_all_reduce_copy_is_counted():
-    """stepping.AllReduce.close all-reduces one flat float32 copy of [every gradient, the float buffers,
-    a flag per parameter, n], alive through the step after it: training memory. Stage 0 of an MLP with
-    BatchNorm (Linear 64->16 without bias, BatchNorm 16, head Linear 16->10), 2 replicas in one process:
-    4 * (1024 + 16 + 16 + 160 + 10 params + 16 + 16 running stats + 5 flags + 1) = 5056 bytes, the
-    larger of the two stages' (stage 1: 4 * (256 + 32 + 170 + 32 + 5 + 1) = 1984), and in the total."""
+    """stepping.AllReduce.close all-reduces flat float32 copies, one at a time: of the gradients in
+    buckets of dist.allreduce_bucket_mb, then of [the float buffers, a flag per parameter, n]; the
+    largest is training memory. Stage 0 of an MLP with BatchNorm (Linear 64->16 without bias,
+    BatchNorm 16, head Linear 16->10), 2 replicas in one process: one bucket of 4 * (1024 + 16 + 16 +
+    160 + 10) = 4904 bytes of gradients, larger than the rest (4 * (16 + 16 running stats + 5 flags +
+    1) = 152) and than stage 1's (4 * (256 + 32 + 170) = 1832), and in the total. With buckets of one
+    parameter each, the largest gradient: 4 * 1024."""
     from decoupled.job import load
     from decoupled.engine.build import build_stages
     from decoupled.engine.ranks.budget import UpstreamEpochs
@@ -177,21 +180,28 @@ def test_a_replicas_all_reduce_copy_is_counted():
         stages = build_stages(cfg, (1, 8, 8), 10, CPU, replication=lambda n: ({j: 2 for j in range(n)}, 0))
         for s in stages:
             s.join(None, sync_bn=False)
-        flats = [4 * (sum(p.numel() for p in s.stepper.params())
-                      + sum(b.numel() for b in s.stepper.buffers() if b.is_floating_point())
-                      + len(s.stepper.params()) + 1) for s in stages]
-        assert flats == [4 * (1024 + 16 + 16 + 160 + 10 + 32 + 5 + 1), 4 * (256 + 16 + 16 + 160 + 10 + 32 + 5 + 1)]
+        # one bucket of gradients (dist.allreduce_bucket_mb: 25), then [float buffers, had flags, n]
+        grads = [4 * sum(p.numel() for p in s.stepper.params()) for s in stages]
+        rest = [4 * (sum(b.numel() for b in s.stepper.buffers() if b.is_floating_point()) + len(s.stepper.params()) + 1)
+                for s in stages]
+        assert grads == [4 * (1024 + 16 + 16 + 160 + 10), 4 * (256 + 16 + 16 + 160 + 10)] and rest == [4 * 38] * 2
         fake = SimpleNamespace(delay=None, stages=stages, _log=None, last_step=0, steps=0, budget=UpstreamEpochs(0),
-                               _maybe_done=lambda: None, _send_flow=lambda flow, step: None)
+                               _maybe_done=lambda: None, _send_flow=lambda flow, step: None, split=False,
+                               run=SimpleNamespace(recorder=SimpleNamespace(t0=0.0)))
         x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
         with ExactMemory([p for s in stages for p in s.parameters()], CPU) as m:
             for step in range(2):
                 Pipeline.train_batch(fake, x, y, torch.arange(8), step)
         assert all(s.stats.updates == 2 for s in stages)
+        for s in stages:  # buckets of one parameter each: the largest copy is the largest gradient
+            s.stepper.bucket_bytes = 1
+        with ExactMemory([p for s in stages for p in s.parameters()], CPU) as small:
+            Pipeline.train_batch(fake, x, y, torch.arange(8), 2)
     finally:
         mp.undo()
+    assert small.report()["exact_mem"]["allreduce_bytes"] == 4 * 1024
     r = m.report()
-    assert r["exact_mem"]["allreduce_bytes"] == 5056 == max(flats)
+    assert r["exact_mem"]["allreduce_bytes"] == 4904 == max(grads + rest)
     parts = ["params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "held_bytes", "allreduce_bytes"]
     assert r["exact_train_mem_bytes"] == r["exact_mem"]["total_bytes"] == sum(r["exact_mem"][k] for k in parts)
     with ExactMemory(stages[0].parameters(), CPU) as m:  # no replicas, no copy: no such part

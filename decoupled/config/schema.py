@@ -175,6 +175,10 @@ class DistConfig:
     # neighbouring groups with equal replica counts or one of them a single rank, and train.mode sync
     # or simultaneous (its reference, splitting the same rows)
     replica_batch: Literal["alternate", "split"] = "alternate"
+    # replicas: the gradient all-reduce goes in buckets of at most this many MiB of gradients
+    # (engine/stepping.py AllReduce), so a replica holds one bucket's flat copy at a time (DDP's
+    # bucket_cap_mb default)
+    allreduce_bucket_mb: float = knob(25.0, gt=0.0)
     # replicas: BatchNorm over the union of the replicas' batches (torch SyncBatchNorm; CUDA only).
     # false = each replica normalises its own batch and the running statistics are averaged over
     # the group after every step, so every replica holds the same buffers too

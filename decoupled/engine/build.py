@@ -69,7 +69,7 @@ def build_stage(cfg: JobConfig, j: int, block: nn.Module, objective, outlet: nn.
                           check_every=cfg.train.check_every or accel(device).check_every)
     stats = StageStats(device)
     stepper = _stepper(replicas, replica, [block, objective], cfg.dist.replica_batch == "split",
-                       optimizer=optimizer, precision=precision,
+                       cfg.dist.allreduce_bucket_mb * 2**20, optimizer=optimizer, precision=precision,
                        scheduler=build_scheduler(optimizer, cfg.optim, epochs), stats=stats)
     rngs = {k: RngState(derive_seed(cfg.train.seed, "stage-rng", j, *(("slot", k) if k else ())), device)
             for k in stepper.slots}
@@ -83,7 +83,8 @@ def build_stage(cfg: JobConfig, j: int, block: nn.Module, objective, outlet: nn.
                  stepper=stepper, stats=stats, rngs=rngs, router=router)
 
 
-def _stepper(replicas: int, replica: int | None, modules: list[nn.Module], split: bool, **parts) -> Stepper:
+def _stepper(replicas: int, replica: int | None, modules: list[nn.Module], split: bool, bucket_bytes: float,
+             **parts) -> Stepper:
     """dist.replicas (stepping.py): R > 1 takes one step per R batches (`split`: per batch, split into R
     parts); `replica` None = this process plays every replica's slot (the simultaneous reference), else
     it is that replica of its group."""
@@ -91,4 +92,4 @@ def _stepper(replicas: int, replica: int | None, modules: list[nn.Module], split
         return Plain(**parts)
     if replica is None:
         return Accumulate(replicas, modules, split, **parts)
-    return AllReduce(replicas, modules, replica, **parts)
+    return AllReduce(replicas, modules, replica, bucket_bytes, **parts)

@@ -227,9 +227,11 @@ class AllReduce(Rounds):
 
     defer = True
 
-    def __init__(self, replicas: int, modules: list[nn.Module], replica: int, **parts):
+    def __init__(self, replicas: int, modules: list[nn.Module], replica: int, bucket_bytes: float = 25 * 2**20,
+                 **parts):
         super().__init__(replicas, modules, **parts)
         self.replica = replica
+        self.bucket_bytes = bucket_bytes  # dist.allreduce_bucket_mb
         self.slots = (replica,)
         self.group = None  # the stage group's process group: join, once the ranks are connected
         self.epoch_rounds: int | None = None  # sync: the group's rounds per epoch (pads the last)
@@ -242,9 +244,16 @@ class AllReduce(Rounds):
         return self.replica
 
     def close(self) -> None:
-        """One all-reduce of [gradients, float buffers, which parameters had a gradient, n] over the
-        group, then the step. A parameter no replica gave a gradient stays without one, so the
-        optimizer skips it as it does in the reference."""
+        """All-reduces (sums) over the group of the gradients, in buckets of at most
+        dist.allreduce_bucket_mb, then of [float buffers, which parameters had a gradient, n]; then the
+        step. A parameter no replica gave a gradient stays without one, so the optimizer skips it as
+        it does in the reference. Each bucket is a flat copy, reduced and copied back before the next
+        is made, so a replica holds one bucket's copy at a time (memory.ExactMemory's allreduce_bytes:
+        the largest). Every replica holds the same parameters, so the buckets and their order are the
+        same on each (R2 of note [NCCL communicators]); a sum is elementwise, so bucketing changes no
+        result. Not overlapped with the backward: a gradient hook runs on autograd's device thread on
+        CUDA, and issuing the group's all-reduces from there and from the training thread would break
+        R1 (one thread per communicator); the deferral after the send (above) is the overlap kept."""
         device = self.precision.device
         params = self.params()
         # by fill kernels: a host-to-device copy of a pageable scalar would synchronise the stream
@@ -256,24 +265,42 @@ class AllReduce(Rounds):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         floats = [b for b in self.buffers() if b.is_floating_point()]
-        parts = [p.grad.reshape(-1) for p in params] + [b.reshape(-1).float() for b in floats]
-        flat = torch.cat(parts + had + [torch.full((1,), float(self.n), device=device)])
-        count_comm(flat)  # training memory too: alive through the step below (memory.ExactMemory's allreduce_bytes)
+        rest = torch.cat([b.reshape(-1).float() for b in floats] + had
+                         + [torch.full((1,), float(self.n), device=device)])
         t0 = self.comm.start()
-        self._all_reduce(flat)
+        for bucket in self._buckets(params):
+            flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+            count_comm(flat)  # training memory too (memory.ExactMemory's allreduce_bytes)
+            self._all_reduce(flat)
+            offset = 0
+            for p in bucket:
+                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+                offset += p.numel()
+            del flat
+        count_comm(rest)
+        self._all_reduce(rest)
         self.comm.stop(t0)
-        offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
-            offset += p.numel()
-        sums = []
+        sums, offset = [], 0
         for b in floats:
-            sums.append(flat[offset:offset + b.numel()].view_as(b).to(b.dtype))
+            sums.append(rest[offset:offset + b.numel()].view_as(b).to(b.dtype))
             offset += b.numel()
-        self._average(sums, flat[-1:], flat[offset:offset + len(params)])
+        self._average(sums, rest[-1:], rest[offset:offset + len(params)])
         t0 = self.stats.timer.start()  # the step is compute; the all-reduce before it is not
         self._step()
         self.stats.timer.stop(t0)
+
+    def _buckets(self, params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
+        """Consecutive parameters, each bucket at most bucket_bytes (a larger parameter alone)."""
+        buckets: list[list[nn.Parameter]] = [[]]
+        size = 0
+        for p in params:
+            n = p.numel() * p.grad.element_size()
+            if buckets[-1] and size + n > self.bucket_bytes:
+                buckets.append([])
+                size = 0
+            buckets[-1].append(p)
+            size += n
+        return [b for b in buckets if b]
 
     def _all_reduce(self, flat: torch.Tensor) -> None:
         try:
