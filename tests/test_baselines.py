@@ -455,7 +455,8 @@ def test_rows_declare_how_the_decoupled_rows_differ(tmp_path):
     """rows.add_run_fields for the engine's rows: the e2e row's batch, schedule, precision and data order
     (the order data.batches draws: where the engine's sources start), the optimizer steps the engine
     counted (the most any block took), and declared differences: replicas averaging several batches
-    per step, async's replay buffer, per-block LR decay."""
+    per step (alternate; sync-auto's split replicas keep the batch), async's replay buffer, per-block LR
+    decay."""
     from decoupled.bench.rows import add_run_fields
     from decoupled.bench.worker import data_order_sha
     from decoupled.job import to_toml
@@ -463,7 +464,7 @@ def test_rows_declare_how_the_decoupled_rows_differ(tmp_path):
     path.write_text(to_toml(load(None, overrides({**HONOURED, "train.mode": "sync", "optim.block_lr_decay": 0.5}))))
     steps = lambda *per_rank: [{"optimizer_steps_per_epoch": [s]} for s in per_rank]  # noqa: E731  (pipeline_row's)
     e2e, sync = {}, {"ranks": steps(10.0, 10.0)}
-    auto = {"replicas": [2, 1], "ranks": steps(5.0, 5.0, 10.0)}  # group 0: two ranks, each half the batches
+    auto = {"replicas": [2, 1], "ranks": steps(10.0, 10.0, 10.0)}  # split replicas: a step per batch
     async_ = {"ranks": steps(10.0, 12.5)}  # a replaying rank
     for row, mode in ((e2e, "e2e"), (sync, "sync"), (auto, "sync-auto"), (async_, "async")):
         add_run_fields(row, mode, path)
@@ -472,5 +473,10 @@ def test_rows_declare_how_the_decoupled_rows_differ(tmp_path):
     assert e2e["optimizer_steps_per_epoch"] == sync["optimizer_steps_per_epoch"] == 10
     assert isinstance(sync["optimizer_steps_per_epoch"], int) and async_["optimizer_steps_per_epoch"] == 12.5
     assert e2e["declared_differences"] == [] and ["block_lr_decay" in d for d in sync["declared_differences"]] == [True]
-    assert any(d.startswith("dist.replicas=[2, 1]") for d in auto["declared_differences"])
+    # sync-auto's replicas split each batch (dist.replica_batch="split"): DDP's global batch, nothing to declare
+    assert auto["optimizer_steps_per_epoch"] == 10 and not any("replicas" in d for d in auto["declared_differences"])
+    alternate = {"replicas": [2, 1], "ranks": steps(5.0, 5.0, 10.0)}  # each of group 0's ranks half the batches
+    path.write_text(to_toml(load(None, overrides({**HONOURED, "train.mode": "sync", "dist.replicas": [2, 1]}))))
+    add_run_fields(alternate, "sync", path)
+    assert any(d.startswith("dist.replicas=[2, 1]") for d in alternate["declared_differences"])
     assert any(d.startswith("async: ") for d in async_["declared_differences"])

@@ -34,7 +34,8 @@ def test_every_marker_is_handed_over_by_its_event(monkeypatch, kind):
     ready.record("side")
     handled = []
     me = SimpleNamespace(dev=dev, run=SimpleNamespace(memory_phase=lambda phase: handled.append(phase)),
-                         end_epoch=lambda e: handled.append("end_epoch"), end_eval=lambda e, count=0: handled.append("end_eval"),
+                         end_epoch=lambda e: handled.append("end_epoch"),
+                         end_eval=lambda e, count=0: handled.append("end_eval"),
                          send=lambda m: handled.append(m.kind))
     fake.log.clear()
     going = Pipeline.handle(me, Message(kind, epoch=0, ready=ready))

@@ -121,10 +121,12 @@ def test_a_replica_sends_before_it_closes_the_round(monkeypatch):
         s.join(None, sync_bn=False)
     fake = SimpleNamespace(delay=None, stages=stages, _log=None, last_step=0, steps=0, budget=UpstreamEpochs(0),
                            _maybe_done=lambda: None,
-                           _send_flow=lambda flow, step: events.extend("send" for _ in flow))
+                           _send_flow=lambda flow, step: events.extend("send" for _ in flow), split=False,
+                           run=SimpleNamespace(recorder=SimpleNamespace(t0=0.0)))
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
     for step in range(2):
         pipeline.Pipeline.train_batch(fake, x, y, torch.arange(8), step)
-        assert events == ["send"] + ["all_reduce"] * len(stages), events
+        # per stage: one bucket of gradients (dist.allreduce_bucket_mb), then [buffers, flags, n]
+        assert events == ["send"] + ["all_reduce"] * 2 * len(stages), events
         assert all(s.stats.updates == step + 1 for s in stages)  # settled: every round closed after the send
         events.clear()
