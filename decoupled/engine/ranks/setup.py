@@ -48,7 +48,7 @@ def dry_run(stages: list[Stage], in_shape, device) -> list[tuple]:
     h = torch.zeros((2, *in_shape), device=device)
     shapes = [tuple(in_shape)]
     for s in stages:
-        h = s.forward(h)
+        h = s.features(h)  # before the wire: a scaled code's rows are flat (engine/wire.py)
         if tuple(h.shape[1:]) != s.out_shape:
             raise ConfigError(f"block {s.index} produces {tuple(h.shape[1:])} but declares {s.out_shape}; "
                               "the model builder is inconsistent (model.name)")

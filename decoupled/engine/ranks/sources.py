@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 from ...data import Augment, Split, batches
 from ..evaluate import evaluates_at, mid_epoch_test
 from ..frozen import StreamedInputs
+from ..wire import decode
 from ..run import Run
 from .groups import share, split_tensors
 from .receiver import Receiver
@@ -167,7 +168,8 @@ class HandoffCache:
     def offer(self, m: Message) -> None:
         # upstream's last epoch is the cached one: its validation evaluation (sources.DatasetSource) comes with it
         if m.epoch == self.epoch:
-            self.splits[self.SPLITS[m.kind]].put(m.ids, m.x, m.y, m.aux)
+            x = decode(m.x, self.run.stages[0].in_shape)  # upstream's wire form (engine/wire.py)
+            self.splits[self.SPLITS[m.kind]].put(m.ids, x, m.y, m.aux)
 
     def source(self, last: int, more=None) -> DatasetSource:
         """Every sample once an epoch, from the epoch after the hand-off to `last`."""
