@@ -9,6 +9,5 @@ from ..engine.ranks.placement import best_split
 from .runner import median, timed
 from .sweep import parse_lists
 
-__all__ = ["add_parser", "main", "DEFAULT_ROWS", "ROWS", "best_split", "bench", "bound", "bound_samples_per_s", "pipeline_row",
-           "median",
-           "timed", "parse_lists"]
+__all__ = ["add_parser", "main", "DEFAULT_ROWS", "ROWS", "best_split", "bench", "bound", "bound_samples_per_s",
+           "pipeline_row", "median", "timed", "parse_lists"]

@@ -80,6 +80,7 @@ class ReplayBuffer:
 
     def __init__(self, capacity: int, policy: str, max_reuse: int, seed: int, capacity_mb: float = 0.0):
         self.capacity, self.policy, self.max_reuse = capacity, policy, max_reuse
+        self.capacity_mb = capacity_mb
         self.max_bytes = int(capacity_mb * 2**20)  # 0: bounded by `capacity` batches (note [replay bound])
         self.bytes = 0  # the entries' bytes
         self.entries: list[Entry] = []
@@ -102,7 +103,7 @@ class ReplayBuffer:
     def put(self, e: Entry) -> None:
         size = e.nbytes
         if self.max_bytes and size > self.max_bytes:
-            raise ConfigError(f"replay.capacity_mb={self.max_bytes / 2**20:g} holds no batch of this link: one takes "
+            raise ConfigError(f"replay.capacity_mb={self.capacity_mb:g} holds no batch of this link: one takes "
                               f"{size / 2**20:.3f} MiB (activations in dist.wire_dtype's form, labels, ids); raise "
                               "replay.capacity_mb above it, or bound the buffer in batches (replay.capacity)")
         with self.lock:
