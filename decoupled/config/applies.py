@@ -33,8 +33,6 @@ APPLIES: dict[str, Rule] = {
     "train.plateau_patience": (lambda c: c.train.plateau_factor < 1.0, "train.plateau_factor < 1"),
     "dist.max_stage_mem_mb": (lambda c: c.dist.placement == "auto", "dist.placement='auto'"),
     "dist.replica_batch": (lambda c: replicated(c.dist), "dist.replicas with a group of more than one rank"),
-    "replay.capacity": (lambda c: c.replay.capacity_mb == 0, "replay.capacity_mb=0 (a byte bound replaces the "
-                        "batch count: engine/ranks/replay.py, note [replay bound])"),
     "train.eval_subset": (lambda c: c.train.eval_every_steps > 0, "train.eval_every_steps > 0 (the mid-epoch "
                           "evaluations' test subset; epoch ends score the whole test set)"),
 }

@@ -18,7 +18,7 @@ max_reuse = 0 means unlimited reuse (the reference's default); a batch then leav
 when a newer one evicts it.
 
 Note [replay bound]. The buffer is bounded either by a count of batches (replay.capacity) or, with
-replay.capacity_mb > 0, by bytes instead (replay.capacity may then not be set: config/applies.py): it
+replay.capacity_mb > 0, by bytes instead (replay.capacity may then not be set: modes.Async.check): it
 holds as many of the newest batches as fit in capacity_mb MiB. A batch's bytes are the storages its
 entry keeps alive (memory.storage_bytes: a received message's whole buffer, its activations in the
 wire form of dist.wire_dtype), so an int8 wire holds about 4x the float32 wire's batches. A batch
