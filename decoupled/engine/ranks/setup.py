@@ -294,7 +294,8 @@ def _pipeline(run: Run, world: W.World, lay: Layout, feed: Feed, start: int, ste
         return Pipeline(run, source, budget, epochs, recv, send, index, start, (replica, replicas))
     handoff = None
     if handoffs[group] is not None:
-        handoff = HandoffCache(run, handoffs[group], cache_mode(cfg.train, cfg.data), *sizes)
+        handoff = HandoffCache(run, handoffs[group], cache_mode(cfg.train, cfg.data), *sizes,
+                               in_shape=run.stages[0].in_shape)
     upstream = feed(recv, rank, cfg.dist, cfg.replay, cfg.train.seed, (replica, replicas), steps,
                     tap=handoff.offer if handoff else None)
     source = HandoffFeed(upstream, handoff, last, budget.more) if handoff else upstream
