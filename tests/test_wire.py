@@ -78,6 +78,8 @@ def test_round_trip_within_the_codes_rounding(codec):
 def test_zeros_come_back_exact_and_an_empty_batch_encodes(codec):
     z = codec.decode(codec.encode(torch.zeros(4, *SHAPE)), SHAPE)
     assert torch.equal(z, torch.zeros(4, *SHAPE)) and not torch.signbit(z).any()
+    tiny = torch.full((2, *SHAPE), 1e-44)  # its scale would underflow to 0 (0 / 0: NaN codes)
+    assert torch.equal(codec.decode(codec.encode(tiny), SHAPE), torch.zeros(2, *SHAPE))
     empty = codec.encode(torch.empty(0, *SHAPE))
     assert empty.shape == (0, 60 + SCALE_BYTES) and codec.decode(empty, SHAPE).shape == (0, *SHAPE)
 

@@ -8,7 +8,7 @@ guard's byte sizes all read it.
 - a scaled code ("int8", "float8_e4m3fn", "float8_e5m2"): each sample row divided by its own scale
   amax(|row|) / qmax (qmax: 127, or the float8 dtype's largest finite value: e4m3fn has no infinity,
   so an unscaled value above 448 would become NaN), then rounded to the code dtype. A zero row gets
-  scale 1 and comes back as exact zeros; a row holding inf or NaN gets a non-finite scale and comes
+  scale 1 and comes back as exact zeros (as does a row below ~1e-40, whose scale would underflow); a row holding inf or NaN gets a non-finite scale and comes
   back all NaN (never laundered into finite codes), and Precision.to_wire counts it against the block.
 
 Note [row scales]. A scaled code's row is its D codes followed by the 4 bytes of its float32 scale,
@@ -49,8 +49,9 @@ class Codec:
         if not self.scaled:
             return h if h.dtype == self.dtype else h.to(self.dtype)
         flat = h.detach().float().flatten(1)
-        amax = flat.abs().amax(1, keepdim=True)  # NaN stays NaN: the scale is then NaN too
-        scale = torch.where(amax == 0, torch.ones_like(amax), amax / self.qmax)
+        scale = flat.abs().amax(1, keepdim=True) / self.qmax  # NaN stays NaN: the scale is then NaN too
+        # a zero row (or one so small that its scale underflows) codes as zeros under scale 1, not 0 / 0
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         q = (flat / scale).clamp(-self.qmax, self.qmax)
         q = q.round().to(self.dtype) if self.dtype == torch.int8 else q.to(self.dtype)
         return torch.cat([q.view(torch.uint8), scale.view(torch.uint8)], 1).view(self.dtype)
