@@ -8,8 +8,9 @@ guard's byte sizes all read it.
 - a scaled code ("int8", "float8_e4m3fn", "float8_e5m2"): each sample row divided by its own scale
   amax(|row|) / qmax (qmax: 127, or the float8 dtype's largest finite value: e4m3fn has no infinity,
   so an unscaled value above 448 would become NaN), then rounded to the code dtype. A zero row gets
-  scale 1 and comes back as exact zeros (as does a row below ~1e-40, whose scale would underflow); a row holding inf or NaN gets a non-finite scale and comes
-  back all NaN (never laundered into finite codes), and Precision.to_wire counts it against the block.
+  scale 1 and comes back as exact zeros (as does a row below ~1e-40, whose scale would underflow);
+  a row holding inf or NaN gets a non-finite scale and comes back all NaN (never laundered into
+  finite codes), and Precision.to_wire counts it against the block.
 
 Note [row scales]. A scaled code's row is its D codes followed by the 4 bytes of its float32 scale,
 one (n, D + 4) tensor of the code dtype. Every operation the engine applies to activations between
