@@ -58,7 +58,7 @@ class ExitRecorder:
 
     def __call__(self, s, h: torch.Tensor, logits: torch.Tensor) -> None:
         c = confidence(logits)
-        m = s.objective.commitment(h.float()).float() if uses_commitment(s) else torch.full_like(c, float("inf"))
+        m = s.objective.commitment(s.decode(h)).float() if uses_commitment(s) else torch.full_like(c, float("inf"))
         self.rows.setdefault(s.index, []).append((c, m, logits.argmax(-1)))  # on the device: no sync per batch
 
     def outputs(self) -> ExitOutputs:

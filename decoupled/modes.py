@@ -167,6 +167,15 @@ class Async(Sync):
     keys = ACROSS_RANKS | CACHE | {f"replay.{f.name}" for f in dataclasses.fields(ReplayConfig)}
 
     @classmethod
+    def check(cls, cfg) -> None:
+        r = cfg.replay
+        if r.capacity_mb and r.capacity != ReplayConfig().capacity:  # note [replay bound] (engine/ranks/replay.py)
+            raise ConfigError(f"replay.capacity={r.capacity} with replay.capacity_mb={r.capacity_mb:g}: the buffer is "
+                              "bounded by a count of batches or, with replay.capacity_mb > 0, by bytes instead; set "
+                              "one of them (replay.capacity_mb=0 for the count)")
+        super().check(cfg)
+
+    @classmethod
     def check_replicas(cls, cfg) -> None:
         if cfg.dist.replica_batch == "split":
             raise ConfigError("dist.replica_batch='split' with train.mode='async': a replica would have to wait for "

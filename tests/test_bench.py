@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from decoupled.bench import ROWS, bound, bound_samples_per_s, median, parse_lists, pipeline_row, timed
+from decoupled.bench import DEFAULT_ROWS, bound, bound_samples_per_s, median, parse_lists, pipeline_row, timed
 from decoupled.cli import main
 
 from torchrun_utils import REPO, env, sets
@@ -109,12 +109,13 @@ def test_bench_writes_every_row(tmp_path):
     p = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=800)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.loads((out / "bench.json").read_text())
-    assert [r["mode"] for r in res["rows"]] == list(ROWS)
+    assert [r["mode"] for r in res["rows"]] == list(DEFAULT_ROWS)
     for row in res["rows"]:
         assert "error" not in row, row
         assert isinstance(row["samples_per_s"], float) and row["samples_per_s"] > 0
         want = 2 if row["mode"] in ("sync", "sync-auto", "async", "ddp", "fsdp", "gpipe", "1f1b") else 1
         assert len(row["ranks"]) == want, row
+        assert (row["wire_bytes_per_sample"] is None) == (row["mode"] not in ("sync", "sync-auto", "async")), row
         for r in row["ranks"]:
             assert set(r) >= {"rank", "peak_mem_bytes", "compute_s", "comm_s", "idle_s"}
             # every rank's epochs are its own (async: own_epoch_end stamps), so each timed epoch

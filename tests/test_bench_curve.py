@@ -126,7 +126,7 @@ def test_bench_md_shows_failed_seeds_as_never_with_the_count_and_the_spread():
     # one seed: the two columns as before, "never" where it did not reach the target
     table = _table(markdown(_curve_result(1, {"sync": [10.0], "ddp": [None]})))
     assert list(table["sync"]) == ["row", "samples/s", "vs e2e", "of bound", "exact train MiB", "process train MiB",
-                                   "process eval MiB", "final acc", "time to 0.98 (s)",
+                                   "process eval MiB", "final acc", "time to 0.98 (s)", "wire B/sample",
                                    "per rank: compute / comm / idle s/epoch"]
     assert table["sync"]["time to 0.98 (s)"] == "10.0" and table["ddp"]["time to 0.98 (s)"] == "never"
     # no --target-acc: nothing to reach, no "never"

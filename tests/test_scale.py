@@ -77,7 +77,7 @@ def test_handoff_feed_carries_on_from_the_cache_after_upstream_stops(tmp_path):
     from decoupled.metrics import Recorder
     cfg = load(None, ["data.batch_size=4", "train.eval_every=0", "train.quiet=true"])
     run = Run(cfg, None, [], torch.device("cpu"), tmp_path, Recorder(None))
-    cache = HandoffCache(run, 0, "memory", n_train=6, n_test=3, num_classes=2)
+    cache = HandoffCache(run, 0, "memory", n_train=6, n_test=3, num_classes=2, in_shape=(5,))
     y = torch.zeros(6, dtype=torch.int64)
     upstream = [Message(Kind.TRAIN, 0, 0, torch.ones(6, 5), y, torch.arange(6)), Message(Kind.END_EPOCH, 0),
                 Message(Kind.EVAL, 0, 0, torch.ones(3, 5), y[:3], torch.arange(3), torch.zeros(3, 2)),

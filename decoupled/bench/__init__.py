@@ -4,11 +4,10 @@ subcommand lazily). runner.py runs processes (shared with analysis/ablate.py), r
 reads the rows, report.py writes bench.md / bench.png, sweep.py the depth sweep, stages.py and
 gpipe.py are the workers it launches, split.py the pipelines' split search."""
 from .cli import add_parser, main
-from .rows import ROWS, bench, bound, bound_samples_per_s, pipeline_row
+from .rows import DEFAULT_ROWS, ROWS, bench, bound, bound_samples_per_s, pipeline_row
 from ..engine.ranks.placement import best_split
 from .runner import median, timed
 from .sweep import parse_lists
 
-__all__ = ["add_parser", "main", "ROWS", "best_split", "bench", "bound", "bound_samples_per_s", "pipeline_row",
-           "median",
-           "timed", "parse_lists"]
+__all__ = ["add_parser", "main", "DEFAULT_ROWS", "ROWS", "best_split", "bench", "bound", "bound_samples_per_s",
+           "pipeline_row", "median", "timed", "parse_lists"]

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from ..config import ConfigError
-from .rows import MICROBATCHES, ROWS, Curve, bench
+from .rows import DEFAULT_ROWS, MICROBATCHES, ROWS, Curve, bench
 from .tune import Tune, parse_tune
 from .report import markdown
 from .layouts import layouts
@@ -54,7 +54,8 @@ def add_parser(sub) -> None:
     b.add_argument("--microbatches", default=",".join(map(str, MICROBATCHES)),
                    help="gpipe / 1f1b: microbatch counts to sweep, comma-separated (those that divide the batch "
                         "and are >= --ranks run; the row reports the fastest)")
-    b.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
+    b.add_argument("--rows", default=",".join(DEFAULT_ROWS),
+                   help=f"comma-separated subset of {','.join(ROWS)} (default: all but sync-int8)")
     b.add_argument("--sweep", choices=["depth", "straggler", "layouts"],
                    help="instead: depth = e2e vs per-rank peak memory as VGG depth grows; straggler = sync vs "
                         "async (each replay.budget) with one slow rank (dist.placement); layouts = sync on --ranks "

@@ -163,19 +163,20 @@ def sync_figure(run_dir: Path, n: int) -> dict:
 
 
 def activation_bytes(cfg) -> int:
-    """Bytes of one sample's output of rank 0's blocks, in dist.wire_dtype."""
+    """Bytes of one sample's output of rank 0's blocks in dist.wire_dtype's form (engine/wire.py:
+    a scaled code's row carries its scale)."""
+    import math
+
     import torch
 
     from ..data import build_data
-    from ..engine.ranks.placement import placement
     from ..engine.build import build_stages
+    from ..engine.ranks.placement import placement
+    from ..engine.wire import CODECS
     data = build_data(cfg.data, cfg.train.seed)
     stages = build_stages(cfg, data.input_shape, data.num_classes, torch.device("cpu"))
-    h = data.train.x[:1]
-    with torch.no_grad():
-        for j in placement(cfg, len(stages), 2)[0]:
-            h = stages[j].forward(h)
-    return h[0].numel() * getattr(torch, cfg.dist.wire_dtype).itemsize
+    last = stages[placement(cfg, len(stages), 2)[0][-1]]
+    return CODECS[cfg.dist.wire_dtype].row_bytes(math.prod(last.out_shape))
 
 
 def worker(out: Path, name: str, args: list[str], timeout: float, ranks: int = 0) -> dict:

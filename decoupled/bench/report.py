@@ -127,8 +127,8 @@ def markdown(result: dict) -> str:
               "evaluations, measured apart (metrics.PeakMemory.evaluating)", ""]
     lines += ["| " + " | ".join(["row", "samples/s", "vs e2e", "of bound", "exact train MiB", "process train MiB",
                                  "process eval MiB",
-                                 *acc_head, "per rank: compute / comm / idle s/epoch"]) + " |",
-              "|---|" + "---:|" * (6 + len(acc_head)) + "---|"]
+                                 *acc_head, "wire B/sample", "per rank: compute / comm / idle s/epoch"]) + " |",
+              "|---|" + "---:|" * (7 + len(acc_head)) + "---|"]
     for r in result["rows"]:
         name = f"e2e ({r.get('threads', '?')} threads)" if r["mode"] == "e2e-Kthreads" else r["mode"]
         if "split" in r:  # gpipe / 1f1b: their own split and microbatch count
@@ -137,7 +137,7 @@ def markdown(result: dict) -> str:
             batches = f", {r['replica_batch']} batches" if r.get("replica_batch") and max(r["replicas"]) > 1 else ""
             name += f" (blocks {r['placement']}, ranks {r['replicas']}{batches})"
         if not r.get("samples_per_s"):
-            lines.append(f"| {name} | failed |" + " |" * (5 + len(acc_head)) + f" {r.get('error', '')[:200]} |")
+            lines.append(f"| {name} | failed |" + " |" * (6 + len(acc_head)) + f" {r.get('error', '')[:200]} |")
             continue
         vs = f"{r['samples_per_s'] / e2e['samples_per_s']:.2f}x" if e2e else ""
         ob = f"{r['of_bound']:.2f}" if r.get("of_bound") else ""
@@ -148,7 +148,8 @@ def markdown(result: dict) -> str:
         bound = "≥ " if r["mode"] in LOWER_BOUND_EXACT and exact(r) is not None else ""
         cells = [name, sps, vs, ob, f"{bound}{mib(exact(r)):.2f}", f"{mib(peak(r)):.1f}",
                  fmt(None if peak(r, "eval_peak_mem_bytes") is None else mib(peak(r, "eval_peak_mem_bytes"))),
-                 *([str(r.get("tune", {}).get("chosen_text"))] if t else []), *accuracy_cells(result, r), per]
+                 *([str(r.get("tune", {}).get("chosen_text"))] if t else []), *accuracy_cells(result, r),
+                 "-" if r.get("wire_bytes_per_sample") is None else f"{r['wire_bytes_per_sample']:.0f}", per]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -20,8 +20,11 @@ from .worker import data_order_sha, run_fields
 
 from ..engine.ranks.placement import best_split
 
-ROWS = ("e2e", "e2e-Kthreads", "e2e-checkpoint", "sequential", "sync", "sync-auto", "async", "ddp", "fsdp",
-        "gpipe", "1f1b")
+ROWS = ("e2e", "e2e-Kthreads", "e2e-checkpoint", "sequential", "sync", "sync-auto", "sync-int8", "async", "ddp",
+        "fsdp", "gpipe", "1f1b")
+# --rows' default: every row but sync-int8, which answers one question (what the int8 wire costs and
+# saves beside fp32 `sync`) at the price of another sync run: `--rows sync,sync-int8`
+DEFAULT_ROWS = tuple(r for r in ROWS if r != "sync-int8")
 PIPELINES = ("gpipe", "1f1b")  # the e2e network through torch.distributed.pipelining (gpipe.py)
 # the engine on K torchrun ranks: the row's --set overrides. async: note [fresh budget] (engine/ranks/
 # budget.py): measured on Fashion-MNIST (2 seeds), "steps" froze the last rank at 38-40 % of the stream
@@ -29,7 +32,9 @@ PIPELINES = ("gpipe", "1f1b")  # the e2e network through torch.distributed.pipel
 DECOUPLED = {"sync": [], "async": ['replay.budget="fresh"'],
              # split: replicas split each batch as DDP's ranks do (Note [split replicas], groups.py), so the
              # row keeps every other row's global batch and optimizer steps per epoch
-             "sync-auto": ['dist.placement="auto"', 'dist.replicas="auto"', 'dist.replica_batch="split"']}
+             "sync-auto": ['dist.placement="auto"', 'dist.replicas="auto"', 'dist.replica_batch="split"'],
+             # int8 activations on the wire (engine/wire.py): a quarter of sync's bytes per sample
+             "sync-int8": ['dist.wire_dtype="int8"']}
 DATA_PARALLEL = ("ddp", "fsdp")  # the e2e network on K ranks with torch DDP / FSDP2 (dataparallel.py)
 SINGLE = ("e2e", "e2e-Kthreads", "e2e-checkpoint")  # one process: `decoupled train` in e2e mode
 CURVE_ROWS = (*SINGLE, *DECOUPLED, *DATA_PARALLEL, *PIPELINES)  # the rows --curve evaluates after every epoch
@@ -127,6 +132,7 @@ def pipeline_row(mode: str, out: Path, n: int, batch: int) -> dict:
             row["draws_per_epoch"] = rp("draws")
             fresh = rp("fresh_draws") * batch  # full batches: the last batch of an epoch may be smaller
         row["fresh_samples_per_s"] = fresh * k / span if span > 0 else None
+        row["wire_bytes_per_sample"] = _per_sample(r.get("bytes_sent", 0), r.get("samples_sent", 0))
         ranks.append(row)
         stamps.append([m["time_s"] for m in e])
     slowest = max(range(len(ranks)), key=lambda i: ranks[i]["epoch_s"])
@@ -136,10 +142,17 @@ def pipeline_row(mode: str, out: Path, n: int, batch: int) -> dict:
             # async: the last rank's draws per fresh batch (1: no replay), beside its accuracy
             "replay_draws_per_fresh": _draws_per_fresh(summary["ranks"][-1]),
             "epochs_timed": timed(stamps[slowest]), "ranks": ranks,
+            # every link's bytes (headers, padding, markers and evaluations included) per sample it carried
+            "wire_bytes_per_sample": _per_sample(sum(r.get("bytes_sent", 0) for r in summary["ranks"]),
+                                                 sum(r.get("samples_sent", 0) for r in summary["ranks"])),
             # the layout the run trained on (sync-auto chooses it at start-up): blocks and ranks per stage group
             "placement": summary.get("placement"), "replicas": summary.get("replicas"),
             "replica_batch": summary.get("replica_batch"),
             "backend": summary.get("backend")}
+
+
+def _per_sample(nbytes: int, samples: int) -> float | None:
+    return nbytes / samples if samples else None  # None: nothing sent (a last rank, or one process)
 
 
 def _fresh_per_s(r: dict, batch: int) -> float | None:
@@ -196,7 +209,7 @@ def microbatch_candidates(microbatches, batch: int, ranks: int) -> list[int]:
 
 
 def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repeats: int = 3,
-          microbatches=MICROBATCHES, rows: tuple[str, ...] = ROWS, timeout: float = 900.0,
+          microbatches=MICROBATCHES, rows: tuple[str, ...] = DEFAULT_ROWS, timeout: float = 900.0,
           mmap_threshold: int = 0, curve: Curve | None = None, tune: Tune | None = None) -> dict:
     """`tune` (--tune, tune.py): every row first picks its value of the grid, then runs with it; the
     overrides then hold data.val_fraction (cli.py adds it: Note [tuning split])."""
@@ -288,6 +301,7 @@ def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repea
             slowest = max(r["compute_s"] for r in row["ranks"])
             row["bound_samples_per_s"] = n / slowest if slowest > 0 else None
             row["of_bound"] = row["samples_per_s"] / row["bound_samples_per_s"] if slowest > 0 else None
+        row.setdefault("wire_bytes_per_sample", None)  # None: no activation link of the engine's (one process, ddp...)
         row["bench_wall_s"] = time.perf_counter() - t0
         row["loadavg_1min_after"] = os.getloadavg()[0]  # other users' load skews a row: keep the evidence
         result["rows"].append(row)

@@ -97,7 +97,7 @@ def time_e2e_blocks(cfg, stages, data, device) -> list[float]:
         s.block.zero_grad(set_to_none=True)
         s.objective.zero_grad(set_to_none=True)
         with torch.no_grad():  # the next block's inputs
-            x = torch.cat([s.forward(x[i:i + cfg.data.eval_batch_size]).float()
+            x = torch.cat([s.decode(s.forward(x[i:i + cfg.data.eval_batch_size]))
                            for i in range(0, len(x), cfg.data.eval_batch_size)])
     return costs
 

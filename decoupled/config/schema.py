@@ -188,10 +188,13 @@ class DistConfig:
     max_stage_mem_mb: float = knob(0.0, ge=0.0)
     max_inflight: int = knob(2, ge=1)  # isends a rank may have outstanding (2 = double buffering)
     debug_delay_ms: float = knob(0.0, ge=0.0)  # chaos testing: sleep U(0, this) ms before every step
-    # dtype of the activations between blocks (on the wire between ranks, and at the block boundaries
-    # of the single-process modes, so that sync equals simultaneous): "float32" | "bfloat16" |
-    # "float16" (half the bytes); cast back to float32 where the next block reads them
-    wire_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # form of the activations between blocks (on the wire between ranks, in a rank's replay buffer,
+    # and at the block boundaries of the single-process modes, so that sync equals simultaneous),
+    # read back as float32 by the next block (engine/wire.py, note [row scales]): "float32" |
+    # "bfloat16" | "float16" (half the bytes) | "int8" (a quarter, plus 4 bytes a sample: each sample
+    # scaled by its own max |value| / 127) | "float8_e4m3fn" | "float8_e5m2" (as int8, scaled to the
+    # float8 dtype's largest value)
+    wire_dtype: Literal["float32", "bfloat16", "float16", "int8", "float8_e4m3fn", "float8_e5m2"] = "float32"
 
 
 def replicated(d: "DistConfig") -> bool:
@@ -213,6 +216,10 @@ def split_layout_check(replicas: list[int]) -> None:
 @dataclass
 class ReplayConfig:
     capacity: int = knob(4, ge=1)  # async: batches a rank keeps from its upstream
+    # async: MiB of batches a rank keeps from its upstream instead of a count (replay.capacity may then
+    # not be set): the newest batches that fit, in the wire form (an int8 dist.wire_dtype keeps ~4x
+    # float32's batches); a batch larger than this alone is refused; 0 = bounded by replay.capacity
+    capacity_mb: float = knob(0.0, ge=0.0)
     # which buffered batch a rank trains on next (engine/ranks/replay.py): "fifo" (oldest of the
     # least used) | "random" | "priority-lifo" (newest of the least used: DGL's buffer)
     policy: Literal["fifo", "random", "priority-lifo"] = "fifo"

@@ -24,10 +24,14 @@ class PseudoInputs:
     __getitem__ = get  # so a data.Split can hold a PseudoInputs as its x
 
     def put(self, ids: torch.Tensor, x: torch.Tensor) -> None:
+        """`x`: float32 of the stored shape, decoded from the wire by the caller (Stage.decode): a cast
+        here would misread a scaled code's rows (engine/wire.py, note [row scales])."""
+        if x.dtype != torch.float32:
+            raise TypeError(f"pseudo-inputs are stored as float32, got {x.dtype}; decode them first (Stage.decode)")
         if isinstance(self.store, torch.Tensor):
-            self.store[ids.to(self.store.device)] = x.to(self.store.device, self.store.dtype)
+            self.store[ids.to(self.store.device)] = x.to(self.store.device)
         else:
-            self.store[ids.cpu().numpy()] = x.detach().float().cpu().numpy()
+            self.store[ids.cpu().numpy()] = x.detach().cpu().numpy()
 
     @classmethod
     def allocate(cls, n: int, shape, where: str, path: Path | None, device: torch.device) -> "PseudoInputs":

@@ -50,7 +50,7 @@ def step(stage, x, y, ids, log):
         h, res = stage.forward(x), None
         stage.stats.work["forward"] += len(y)  # counted by flops.train_flops
     if stage.router is not None:
-        keep = stage.router.keep(h, res, y, stage.stats.work)
+        keep = stage.router.keep(stage.decode(h), res, y, stage.stats.work)  # cut in the wire form
         h, y, ids = h[keep], y[keep], ids[keep]
     if len(y):
         yield h, y, ids

@@ -63,7 +63,8 @@ class FrozenInputs:
         for f in self.frozen:
             x = f.forward(x)
             f.stats.work["forward"] += len(x)
-        return x.float()  # the wire dtype (dist.wire_dtype) back to float32, as a cache stores it
+        # the wire form (dist.wire_dtype) back to float32, as a cache stores it
+        return self.frozen[-1].decode(x) if self.frozen else x.float()
 
     def after(self, stage: Stage, ids: torch.Tensor, where: str, path: Path | None, chunk: int) -> FrozenInputs:
         """The inputs of the block after `stage`, for the samples `ids`: `stage`'s frozen outputs,
@@ -72,7 +73,7 @@ class FrozenInputs:
             return FrozenInputs(self.raw, self.device, self.frozen + [stage], None, self.augment, self.move)
         cache = PseudoInputs.allocate(len(self.raw), stage.out_shape, where, path, self.device)
         for part in ids.split(chunk):
-            cache.put(part, stage.forward(self.get(part)))
+            cache.put(part, stage.decode(stage.forward(self.get(part))))
         stage.stats.work["forward"] += len(ids)
         cache.flush()
         return FrozenInputs(self.raw, self.device, [], cache, self.augment, self.move)
@@ -90,6 +91,7 @@ class StreamedInputs:
         self.aux = torch.zeros((n, votes), device=device) if votes else None
 
     def put(self, ids: torch.Tensor, x: torch.Tensor, y: torch.Tensor, aux: torch.Tensor | None) -> None:
+        """`x`: float32, decoded from the wire (HandoffCache.offer)."""
         if self.x is None:
             self.x = PseudoInputs.allocate(self.n, x.shape[1:], self.where, self.path, self.device)
         self.x.put(ids, x)

@@ -5,22 +5,24 @@ from __future__ import annotations
 
 import torch
 
+from .wire import CODECS, Codec, decode
+
 
 class NonFiniteError(RuntimeError):
     """A block's loss or activations became NaN or inf."""
 
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision
-WIRE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # dist.wire_dtype
+WIRE = CODECS  # dist.wire_dtype -> its codec (wire.py)
 
 
 class Precision:
-    def __init__(self, device: torch.device, *, compute: torch.dtype | None, wire: torch.dtype, check_every: int):
+    def __init__(self, device: torch.device, *, compute: torch.dtype | None, wire: Codec, check_every: int):
         self.device = device
         self.compute = compute  # None: float32, no autocast
         # fp16's narrow exponent underflows small gradients: it alone needs its own loss scaler
         self.scaler = torch.amp.GradScaler(device.type, enabled=compute == torch.float16)
-        self.wire = wire
+        self.wire = wire  # CODECS[dist.wire_dtype] (wire.py)
         self.check_every = check_every
         self._finite = torch.ones((), dtype=torch.bool, device=device)  # all finite since the last check
         self._checked = 0  # steps checked so far
@@ -29,11 +31,16 @@ class Precision:
         return torch.autocast(self.device.type, dtype=self.compute, enabled=self.compute is not None)
 
     @staticmethod
-    def from_wire(x: torch.Tensor) -> torch.Tensor:
-        return x if x.dtype == torch.float32 else x.float()  # a stage reads float32 whatever was sent
+    def from_wire(x: torch.Tensor, shape) -> torch.Tensor:
+        return decode(x, shape)  # a stage reads float32 of its input shape whatever was sent
 
     def to_wire(self, h: torch.Tensor) -> torch.Tensor:
-        return h if h.dtype == self.wire else h.to(self.wire)
+        """A scaled code's rows holding inf or NaN get non-finite scales (wire.py): folded into the
+        flag like the block's own outputs, so the next check names the block, with no host sync here."""
+        x = self.wire.encode(h)
+        if self.wire.scaled:
+            self._finite &= torch.isfinite(self.wire.scales(x)).all()
+        return x
 
     def watch(self, loss: torch.Tensor, out: torch.Tensor) -> None:
         """Fold a step's finiteness into the flag, on the device: no host sync per step."""
@@ -50,7 +57,8 @@ class Precision:
         if not bool(self._finite):
             window = f"step {first}" if first == steps else f"steps {first}-{steps}"
             raise NonFiniteError(f"block {block} {window}: loss or output activations not finite "
-                                 "(train.precision / train.check_every); lower optim.lr or check the data")
+                                 "(train.precision / dist.wire_dtype / train.check_every); lower optim.lr or "
+                                 "check the data")
 
     def state_dict(self) -> dict:
         return {"scaler": self.scaler.state_dict()}

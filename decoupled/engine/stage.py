@@ -75,7 +75,7 @@ class Stage:
             self.block.train()
             self.objective.train()
             with self.precision.autocast():
-                out = self.block(self.precision.from_wire(x))
+                out = self.block(self.precision.from_wire(x, self.in_shape))
                 res = self.objective(out, y, mask)
             self.precision.watch(res.loss, out)
             self.stepper.backward_and_step(res.loss, len(y))
@@ -94,17 +94,26 @@ class Stage:
         self.stats.end_epoch()
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Eval-mode block output, as passed on (wire dtype)."""
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval-mode block output, before the wire (the compute dtype, the declared shape)."""
         self.block.eval()
         with self.precision.autocast():
-            return self.precision.to_wire(self.block(self.precision.from_wire(x)))
+            return self.block(self.precision.from_wire(x, self.in_shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval-mode block output, as passed on (dist.wire_dtype's form, wire.py)."""
+        return self.precision.to_wire(self.features(x))
+
+    def decode(self, h: torch.Tensor) -> torch.Tensor:
+        """This block's output as passed on (forward, train_step) back to float32 of out_shape: the one
+        way every reader outside the next block's own step reads it (note [row scales])."""
+        return self.precision.from_wire(h, self.out_shape)
 
     @torch.no_grad()
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         self.objective.eval()
         with self.precision.autocast():
-            return self.objective.head(self.precision.from_wire(h))
+            return self.objective.head(self.decode(h))
 
     def state_dict(self) -> dict:
         return {"index": self.index, "block": self.block.state_dict(), "objective": self.objective.state_dict(),

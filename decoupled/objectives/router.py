@@ -106,8 +106,9 @@ class LearnedSampleRouter:
 
     def keep(self, h: torch.Tensor, res, y: torch.Tensor, work) -> torch.Tensor:
         """(N,) bool: the samples to pass on. `res` is the training step's LocalOutput (None when
-        the block is frozen); `work` counts the commitment steps for flops.train_flops."""
-        obj, h = self.objective, h.float()  # h arrives in the wire dtype (dist.wire_dtype)
+        the block is frozen); `work` counts the commitment steps for flops.train_flops. `h`: the block's
+        output as the next block reads it (Stage.decode), so every mode routes on the same values."""
+        obj = self.objective
         if res is None:
             with torch.no_grad():
                 obj.eval()

@@ -109,7 +109,7 @@ def fit_probes(run: Run) -> None:
                         t.stats.work["forward"] += len(y)  # frozen features: counted as training work
                 with s.rng:
                     s.objective.train()
-                    res = e2e_loss(s.objective, h.float(), y, cfg.train.e2e_loss)
+                    res = e2e_loss(s.objective, s.decode(h), y, cfg.train.e2e_loss)
                     opt.zero_grad(set_to_none=True)
                     res.loss.backward()
                     opt.step()

@@ -45,7 +45,7 @@ def exit_pass(run: Run, s: Stage, feats: FrozenInputs, remaining: torch.Tensor, 
     (learned=True) whether it counts the sample as learned."""
     obj, y_all, parts = s.objective.eval(), run.data.train.y, []
     for ids in remaining.split(run.cfg.data.eval_batch_size):
-        h, y = feats.get(ids).float(), run.to_device(y_all[ids])[0]
+        h, y = feats.get(ids), run.to_device(y_all[ids])[0]  # float32: FrozenInputs decodes
         out = obj(h, y)
         parts.append((obj.learned(out, obj.commitment(h), y) if learned else out.pred == y).cpu())
     s.stats.work["exit"] += len(remaining)

@@ -249,7 +249,7 @@ def test_handoff_source_makes_no_host_sync(tmp_path):
                           progress=lambda total, desc: contextlib.nullcontext(bar))
     run.to_device = lambda *ts: Run.to_device(run, *ts)
     n_train, n_test, classes = 96, 40, 10
-    cache = HandoffCache(run, 0, "memory", n_train, n_test, classes)
+    cache = HandoffCache(run, 0, "memory", n_train, n_test, classes, in_shape=(8, 4, 4))
     for kind, n in ((Kind.TRAIN, n_train), (Kind.EVAL, n_test)):
         for ids in torch.arange(n, device="cuda").split(32):
             aux = torch.randn(len(ids), classes, device="cuda") if kind == Kind.EVAL else None

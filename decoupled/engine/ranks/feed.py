@@ -165,7 +165,8 @@ class AsyncFeed(Receiver):
                  share: tuple[int, int] = (0, 1), source_steps: int = 1, tap: Callable[[Message], None] | None = None):
         super().__init__(links, rank, dist, share, source_steps, tap)
         r = replay
-        self.buffer = ReplayBuffer(r.capacity, r.policy, r.max_reuse, seed=seed * 1000 + rank)
+        self.buffer = ReplayBuffer(r.capacity, r.policy, r.max_reuse, seed=seed * 1000 + rank,
+                                   capacity_mb=r.capacity_mb)
         # non-train messages in order, with at most replay.eval_buffer_mb of evaluation batches among
         # them: those carry activations, and a slow rank must not hold an unbounded test set's (beyond
         # it, back-pressure: the thread stops reading, upstream's isends wait). Within it, a slow rank

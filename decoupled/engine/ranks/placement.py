@@ -151,7 +151,7 @@ def measure_blocks(cfg: JobConfig, input_shape, num_classes: int, device: torch.
         costs.append(sorted(times[1:])[len(times[1:]) // 2])
         mem.append(float(state + saved[0]))
         grads.append(float(sum(p.numel() * p.element_size() for p in s.local_parameters())))
-        x = h.float()
+        x = s.decode(h)
     return BlockCosts(costs, mem, grads)
 
 

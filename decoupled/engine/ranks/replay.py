@@ -16,6 +16,13 @@ Policies pick among entries that may still be used:
   (a fresh batch has count 1; here 0 = never trained on).
 max_reuse = 0 means unlimited reuse (the reference's default); a batch then leaves the buffer only
 when a newer one evicts it.
+
+Note [replay bound]. The buffer is bounded either by a count of batches (replay.capacity) or, with
+replay.capacity_mb > 0, by bytes instead (replay.capacity may then not be set: modes.Async.check): it
+holds as many of the newest batches as fit in capacity_mb MiB. A batch's bytes are the storages its
+entry keeps alive (memory.storage_bytes: a received message's whole buffer, its activations in the
+wire form of dist.wire_dtype), so an int8 wire holds about 4x the float32 wire's batches. A batch
+that alone exceeds the bound is refused with the key named: the buffer could hold nothing.
 """
 from __future__ import annotations
 
@@ -23,6 +30,9 @@ import threading
 from dataclasses import dataclass, field
 
 import torch
+
+from ...config import ConfigError
+from ...memory import storage_bytes
 
 
 @dataclass(eq=False)  # identity semantics: entries hold tensors, and list.remove must not compare them
@@ -35,6 +45,10 @@ class Entry:
     seq: int = 0  # arrival order
     uses: int = 0
     ready: object = None  # the receiver stream's event (device.Accel.hand_over), until first used
+
+    @property
+    def nbytes(self) -> int:
+        return storage_bytes((self.x, self.y, self.ids))  # note [replay bound]
 
 
 @dataclass
@@ -64,8 +78,11 @@ class ReplayBuffer:
     """Thread-safe: the receiver thread puts, the training loop samples. It holds only the batches
     it replays; control messages and waiting belong to the async feed (feed.py)."""
 
-    def __init__(self, capacity: int, policy: str, max_reuse: int, seed: int):
+    def __init__(self, capacity: int, policy: str, max_reuse: int, seed: int, capacity_mb: float = 0.0):
         self.capacity, self.policy, self.max_reuse = capacity, policy, max_reuse
+        self.capacity_mb = capacity_mb
+        self.max_bytes = int(capacity_mb * 2**20)  # 0: bounded by `capacity` batches (note [replay bound])
+        self.bytes = 0  # the entries' bytes
         self.entries: list[Entry] = []
         self.g = torch.Generator().manual_seed(seed)
         self.lock = threading.Lock()
@@ -77,13 +94,25 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def _full(self, size: int) -> bool:
+        """Whether a batch of `size` bytes must evict the oldest entry first."""
+        if self.max_bytes:
+            return self.bytes + size > self.max_bytes
+        return len(self.entries) >= self.capacity
+
     def put(self, e: Entry) -> None:
+        size = e.nbytes
+        if self.max_bytes and size > self.max_bytes:
+            raise ConfigError(f"replay.capacity_mb={self.capacity_mb:g} holds no batch of this link: one takes "
+                              f"{size / 2**20:.3f} MiB (activations in dist.wire_dtype's form, labels, ids); raise "
+                              "replay.capacity_mb above it, or bound the buffer in batches (replay.capacity)")
         with self.lock:
             e.seq = self._seq
             self._seq += 1
-            if len(self.entries) >= self.capacity:
+            while self.entries and self._full(size):
                 self._evict(min(self.entries, key=lambda x: x.seq))
             self.entries.append(e)
+            self.bytes += size
             self.stats.received += 1
             self.latest_step = max(self.latest_step, e.step)
             self.pending_by_epoch[e.epoch] = self.pending_by_epoch.get(e.epoch, 0) + 1
@@ -91,6 +120,7 @@ class ReplayBuffer:
 
     def _evict(self, e: Entry) -> None:
         self.entries.remove(e)
+        self.bytes -= e.nbytes
         self.stats.evicted += 1
         self.stats.reuse_hist[e.uses] = self.stats.reuse_hist.get(e.uses, 0) + 1
         if e.uses == 0:
@@ -139,3 +169,4 @@ class ReplayBuffer:
         with self.lock:
             self.entries.clear()
             self.pending_by_epoch.clear()
+            self.bytes = 0

@@ -48,7 +48,7 @@ def dry_run(stages: list[Stage], in_shape, device) -> list[tuple]:
     h = torch.zeros((2, *in_shape), device=device)
     shapes = [tuple(in_shape)]
     for s in stages:
-        h = s.forward(h)
+        h = s.features(h)  # before the wire: a scaled code's rows are flat (engine/wire.py)
         if tuple(h.shape[1:]) != s.out_shape:
             raise ConfigError(f"block {s.index} produces {tuple(h.shape[1:])} but declares {s.out_shape}; "
                               "the model builder is inconsistent (model.name)")
@@ -294,7 +294,8 @@ def _pipeline(run: Run, world: W.World, lay: Layout, feed: Feed, start: int, ste
         return Pipeline(run, source, budget, epochs, recv, send, index, start, (replica, replicas))
     handoff = None
     if handoffs[group] is not None:
-        handoff = HandoffCache(run, handoffs[group], cache_mode(cfg.train, cfg.data), *sizes)
+        handoff = HandoffCache(run, handoffs[group], cache_mode(cfg.train, cfg.data), *sizes,
+                               in_shape=run.stages[0].in_shape)
     upstream = feed(recv, rank, cfg.dist, cfg.replay, cfg.train.seed, (replica, replicas), steps,
                     tap=handoff.offer if handoff else None)
     source = HandoffFeed(upstream, handoff, last, budget.more) if handoff else upstream

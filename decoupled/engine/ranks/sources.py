@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 from ...data import Augment, Split, batches
 from ..evaluate import evaluates_at, mid_epoch_test
 from ..frozen import StreamedInputs
+from ..wire import decode
 from ..run import Run
 from .groups import share, split_tensors
 from .receiver import Receiver
@@ -157,8 +158,9 @@ class HandoffCache:
     SPLITS = {Kind.TRAIN: "train", Kind.EVAL: "test", Kind.VAL: "val"}
 
     def __init__(self, run: Run, epoch: int, where: str, n_train: int, n_test: int, num_classes: int,
-                 n_val: int = 0):
+                 n_val: int = 0, *, in_shape):
         self.run, self.epoch = run, epoch
+        self.in_shape = tuple(in_shape)  # this rank's first block's: what upstream's wire form decodes to
         path = run.out / "cache"  # where="disk" ("memory" otherwise: a hand-off only happens when it caches)
         sizes = [("train", n_train, 0), ("test", n_test, num_classes)] + [("val", n_val, num_classes)] * (n_val > 0)
         self.splits = {split: StreamedInputs(n, where, path / f"rank{run.rank}-{split}.npy", run.device, votes)
@@ -167,7 +169,8 @@ class HandoffCache:
     def offer(self, m: Message) -> None:
         # upstream's last epoch is the cached one: its validation evaluation (sources.DatasetSource) comes with it
         if m.epoch == self.epoch:
-            self.splits[self.SPLITS[m.kind]].put(m.ids, m.x, m.y, m.aux)
+            x = decode(m.x, self.in_shape)  # upstream's wire form (engine/wire.py), cached as float32
+            self.splits[self.SPLITS[m.kind]].put(m.ids, x, m.y, m.aux)
 
     def source(self, last: int, more=None) -> DatasetSource:
         """Every sample once an epoch, from the epoch after the hand-off to `last`."""

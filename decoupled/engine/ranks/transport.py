@@ -2,8 +2,10 @@
 
 Wire format (note [one transfer per message]). A message is one contiguous byte buffer: a fixed
 14-int64 header, then for data messages the labels and sample ids (2n int64), the activations
-(dist.wire_dtype) and optionally an auxiliary float32 tensor (the running head ensemble during
-evaluation), each segment starting on an 8-byte boundary so the receiver can view it in place.
+(dist.wire_dtype's form: the dtype slot names its codec, and a scaled code's per-sample scales are
+part of its rows, engine/wire.py note [row scales]) and optionally an auxiliary float32 tensor (the
+running head ensemble during evaluation), each segment starting on an 8-byte boundary so the
+receiver can view it in place.
 Both ends of a link track the same number `expect`: the byte size of the link's previous data
 message (a header's size at first). A message of at most `expect` bytes goes as one transfer of
 exactly `expect` bytes (NCCL needs the sizes to match; the tail is padding); a larger one goes as a
@@ -46,11 +48,12 @@ import torch
 import torch.distributed as dist
 
 from ...device import Accel, accel
+from ..wire import CODECS
 
 HEADER_LEN = 14
 HEADER_BYTES = HEADER_LEN * 8
 MAX_DIMS = 5
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+DTYPES = [c.dtype for c in CODECS.values()] + [torch.float64]  # the header's dtype slot: an index here
 
 class Kind(enum.IntEnum):
     TRAIN = 1
