@@ -132,7 +132,7 @@ def pipeline_row(mode: str, out: Path, n: int, batch: int) -> dict:
             row["draws_per_epoch"] = rp("draws")
             fresh = rp("fresh_draws") * batch  # full batches: the last batch of an epoch may be smaller
         row["fresh_samples_per_s"] = fresh * k / span if span > 0 else None
-        row["wire_bytes_per_sample"] = _per_sample(r.get("bytes_sent", 0), r.get("samples_sent", 0))
+        row["wire_bytes_per_sample"] = _per_sample(r.get("train_bytes_sent", 0), r.get("train_samples_sent", 0))
         ranks.append(row)
         stamps.append([m["time_s"] for m in e])
     slowest = max(range(len(ranks)), key=lambda i: ranks[i]["epoch_s"])
@@ -142,9 +142,10 @@ def pipeline_row(mode: str, out: Path, n: int, batch: int) -> dict:
             # async: the last rank's draws per fresh batch (1: no replay), beside its accuracy
             "replay_draws_per_fresh": _draws_per_fresh(summary["ranks"][-1]),
             "epochs_timed": timed(stamps[slowest]), "ranks": ranks,
-            # every link's bytes (headers, padding, markers and evaluations included) per sample it carried
-            "wire_bytes_per_sample": _per_sample(sum(r.get("bytes_sent", 0) for r in summary["ranks"]),
-                                                 sum(r.get("samples_sent", 0) for r in summary["ranks"])),
+            # every link's training messages (headers, labels, ids, padding included) per training sample
+            # they carried: what a step costs the links (evaluation traffic apart: bytes_sent has all)
+            "wire_bytes_per_sample": _per_sample(sum(r.get("train_bytes_sent", 0) for r in summary["ranks"]),
+                                                 sum(r.get("train_samples_sent", 0) for r in summary["ranks"])),
             # the layout the run trained on (sync-auto chooses it at start-up): blocks and ranks per stage group
             "placement": summary.get("placement"), "replicas": summary.get("replicas"),
             "replica_batch": summary.get("replica_batch"),

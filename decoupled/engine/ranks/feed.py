@@ -182,8 +182,10 @@ class AsyncFeed(Receiver):
 
     def queued(self) -> list[Message]:
         """The control messages (evaluation batches, markers) not yet handed to the pipeline; the
-        replay buffer's batches are the pipeline's `buffer` (memory.pipeline_held counts both)."""
-        return list(self.control)
+        replay buffer's batches are the pipeline's `buffer` (memory.pipeline_held counts both). Not the
+        None a failed receiver thread leaves: check() raises its error at the next draw, and memory
+        sampling in between must not hide it."""
+        return [m for m in list(self.control) if m is not None]
 
     def start(self) -> None:
         # The receiver needs the GIL for a moment after every transfer; with the default 5 ms

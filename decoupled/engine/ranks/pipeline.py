@@ -244,4 +244,7 @@ class Pipeline:
                 "bytes_sent": sum(link.bytes for link in send), "bytes_recv": sum(link.bytes for link in recv),
                 "steps": self.steps, "optimizer_steps": [s.stats.updates for s in self.stages],
                 "samples_trained": sum(s.stats.samples for s in self.stages),
-                "samples_sent": sum(link.samples for link in send), "samples_recv": sum(link.samples for link in recv)}
+                "samples_sent": sum(link.samples for link in send), "samples_recv": sum(link.samples for link in recv),
+                # training traffic alone (headers, labels, ids, padding included): bytes per training sample
+                "train_bytes_sent": sum(link.train_bytes for link in send),
+                "train_samples_sent": sum(link.train_samples for link in send)}

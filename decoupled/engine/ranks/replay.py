@@ -21,8 +21,11 @@ Note [replay bound]. The buffer is bounded either by a count of batches (replay.
 replay.capacity_mb > 0, by bytes instead (replay.capacity may then not be set: modes.Async.check): it
 holds as many of the newest batches as fit in capacity_mb MiB. A batch's bytes are the storages its
 entry keeps alive (memory.storage_bytes: a received message's whole buffer, its activations in the
-wire form of dist.wire_dtype), so an int8 wire holds about 4x the float32 wire's batches. A batch
-that alone exceeds the bound is refused with the key named: the buffer could hold nothing.
+wire form of dist.wire_dtype), so an int8 wire holds about 4x the float32 wire's batches. A bound
+below one training batch is refused at setup with the key named (engine/ranks/setup.py): the buffer
+could hold nothing. A batch whose storage alone exceeds the bound anyway (the first one after an
+evaluation arrives padded to the evaluation batch's transfer: note [one transfer per message]) is
+held alone, evicting the rest, rather than failing a run that is already training.
 """
 from __future__ import annotations
 
@@ -31,7 +34,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...config import ConfigError
 from ...memory import storage_bytes
 
 
@@ -102,10 +104,6 @@ class ReplayBuffer:
 
     def put(self, e: Entry) -> None:
         size = e.nbytes
-        if self.max_bytes and size > self.max_bytes:
-            raise ConfigError(f"replay.capacity_mb={self.capacity_mb:g} holds no batch of this link: one takes "
-                              f"{size / 2**20:.3f} MiB (activations in dist.wire_dtype's form, labels, ids); raise "
-                              "replay.capacity_mb above it, or bound the buffer in batches (replay.capacity)")
         with self.lock:
             e.seq = self._seq
             self._seq += 1

@@ -7,6 +7,7 @@ its message, and nobody trains unless all can.
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from ..run import Run, prepare_run_dir
 from ..build import build_rank_stages
 from ..stage import Stage
 from ..stepping import AllReduce
+from ..wire import CODECS
 from . import world as W
 from .feed import AsyncFeed, SyncFeed
 from .groups import Layout
@@ -296,6 +298,15 @@ def _pipeline(run: Run, world: W.World, lay: Layout, feed: Feed, start: int, ste
     if handoffs[group] is not None:
         handoff = HandoffCache(run, handoffs[group], cache_mode(cfg.train, cfg.data), *sizes,
                                in_shape=run.stages[0].in_shape)
+    r = cfg.replay
+    if not feed.lockstep and r.capacity_mb:  # note [replay bound]: a buffer that could hold no batch
+        rows = math.prod(run.stages[0].in_shape)
+        one = cfg.data.batch_size * (CODECS[cfg.dist.wire_dtype].row_bytes(rows) + 16)  # labels and ids: 16
+        if one > r.capacity_mb * 2**20:
+            raise ConfigError(f"replay.capacity_mb={r.capacity_mb:g} holds no batch of rank {rank}'s link: one takes "
+                              f"{one / 2**20:.3f} MiB (data.batch_size={cfg.data.batch_size} rows of activations in "
+                              f"dist.wire_dtype={cfg.dist.wire_dtype!r}'s form, labels, ids); raise replay.capacity_mb "
+                              "above it, or bound the buffer in batches (replay.capacity)")
     upstream = feed(recv, rank, cfg.dist, cfg.replay, cfg.train.seed, (replica, replicas), steps,
                     tap=handoff.offer if handoff else None)
     source = HandoffFeed(upstream, handoff, last, budget.more) if handoff else upstream

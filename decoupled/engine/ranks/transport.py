@@ -200,6 +200,8 @@ class Link:
         self.transfers = 0  # point-to-point calls issued (isends, or irecvs posted)
         self.messages = 0
         self.samples = 0  # samples carried by data messages (routing makes this shrink downstream)
+        # training messages alone (sender side): what a training step costs the link, evaluations apart
+        self.train_bytes = self.train_samples = 0
         self.blocked_s = 0.0  # time spent waiting on this link
         self.stream = None  # the receiver thread's stream (made on first receive, on that thread)
         self.header_host = None
@@ -223,6 +225,9 @@ class Link:
         self.transfers += len(works)
         self.bytes += sum(b.numel() for b in bufs)
         self.messages += 1
+        if m.kind == Kind.TRAIN:
+            self.train_bytes += sum(b.numel() for b in bufs)
+            self.train_samples += m.count
         self.samples += m.count
         self.inflight.append((works, [*bufs, *keep]))
         while len(self.inflight) > self.max_inflight:
