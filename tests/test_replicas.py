@@ -105,6 +105,43 @@ def test_split_replicas_train_the_unreplicated_experiment(shared_run, shared_ref
     assert not all(torch.allclose(s["block"][k], w, rtol=1e-4, atol=1e-6) for k, w in want[0].items())
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # an in-process e2e run and two 2-rank torchrun jobs
+def test_split_replicas_make_the_ddp_rows_losses_on_one_block(tmp_path):
+    """On a one-block network the local loss is the end-to-end loss (the block's head is the network's
+    output), so split replicas of that block train DDP's experiment: the ddp worker on 2 ranks (each
+    its tensor_split part of every global batch, Note [global batch]) and sync with dist.replicas=[2]
+    split (each replica its rows, Note [split replicas]) make the same per-step losses. No BatchNorm or
+    dropout (per-part statistics and masks would make different training); batch 32 splits 16 / 16 (the
+    last batch of 12: 6 / 6), so the global loss is the mean of the two replicas' logged part losses.
+    Float32 summation order differs (parts and all-reduce against one mean): rtol 1e-4, atol 1e-5."""
+    import json
+    import subprocess
+    import sys
+    from decoupled.run_job import train
+    from torchrun_utils import REPO, env, overrides
+    cfg = {**MLP_PLAIN, "model.widths": [24], "model.batchnorm": "off", "train.device": "cpu", "train.log_every": 1,
+           "train.checkpoint": False}
+    train(load(None, overrides({**cfg, "train.mode": "e2e", "train.probe_epochs": 0})), tmp_path / "e2e")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "decoupled.bench.dataparallel", str(tmp_path / "e2e" / "config.toml"), str(tmp_path / "ddp.json"),
+           "ddp"]
+    p = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    ddp = json.loads((tmp_path / "ddp.json").read_text())["losses"]
+    run = tmp_path / "split"
+    check(torchrun(2, ["--out", str(run), *sets({**cfg, "train.mode": "sync", "dist.replicas": [2],
+                                                      "dist.replica_batch": "split"})]))
+    parts: dict = {}
+    for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()):
+        if m.get("kind") == "step":
+            parts.setdefault((m["epoch"], m["step"]), []).append(m["loss"])
+    assert all(len(v) == 2 for v in parts.values()) and len(parts) == len(ddp) == 2 * 10
+    split = [sum(v) / 2 for _, v in sorted(parts.items())]
+    assert split == pytest.approx(ddp, rel=1e-4, abs=1e-5)
+    assert sum(split[10:]) < sum(split[:10])  # it trained
+
+
 def test_split_layouts_are_searched_and_checked():
     c = BlockCosts([1.0, 1.0, 4.0, 1.0], [0.0] * 4, [100.0] * 4, 1e-4, 1e-3)
     d = load(None, ["train.mode=sync", "dist.placement=auto", "dist.replicas=auto", "dist.replica_batch=split"]).dist
