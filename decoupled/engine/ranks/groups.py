@@ -88,6 +88,12 @@ def rows(n: int, replica: int, replicas: int) -> slice:
     return slice(start, start + q + (replica < r))
 
 
+def batches_per_epoch(steps: int, replicas: int, split: bool) -> int:
+    """The training batches a replica takes of an epoch of `steps` source batches (sync): every one
+    with split replicas (Note [split replicas]), else every R-th, rounded up."""
+    return steps if split else -(-steps // replicas)
+
+
 def split_sources(replica: int, up: int, down: int) -> list[int]:
     """Note [split replicas]: the upstream replicas (of `up`) whose rows replica `replica` (of `down`)
     joins, in row order."""

@@ -28,7 +28,7 @@ from ..stepping import AllReduce
 from ..wire import CODECS
 from . import world as W
 from .feed import AsyncFeed, SyncFeed
-from .groups import Layout
+from .groups import Layout, batches_per_epoch
 from .pipeline import Pipeline
 from .placement import BlockCosts, layout, measure_allreduce, measure_blocks
 from .sources import DatasetSource, HandoffCache, HandoffFeed
@@ -234,7 +234,7 @@ def setup_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World, fe
                 data = build_data(cfg.data, cfg.train.seed)
     steps = -(-n_train // cfg.data.batch_size)  # source batches per epoch
     split = cfg.dist.replica_batch == "split"  # Note [split replicas]: every replica takes every batch
-    rounds = steps if split else -(-steps // replicas)  # this rank's batches per epoch (sync)
+    rounds = batches_per_epoch(steps, replicas, split)
     if split and cfg.dist.sync_bn and 0 < n_train % cfg.data.batch_size < max(lay.replicas):
         raise ConfigError(f"dist.sync_bn=true with dist.replica_batch='split': an epoch's last batch of "
                           f"{n_train % cfg.data.batch_size} rows leaves a replica of dist.replicas={lay.replicas} "
@@ -286,7 +286,7 @@ def _pipeline(run: Run, world: W.World, lay: Layout, feed: Feed, start: int, ste
     handoffs = cascade_handoffs(cfg, lay.blocks, start, feed)  # per group (never with replicas: config rules)
     stop_after = handoffs[group + 1] if group + 1 < len(lay.blocks) else None  # downstream caches ours by then
     last = epochs - 1 if stop_after is None else stop_after
-    rounds = steps if cfg.dist.replica_batch == "split" else -(-steps // replicas)  # Note [split replicas]
+    rounds = batches_per_epoch(steps, replicas, cfg.dist.replica_batch == "split")
     budget = feed.budget_for(cfg.replay).start(last, rounds, world.board)
     index = functools.partial(feed.batch_index, source_steps=steps)
     if not recv:  # the source group reads the dataset
