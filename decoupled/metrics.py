@@ -75,17 +75,34 @@ def _maxrss_bytes() -> int | None:
 
 
 class _RssSampler:
-    """The process's RSS polled by a daemon thread; `peak` is the largest value seen."""
+    """The process's RSS polled by a daemon thread; `peak` is the largest value seen since `restart`.
+
+    A sample is read and folded under one lock, and `restart` takes it too: else a sample read before a
+    restart (an evaluation's RSS) could be folded after it, into the next phase's peak (seen in CI:
+    training's peak read as the evaluation's 94 MiB)."""
 
     def __init__(self, every_s: float = 0.005):
         import psutil
         self.proc, self.every_s = psutil.Process(), every_s
+        self._lock = threading.Lock()
         self.peak = self.proc.memory_info().rss
         threading.Thread(target=self._run, daemon=True, name="rss-sampler").start()
 
+    def sample(self) -> int:
+        """Fold the RSS of this moment into the peak; return the peak."""
+        with self._lock:
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            return self.peak
+
+    def restart(self) -> int:
+        """The peak restarts at the RSS of this moment; return it."""
+        with self._lock:
+            self.peak = self.proc.memory_info().rss
+            return self.peak
+
     def _run(self) -> None:
         while True:
-            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self.sample()
             time.sleep(self.every_s)
 
 
@@ -133,7 +150,7 @@ class PeakMemory:
             self.baseline = _maxrss_bytes()
         elif self.method == "psutil-sampled":
             self._sampler = self._sampler or _RssSampler()
-            self.baseline = self._sampler.peak = self._sampler.proc.memory_info().rss
+            self.baseline = self._sampler.restart()
         else:
             self.baseline = None
 
@@ -187,7 +204,7 @@ class PeakMemory:
                 f.write("5")
         elif self.method == "psutil-sampled":
             trim_heap()
-            self._sampler.peak = self._sampler.proc.memory_info().rss
+            self._sampler.restart()
 
     def peak_bytes(self) -> int | None:
         """Training's peak bytes above the baseline, evaluations apart (enter()); None when nothing
@@ -212,8 +229,7 @@ class PeakMemory:
         if self.method == "resource-maxrss":
             return max(0, _maxrss_bytes() - self.baseline)
         if self.method == "psutil-sampled":  # the samples, and this moment (a sampler may not have run yet)
-            self._sampler.peak = max(self._sampler.peak, self._sampler.proc.memory_info().rss)
-            return max(0, self._sampler.peak - self.baseline)
+            return max(0, self._sampler.sample() - self.baseline)
         return None
 
     def report(self) -> dict:

@@ -2,6 +2,7 @@
 evaluations' peak apart from training's. Exact memory (decoupled/memory.py) by hand counts: a replica's
 all-reduce copy, a held batch autograd also saves (once), held bytes sampled where no optimizer steps,
 and FSDP's figure marked a lower bound in bench.md."""
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -117,6 +118,35 @@ def test_evaluation_peak_apart_from_training(monkeypatch, tmp_path, method):
             del y
         r = mem.report()
         assert r["eval_peak_mem_bytes"] is None and r["peak_mem_bytes"] >= 90 * 2**20, r
+
+
+def test_a_sample_read_before_a_restart_never_lands_after_it():
+    """The psutil sampler's race, made to happen (seen once in CI: training's peak read as the
+    evaluation's): its thread reads a high RSS, the phase restarts the mark, then the thread folds
+    its stale reading. A restart waits for a sample in flight, so the mark holds the RSS after it."""
+    import threading
+    pytest.importorskip("psutil")
+    reading, restarted = threading.Event(), threading.Event()
+
+    class Proc:
+        def memory_info(self):
+            if threading.current_thread().name == "rss-sampler" and not restarted.is_set():
+                reading.set()  # the sampler is inside its read of the evaluation's RSS
+                restarted.wait(0.5)  # the restart comes now, while the reading is in flight
+                return SimpleNamespace(rss=900)
+            return SimpleNamespace(rss=100)
+
+    sampler = metrics._RssSampler.__new__(metrics._RssSampler)
+    sampler.proc, sampler.every_s, sampler._lock, sampler.peak = Proc(), 0.001, threading.Lock(), 100
+    threading.Thread(target=sampler._run, daemon=True, name="rss-sampler").start()
+    assert reading.wait(5)
+    done = threading.Thread(target=lambda: (sampler.restart(), restarted.set()))
+    done.start()
+    time.sleep(0.05)  # without the lock, the restart finishes here, before the stale fold
+    restarted.set()
+    done.join(5)
+    time.sleep(0.05)
+    assert sampler.peak == 100, "the evaluation's stale sample landed in the restarted mark"
 
 
 def test_phases_restart_the_mark_only_where_they_change(monkeypatch, tmp_path):
