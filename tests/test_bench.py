@@ -217,3 +217,17 @@ def test_guard_verdicts_and_the_sync_figure_from_stamps(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in lines) + "\n")
     fig = guard.sync_figure(tmp_path, 100)
     assert fig["value"] == pytest.approx(0.75) and "50 samples/s" in fig["detail"]
+
+
+def test_a_source_replica_counts_the_samples_it_reads(tmp_path):
+    """Split replicas of the source group read their parts from the loader: the second replica's
+    entered samples are the ones it trained on, not the nothing it received over a link (was 0.0)."""
+    summary = {"ranks": [{"rank": 0, "blocks": [0, 1], "peak_mem_bytes": 1},
+                         {"rank": 1, "blocks": [0, 1], "peak_mem_bytes": 1}]}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    lines = [{"kind": "epoch_end", "rank": r, "epoch": e, "time_s": 1.0 + e, "compute_s": 0.5 * (e + 1),
+              "comm_s": 0.0, "idle_s": 0.0, "steps": 2 * (e + 1), "samples_trained": 32 * (e + 1)}
+             for e in range(3) for r in (0, 1)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in lines) + "\n")
+    row = pipeline_row("sync", tmp_path, n=64, batch=64)
+    assert [r["entered_samples_per_s"] for r in row["ranks"]] == [pytest.approx(32.0)] * 2

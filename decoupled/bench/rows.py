@@ -122,7 +122,8 @@ def pipeline_row(mode: str, out: Path, n: int, batch: int) -> dict:
             row["optimizer_steps_per_epoch"] = [(b - a) / k for a, b in zip(first, e[-1]["optimizer_steps"])]
         span = e[-1]["time_s"] - e[0]["time_s"]
         row["epoch_s"] = span / k
-        entered = per("samples_recv") if r["rank"] != summary["ranks"][0]["rank"] else per("samples_trained")
+        # a rank of the source group (a replica too) reads its samples from the loader, not from a link
+        entered = per("samples_trained") if 0 in r["blocks"] else per("samples_recv")
         row["entered_samples_per_s"] = entered * k / span if span > 0 else None
         fresh = entered
         if "replay" in e[-1]:  # async: batches received, evicted before ever being trained on, draws
