@@ -195,22 +195,25 @@ def _ring(nbytes: float, c: Cluster) -> float:
 
 
 def powersgd_bytes(p: Profile, rank: int) -> tuple[float, float]:
-    """(bytes PowerSGD all-reduces per step, bytes of its P and Q): a matrix n x m is sent as
-    P (n x r) and Q (m x r) when that compresses it at least 2x (min_compression_rate), else whole;
-    vectors go whole."""
+    """(bytes PowerSGD all-reduces per step, bytes of its P and Q), as torch's powerSGD_hook decides:
+    every gradient viewed as n x m (its first dimension by the rest; a vector n x 1), at rank
+    r = min(n, m, rank), goes as P (n x r) and Q (m x r) when (n + m) r x 2 < n m (its
+    min_compression_rate, 2), else whole."""
     sent = pq = 0.0
     for n, m in p.matrices:
-        if m > 1 and n * m >= 2 * (n + m) * rank:
-            sent += 4 * (n + m) * rank
-            pq += 4 * (n + m) * rank
+        r = min(n, m, rank)
+        if (n + m) * r * 2 < n * m:
+            sent += 4 * (n + m) * r
+            pq += 4 * (n + m) * r
         else:
             sent += 4 * n * m
     return sent, pq
 
 
 def data_parallel(p: Profile, c: Cluster, s: Settings, method: str) -> dict:
-    """ddp: each rank B/K rows, the gradient all-reduce overlapping backward; ddp-powersgd: the same
-    with PowerSGD's compressed all-reduce (error feedback: a gradient's copy); localsgd: no gradient
+    """ddp: each rank B/K rows, the gradient all-reduce overlapping backward but for its last bucket
+    (dist.allreduce_bucket_mb, DDP's bucket_cap_mb default too); ddp-powersgd: PowerSGD's compressed
+    all-reduce after backward (error feedback: a gradient's copy); localsgd: no gradient
     all-reduce, the parameters averaged every H steps (a blocking all-reduce); fsdp: parameters
     all-gathered per block in forward and in backward, gradients reduce-scattered, all of it
     prefetched under compute; state sharded 1/K."""
@@ -220,13 +223,14 @@ def data_parallel(p: Profile, c: Cluster, s: Settings, method: str) -> dict:
     grads, params = p.e2e_mem["grads_bytes"], p.e2e_mem["params_bytes"]
     sec = per_byte(c.ring)
     state = 0.0
-    if method == "ddp":
+    if method == "ddp":  # buckets all-reduce as backward fills them; the last (the first layers') after it
         sent = _ring(grads, c)
-        step = fwd + max(bwd, sent * sec) + p.opt_s
-    elif method == "ddp-powersgd":
+        last = sent * sec * min(1.0, s.bucket_bytes / grads) if grads else 0.0
+        step = fwd + max(bwd, sent * sec - last) + last + p.opt_s
+    elif method == "ddp-powersgd":  # one bucket (gloo needs it: docs/plan.md), compressed after backward
         nbytes, pq = powersgd_bytes(p, s.powersgd_rank)
         sent, state = _ring(nbytes, c), grads + pq
-        step = fwd + max(bwd, sent * sec) + p.opt_s
+        step = fwd + bwd + sent * sec + p.opt_s
     elif method == "localsgd":
         sent, state = _ring(params, c) / s.localsgd_period, params
         step = fwd + bwd + p.opt_s + sent * sec
