@@ -49,7 +49,7 @@ def join(plans: list[dict], benches: list[dict]) -> list[dict]:
     out = []
     for bench in benches:
         for row in bench.get("rows", []):
-            if not row.get("samples_per_s"):
+            if not row.get("samples_per_s") or "mode" not in row:  # a failed row, or --sweep layouts' rows
                 continue
             link = row.get("link", bench.get("link"))
             rate = _rate(link)
@@ -57,7 +57,10 @@ def join(plans: list[dict], benches: list[dict]) -> list[dict]:
                 match = [p for p in plan["rows"] if p["mode"] == row["mode"] and p["ranks"] == bench.get("ranks")
                          and _same(_rate(p["link_bytes_per_s"]), rate) and p.get("samples_per_s")]
                 for p in match:
-                    line = {"mode": row["mode"], "ranks": p["ranks"], "link": p["link"]}
+                    # a row the bench laid out otherwise (its sync row: an even split) is no test of the layout
+                    line = {"mode": row["mode"], "ranks": p["ranks"], "link": p["link"],
+                            "placement": {"predicted": p.get("layout", {}).get("placement"),
+                                          "measured": row.get("placement")}}
                     for mine, theirs in FIELDS.items():
                         a, b = p.get(mine), measured(row, theirs)
                         line[mine] = {"predicted": a, "measured": b,
@@ -68,16 +71,21 @@ def join(plans: list[dict], benches: list[dict]) -> list[dict]:
 
 def markdown(lines: list[dict]) -> str:
     def cell(v: dict, scale: float = 1.0, spec: str = ".1f") -> str:
-        if v["predicted"] is None or v["measured"] is None:
+        if v["residual"] is None:
             return "-"
         return (f"{v['predicted'] / scale:{spec}} / {v['measured'] / scale:{spec}} "
                 f"({v['residual']:+.0%})")
+
+    def layout(v: dict) -> str:
+        same = v["measured"] is None or v["predicted"] == v["measured"]
+        return "" if same else f" (plan's blocks {v['predicted']}, run's {v['measured']})"
     rows = ["Predicted / measured (residual = predicted / measured - 1), from plan.json and bench.json:", "",
             "| row | K | link | samples/s | exact train MiB (max rank) | wire B/sample |",
             "|---|---:|---|---:|---:|---:|"]
     for x in lines:
-        rows.append(f"| {x['mode']} | {x['ranks']} | {x['link']} | {cell(x['samples_per_s'])} | "
-                    f"{cell(x['exact_train_mem_bytes'], MiB, '.2f')} | {cell(x['wire_bytes_per_sample'], 1, '.1f')} |")
+        rows.append(f"| {x['mode']}{layout(x['placement'])} | {x['ranks']} | {x['link']} | "
+                    f"{cell(x['samples_per_s'])} | {cell(x['exact_train_mem_bytes'], MiB, '.2f')} | "
+                    f"{cell(x['wire_bytes_per_sample'], 1, '.1f')} |")
     return "\n".join(rows) + "\n"
 
 

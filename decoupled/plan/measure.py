@@ -146,14 +146,22 @@ def profile(build, x: torch.Tensor, y: torch.Tensor, batch: int, device: torch.d
     from .methods import Profile
     b0 = len(x)
     b1 = max(2, b0 // 4)
-    at = [_measure_at(build(), x[:b], y[:b], device, optimizer, steps) for b in (b0, b1)]
-    (local, parts, e2e, stages), (local1, _, e2e1, _) = at
+    local, parts, e2e, stages = _measure_at(build(), x, y, device, optimizer, steps)
+    local1, _, e2e1, _ = _measure_at(build(), x[:b1], y[:b1], device, optimizer, steps) if b1 < b0 else \
+        (local, None, e2e, None)
 
     def fit(t0: list[float], t1: list[float]) -> tuple[list[float], list[float]]:
-        """(time at `batch`, its per-call part) of each block, on the line through the two sizes."""
-        slope = [max(a - c, 0.0) / (b0 - b1) for a, c in zip(t0, t1)]
-        fixed = [max(a - k * b0, 0.0) for a, k in zip(t0, slope)]
-        return [f + k * batch for f, k in zip(fixed, slope)], fixed
+        """(time at `batch`, its per-call part) of each block, on the line through the two sizes; where
+        timing noise tilts that line (a smaller batch faster per row, or slower in all), in proportion
+        to the rows, or all per call."""
+        at, fixed = [], []
+        for a, c in zip(t0, t1):
+            slope = (a - c) / (b0 - b1) if b1 < b0 else a / b0
+            f = a - slope * b0
+            slope, f = (0.0, a) if slope < 0 else (a / b0, 0.0) if f < 0 else (slope, f)
+            at.append(f + slope * batch)
+            fixed.append(f)
+        return at, fixed
 
     scale = batch / b0
     local.step_s, local.fixed_s = fit(local.step_s, local1.step_s)
