@@ -137,7 +137,8 @@ def measure_e2e(stages, x: torch.Tensor, y: torch.Tensor, device: torch.device, 
     return E2E(fwd, bwd, act, m.report()["exact_mem"], opt_s)
 
 
-def profile(build, x: torch.Tensor, y: torch.Tensor, batch: int, device: torch.device, optimizer, steps: int = 3):
+def profile(build, x: torch.Tensor, y: torch.Tensor, batch: int, device: torch.device, optimizer, steps: int = 3,
+            classes: int | None = None):
     """The planner's measurement (methods.Profile) of the network `build()` makes (fresh stages), for
     training at `batch` rows: the decoupled steps and the e2e network, each at len(x) rows and at a
     quarter of them (the per-call part of a step: methods.at_rows), activations scaled by
@@ -185,7 +186,7 @@ def profile(build, x: torch.Tensor, y: torch.Tensor, batch: int, device: torch.d
                    e2e_fixed_s=e2e_fixed, e2e_act=[a * scale for a in e2e.act], e2e_mem=e2e.mem,
                    e2e_params=[float(p) for p in params], opt_s=e2e.opt_s,
                    matrices=[(s[0], math.prod(s[1:])) if len(s) > 1 else (math.prod(s), 1) for s in shapes],
-                   notes=notes)
+                   classes=int(y.max()) + 1 if classes is None else classes, notes=notes)
 
 
 def _measure_at(stages, x, y, device, optimizer, steps: int):

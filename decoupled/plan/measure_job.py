@@ -37,7 +37,8 @@ def measure_job(cfg, args) -> tuple[Profile, dict]:
     x = torch.randn((b0, *shape), generator=g).to(device)
     y = torch.randint(0, classes, (b0,), generator=g).to(device)
     try:
-        prof = profile(build, x, y, batch, device, lambda ps: build_optimizer(ps, cfg.optim, cfg.optim.lr))
+        prof = profile(build, x, y, batch, device, lambda ps: build_optimizer(ps, cfg.optim, cfg.optim.lr),
+                       classes=classes)
     except ConfigError:
         raise
     except (RuntimeError, MemoryError) as e:

@@ -44,6 +44,7 @@ class Profile:
     e2e_params: list[float]  # bytes per block of the e2e network (the last with its head)
     opt_s: float  # one optimizer step over the e2e network
     matrices: list[tuple[int, int]]  # e2e gradients as PowerSGD reshapes them: (rows, cols); vectors (n, 1)
+    classes: int = 0  # an evaluation message carries the running ensemble: this many float32 a sample
     notes: list[str] = field(default_factory=list)  # what was scaled or assumed: plan.json says it
 
 
@@ -66,8 +67,9 @@ class Cluster:
 
 @dataclass
 class Settings:
-    message: Callable[[int, int], int]  # (rows, row bytes) -> a message's bytes (transport.message_bytes)
+    message: Callable[..., int]  # (rows, row bytes[, aux width]) -> a message's bytes (transport.message_bytes)
     wire: str = "float32"  # dist.wire_dtype of the job
+    eval_batch: int = 0  # data.eval_batch_size; 0: data.batch_size, as the bench sets it (bench/rows.prepare)
     max_inflight: int = 2  # dist.max_inflight
     replay_capacity: int = 4  # replay.capacity (async)
     bucket_bytes: float = 25 * 2 ** 20  # dist.allreduce_bucket_mb
@@ -152,13 +154,15 @@ def _decoupled_mem(p: Profile, s: Settings, codec: str, groups, reps, g: int, sp
     blocks, r = groups[g], reps[g]
     rows = math.ceil(p.batch / r) if split else p.batch
     mine = [p.local_mem[j] for j in blocks]
+    ev = s.eval_batch or p.batch  # evaluation batches go whole to one replica, with the ensemble
+
+    def message(rows_: int, cut: int) -> int:  # the larger of a training and an evaluation message
+        return max(s.message(rows_, p.row_bytes[codec][cut]), s.message(ev, p.row_bytes[codec][cut], p.classes))
     held = 0.0
     if g + 1 < len(groups):  # sends in flight: the buffer and its host header
-        held += s.max_inflight * (s.message(rows, p.row_bytes[codec][blocks[-1]]) + HOST_HEADER)
+        held += s.max_inflight * (message(rows, blocks[-1]) + HOST_HEADER)
     if g > 0:  # sync: an inbox of max_inflight and the posted receive; async: its replay buffer instead
-        rin = math.ceil(p.batch / r) if split else p.batch
-        msg = s.message(rin, p.row_bytes[codec][groups[g - 1][-1]])
-        held += ((s.replay_capacity if replay else s.max_inflight) + 1) * msg
+        held += ((s.replay_capacity if replay else s.max_inflight) + 1) * message(rows, groups[g - 1][-1])
     parts = {"params_bytes": _sum(mine, "params_bytes"), "grads_bytes": _sum(mine, "grads_bytes"),
              "optimizer_bytes": _sum(mine, "optimizer_bytes"),
              "activations_bytes": max(m["activations_bytes"] for m in mine) * rows / p.batch, "held_bytes": held}
@@ -285,7 +289,9 @@ def pipeline(p: Profile, c: Cluster, s: Settings, method: str) -> dict:
     step, m, groups, stage = best
     mems = [_pipeline_mem(p, groups, g, m, method) for g in range(k)]
     worst = max(range(k), key=lambda g: mems[g]["total_bytes"])
-    sent = max((4 * p.numel[b[-1]] * (1 + (0 < g < k - 1)) for g, b in enumerate(groups[:-1])), default=0)
+    # a stage sends its activations on and the gradient of its input back: float32, per sample
+    sent = max(4 * ((p.numel[b[-1]] if g + 1 < k else 0) + (p.numel[groups[g - 1][-1]] if g else 0))
+               for g, b in enumerate(groups))
     return {"samples_per_s": p.batch / step, "step_s": step,
             "terms": {"stage_s": stage, "bubble": (k - 1) / (m + k - 1)},
             "layout": {"placement": groups, "replicas": [1] * k, "microbatches": m},
