@@ -212,9 +212,10 @@ def split_layout(costs: BlockCosts, n: int, world: int, cap: float = 0.0,
                     continue
                 for rr in range(1, r + 1):
                     t = costs.stage_s(range(j, i), rr, r - rr)
-                    for prev in range(world + 1):
+                    # the previous group's replicas that may neighbour rr (none yet: 0), in increasing order
+                    for prev in range(world + 1) if rr == 1 else sorted({0, 1, rr}):
                         before = best[j][r - rr][prev]
-                        if before == inf or (prev and prev != rr and 1 not in (prev, rr)):
+                        if before == inf:
                             continue
                         v = max(before, t)
                         if v < best[i][r][rr] - 1e-12 * max(1.0, abs(v)):
