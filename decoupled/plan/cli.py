@@ -99,7 +99,8 @@ def _plan(args) -> int:
     if args.nodes < 0 or (args.nodes and args.nodes > min(ranks)):
         raise PlanError(f"--nodes {args.nodes}: expected 1 to {min(ranks)} (the fewest --ranks), or 0: a node a rank")
     for option, v in (("--device-tflops", args.device_tflops), ("--efficiency", args.efficiency),
-                      ("--launch-us", args.launch_us), ("--measure-batch", args.measure_batch)):
+                      ("--launch-us", args.launch_us), ("--measure-batch", args.measure_batch),
+                      ("--powersgd-rank", args.powersgd_rank), ("--localsgd-period", args.localsgd_period)):
         if v is not None and not v > 0:
             raise PlanError(f"{option} {v}: expected a positive number")
     if args.efficiency > 1:
