@@ -149,20 +149,27 @@ def decoupled(p: Profile, c: Cluster, s: Settings, method: str) -> dict:
 
 def _decoupled_mem(p: Profile, s: Settings, codec: str, groups, reps, g: int, split: bool, replay: bool) -> dict:
     """A rank of group g, as ExactMemory counts it: its blocks' state, the largest step's activations
-    (at its rows), what its links hold (held_bytes: sends in flight, its inbox and posted receive, or
-    async's replay buffer, each a whole message's buffer) and a replica's all-reduce copy."""
+    (at its rows), what its links hold (held_bytes) and a replica's all-reduce copy. Held: its sends in
+    flight, each a whole message's buffer with its host header, a training batch's or an evaluation
+    batch's (with the running ensemble), whichever is larger, and once the announcement of the larger
+    (transport.py: its size goes first, in a transfer of the smaller); downstream of the first stage,
+    async's replay buffer and posted receive, or sync's posted receive (a training message). A sync
+    inbox holds more only while its stage is slower than upstream's; measured (docs/plan.md) it stayed
+    empty at the samples, and a receive its thread waits on is its own, which no sample sees."""
     blocks, r = groups[g], reps[g]
     rows = math.ceil(p.batch / r) if split else p.batch
     mine = [p.local_mem[j] for j in blocks]
-    ev = s.eval_batch or p.batch  # evaluation batches go whole to one replica, with the ensemble
+    ev = s.eval_batch or p.batch  # evaluation batches go whole to one replica
 
-    def message(rows_: int, cut: int) -> int:  # the larger of a training and an evaluation message
-        return max(s.message(rows_, p.row_bytes[codec][cut]), s.message(ev, p.row_bytes[codec][cut], p.classes))
+    def sizes(rows_: int, cut: int) -> list[int]:  # a training and an evaluation message, smaller first
+        return sorted([s.message(rows_, p.row_bytes[codec][cut]), s.message(ev, p.row_bytes[codec][cut], p.classes)])
     held = 0.0
-    if g + 1 < len(groups):  # sends in flight: the buffer and its host header
-        held += s.max_inflight * (message(rows, blocks[-1]) + HOST_HEADER)
-    if g > 0:  # sync: an inbox of max_inflight and the posted receive; async: its replay buffer instead
-        held += ((s.replay_capacity if replay else s.max_inflight) + 1) * message(rows, groups[g - 1][-1])
+    if g + 1 < len(groups):
+        small, big = sizes(rows, blocks[-1])
+        held += s.max_inflight * (big + HOST_HEADER) + (small + HOST_HEADER) * (small < big)
+    if g > 0:
+        cut = groups[g - 1][-1]
+        held += (s.replay_capacity + 1) * sizes(rows, cut)[1] if replay else s.message(rows, p.row_bytes[codec][cut])
     parts = {"params_bytes": _sum(mine, "params_bytes"), "grads_bytes": _sum(mine, "grads_bytes"),
              "optimizer_bytes": _sum(mine, "optimizer_bytes"),
              "activations_bytes": max(m["activations_bytes"] for m in mine) * rows / p.batch, "held_bytes": held}
