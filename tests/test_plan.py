@@ -249,3 +249,30 @@ def test_report_joins_plan_and_bench(tmp_path):
     assert ddp["wire_bytes_per_sample"] == {"predicted": None, "measured": None, "residual": None}
     page = (tmp_path / "report" / "report.md").read_text()
     assert "| sync | 2 | 1gbit | 1200.0 / 1000.0 (+20%) |" in page
+
+
+@pytest.mark.slow
+def test_plan_memory_matches_the_bench_workers(tmp_path):
+    """ddp, fsdp and gpipe as the bench's workers run them (their exact memory, memory.ExactMemory) on
+    the plan's own layout: each rank within 10 % of the plan's prediction."""
+    import subprocess
+    import sys
+    from decoupled.job import to_toml
+    from torchrun_utils import REPO, env
+    cfg = ["model.widths=[256,16,256,256]", "data.limit_train=512", "data.batch_size=64", "data.eval_batch_size=64",
+           "train.epochs=2", "train.checkpoint=false", "train.eval_every=0"]
+    assert plan_main(parse_argv([*[a for c in cfg for a in ("--set", c)], "--ranks", "2", "--link", "loopback",
+                                 "--methods", "ddp,fsdp,gpipe", "--out", str(tmp_path / "plan")])) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "plan" / "plan.json").read_text())["rows"]}
+    (tmp_path / "cfg.toml").write_text(to_toml(load(None, cfg)))
+    gpipe = rows["gpipe"]["layout"]
+    for mode, worker, extra in (("ddp", "dataparallel", []), ("fsdp", "dataparallel", []),
+                                ("gpipe", "gpipe", [str(gpipe["microbatches"]), "gpipe",
+                                                    ",".join(str(len(g)) for g in gpipe["placement"])])):
+        out = tmp_path / f"{mode}.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               "-m", f"decoupled.bench.{worker}", str(tmp_path / "cfg.toml"), str(out), *(extra or [mode])]
+        p = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=240)
+        assert p.returncode == 0, p.stderr[-3000:]
+        measured = [r["exact_train_mem_bytes"] for r in json.loads(out.read_text())["ranks"]]
+        assert rows[mode]["exact_mem_per_rank"] == pytest.approx(measured, rel=0.10), mode

@@ -191,10 +191,14 @@ def _e2e_s(p: Profile, rows: float, blocks=None) -> tuple[float, float]:
 
 
 def _replicated_mem(p: Profile, rows: float, shards: int = 1, comm_state: float = 0.0) -> dict:
+    """Every rank the e2e network's state (FSDP: its 1/K shard) and the e2e step's activations at its
+    rows. FSDP's gathered parameters, which autograd saves for backward, are no registered Parameter
+    (the shards are): ExactMemory counts them among the activations, and so does this."""
     m = p.e2e_mem
+    gathered = m["params_bytes"] if shards > 1 else 0.0
     parts = {"params_bytes": m["params_bytes"] / shards, "grads_bytes": m["grads_bytes"] / shards,
              "optimizer_bytes": m["optimizer_bytes"] / shards,
-             "activations_bytes": m["activations_bytes"] * rows / p.batch, "held_bytes": 0.0}
+             "activations_bytes": m["activations_bytes"] * rows / p.batch + gathered, "held_bytes": 0.0}
     if comm_state:
         parts["comm_state_bytes"] = comm_state
     return _memory(parts)
@@ -307,12 +311,17 @@ def pipeline(p: Profile, c: Cluster, s: Settings, method: str) -> dict:
 
 
 def _pipeline_mem(p: Profile, groups, g: int, m: int, method: str) -> dict:
+    """A stage keeps, per microbatch in flight, what its blocks save in the e2e step, the input it
+    received (in the e2e network the block before saved that storage) and the output it sent (kept for
+    the backward its gradient drives): all M microbatches in GPipe, min(M, K - g) in 1F1B."""
     share = sum(p.e2e_params[j] for j in groups[g]) / sum(p.e2e_params)
     held = min(m, len(groups) - g) / m if method == "1f1b" else 1.0
+    edges = 4 * p.batch * ((p.numel[groups[g - 1][-1]] if g else 0) +
+                           (p.numel[groups[g][-1]] if g + 1 < len(groups) else 0))
     e = p.e2e_mem
     return _memory({"params_bytes": e["params_bytes"] * share, "grads_bytes": e["grads_bytes"] * share,
                     "optimizer_bytes": e["optimizer_bytes"] * share,
-                    "activations_bytes": sum(p.e2e_act[j] for j in groups[g]) * held, "held_bytes": 0.0})
+                    "activations_bytes": (sum(p.e2e_act[j] for j in groups[g]) + edges) * held, "held_bytes": 0.0})
 
 
 METHODS: dict[str, Callable[[Profile, Cluster, Settings, str], dict]] = {
