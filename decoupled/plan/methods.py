@@ -141,7 +141,11 @@ def decoupled(p: Profile, c: Cluster, s: Settings, method: str) -> dict:
            "exact_train_mem_bytes": mems[worst]["total_bytes"], "exact_mem": mems[worst],
            "exact_mem_per_rank": [m["total_bytes"] for m, r in zip(mems, reps) for _ in range(r)],
            "wire_bytes_per_sample": sum(sent) / (p.batch * (len(groups) - 1)) if sent else None,
-           "link_bytes_per_sample": max((b / r / p.batch for b, r in zip(sent, reps)), default=0.0)}  # per rank
+           # per rank: its share of its cut's messages, and a replica's ring all-reduce of its group's gradients
+           # (split replicas every batch, alternate ones every R-th)
+           "link_bytes_per_sample": max((sent[g] / r if g < len(sent) else 0.0) + (
+               2 * (r - 1) / r * sum(costs.grad_bytes[j] for j in groups[g]) / (1 if split else r))
+               for g, r in enumerate(reps)) / p.batch}
     if method == "async":
         out["replay_draws_per_fresh"] = min(step / compute[-1], 1e9) if compute[-1] else None
     return out
@@ -153,9 +157,9 @@ def _decoupled_mem(p: Profile, s: Settings, codec: str, groups, reps, g: int, sp
     flight, each a whole message's buffer with its host header, a training batch's or an evaluation
     batch's (with the running ensemble), whichever is larger, and once the announcement of the larger
     (transport.py: its size goes first, in a transfer of the smaller); downstream of the first stage,
-    async's replay buffer and posted receive, or sync's posted receive (a training message). A sync
-    inbox holds more only while its stage is slower than upstream's; measured (docs/plan.md) it stayed
-    empty at the samples, and a receive its thread waits on is its own, which no sample sees."""
+    its posted receive and sync's inbox of max_inflight or async's replay buffer: the peak, reached
+    whenever upstream runs ahead (an evaluation's forward-only batches do); a rank that keeps pace with
+    its upstream holds less (docs/plan.md: measured)."""
     blocks, r = groups[g], reps[g]
     rows = math.ceil(p.batch / r) if split else p.batch
     mine = [p.local_mem[j] for j in blocks]
@@ -168,8 +172,7 @@ def _decoupled_mem(p: Profile, s: Settings, codec: str, groups, reps, g: int, sp
         small, big = sizes(rows, blocks[-1])
         held += s.max_inflight * (big + HOST_HEADER) + (small + HOST_HEADER) * (small < big)
     if g > 0:
-        cut = groups[g - 1][-1]
-        held += (s.replay_capacity + 1) * sizes(rows, cut)[1] if replay else s.message(rows, p.row_bytes[codec][cut])
+        held += ((s.replay_capacity if replay else s.max_inflight) + 1) * sizes(rows, groups[g - 1][-1])[1]
     parts = {"params_bytes": _sum(mine, "params_bytes"), "grads_bytes": _sum(mine, "grads_bytes"),
              "optimizer_bytes": _sum(mine, "optimizer_bytes"),
              "activations_bytes": max(m["activations_bytes"] for m in mine) * rows / p.batch, "held_bytes": held}
