@@ -151,7 +151,7 @@ def test_plan_json_schema_and_plot(tmp_path, capsys):
         assert r["exact_train_mem_bytes"] == parts["total_bytes"] == total
         assert {"params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "held_bytes"} <= set(parts)
         assert r["link_bytes_per_s"] == (12.5e6 if r["link"] == "100mbit" else None)
-    assert {r["ranks"] for r in res["sweep"]} == {2, 4, 8, 16, 32, 64}
+    assert {r["ranks"] for r in res["sweep"]} == {2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64}
     big = [r for r in res["sweep"] if r["ranks"] == 64 and r["method"] == "sync"][0]
     assert big["samples_per_s"] is None and "64 ranks > 4 blocks" in big["error"]
     assert (out / "plan.png").stat().st_size > 0

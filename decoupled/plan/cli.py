@@ -24,7 +24,7 @@ from ..config import ConfigError
 from .methods import ONE_RANK_PER_GROUP, Cluster, Infeasible, PlanError, Settings, predict
 
 METHODS = ("sync", "sync-int8", "sync-auto", "async", "ddp", "ddp-powersgd", "localsgd", "fsdp", "gpipe", "1f1b")
-SWEEP = (2, 4, 8, 16, 32, 64)  # the plot's K
+SWEEP = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # the plot's K
 UNITS = {"kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8}  # tc's rates: bits, powers of 1000
 LAUNCH_US = 10.0  # a kernel launch's floor on a device planned from FLOPs (--launch-us)
 
