@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ConfigError
 from ..data import build_data
 from ..device import resolve_device
 from ..engine.build import build_rank_stages
@@ -39,9 +38,7 @@ def measure_job(cfg, args) -> tuple[Profile, dict]:
     try:
         prof = profile(build, x, y, batch, device, lambda ps: build_optimizer(ps, cfg.optim, cfg.optim.lr),
                        classes=classes)
-    except ConfigError:
-        raise
-    except (RuntimeError, MemoryError) as e:
+    except (RuntimeError, MemoryError) as e:  # out of memory, or a model whose step fails at this size
         raise PlanError(f"--measure-batch: the model could not be measured at batch {b0} on {device} "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); measure at fewer rows, e.g. "
                         f"--measure-batch {max(2, b0 // 4)} (scaled to data.batch_size={batch})") from None
