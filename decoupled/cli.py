@@ -1,6 +1,7 @@
 """`decoupled train ...`: the one entry point, the same under python -m, the console script,
 torchrun and launch/train.py. `decoupled train --nproc-per-node N` launches N local ranks itself
-(decoupled/launch.py); `decoupled report` turns run and bench folders into figures and a page."""
+(decoupled/launch.py); `decoupled report` turns run and bench folders into figures and a page;
+`decoupled plan` predicts every training method on a cluster from one measurement (decoupled/plan/)."""
 from __future__ import annotations
 
 import argparse
@@ -41,6 +42,8 @@ def _parser(raw: list[str] = ()) -> argparse.ArgumentParser:
                    help="confidence thresholds to sweep (default: 0..1, denser near 1)")
     e.add_argument("--fallback", choices=FALLBACKS,
                    help="who answers when no exit passes (default: the run's objective.exit_fallback)")
+    from .plan.cli import add_parser as add_plan
+    add_plan(sub)
     if raw[:1] == ["bench"]:  # `decoupled bench ...`: every baseline side by side
         from .bench import add_parser as add_bench  # imports the engine, so torch: only when asked for
         add_bench(sub)
@@ -58,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         from .report import main as report_main
         return report_main(args.runs, args.out)
+    if args.command == "plan":
+        from .plan.cli import main as plan_main
+        return plan_main(args)
     if args.command == "bench":
         from .bench import main as bench_main
         try:

@@ -153,7 +153,8 @@ class QuickNet(Mode):
 # config/applies.py: dist.max_stage_mem_mb acts with dist.placement="auto", dist.sync_bn,
 # dist.replica_batch and dist.allreduce_bucket_mb with replicas)
 ACROSS_RANKS = frozenset(f"dist.{f.name}" for f in dataclasses.fields(DistConfig)
-                         if f.name not in ("max_stage_mem_mb", "sync_bn", "replica_batch", "allreduce_bucket_mb"))
+                         if f.name not in ("max_stage_mem_mb", "link_mbps", "sync_bn", "replica_batch",
+                                           "allreduce_bucket_mb"))
 
 
 class Sync(Mode):

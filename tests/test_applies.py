@@ -40,6 +40,7 @@ REFUSED = {
     "train.keep_checkpoints": ("1", ["train.checkpoint=false"]),
     "train.plateau_patience": ("2", ["train.mode=e2e"]),
     "dist.max_stage_mem_mb": ("100", ["train.mode=sync"]),
+    "dist.link_mbps": ("100", ["train.mode=sync"]),
     "dist.sync_bn": ("true", ["train.mode=sync"]),
     "dist.replica_batch": ('"split"', ["train.mode=sync"]),
     "dist.allreduce_bucket_mb": ("1.0", ["train.mode=sync"]),

@@ -5,7 +5,7 @@ reads the rows, report.py writes bench.md / bench.png, sweep.py the depth sweep,
 gpipe.py are the workers it launches, split.py the pipelines' split search."""
 from .cli import add_parser, main
 from .rows import DEFAULT_ROWS, ROWS, bench, bound, bound_samples_per_s, pipeline_row
-from ..engine.ranks.placement import best_split
+from ..plan.model import best_split
 from .runner import median, timed
 from .sweep import parse_lists
 

@@ -5,7 +5,7 @@ head and one global cross-entropy) pipelined over K ranks with torch.distributed
     torchrun --nproc-per-node=K -m decoupled.bench.gpipe CONFIG.toml OUT.json MICROBATCHES [SCHEDULE [SPLIT]]
 
 SCHEDULE: gpipe (default) | 1f1b (needs MICROBATCHES >= K). SPLIT: blocks per rank, comma-separated
-(e.g. 3,1): the bench passes each baseline its own best contiguous split (placement.best_split on the
+(e.g. 3,1): the bench passes each baseline its own best contiguous split (plan/model.best_split on the
 measured per-block e2e costs); default: dist.placement or the engine's even split.
 Trains config epochs (the first is warm-up) and writes one bench row to OUT.json. Every rank steps
 its own optimizer's LR schedule (optim.build_scheduler) once after every epoch, as the e2e trainer

@@ -18,7 +18,7 @@ from .runner import machine, median, read_jsonl, run, timed, torchrun
 from .tune import Tune, read_val_acc, tune_row
 from .worker import data_order_sha, run_fields
 
-from ..engine.ranks.placement import best_split
+from ..plan.model import best_split
 
 ROWS = ("e2e", "e2e-Kthreads", "e2e-checkpoint", "sequential", "sync", "sync-auto", "sync-int8", "async", "ddp",
         "fsdp", "gpipe", "1f1b")

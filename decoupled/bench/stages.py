@@ -3,9 +3,9 @@
 sequential cache). Gives t_k per rank and so the pipeline bound.
 
 It also times every block's share of the e2e network (forward + backward of the block, input
-gradient included; the last block adds its head and the cross-entropy), seconds per epoch, into
-OUT's folder as e2e_block_costs.json: the pipeline baselines (gpipe, 1f1b) split on these
-(engine/ranks/placement.py best_split).
+gradient included; the last block adds its head and the cross-entropy: plan/measure.e2e_step), the
+mean seconds per batch over an epoch, into OUT's folder as e2e_block_costs.json: the pipeline
+baselines (gpipe, 1f1b) split on these (plan/model.best_split).
 
     python -m decoupled.bench.stages CONFIG.toml RANKS OUT.json
 """
@@ -63,37 +63,30 @@ def time_stages(cfg_path: str, ranks: int, out: str) -> None:
 
 
 def time_e2e_blocks(cfg, stages, data, device) -> list[float]:
-    """Seconds per epoch of each block's forward + backward inside end-to-end backprop (train mode,
-    the input's gradient too except for the first block), on inputs computed once by the blocks
-    before it; the last block adds its head and the cross-entropy. One warm-up batch per block."""
+    """Seconds per batch (the mean over an epoch) of each block's forward + backward inside end-to-end
+    backprop (plan/measure.e2e_step), on inputs computed once by the blocks before it. One warm-up
+    batch per block."""
     import torch
-    import torch.nn.functional as F
 
     from ..data import Split, batches
     from ..device import synchronize
+    from ..plan.measure import e2e_step
     x, y = data.train.x.to(device), data.train.y.to(device)
     costs = []
     for s in stages:
-        last = s is stages[-1]
         s.block.train()
         s.objective.train()
-
-        def step(h, t):
-            h = h.detach().requires_grad_(s.index > 0)
-            out = s.block(h)
-            if last:
-                F.cross_entropy(s.objective.head(out), t).backward()
-            else:
-                out.backward(torch.ones_like(out))  # stands in for the gradient from downstream
+        step = e2e_step(s, s is stages[-1])
         with s.rng:  # dropout draws from the stage's stream; its training RNG is not touched
             bs = cfg.data.batch_size
             step(x[:bs], y[:bs])  # warm-up
             synchronize(device)
-            t0 = time.perf_counter()
+            t0, n = time.perf_counter(), 0
             for b in batches(Split(x, y), bs, seed=cfg.train.seed, epoch=0):
                 step(b.x, b.y)
+                n += 1
             synchronize(device)
-        costs.append(time.perf_counter() - t0)
+        costs.append((time.perf_counter() - t0) / n)
         s.block.zero_grad(set_to_none=True)
         s.objective.zero_grad(set_to_none=True)
         with torch.no_grad():  # the next block's inputs

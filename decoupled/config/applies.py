@@ -32,6 +32,8 @@ APPLIES: dict[str, Rule] = {
     "train.keep_checkpoints": (lambda c: c.train.checkpoint, "train.checkpoint=true"),
     "train.plateau_patience": (lambda c: c.train.plateau_factor < 1.0, "train.plateau_factor < 1"),
     "dist.max_stage_mem_mb": (lambda c: c.dist.placement == "auto", "dist.placement='auto'"),
+    "dist.link_mbps": (lambda c: "auto" in (c.dist.placement, c.dist.replicas),
+                       "dist.placement='auto' or dist.replicas='auto'"),
     "dist.replica_batch": (lambda c: replicated(c.dist), "dist.replicas with a group of more than one rank"),
     "dist.allreduce_bucket_mb": (lambda c: replicated(c.dist), "dist.replicas with a group of more than one rank"),
     "train.eval_subset": (lambda c: c.train.eval_every_steps > 0, "train.eval_every_steps > 0 (the mid-epoch "

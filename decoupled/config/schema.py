@@ -186,6 +186,11 @@ class DistConfig:
     # dist.placement="auto": a rank's blocks may need at most this many MiB (parameters, gradients,
     # optimizer state and the activations a step saves, as measured); 0 = no cap
     max_stage_mem_mb: float = knob(0.0, ge=0.0)
+    # dist.placement or dist.replicas "auto": the link between stage groups, in Mbit/s; each group's
+    # time is then the slower of its compute and its send of the cut's messages (plan/model.py, Note
+    # [link-aware stages]), so a slow link moves the cut to where the activations are smallest. 0 =
+    # unknown: compute alone
+    link_mbps: float = knob(0.0, ge=0.0)
     max_inflight: int = knob(2, ge=1)  # isends a rank may have outstanding (2 = double buffering)
     debug_delay_ms: float = knob(0.0, ge=0.0)  # chaos testing: sleep U(0, this) ms before every step
     # form of the activations between blocks (on the wire between ranks, in a rank's replay buffer,

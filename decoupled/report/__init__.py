@@ -1,6 +1,8 @@
 """`decoupled report RUN_OR_BENCH... --out DIR`: the figures of plots.py and DIR/report.md, a page of
 the runs' summaries (per-block accuracy, memory and throughput per rank, the exit curve when there is
-one, the end-to-end baseline when the run was compared with one) and of the bench folders' tables."""
+one, the end-to-end baseline when the run was compared with one) and of the bench folders' tables;
+given a `decoupled plan` folder too, its predictions against the benches' measurements
+(plan/compare.py: the table, and DIR/plan_vs_bench.json)."""
 from __future__ import annotations
 
 import json
@@ -43,8 +45,10 @@ def run_section(name: str, s: dict) -> list[str]:
     return lines + [""]
 
 
-def markdown(runs: list[Path], bench_dirs: list[Path], figures: list[Path]) -> str:
+def markdown(runs: list[Path], bench_dirs: list[Path], figures: list[Path], predicted: str | None = None) -> str:
     lines = ["# decoupled report", "", f"{len(runs)} run(s), {len(bench_dirs)} bench folder(s).", ""]
+    if predicted:
+        lines += ["## predicted against measured", "", predicted]
     for f in figures:
         lines += [f"![{f.stem}]({f.name})", ""]
     for r in runs:
@@ -56,6 +60,7 @@ def markdown(runs: list[Path], bench_dirs: list[Path], figures: list[Path]) -> s
 
 
 def main(paths: list[Path], out: Path) -> int:
+    from ..plan.compare import find_plans, write
     from .plots import load_all, plot_all
     try:
         runs, groups, bench_dirs, benches = load_all(paths)
@@ -63,8 +68,9 @@ def main(paths: list[Path], out: Path) -> int:
         print(f"decoupled: report: {e}", file=sys.stderr)
         return 2
     figures = plot_all(groups, benches, out)
+    predicted = write(find_plans(paths), benches, out)
     page = out / "report.md"
-    page.write_text(markdown(runs, bench_dirs, figures))
+    page.write_text(markdown(runs, bench_dirs, figures, predicted))
     print(f"report: {len(runs)} run(s), {len(bench_dirs)} bench folder(s) -> {page}")
     for f in figures:
         print(f"  {f}")

@@ -6,6 +6,7 @@ its message, and nobody trains unless all can.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import sys
@@ -30,7 +31,7 @@ from . import world as W
 from .feed import AsyncFeed, SyncFeed
 from .groups import Layout, batches_per_epoch
 from .pipeline import Pipeline
-from .placement import BlockCosts, layout, measure_allreduce, measure_blocks
+from .placement import BlockCosts, layout, link_s_per_byte, measure_allreduce, measure_blocks
 from .sources import DatasetSource, HandoffCache, HandoffFeed
 from .transport import Link
 
@@ -121,7 +122,7 @@ def _measure(cfg: JobConfig, world: W.World, input_shape, num_classes: int) -> B
 
 def _print_plan(cfg: JobConfig, lay: Layout, predicted: list[float], costs: BlockCosts, steps: int) -> None:
     """The measured layout, with each group's predicted seconds per epoch and the throughput bound."""
-    mib = [round(sum(costs.mem[j] for j in g) / 2**20, 1) for g in lay.blocks]
+    mib = [round(costs.group_mem(g) / 2**20, 1) for g in lay.blocks]
     # one write per line (as live.py): under PYTHONUNBUFFERED a print is two writes another rank can split
     sys.stdout.write(f"decoupled: dist.placement={cfg.dist.placement} dist.replicas={cfg.dist.replicas}: blocks per "
                      f"group {[len(g) for g in lay.blocks]} ({lay.blocks}), ranks per group {lay.replicas}; predicted "
@@ -259,8 +260,9 @@ def setup_rank(cfg: JobConfig, out: Path, resume: bool | str, world: W.World, fe
             # lockstep: the group's rounds per epoch; async epochs end by step count, without padding
             s.join(world.replica_group, cfg.dist.sync_bn, rounds if feed.lockstep else None)
     predicted = None
-    if costs is not None:  # each group's predicted seconds per epoch
-        predicted = [costs.group_s(g, r) * steps for g, r in zip(lay.blocks, lay.replicas)]
+    if costs is not None:  # each group's predicted seconds per epoch (the model's are per batch)
+        costs = dataclasses.replace(costs, split=split, link_s_per_byte=link_s_per_byte(cfg.dist))
+        predicted = [costs.stage_s(g, r) * steps for g, r in zip(lay.blocks, lay.replicas)]
         if rank == 0:
             _print_plan(cfg, lay, predicted, costs, steps)
 

@@ -118,6 +118,14 @@ def layout(count: int, dims: list[int], dtype: torch.dtype, aux_width: int) -> t
     return offsets, at
 
 
+def message_bytes(count: int, row_bytes: int, aux_width: int = 0) -> int:
+    """The size of a message of `count` samples whose activations take `row_bytes` each in the wire's
+    form (wire.Codec.row_bytes), with `aux_width` float32 a sample (an evaluation's running ensemble):
+    what one transfer carries in steady state (the cost model's per-cut bytes, plan/model.py; the
+    bench's wire_bytes_per_sample adds the announcements)."""
+    return layout(count, [row_bytes], torch.uint8, aux_width)[1]
+
+
 def _numel(dims: list[int]) -> int:
     n = 1
     for d in dims:
