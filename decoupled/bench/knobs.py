@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from ..config import ConfigError
@@ -63,11 +64,13 @@ def parse(name: str, text: str):
     kind, low, strict = meta["kind"], meta["low"], meta["strict"]
     try:
         value = kind(text)
+        if not math.isfinite(value):
+            raise ValueError(text)
     except ValueError:
-        raise ConfigError(f"bench {flag(name)} {text!r}: expected {'an integer' if kind is int else 'a number'}; "
-                          f"{meta['help']}") from None
+        what = "an integer" if kind is int else "a finite number"
+        raise ConfigError(f"bench {flag(name)} {text!r}: expected {what}; {meta['help']}") from None
     if value < low or (strict and value == low):
-        raise ConfigError(f"bench {flag(name)} {text}: must be {'>' if strict else '>='} {low}; {meta['help']}")
+        raise ConfigError(f"bench {flag(name)} {text}: must be {'>' if strict else '>='} {low:g}; {meta['help']}")
     return value
 
 
