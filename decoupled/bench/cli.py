@@ -78,7 +78,8 @@ def add_parser(sub) -> None:
                         "over its bound, e2e overhead, wire bytes, receive cost) against committed thresholds; "
                         "exits 1 on a miss (about 1.5 minutes on 2 cores; bench/guard.py)")
     b.add_argument("--curve", action="store_true",
-                   help="time to accuracy: the rows that can (e2e*, sync, sync-auto, async, ddp, fsdp, gpipe, 1f1b) "
+                   help="time to accuracy: the rows that can (all but sequential: e2e*, sync*, async, the "
+                        "data-parallel rows, gpipe, 1f1b) "
                         "train --epochs epochs, each followed by a test evaluation outside the timed window "
                         "(bench.json: curve; --eval-every-steps: between an epoch's batches too)")
     b.add_argument("--epochs", type=int, help="--curve: epochs per row (default: the config's train.epochs)")

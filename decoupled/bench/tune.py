@@ -6,7 +6,7 @@ as given).
 Before a row's real runs, the row trains once per value of the grid (the same grid for every row) with
 a one-epoch budget (train.epochs=1) on the first seed (train.seed), and is scored by the final
 validation accuracy of the network's output, the last block's head: summary.json layers[-1].val_acc
-(e2e, sequential, sync, async) or the worker row's val_acc (ddp, fsdp, gpipe, 1f1b). The best value
+(e2e, sequential, sync, async) or the worker row's val_acc (the data-parallel rows, gpipe, 1f1b). The best value
 (the first in grid order on a tie) is the row's; its real runs, every seed, --curve or not, train with it.
 
 Note [tuning split]: tuning needs data.val_fraction > 0 (--val-fraction), and the real runs keep it:
