@@ -80,7 +80,7 @@ def test_the_registry_keeps_every_row_and_its_command():
     assert row_command("ddp", c, d, 2, 0, knobs=knobs)[0][-2:] == ["--bucket-mb", "0.5"]
     assert row_command("ddp-powersgd", c, d, 2, 0, knobs=knobs)[0][-7:] == [
         "ddp-powersgd", "--bucket-mb", "0.5", "--powersgd-rank", "2", "--powersgd-start", "2"]
-    assert row_command("localsgd", c, d, 2, 0, knobs=knobs)[0][-5:] == [
+    assert row_command("localsgd", c, d, 2, 0, knobs=knobs)[0][-6:] == [
         "--bucket-mb", "0.5", "--localsgd-period", "8", "--localsgd-warmup", "0"]
     assert row_command("ddp-bf16", c, d, 2, 0)[0][-1] == "ddp-bf16"  # torch's default buckets: no flag
     for name in SLOW_LINK:
