@@ -250,7 +250,7 @@ STRATEGIES: dict[str, Strategy] = {
         ddp_bf16, "DDP with torch's bf16_compress_hook", ("bucket_mb",),
         declared=lambda k, w: [f"ddp-bf16: gradients are all-reduced in bfloat16 (torch's bf16_compress_hook: each "
                                f"bucket cast to bfloat16 and divided by {w} before the sum, cast back after)"],
-        label=lambda k, w: _label("bf16 all-reduce", _buckets(k))),
+        label=lambda k, w: _buckets(k)),
     "ddp-powersgd": Strategy(
         ddp_powersgd, "DDP with torch's powerSGD_hook (error feedback, warm start)",
         ("bucket_mb", "powersgd_rank", "powersgd_start"),
