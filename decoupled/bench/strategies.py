@@ -91,21 +91,22 @@ def timed(hook: Callable, timer: StepTimer) -> Callable:
 
 
 # Note [PowerSGD on gloo]: with more than one bucket, torch's powerSGD_hook aborted on gloo
-# ("op.preamble. length <= op.nbytes. 8192 vs 3072. Received data size doesn't match expected size").
-# The hook issues a bucket's first all-reduce (its uncompressed tensors) itself and the next two (P,
-# then Q) from future callbacks. Gloo matches collectives by a tag each process group hands out in issue
-# order, and a gloo future completes when its work has run, so those callbacks run on gloo's worker
-# thread whenever the work ends, while DDP's autograd thread goes on to issue the next bucket's all-
-# reduce: the two ranks interleave bucket k's P / Q with bucket k+1's collectives differently, and one
-# tag joins tensors of different sizes (logged on 2 ranks, one bucket per parameter: at the 6th all-
-# reduce rank 0's autograd thread issued bucket k+1's 256 uncompressed elements where rank 1's gloo
-# thread issued bucket k's P of 20, "256 vs 20", in 2 runs of 3). One bucket per step hides it (DDP
-# waits for the step's futures before the next step); NCCL never shows it (its futures complete at
-# enqueue, so the callbacks run inline, in issue order). `in_order` starts each bucket's hook only once
-# the previous bucket's future is done: every collective of a step is issued in bucket order on every
-# rank, whatever the bucket size. The cost is the overlap of one bucket's compression with the next
-# bucket's backward; a bucket's own issue-to-completion time is still comm_s (the wait is not, it shows
-# in compute_s as the all-reduces' exposed part does for ddp).
+# ("op.preamble.length <= op.nbytes. 8192 vs 3072. Received data size doesn't match expected size"). The
+# hook issues a bucket's first all-reduce (its uncompressed tensors) itself and the next two (P, then Q)
+# from future callbacks. Gloo matches collectives by a tag each process group hands out in issue order,
+# and a gloo future completes when its work has run, so those callbacks run on gloo's worker thread
+# whenever the work ends, while DDP's autograd thread goes on to issue the next bucket's all- reduce:
+# the two ranks interleave bucket k's P / Q with bucket k+1's collectives differently, and one tag joins
+# tensors of different sizes (logged on 2 ranks, one bucket per parameter: at the 6th all- reduce rank
+# 0's autograd thread issued bucket k+1's 256 uncompressed elements where rank 1's gloo thread issued
+# bucket k's P of 20, "256 vs 20", in 2 runs of 3). One bucket per step hides it (DDP waits for the
+# step's futures before the next step); NCCL never shows it (its futures complete at enqueue, so the
+# callbacks run inline, in issue order). `in_order` starts each bucket's hook only once the previous
+# bucket's future is done: every collective of a step is issued in bucket order on every rank, whatever
+# the bucket size. The cost is the overlap of one bucket's compression with the next bucket's backward;
+# a bucket's own issue-to-completion time is still comm_s (the wait is not, it shows in compute_s as the
+# all-reduces' exposed part does for ddp).
+
 
 def in_order(hook: Callable) -> Callable:
     """Note [PowerSGD on gloo]: each call of `hook` waits for the future the previous call returned."""
