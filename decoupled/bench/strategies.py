@@ -95,9 +95,9 @@ def timed(hook: Callable, timer: StepTimer) -> Callable:
 # hook issues a bucket's first all-reduce (its uncompressed tensors) itself and the next two (P, then Q)
 # from future callbacks. Gloo matches collectives by a tag each process group hands out in issue order,
 # and a gloo future completes when its work has run, so those callbacks run on gloo's worker thread
-# whenever the work ends, while DDP's autograd thread goes on to issue the next bucket's all- reduce:
+# whenever the work ends, while DDP's autograd thread goes on to issue the next bucket's all-reduce:
 # the two ranks interleave bucket k's P / Q with bucket k+1's collectives differently, and one tag joins
-# tensors of different sizes (logged on 2 ranks, one bucket per parameter: at the 6th all- reduce rank
+# tensors of different sizes (logged on 2 ranks, one bucket per parameter: at the 6th all-reduce rank
 # 0's autograd thread issued bucket k+1's 256 uncompressed elements where rank 1's gloo thread issued
 # bucket k's P of 20, "256 vs 20", in 2 runs of 3). One bucket per step hides it (DDP waits for the
 # step's futures before the next step); NCCL never shows it (its futures complete at enqueue, so the
