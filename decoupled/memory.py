@@ -19,12 +19,17 @@ counts what training holds, per component, while a training loop runs inside `Ex
                      peak over samples. A storage held at the last sample is not counted again when
                      autograd saves it (an async rank's drawn batch, which stays in the replay buffer
                      and which its first layer saves): it is held, once
-  allreduce_bytes    the flat copy a replica's gradient all-reduce sends (stepping.AllReduce: every
+  allreduce_bytes    the flat copy an all-reduce sends: a replica's gradients (stepping.AllReduce: every
                      gradient, the float buffers, a flag per parameter and the sample count), alive
-                     through the optimizer step after it (`count_comm`), peak over steps; only
-                     where a replica all-reduced (as summary.json's allreduce_s)
-  total_bytes        the sum of these six peaks (an upper bound of their joint peak: the
-                     components peak at different moments of a step)
+                     through the optimizer step after it (`count_comm`), or the bench's localsgd
+                     row's parameters, alive beside them while torch's model averager all-reduces
+                     them (`rebound`); peak over steps; only where such an all-reduce ran
+  comm_state_bytes   the communication state the caller's `comm_state` callable returns, kept across
+                     steps (the bench's ddp-powersgd row: PowerSGD's error feedback, a gradient's
+                     size, and its P and Q matrices), each storage once, sampled after every
+                     optimizer step, peak; only where there is some
+  total_bytes        the sum of these peaks (an upper bound of their joint peak: the components
+                     peak at different moments of a step)
 
 On CUDA also `cuda_max_allocated_bytes`: the allocator's peak of the training phases above what was
 allocated when training started, read once at the end from the process meter (`allocator_peak`:
@@ -103,6 +108,16 @@ def sample_held() -> None:
         m.sample_held()
 
 
+def rebound(params: list[torch.Tensor]) -> None:
+    """torch's model averaging (model_averaging.utils.average_parameters) all-reduced one flat copy of
+    `params` and made each of them a view of it: every open ExactMemory counts that copy, which was alive
+    beside the old parameters (allreduce_bytes, peak), and re-reads the parameters' storages, so that
+    autograd saving a parameter's view is still no activation."""
+    for m in _OPEN:
+        m.allreduce_bytes = max(m.allreduce_bytes, storage_bytes(params))
+        m.params = {_storage(p)[0] for p in m.all_params}
+
+
 def count_comm(t: torch.Tensor) -> None:
     """`t` is a communication buffer alive through the optimizer step that follows (stepping.AllReduce's
     flat copy): every open ExactMemory counts its bytes (allreduce_bytes, peak)."""
@@ -114,15 +129,17 @@ def count_comm(t: torch.Tensor) -> None:
 
 class ExactMemory:
     def __init__(self, params, device: torch.device, held: Callable[[], Iterable[torch.Tensor]] | None = None,
-                 allocator_peak: Callable[[], int | None] | None = None):
+                 allocator_peak: Callable[[], int | None] | None = None,
+                 comm_state: Callable[[], Iterable[torch.Tensor]] | None = None):
         """`held`: the tensors held outside the stages now (pipeline_held); each storage counts once.
+        `comm_state`: the communication state kept across steps now (a data-parallel row's comm hook).
         `allocator_peak`: on CUDA, the training phases' allocator peak (metrics.PeakMemory.peak_bytes,
         which restarts around evaluations and keeps training's apart), read once at report: nothing
         on the step's hot path."""
-        self.all_params, self.device, self.held = list(params), device, held
+        self.all_params, self.device, self.held, self.comm_state = list(params), device, held, comm_state
         self.allocator_peak = allocator_peak if accel(device).allocator else None
         self.params_bytes = self.grads_bytes = self.optimizer_bytes = 0
-        self.activations_bytes = self.held_bytes = self.allreduce_bytes = 0
+        self.activations_bytes = self.held_bytes = self.allreduce_bytes = self.comm_state_bytes = 0
         # storage -> a weak reference to a tensor on it, as held at the last sample: autograd saving
         # one of them does not count it again (weak: a storage freed since cannot lend its address
         # to an activation that would then go uncounted, and the count keeps nothing alive)
@@ -171,6 +188,8 @@ class ExactMemory:
         self.per_opt[id(opt)] = (grads, state)
         self.grads_bytes = max(self.grads_bytes, sum(g for g, _ in self.per_opt.values()))
         self.optimizer_bytes = max(self.optimizer_bytes, sum(s for _, s in self.per_opt.values()))
+        if self.comm_state is not None:
+            self.comm_state_bytes = max(self.comm_state_bytes, storage_bytes(self.comm_state()))
         self.sample_held()
 
     def sample_held(self) -> None:
@@ -207,8 +226,10 @@ class ExactMemory:
         parts = {"params_bytes": self.params_bytes, "grads_bytes": self.grads_bytes,
                  "optimizer_bytes": self.optimizer_bytes, "activations_bytes": self.activations_bytes,
                  "held_bytes": self.held_bytes}
-        if self.allreduce_bytes:  # replicas only, as rank_metrics' allreduce_s
+        if self.allreduce_bytes:  # replicas (as rank_metrics' allreduce_s) and local SGD only
             parts["allreduce_bytes"] = self.allreduce_bytes
+        if self.comm_state_bytes:
+            parts["comm_state_bytes"] = self.comm_state_bytes
         total = sum(parts.values())
         cuda = self.allocator_peak() if self.allocator_peak is not None else None
         if cuda is not None:

@@ -307,9 +307,10 @@ def run_e2e(tmp_path, monkeypatch, cfg: dict, name: str) -> tuple[list[float], l
 
 def run_worker(tmp_path, cfg_path, mode: str, nproc: int = 2, name: str | None = None) -> dict:
     """One baseline worker's torchrun job; its row."""
+    from decoupled.bench.strategies import STRATEGIES
     out = tmp_path / f"{name or mode}.json"
-    module = "decoupled.bench.dataparallel" if mode in ("ddp", "fsdp") else "decoupled.bench.gpipe"
-    args = [str(cfg_path), str(out)] + ([mode] if mode in ("ddp", "fsdp") else ["2", mode])
+    module = "decoupled.bench.dataparallel" if mode in STRATEGIES else "decoupled.bench.gpipe"
+    args = [str(cfg_path), str(out)] + ([mode] if mode in STRATEGIES else ["2", mode])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", module,
            *args]
     p = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=240)
@@ -318,16 +319,19 @@ def run_worker(tmp_path, cfg_path, mode: str, nproc: int = 2, name: str | None =
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)  # an in-process e2e run and four 2-rank torchrun jobs: minutes on the loaded 2-core machine
+@pytest.mark.timeout(900)  # an in-process e2e run and seven 2-rank torchrun jobs: minutes on the loaded 2-core machine
 def test_baselines_step_the_schedule_as_e2e_and_record_how_they_trained(tmp_path, monkeypatch):
     """Note [baseline settings] (bench/worker.py). (a) With a cosine schedule over 3 epochs, every
-    baseline (ddp, fsdp, and on each of its ranks gpipe and 1f1b) trains each epoch at the LR the e2e
+    baseline (ddp, the slow-link rows ddp-bf16, ddp-powersgd and localsgd, fsdp, and on each of its
+    ranks gpipe and 1f1b) trains each epoch at the LR the e2e
     trainer's network optimizer steps at in that epoch (its LR read at every optimizer step: stepped
     once per epoch); ddp's losses still equal e2e's (a schedule it ignored would part them from epoch 2).
     (b) Their rows and the e2e row (rows.add_run_fields) record the same global batch, schedule and
     precision, and the same optimizer steps per epoch and first-epoch data order except where a row
     declares the difference: gpipe drops the partial last batch (12 of 300 samples), so it takes 9 steps
-    an epoch, not 10, and its order hash is that of the 9 full batches (the same as data.batches draws)."""
+    an epoch, not 10, and its order hash is that of the 9 full batches (the same as data.batches draws);
+    the slow-link rows take e2e's 10 steps in its order and declare how their updates differ (a
+    compressed all-reduce; local steps between averagings)."""
     from decoupled.bench.rows import add_run_fields
     from decoupled.bench.worker import data_order_sha
     e2e_lrs, e2e_losses = run_e2e(tmp_path, monkeypatch, HONOURED, "e2e")
@@ -339,7 +343,8 @@ def test_baselines_step_the_schedule_as_e2e_and_record_how_they_trained(tmp_path
     cfg_path = tmp_path / "e2e" / "config.toml"
     e2e = {"mode": "e2e"}
     add_run_fields(e2e, "e2e", cfg_path)
-    rows = {m: run_worker(tmp_path, cfg_path, m) for m in ("ddp", "fsdp", "gpipe", "1f1b")}
+    rows = {m: run_worker(tmp_path, cfg_path, m)
+            for m in ("ddp", "ddp-bf16", "ddp-powersgd", "localsgd", "fsdp", "gpipe", "1f1b")}
 
     for mode, row in rows.items():  # (a)
         assert row["lrs"] == epoch_lrs, mode  # the same floats: the same LambdaLR stepped at the same points
@@ -357,7 +362,12 @@ def test_baselines_step_the_schedule_as_e2e_and_record_how_they_trained(tmp_path
     assert e2e["schedule"]["name"] == "cosine" and e2e["global_batch"] == 32 and e2e["precision"] == "fp32"
     for mode in ("ddp", "fsdp"):
         assert rows[mode]["declared_differences"] == []
+    for mode in ("ddp", "fsdp", "ddp-bf16", "ddp-powersgd", "localsgd"):
         assert rows[mode]["optimizer_steps_per_epoch"] == 10 and rows[mode]["data_order_sha"] == e2e["data_order_sha"]
+    for mode in ("ddp-bf16", "ddp-powersgd", "localsgd"):
+        (declared,) = rows[mode]["declared_differences"]
+        assert declared.startswith(f"{mode}: "), declared
+    assert "each rank steps its own copy" in rows["localsgd"]["declared_differences"][0]
     for mode in ("gpipe", "1f1b"):
         row = rows[mode]
         assert row["dropped_samples_per_epoch"] == 12 and row["optimizer_steps_per_epoch"] == 9
@@ -383,7 +393,9 @@ REFUSED = [("ddp", {"train.patience": 2}, "train.patience=2"),
            ("fsdp", {"train.plateau_factor": 0.5, "optim.schedule": "constant"}, "train.plateau_factor=0.5"),
            ("ddp", {"train.e2e_loss": "local"}, "train.e2e_loss='local'"),
            ("gpipe", {"train.precision": "bf16"}, "train.precision='bf16'"),
-           ("1f1b", {"train.precision": "fp16"}, "train.precision='fp16'")]
+           ("1f1b", {"train.precision": "fp16"}, "train.precision='fp16'"),
+           # each rank's GradScaler would skip its own steps between averagings (strategies.py)
+           ("localsgd", {"train.precision": "fp16"}, "train.precision='fp16': the localsgd baseline")]
 
 
 @pytest.mark.parametrize("mode,sets,named", REFUSED)
@@ -395,7 +407,7 @@ def test_a_refused_setting_stops_the_worker_before_its_process_group(tmp_path, m
     from decoupled.job import to_toml
     path = tmp_path / "config.toml"
     path.write_text(to_toml(load(None, overrides({**HONOURED, **sets}))))
-    worker = dataparallel if mode in ("ddp", "fsdp") else gpipe
+    worker = dataparallel if mode in dataparallel.STRATEGIES else gpipe
 
     def start(cfg):
         raise AssertionError("the process group was started")

@@ -24,7 +24,7 @@ def test_tuner_picks_the_argmax_records_the_grid_and_reuses_finished_candidates(
     made = {"0.01": 0.5, "0.1": 0.75, "1": None}  # the last one failed
     calls = []
 
-    def score(cfg_path, d):
+    def score(cfg_path, d, text):
         calls.append(d.name)
         lr = load(cfg_path).optim.lr
         text = next(t for t in made if float(t) == lr)
@@ -45,7 +45,7 @@ def test_tuner_picks_the_argmax_records_the_grid_and_reuses_finished_candidates(
 @pytest.mark.parametrize("args,says", [
     (["--tune", "optim.lr"], "expected SECTION.KEY=V1,V2"),
     (["--tune", "optim.lr=0.1,,0.2"], "expected SECTION.KEY=V1,V2"),
-    (["--tune", "lr=0.1,0.2"], "expected SECTION.KEY=V1,V2"),
+    (["--tune", "lr=0.1,0.2"], "expected SECTION.KEY=V1,V2"),  # neither a config key nor a bench flag
     (["--tune", "optim.learning_rate=0.1,0.2"], "optim.learning_rate"),
     (["--tune", "optim.lr=0.1,fast"], "optim.lr=fast"),
     (["--tune", "optim.lr=0.1,0.1"], "listed twice"),
@@ -98,3 +98,31 @@ def test_a_tuned_bench_runs_each_row_at_its_chosen_value(tmp_path):
         assert set(accs) == {0.001, 0.05} and t["chosen"] == max(accs, key=accs.get)
         assert load(out / "tune" / f"{row['mode']}-chosen.toml").optim.lr == t["chosen"]  # the real run's config
     assert "optim.lr" in (out / "bench.md").read_text()
+
+
+@pytest.mark.torchrun
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_bench_flag_is_tuned_on_the_rows_that_read_it(tmp_path):
+    """--tune powersgd-rank=1,2 (a bench flag, knobs.py): ddp-powersgd scores both ranks on the hold-out
+    and runs at its choice; ddp reads no such flag and runs once, untuned ("-" in bench.md's column)."""
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "decoupled", "bench", "--rows", "ddp,ddp-powersgd", "--ranks", "2", "--repeats", "1",
+           "--tune", "powersgd-rank=1,2", "--val-fraction", "0.25", "--out", str(out), "--timeout", "150",
+           *sets(TINY)]
+    p = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=550)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads((out / "bench.json").read_text())
+    assert res["tune"]["key"] == "powersgd-rank" and res["tune"]["grid"] == [1, 2]
+    assert res["tune"]["rows"] == ["ddp-powersgd"]
+    ddp, powersgd = res["rows"]
+    assert "tune" not in ddp and "error" not in ddp and not (out / "tune" / "ddp.json").exists()
+    t = powersgd["tune"]
+    accs = {c["value"]: c["val_acc"] for c in t["candidates"]}
+    assert set(accs) == {1, 2} and t["chosen"] == max(accs, key=accs.get)
+    assert powersgd["knobs"]["powersgd_rank"] == t["chosen"]  # the real run's rank
+    md = (out / "bench.md").read_text()
+    assert "ddp-powersgd at its own powersgd-rank" in md
+    cells = {line.split(" | ")[0].lstrip("| ").split()[0]: line.split(" | ")[7] for line in md.splitlines()
+             if line.startswith("| ddp")}
+    assert cells == {"ddp": "-", "ddp-powersgd": str(t["chosen"])}

@@ -1,7 +1,8 @@
 """Peak memory says how it was measured, and an unmeasurable peak is unknown (None), never 0; the
 evaluations' peak apart from training's. Exact memory (decoupled/memory.py) by hand counts: a replica's
 all-reduce copy, a held batch autograd also saves (once), held bytes sampled where no optimizer steps,
-and FSDP's figure marked a lower bound in bench.md."""
+the bench's slow-link rows' communication state (PowerSGD's error feedback and P / Q, local SGD's
+averaged copy), and FSDP's figure marked a lower bound in bench.md."""
 import time
 from types import SimpleNamespace
 
@@ -343,3 +344,61 @@ def test_bench_md_marks_the_fsdp_exact_memory_a_lower_bound():
              if line.startswith("| ") and "samples/s" not in line}
     assert cells == {"e2e": "1.00", "ddp": "1.00", "fsdp": "≥ 1.00"}
     assert "lower bound (fsdp: the parameters FSDP all-gathers" in md
+
+
+@pytest.fixture
+def world_of_one():
+    """A gloo process group of this process alone, for torch's DDP hooks and averagers in-process."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _steps(model, opt, n: int) -> None:
+    torch.manual_seed(0)
+    for _ in range(n):
+        opt.zero_grad()
+        model(torch.randn(8, 64)).square().sum().backward()
+        opt.step()
+
+
+@pytest.mark.timeout(120)
+def test_the_slow_link_rows_communication_state_by_hand(world_of_one):
+    """bench/strategies.py's wrapping of Linear 64->32, ReLU, Linear 32->10 (2410 parameters, 9640
+    bytes: one DDP bucket), plain SGD. ddp-powersgd at rank 2 from step 2: after the third step the hook
+    keeps the error feedback, the bucket's size (9640 bytes), and P and Q for the two weights it
+    compresses (32x64: (32 + 64) x 2 x 2 = 384 < 2048 elements; 10x32: 168 < 320; the biases are
+    all-reduced as they are): P = (32 + 10) x 2, Q = (64 + 32) x 2 floats, 1104 bytes. localsgd with
+    period 2: torch's averager all-reduces a flat copy of the parameters (9640 bytes) and makes each
+    parameter a view of it; autograd's saved views of the weights stay parameters (the same activation
+    bytes as ddp's), and evaluation's average is undone after it."""
+    from decoupled.bench.knobs import Knobs
+    from decoupled.bench.strategies import STRATEGIES, Comm
+    from decoupled.device import StepTimer
+
+    def wrapped(row: str, knobs: Knobs):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        w = STRATEGIES[row].wrap(net, CPU, knobs, Comm(StepTimer(CPU), StepTimer(CPU)))
+        return net, w, w.optimizer(torch.optim.SGD(net.parameters(), lr=0.01))
+
+    params = 4 * (64 * 32 + 32 + 32 * 10 + 10)
+    reports = {}
+    for row, knobs in (("ddp", Knobs()), ("ddp-powersgd", Knobs(powersgd_rank=2)),
+                       ("localsgd", Knobs(localsgd_period=2))):
+        net, w, opt = wrapped(row, knobs)
+        with ExactMemory(list(net.parameters()), CPU, comm_state=w.state) as m:
+            _steps(w.model, opt, 3)
+        reports[row] = m.report()["exact_mem"]
+        assert reports[row]["params_bytes"] == reports[row]["grads_bytes"] == params, row
+    ddp, powersgd, localsgd = reports["ddp"], reports["ddp-powersgd"], reports["localsgd"]
+    assert "comm_state_bytes" not in ddp and "allreduce_bytes" not in ddp
+    assert powersgd["comm_state_bytes"] == params + 4 * ((32 + 10) * 2 + (64 + 32) * 2) == 9640 + 1104
+    assert powersgd["total_bytes"] == ddp["total_bytes"] + powersgd["comm_state_bytes"]
+    assert localsgd["allreduce_bytes"] == params and "comm_state_bytes" not in localsgd
+    assert localsgd["activations_bytes"] == ddp["activations_bytes"]  # the rebound weights' views are no activations
+    assert len({p.untyped_storage().data_ptr() for p in net.parameters()}) == 1  # views of the averaged copy
+    own = [p.data for p in net.parameters()]
+    with w.evaluating():
+        assert all(p.data is not o for p, o in zip(net.parameters(), own))
+    assert all(p.data.data_ptr() == o.data_ptr() for p, o in zip(net.parameters(), own))

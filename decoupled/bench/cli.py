@@ -8,6 +8,11 @@ One invocation times, on the same config, data and K-rank split:
   sequential    greedy block after block on cached pseudo-inputs
   sync, async   the decoupled engine on K torchrun ranks
   e2e-checkpoint  e2e with activation checkpointing per block: the memory bar for the per-rank peaks
+  ddp, fsdp     the e2e network on K ranks: torch DDP, FSDP2
+  ddp-bf16, ddp-powersgd, localsgd
+                the rows people use on slow links (not in the default): DDP with torch's bf16 or
+                PowerSGD compression hook, post-local SGD (bench/strategies.py; their bench flags:
+                --bucket-mb, --powersgd-rank, --powersgd-start, --localsgd-period, --localsgd-warmup)
   gpipe, 1f1b   the e2e network through torch.distributed.pipelining (ScheduleGPipe, Schedule1F1B),
                 each on its own best contiguous K-way split of the measured per-block e2e costs
                 and at its best microbatch count of --microbatches
@@ -22,6 +27,7 @@ training samples per second of that median epoch.
     decoupled bench --sweep depth --config launch/configs/bench_cpu.toml --out runs/sweep
     decoupled bench --sweep layouts --config launch/configs/layouts_cpu.toml --ranks 3 --out runs/layouts
     decoupled bench --tune optim.lr=0.01,0.03,0.1 --config launch/configs/bench_cpu.toml --out runs/tuned
+    decoupled bench --rows ddp,ddp-powersgd,localsgd --tune powersgd-rank=1,2,4 --config ... --out runs/slow
     decoupled bench --guard                     the speed guard (guard.py): ratios against committed thresholds
 
 Writes bench.json, bench.md and bench.png (sweep: sweep.json, sweep.md, sweep.png) into --out.
@@ -32,7 +38,8 @@ import time
 from pathlib import Path
 
 from ..config import ConfigError
-from .rows import DEFAULT_ROWS, MICROBATCHES, ROWS, Curve, bench
+from .knobs import Knobs, add_arguments, flag, from_args, given
+from .rows import DEFAULT_ROWS, MICROBATCHES, REGISTRY, ROWS, Curve, bench
 from .tune import Tune, parse_tune
 from .report import markdown
 from .layouts import layouts
@@ -55,7 +62,8 @@ def add_parser(sub) -> None:
                    help="gpipe / 1f1b: microbatch counts to sweep, comma-separated (those that divide the batch "
                         "and are >= --ranks run; the row reports the fastest)")
     b.add_argument("--rows", default=",".join(DEFAULT_ROWS),
-                   help=f"comma-separated subset of {','.join(ROWS)} (default: all but sync-int8)")
+                   help=f"comma-separated subset of {','.join(ROWS)} (default: "
+                        f"{', '.join(r for r in ROWS if r not in DEFAULT_ROWS)} left out)")
     b.add_argument("--sweep", choices=["depth", "straggler", "layouts"],
                    help="instead: depth = e2e vs per-rank peak memory as VGG depth grows; straggler = sync vs "
                         "async (each replay.budget) with one slow rank (dist.placement); layouts = sync on --ranks "
@@ -70,7 +78,8 @@ def add_parser(sub) -> None:
                         "over its bound, e2e overhead, wire bytes, receive cost) against committed thresholds; "
                         "exits 1 on a miss (about 1.5 minutes on 2 cores; bench/guard.py)")
     b.add_argument("--curve", action="store_true",
-                   help="time to accuracy: the rows that can (e2e*, sync, sync-auto, async, ddp, fsdp, gpipe, 1f1b) "
+                   help="time to accuracy: the rows that can (all but sequential: e2e*, sync*, async, the "
+                        "data-parallel rows, gpipe, 1f1b) "
                         "train --epochs epochs, each followed by a test evaluation outside the timed window "
                         "(bench.json: curve; --eval-every-steps: between an epoch's batches too)")
     b.add_argument("--epochs", type=int, help="--curve: epochs per row (default: the config's train.epochs)")
@@ -91,11 +100,13 @@ def add_parser(sub) -> None:
                    help="each row at its own best value of one setting: every row first trains one epoch on the "
                         "first seed per value (the same grid for every row) and keeps the value of the best final "
                         "validation accuracy (last block's head), then runs with it (bench.json: rows[].tune; "
-                        "bench/tune.py), e.g. --tune optim.lr=0.01,0.03,0.1")
+                        "bench/tune.py), e.g. --tune optim.lr=0.01,0.03,0.1; a data-parallel bench flag by its name "
+                        "tunes the rows that read it, e.g. --tune powersgd-rank=1,2,4")
     b.add_argument("--val-fraction", type=float,
                    help="--tune: data.val_fraction, the stratified hold-out tuning scores on; every run, tuning and "
                         "real, trains on the rest (default 0.1)")
     b.add_argument("--timeout", type=float, default=900.0, help="seconds per row before it counts as failed")
+    add_arguments(b)  # the data-parallel rows' bench flags (knobs.py)
 
 
 def main(args) -> int:
@@ -110,6 +121,7 @@ def main(args) -> int:
                           "--microbatches must be >= 1")
     curve = _curve(args)
     tune = _tune(args)
+    knobs = _knobs(args, rows, tune)
     if args.guard:
         return guard_main(args.out)
     out = args.out or Path("runs") / time.strftime("bench-%Y%m%d-%H%M%S")
@@ -128,7 +140,7 @@ def main(args) -> int:
         return 0
     overrides = list(args.overrides) + ([f"data.val_fraction={tune.val_fraction}"] if tune else [])
     result = bench(args.config, overrides, args.ranks, out, args.repeats, micro, rows,
-                   args.timeout, args.mmap_threshold or 0, curve, tune)
+                   args.timeout, args.mmap_threshold or 0, curve, tune, knobs)
     print(markdown(result) + f"written: {out}/bench.json, bench.md, bench.png")
     return 1 if any("error" in r for r in result["rows"]) else 0
 
@@ -168,3 +180,21 @@ def _tune(args) -> Tune | None:
     if any(o.split("=")[0].strip() == "data.val_fraction" for o in args.overrides):
         raise ConfigError("bench: with --tune the hold-out is --val-fraction; drop --set data.val_fraction")
     return parse_tune(args.tune, args.val_fraction, args.config, args.overrides)
+
+
+def _knobs(args, rows: tuple[str, ...], tune) -> Knobs:
+    """The data-parallel rows' bench flags, checked before anything runs: each value, and that a row of
+    --rows reads each flag given or tuned (a flag no row reads would silently do nothing)."""
+    knobs = from_args(args)
+    if given(knobs) and (args.sweep or args.guard):
+        raise ConfigError(f"bench {flag(given(knobs)[0])} applies to the row bench, not to --sweep or --guard; "
+                          "drop one")
+    reads = {k for r in rows for k in REGISTRY[r].knobs}
+    for name in [*given(knobs), *([tune.knob] if tune and tune.knob else [])]:
+        if name not in reads:
+            which = [r for r in ROWS if name in REGISTRY[r].knobs]
+            raise ConfigError(f"bench {flag(name)} does nothing here: it applies to {', '.join(which)}, none of them "
+                              f"in --rows; add one to --rows (e.g. {which[0]})")
+    if tune and tune.knob in given(knobs):
+        raise ConfigError(f"bench --tune {tune.key} sweeps {flag(tune.knob)}; drop {flag(tune.knob)}")
+    return knobs

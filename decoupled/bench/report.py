@@ -113,22 +113,31 @@ def markdown(result: dict) -> str:
     t = result.get("tune")
     tune_head = [t["key"]] if t else []
     if t:
-        lines += [f"--tune: every row at its own {t['key']} of {t['grid']}, chosen by the final validation accuracy "
+        who = "every row" if "." in t["key"] else ", ".join(t["rows"])  # a bench flag: the rows that read it
+        lines += [f"--tune: {who} at its own {t['key']} of {t['grid']}, chosen by the final validation accuracy "
                   f"(last block's head) after {t['epochs']} epoch on seed {t['seed']}; every run, tuning and real, "
                   f"trains on the training set minus the data.val_fraction={t['val_fraction']} stratified hold-out "
                   "(the same samples on that seed; bench/tune.py). Each candidate's accuracy: bench.json "
                   "rows[].tune", ""]
     acc_head = [*tune_head, *accuracy_head(result)]
     lines += ["Memory: exact = the largest rank's parameters + gradients + optimizer state + autograd's saved "
-              "activations + transport/replay buffers + a replica's all-reduce copy (decoupled/memory.py); "
+              "activations + transport/replay buffers + an all-reduce's flat copy (a replica's gradients, local SGD's "
+              "parameters) + a comm hook's state (PowerSGD's error feedback, P and Q) (decoupled/memory.py); "
               "≥: a lower bound (fsdp: the parameters FSDP all-gathers and the unsharded gradients it "
               "reduce-scatters are not counted, only its shards); process train / eval = the largest "
               "process's peak growth (CPU: resident set, glibc heap included) during training and during the "
               "evaluations, measured apart (metrics.PeakMemory.evaluating)", ""]
+    comm = any(r.get("comm_bytes_per_sample") is not None for r in result["rows"])  # the data-parallel rows
+    comm_head = ["all-reduce B/sample"] if comm else []
+    if comm:
+        lines += ["all-reduce B/sample: the bytes the data-parallel rows' ranks hand to all-reduces in their training "
+                  "steps, summed over ranks, per training sample (a ring all-reduce puts 2(K-1)/K of it on the links: "
+                  "all of it for K = 2); wire B/sample: the engine's activation messages", ""]
     lines += ["| " + " | ".join(["row", "samples/s", "vs e2e", "of bound", "exact train MiB", "process train MiB",
                                  "process eval MiB",
-                                 *acc_head, "wire B/sample", "per rank: compute / comm / idle s/epoch"]) + " |",
-              "|---|" + "---:|" * (7 + len(acc_head)) + "---|"]
+                                 *acc_head, "wire B/sample", *comm_head,
+                                 "per rank: compute / comm / idle s/epoch"]) + " |",
+              "|---|" + "---:|" * (7 + len(acc_head) + len(comm_head)) + "---|"]
     for r in result["rows"]:
         name = f"e2e ({r.get('threads', '?')} threads)" if r["mode"] == "e2e-Kthreads" else r["mode"]
         if "split" in r:  # gpipe / 1f1b: their own split and microbatch count
@@ -136,8 +145,11 @@ def markdown(result: dict) -> str:
         if r.get("replicas") and (r["mode"] == "sync-auto" or max(r["replicas"]) > 1):  # a layout chosen or replicated
             batches = f", {r['replica_batch']} batches" if r.get("replica_batch") and max(r["replicas"]) > 1 else ""
             name += f" (blocks {r['placement']}, ranks {r['replicas']}{batches})"
+        if r.get("label"):  # a data-parallel row's settings and how it trains (strategies.py)
+            name += f" ({r['label']})"
         if not r.get("samples_per_s"):
-            lines.append(f"| {name} | failed |" + " |" * (6 + len(acc_head)) + f" {r.get('error', '')[:200]} |")
+            lines.append(f"| {name} | failed |" + " |" * (6 + len(acc_head) + len(comm_head))
+                         + f" {r.get('error', '')[:200]} |")
             continue
         vs = f"{r['samples_per_s'] / e2e['samples_per_s']:.2f}x" if e2e else ""
         ob = f"{r['of_bound']:.2f}" if r.get("of_bound") else ""
@@ -148,8 +160,11 @@ def markdown(result: dict) -> str:
         bound = "≥ " if r["mode"] in LOWER_BOUND_EXACT and exact(r) is not None else ""
         cells = [name, sps, vs, ob, f"{bound}{mib(exact(r)):.2f}", f"{mib(peak(r)):.1f}",
                  fmt(None if peak(r, "eval_peak_mem_bytes") is None else mib(peak(r, "eval_peak_mem_bytes"))),
-                 *([str(r.get("tune", {}).get("chosen_text"))] if t else []), *accuracy_cells(result, r),
-                 "-" if r.get("wire_bytes_per_sample") is None else f"{r['wire_bytes_per_sample']:.0f}", per]
+                 *([str(r["tune"]["chosen_text"]) if "tune" in r else "-"] if t else []),  # "-": not tuned
+                 *accuracy_cells(result, r),
+                 "-" if r.get("wire_bytes_per_sample") is None else f"{r['wire_bytes_per_sample']:.0f}",
+                 *(["-" if r.get("comm_bytes_per_sample") is None else f"{r['comm_bytes_per_sample']:.0f}"]
+                   if comm else []), per]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

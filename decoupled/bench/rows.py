@@ -10,35 +10,79 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from ..job import ConfigError, JobConfig, load, to_toml
 from .curve import epoch_seconds, pipeline_curve, seed_summary, single_process_curve, time_to_target
+from .knobs import Knobs, to_args
 from .report import chart, markdown
 from .runner import machine, median, read_jsonl, run, timed, torchrun
+from .strategies import STRATEGIES
 from .tune import Tune, read_val_acc, tune_row
 from .worker import data_order_sha, run_fields
 
 from ..plan.model import best_split
 
-ROWS = ("e2e", "e2e-Kthreads", "e2e-checkpoint", "sequential", "sync", "sync-auto", "sync-int8", "async", "ddp",
-        "fsdp", "gpipe", "1f1b")
-# --rows' default: every row but sync-int8, which answers one question (what the int8 wire costs and
-# saves beside fp32 `sync`) at the price of another sync run: `--rows sync,sync-int8`
-DEFAULT_ROWS = tuple(r for r in ROWS if r != "sync-int8")
-PIPELINES = ("gpipe", "1f1b")  # the e2e network through torch.distributed.pipelining (gpipe.py)
-# the engine on K torchrun ranks: the row's --set overrides. async: note [fresh budget] (engine/ranks/
-# budget.py): measured on Fashion-MNIST (2 seeds), "steps" froze the last rank at 38-40 % of the stream
-# and it ended below sync; "fresh" trained it to the end (2.4-2.6 draws per fresh batch) and ended above
-DECOUPLED = {"sync": [], "async": ['replay.budget="fresh"'],
-             # split: replicas split each batch as DDP's ranks do (Note [split replicas], groups.py), so the
-             # row keeps every other row's global batch and optimizer steps per epoch
-             "sync-auto": ['dist.placement="auto"', 'dist.replicas="auto"', 'dist.replica_batch="split"'],
-             # int8 activations on the wire (engine/wire.py): a quarter of sync's bytes per sample
-             "sync-int8": ['dist.wire_dtype="int8"']}
-DATA_PARALLEL = ("ddp", "fsdp")  # the e2e network on K ranks with torch DDP / FSDP2 (dataparallel.py)
-SINGLE = ("e2e", "e2e-Kthreads", "e2e-checkpoint")  # one process: `decoupled train` in e2e mode
-CURVE_ROWS = (*SINGLE, *DECOUPLED, *DATA_PARALLEL, *PIPELINES)  # the rows --curve evaluates after every epoch
-WORKERS = (*DATA_PARALLEL, *PIPELINES)  # rows whose worker writes the row (and its curve) as OUT/<mode>.json
+E2E = ("train.mode=e2e", "train.probe_epochs=0")  # no probes: the e2e network's output only
+
+
+@dataclass(frozen=True)
+class Row:
+    """A row of the bench, in one place: how its process runs and how its numbers are read back.
+    kind "single": `decoupled train` in one process with the --set overrides `sets` (`k_threads`: the
+    bench's --ranks as its threads), read from its run folder; "engine": the decoupled engine on K
+    torchrun ranks (`sets`: train.mode and the row's overrides), read from metrics.jsonl and
+    summary.json; "dataparallel": bench/dataparallel.py's worker (bench/strategies.py wraps it and names
+    the bench flags it reads); "pipeline": bench/gpipe.py's. The two workers write their row (and its
+    curve) themselves, as OUT/<row>.json."""
+    name: str
+    kind: Literal["single", "engine", "dataparallel", "pipeline"]
+    sets: tuple[str, ...] = ()
+    k_threads: bool = False
+    curve: bool = True  # --curve evaluates it after every epoch (sequential: no output before its last block)
+    default: bool = True  # in --rows' default
+
+    @property
+    def worker(self) -> bool:
+        return self.kind in ("dataparallel", "pipeline")
+
+    @property
+    def knobs(self) -> tuple[str, ...]:
+        """The bench flags it reads (knobs.py): a data-parallel row's strategy's."""
+        return STRATEGIES[self.name].knobs if self.kind == "dataparallel" else ()
+
+
+REGISTRY: dict[str, Row] = {r.name: r for r in (
+    Row("e2e", "single", E2E),
+    Row("e2e-Kthreads", "single", E2E, k_threads=True),
+    Row("e2e-checkpoint", "single", (*E2E, "train.activation_checkpointing=true")),  # the memory bar
+    Row("sequential", "single", ("train.mode=sequential",), curve=False),
+    Row("sync", "engine", ("train.mode=sync",)),
+    # split: replicas split each batch as DDP's ranks do (Note [split replicas], groups.py), so the row
+    # keeps every other row's global batch and optimizer steps per epoch
+    Row("sync-auto", "engine", ("train.mode=sync", 'dist.placement="auto"', 'dist.replicas="auto"',
+                                'dist.replica_batch="split"')),
+    # int8 activations on the wire (engine/wire.py): a quarter of sync's bytes per sample. Not in the
+    # default: it answers one question (what the int8 wire costs and saves beside fp32 `sync`) at the
+    # price of another sync run: `--rows sync,sync-int8`
+    Row("sync-int8", "engine", ("train.mode=sync", 'dist.wire_dtype="int8"'), default=False),
+    # async: note [fresh budget] (engine/ranks/budget.py): measured on Fashion-MNIST (2 seeds), "steps"
+    # froze the last rank at 38-40 % of the stream and it ended below sync; "fresh" trained it to the
+    # end (2.4-2.6 draws per fresh batch) and ended above
+    Row("async", "engine", ("train.mode=async", 'replay.budget="fresh"')),
+    # the e2e network on K ranks (dataparallel.py, strategies.py). The slow-link rows are not in the
+    # default: they answer where links are slow (docs/benchmarking.md), `--rows ddp,ddp-powersgd,...`
+    Row("ddp", "dataparallel"),
+    Row("ddp-bf16", "dataparallel", default=False),
+    Row("ddp-powersgd", "dataparallel", default=False),
+    Row("localsgd", "dataparallel", default=False),
+    Row("fsdp", "dataparallel"),
+    # the e2e network through torch.distributed.pipelining (gpipe.py)
+    Row("gpipe", "pipeline"),
+    Row("1f1b", "pipeline"),
+)}
+ROWS = tuple(REGISTRY)
+DEFAULT_ROWS = tuple(r.name for r in REGISTRY.values() if r.default)
 
 
 @dataclass
@@ -212,9 +256,11 @@ def microbatch_candidates(microbatches, batch: int, ranks: int) -> list[int]:
 
 def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repeats: int = 3,
           microbatches=MICROBATCHES, rows: tuple[str, ...] = DEFAULT_ROWS, timeout: float = 900.0,
-          mmap_threshold: int = 0, curve: Curve | None = None, tune: Tune | None = None) -> dict:
-    """`tune` (--tune, tune.py): every row first picks its value of the grid, then runs with it; the
-    overrides then hold data.val_fraction (cli.py adds it: Note [tuning split])."""
+          mmap_threshold: int = 0, curve: Curve | None = None, tune: Tune | None = None,
+          knobs: Knobs = Knobs()) -> dict:
+    """`tune` (--tune, tune.py): every row the setting acts on (a config key: every row; a bench flag:
+    the rows that read it) first picks its value of the grid, then runs with it; the overrides then hold
+    data.val_fraction (cli.py adds it: Note [tuning split]). `knobs`: the data-parallel rows' bench flags."""
     out.mkdir(parents=True, exist_ok=True)
     info = machine()
     cfg, n = prepare(config, overrides, repeats, curve)
@@ -227,12 +273,12 @@ def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repea
            f"{repeats} timed epochs (+1 warm-up) per row"))
     result: dict = {"rows": [], "machine": info, "config": str(config), "overrides": list(overrides),
                     "n_train": n, "batch_size": B, "ranks": ranks, "repeats": repeats,
-                    "microbatches": list(microbatches),
+                    "microbatches": list(microbatches), "knobs": dataclasses.asdict(knobs),
                     "malloc_mmap_threshold": mmap_threshold or "glibc default (dynamic)"}
     plain = cfg_path  # rows without a curve (and the stages) run as without --curve: no evaluation
     if curve:
         result["curve"] = {"epochs": cfg.train.epochs, "target_acc": curve.target, "seeds": curve.seeds,
-                           "rows": [m for m in rows if m in CURVE_ROWS]}
+                           "rows": [m for m in rows if REGISTRY[m].curve]}
         plain = out / "config_no_eval.toml"
         plain.write_text(to_toml(load(None, ["train.eval_every=0", "train.eval_every_steps=0", "train.eval_subset=0"],
                                       base=cfg)))
@@ -260,43 +306,49 @@ def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repea
             split = best_split(result["e2e_block_costs"], ranks)
             result["pipeline_split"] = split
 
+    tuned_rows = [m for m in rows if tune and tune.applies(REGISTRY[m].knobs)]
     if tune:
         result["tune"] = {"key": tune.key, "grid": tune.values, "val_fraction": tune.val_fraction, "epochs": 1,
-                          "seed": cfg.train.seed, "score": "final validation accuracy of the last block's head"}
+                          "seed": cfg.train.seed, "score": "final validation accuracy of the last block's head",
+                          "rows": tuned_rows}
 
     for mode in rows:
         t0 = time.perf_counter()
-        row_cfg, row_plain, tuned = cfg, plain, None
+        kind = REGISTRY[mode].kind
+        row_cfg, row_plain, row_knobs, tuned = cfg, plain, knobs, None
         cands = microbatch_candidates(microbatches, B, ranks)
-        if tune and (cands or mode not in PIPELINES):  # a pipeline without a count fails as it would untuned
+        if mode in tuned_rows and (cands or kind != "pipeline"):  # a pipeline without a count fails as untuned
             first = (cands or [0])[0]  # the pipelines train the same at any microbatch count: the first
 
-            def score(cfg_path: Path, d: Path, mode=mode, first=first) -> dict:
-                return tuning_score(mode, cfg_path, d, ranks, first, split, timeout, mmap_threshold)
-            tuned = tune_row(mode, tune, cfg, out, score)
+            def score(cfg_path: Path, d: Path, text: str, mode=mode, first=first) -> dict:
+                return tuning_score(mode, cfg_path, d, ranks, first, split, timeout, mmap_threshold,
+                                    tune.knobs(knobs, text))
+            tuned = tune_row(mode, tune, cfg, out, score, {k: getattr(knobs, k) for k in REGISTRY[mode].knobs})
             print(f"  {mode:13s} {tune.key}: " + ", ".join(
                 f"{c['text']} -> {'failed' if c.get('val_acc') is None else format(c['val_acc'], '.4f')}"
                 for c in tuned["candidates"]) + f"; chosen {tuned['chosen_text']}", flush=True)
-            if tuned["chosen"] is not None:
-                row_cfg = load(None, [tune.override(tuned["chosen_text"])], base=cfg)
+            if tuned["chosen"] is not None and tune.knob:
+                row_knobs = tune.knobs(knobs, tuned["chosen_text"])
+            elif tuned["chosen"] is not None:
+                row_cfg = load(None, tune.overrides(tuned["chosen_text"]), base=cfg)
                 row_plain = out / "tune" / f"{mode}-chosen.toml"
                 row_plain.write_text(to_toml(load(None, ["train.eval_every=0"], base=row_cfg) if curve else row_cfg))
         if tuned is not None and tuned["chosen"] is None:
             row = {"mode": mode, "samples_per_s": None, "ranks": [],
                    "error": f"--tune: every value of {tune.key} failed (logs/tune-{mode}-*.log)"}
-        elif mode in PIPELINES:
+        elif kind == "pipeline":
             row = pipeline_baseline_row(mode, row_plain, out, B, ranks, microbatches, split, timeout, mmap_threshold)
             if curve and row.get("samples_per_s"):  # the curve at the sweep's fastest microbatch count
                 sweep = {k: row[k] for k in ("microbatch_sweep", "split_searched")}
                 row = {**curve_row(mode, row_cfg, out, n, ranks, timeout, mmap_threshold, curve,
                                    row["microbatches"], split), **sweep}
-        elif curve and mode in CURVE_ROWS:
-            row = curve_row(mode, row_cfg, out, n, ranks, timeout, mmap_threshold, curve)
+        elif curve and REGISTRY[mode].curve:
+            row = curve_row(mode, row_cfg, out, n, ranks, timeout, mmap_threshold, curve, knobs=row_knobs)
         else:
-            row = run_row(mode, row_plain, out, n, B, ranks, 0, timeout, mmap_threshold)
+            row = run_row(mode, row_plain, out, n, B, ranks, 0, timeout, mmap_threshold, knobs=row_knobs)
         if tuned is not None:
             row["tune"] = tuned
-        if mode in DECOUPLED and row.get("samples_per_s"):
+        if kind == "engine" and row.get("samples_per_s"):
             # The bound from the row's own stages as the engine ran them (each rank's compute per
             # epoch, Stage.train_step timed in the run): stages timed in another process drift from
             # the run (1.05 and 1.11 "of the bound" once), and a bound that is exceeded is no bound.
@@ -319,34 +371,32 @@ def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repea
 
 
 def tuning_score(mode: str, cfg_path: Path, d: Path, ranks: int, microbatches: int, split, timeout: float,
-                 mmap_threshold: int) -> dict:
-    """One tuning candidate (tune.py): the row's process on `cfg_path` in `d`, and its final validation accuracy."""
-    cmd, threads = row_command(mode, cfg_path, d, ranks, microbatches, split)
+                 mmap_threshold: int, knobs: Knobs) -> dict:
+    """One tuning candidate (tune.py): the row's process on `cfg_path` with `knobs` in `d`, and its final
+    validation accuracy."""
+    cmd, threads = row_command(mode, cfg_path, d, ranks, microbatches, split, knobs)
     err = run(cmd, d.parent.parent / "logs" / f"tune-{d.name}.log", threads, timeout, mmap_threshold)
     if err is None:
         try:
-            return {"val_acc": read_val_acc(mode, d, WORKERS)}
+            return {"val_acc": read_val_acc(mode, d, REGISTRY[mode].worker)}
         except (OSError, KeyError, ValueError, IndexError) as e:
             err = f"could not read the validation accuracy: {e!r}"
     return {"val_acc": None, "error": err}
 
 
 def row_command(mode: str, cfg_path: Path, d: Path, ranks: int, microbatches: int,
-                split: list[int] | None = None) -> tuple[list[str], int]:
+                split: list[int] | None = None, knobs: Knobs = Knobs()) -> tuple[list[str], int]:
     """The process of one row and its thread count."""
+    row = REGISTRY[mode]
     train = ["decoupled", "train", "--config", str(cfg_path), "--out", str(d)]
-    e2e = ["--set", "train.mode=e2e", "--set", "train.probe_epochs=0"]  # no probes: the e2e network's output only
-    if mode in ("e2e", "e2e-Kthreads"):
-        return [sys.executable, "-m", *train, *e2e], ranks if mode == "e2e-Kthreads" else 1
-    if mode == "e2e-checkpoint":  # the memory bar: e2e with activation checkpointing per block
-        return [sys.executable, "-m", *train, *e2e, "--set", "train.activation_checkpointing=true"], 1
-    if mode == "sequential":
-        return [sys.executable, "-m", *train, "--set", "train.mode=sequential"], 1
-    if mode in DECOUPLED:
-        sets = [a for o in ["train.mode=" + mode.split("-")[0], *DECOUPLED[mode]] for a in ("--set", o)]
+    sets = [a for o in row.sets for a in ("--set", o)]
+    if row.kind == "single":
+        return [sys.executable, "-m", *train, *sets], ranks if row.k_threads else 1
+    if row.kind == "engine":
         return torchrun(ranks, train + sets), 1
-    if mode in DATA_PARALLEL:
-        return torchrun(ranks, ["decoupled.bench.dataparallel", str(cfg_path), str(d / f"{mode}.json"), mode]), 1
+    if row.kind == "dataparallel":
+        return torchrun(ranks, ["decoupled.bench.dataparallel", str(cfg_path), str(d / f"{mode}.json"), mode,
+                                *to_args(knobs, row.knobs)]), 1
     args = ["decoupled.bench.gpipe", str(cfg_path), str(d / f"{mode}.json"), str(microbatches), mode]
     return torchrun(ranks, args + ([",".join(map(str, split))] if split else [])), 1
 
@@ -371,18 +421,20 @@ def pipeline_baseline_row(mode: str, cfg_path: Path, out: Path, B: int, ranks: i
 
 
 def run_row(mode: str, cfg_path: Path, out: Path, n: int, B: int, ranks: int, microbatches: int, timeout: float,
-            mmap_threshold: int, split: list[int] | None = None, name: str | None = None) -> dict:
+            mmap_threshold: int, split: list[int] | None = None, name: str | None = None,
+            knobs: Knobs = Knobs()) -> dict:
     """Run one row's process (in OUT/<name>, the mode's name by default) and read its numbers; a row
     with `error` when either fails."""
     d = out / (name or mode)
-    cmd, threads = row_command(mode, cfg_path, d, ranks, microbatches, split)
+    kind = REGISTRY[mode].kind
+    cmd, threads = row_command(mode, cfg_path, d, ranks, microbatches, split, knobs)
     err = run(cmd, out / "logs" / f"{name or mode}.log", threads, timeout, mmap_threshold)
     row = None
     if err is None:
         try:
-            if mode in DECOUPLED:
+            if kind == "engine":
                 row = pipeline_row(mode, d, n, B)
-            elif mode in WORKERS:
+            elif REGISTRY[mode].worker:
                 row = json.loads((d / f"{mode}.json").read_text())
             else:
                 row = single_process_row(mode, d, n)
@@ -390,7 +442,7 @@ def run_row(mode: str, cfg_path: Path, out: Path, n: int, B: int, ranks: int, mi
             err = f"could not read the run: {e!r}"
     if row is None:
         row = {"mode": mode, "error": err, "samples_per_s": None, "ranks": []}
-    if err is None and mode not in WORKERS:  # the workers record their own, as they trained
+    if err is None and not REGISTRY[mode].worker:  # the workers record their own, as they trained
         try:
             add_run_fields(row, mode, cfg_path)
         except (OSError, KeyError, ValueError) as e:
@@ -427,19 +479,20 @@ def add_run_fields(row: dict, mode: str, cfg_path: Path) -> None:
     per batch (e2e, sequential: per block), or as the engine counted them (sync / async: the most any
     block took per timed epoch; each rank's per block in ranks[]). Where a row differs from the e2e
     row by construction, `declared_differences` says how."""
-    # as the row ran it: the bench's config and the row's own overrides (DECOUPLED); validated when it ran
-    cfg = load(cfg_path, DECOUPLED.get(mode, []), validate_now=False)
+    # as the row ran it: the bench's config and the row's own overrides; validated when it ran
+    kind = REGISTRY[mode].kind
+    cfg = load(cfg_path, list(REGISTRY[mode].sets), validate_now=False)
     n = train_size(cfg)
     B, o = cfg.data.batch_size, cfg.optim
     steps: float = -(-n // B)
     declared = []
-    if mode in SINGLE and cfg.train.patience:
+    if kind == "single" and cfg.train.patience:
         declared.append(f"train.patience={cfg.train.patience}: early stopping may end training before "
                         "train.epochs")
-    if mode in ("sequential", *DECOUPLED) and o.block_lr_decay != 1.0:
+    if (mode == "sequential" or kind == "engine") and o.block_lr_decay != 1.0:
         declared.append(f"optim.block_lr_decay={o.block_lr_decay}: block j trains at optim.lr x "
                         f"{o.block_lr_decay}^j (the e2e network, one optimizer, at optim.lr)")
-    if mode in DECOUPLED:
+    if kind == "engine":
         measured = [s for r in row["ranks"] for s in r.get("optimizer_steps_per_epoch") or []]
         if measured:
             steps = max(measured)
@@ -458,7 +511,7 @@ def add_run_fields(row: dict, mode: str, cfg_path: Path) -> None:
 
 
 def curve_row(mode: str, cfg: JobConfig, out: Path, n: int, ranks: int, timeout: float, mmap_threshold: int,
-              curve: Curve, microbatches: int = 0, split: list[int] | None = None) -> dict:
+              curve: Curve, microbatches: int = 0, split: list[int] | None = None, knobs: Knobs = Knobs()) -> dict:
     """A curve row: the row once per seed (train.seed, train.seed + 1, ...; seed i > 0 in OUT/seed<i>),
     each with its curve, time to target and throughput from its training epochs alone; the row is the
     first seed's, with every seed's figures and their mean and std."""
@@ -468,7 +521,8 @@ def curve_row(mode: str, cfg: JobConfig, out: Path, n: int, ranks: int, timeout:
         where.mkdir(parents=True, exist_ok=True)
         path = where / "config.toml"
         path.write_text(to_toml(load(None, [f"train.seed={cfg.train.seed + i}"], base=cfg)))
-        row = run_row(mode, path, where, n, cfg.data.batch_size, ranks, microbatches, timeout, mmap_threshold, split)
+        row = run_row(mode, path, where, n, cfg.data.batch_size, ranks, microbatches, timeout, mmap_threshold, split,
+                      knobs=knobs)
         if row.get("samples_per_s"):
             try:
                 add_curve(row, mode, where / mode, n, curve.target, -(-n // cfg.data.batch_size))
@@ -488,9 +542,9 @@ def add_curve(row: dict, mode: str, d: Path, n: int, target: float | None, steps
     """The row's curve (curve.py; the data-parallel and pipeline workers write their own), final accuracy,
     time to target, and its throughput over its training epochs alone (the first dropped as warm-up;
     the pipelines train no partial last batch)."""
-    if mode in SINGLE:
+    if REGISTRY[mode].kind == "single":
         row["curve"] = single_process_curve(d, steps_per_epoch)
-    elif mode in DECOUPLED:
+    elif REGISTRY[mode].kind == "engine":
         last = json.loads((d / "summary.json").read_text())["layers"][-1]["block"]
         row["curve"] = pipeline_curve(d, last, steps_per_epoch)
     if not row.get("curve"):

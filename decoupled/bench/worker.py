@@ -1,8 +1,9 @@
-"""What the baseline workers (dataparallel.py: ddp / fsdp; gpipe.py: gpipe / 1f1b) share: the one
-start-up of a torchrun worker, the batch stream with the next batch's copy overlapping the current
-step (as the decoupled rows stream theirs: engine/ranks/sources.prefetched), which clocks may time
-what, which training settings they honour and which they refuse (Note [baseline settings]), and the
-fields every bench row records of how it trained (run_fields; rows.py adds them to the other rows).
+"""What the baseline workers (dataparallel.py: ddp, fsdp and the slow-link rows; gpipe.py: gpipe /
+1f1b) share: the one start-up of a torchrun worker, the batch stream with the next batch's copy
+overlapping the current step (as the decoupled rows stream theirs: engine/ranks/sources.prefetched),
+which clocks may time what, which training settings they honour and which they refuse (Note
+[baseline settings]), and the fields every bench row records of how it trained (run_fields; rows.py
+adds them to the other rows).
 
 Device differences go through `decoupled.device.accel(device)` (note [one code path]): neither worker
 branches on the device type.
@@ -61,13 +62,13 @@ def refuse(cfg, mode: str, *, autocast: bool) -> None:
     Honoured by every baseline: the LR schedule (optim.build_scheduler, the same LambdaLR, stepped once
     after every epoch as EarlyStopping.after_epoch steps it for e2e; gpipe / 1f1b: every rank its own
     over its own stage's optimizer), train.activation_checkpointing (torch.utils.checkpoint per block),
-    train.e2e_loss="ce", train.eval_every_steps (bench --eval-every-steps). ddp and fsdp (`autocast`)
-    honour train.precision: torch.autocast around the
-    forward and the loss, and for fp16 a GradScaler on the step (fsdp: ShardedGradScaler, whose
-    skip-the-step decision is all-reduced over the ranks' shards). Refused: early stopping and the
-    plateau rule (the bench trains every row for train.epochs), the objective's local loss (not a
-    per-sample sum: Note [global batch] could not split it over ranks or microbatches), and in the
-    pipelines any precision but fp32."""
+    train.e2e_loss="ce", train.eval_every_steps (bench --eval-every-steps). The data-parallel rows
+    (`autocast`) honour train.precision: torch.autocast around the forward and the loss, and for fp16 a
+    GradScaler on the step (fsdp: ShardedGradScaler, whose skip-the-step decision is all-reduced over
+    the ranks' shards; localsgd refuses fp16, bench/strategies.py). Refused: early stopping and the
+    plateau rule (the bench trains every row for train.epochs), the objective's local loss (not a per-
+    sample sum: Note [global batch] could not split it over ranks or microbatches), and in the pipelines
+    any precision but fp32."""
     t = cfg.train
     who = f"the {mode} baseline of `decoupled bench`"
     if t.patience:
