@@ -1,8 +1,10 @@
 """`decoupled bench`: every way to train one model split, measured side by side on the same cores.
 A package beside the library: it imports the library, never the reverse (cli.py wires the
-subcommand lazily). runner.py runs processes (shared with analysis/ablate.py), rows.py defines and
-reads the rows, report.py writes bench.md / bench.png, sweep.py the depth sweep, stages.py and
-gpipe.py are the workers it launches, split.py the pipelines' split search."""
+subcommand lazily). launcher.py runs and supervises a job's processes (shared with analysis/ablate.py),
+cluster.py emulates nodes joined by shaped links (--nodes, --link), resume.py reuses finished rows,
+runner.py holds what the runs share, rows.py defines and reads the rows, report.py writes bench.md /
+bench.png, sweep.py the depth sweep, stages.py and gpipe.py are the workers it launches (the
+pipelines' split search is engine/ranks/placement.py's best_split)."""
 from .cli import add_parser, main
 from .rows import DEFAULT_ROWS, ROWS, bench, bound, bound_samples_per_s, pipeline_row
 from ..engine.ranks.placement import best_split

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .curve import seed_summary
+from .resume import reused
 
 MiB = 2 ** 20
 # rows whose exact training memory is a lower bound (memory.py): FSDP counts its shards, not the
@@ -77,6 +78,15 @@ def accuracy_cells(result: dict, r: dict) -> list[str]:
                     f"{'never' if med is None else format(med, '.1f')} ({k}/{n})"]
 
 
+def link_line(c: dict) -> str:
+    """--nodes: the emulated nodes and their link (bench/cluster.py, Note [emulated cluster])."""
+    shaped = (f"tbf at {c['link']} ({c['rate_bytes_per_s'] / 1e6:.2f} MB/s, burst {c['burst_bytes'] // 1024} KiB) "
+              "on both ends of every node's veth" if c.get("rate_bytes_per_s") else "unshaped veths (loopback)")
+    return (f"Emulated cluster: {c['nodes']} nodes, one network namespace each, behind a bridge; {shaped}; a raw TCP "
+            f"stream between two nodes ran at {c['tcp_bytes_per_s'] / 1e6:.2f} MB/s. Bandwidth only: no latency, no "
+            "loss. Single-process rows (e2e, sequential) run outside the nodes")
+
+
 def mib(b: int | None) -> float:
     return float("nan") if b is None else b / MiB  # nan: an unknown peak is not drawn, and never 0
 
@@ -90,6 +100,12 @@ def markdown(result: dict) -> str:
              f"{timing}; torch {m['torch']}, {m['cpu_count']} CPUs, "
              f"load average at start {m['loadavg_start'][0]:.2f}; MALLOC_MMAP_THRESHOLD_="
              f"{result.get('malloc_mmap_threshold', 'glibc default (dynamic)')}", ""]
+    if result.get("cluster"):
+        lines += [link_line(result["cluster"]), ""]
+    again = reused(result["rows"])
+    if again:
+        lines += ["Read back from an earlier bench into this folder (the same config, link and row; measured then, "
+                  f"bench/resume.py): {', '.join(again)}", ""]
     if "stages" in result:
         ts = ", ".join(f"rank {s['rank']} {s['epoch_s']:.2f}s" for s in result["stages"])
         lines += [f"Stages alone (s/epoch): {ts}; bound = sum/max = {result['bound']:.2f}x, "

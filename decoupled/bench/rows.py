@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,9 @@ from pathlib import Path
 from ..job import ConfigError, JobConfig, load, to_toml
 from .curve import epoch_seconds, pipeline_curve, seed_summary, single_process_curve, time_to_target
 from .report import chart, markdown
-from .runner import machine, median, read_jsonl, run, timed, torchrun
+from .resume import finished, keep, setup_of
+from .launcher import Job, describe, launcher, run
+from .runner import machine, median, read_jsonl, timed
 from .tune import Tune, read_val_acc, tune_row
 from .worker import data_order_sha, run_fields
 
@@ -228,6 +229,9 @@ def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repea
                     "n_train": n, "batch_size": B, "ranks": ranks, "repeats": repeats,
                     "microbatches": list(microbatches),
                     "malloc_mmap_threshold": mmap_threshold or "glibc default (dynamic)"}
+    where = launcher()
+    if where.link:  # --nodes: the emulated nodes and their link, its rate as a raw TCP stream measured it
+        result["cluster"] = where.record
     plain = cfg_path  # rows without a curve (and the stages) run as without --curve: no evaluation
     if curve:
         result["curve"] = {"epochs": cfg.train.epochs, "target_acc": curve.target, "seeds": curve.seeds,
@@ -242,8 +246,8 @@ def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repea
                                    eval_subset_se=math.sqrt(p * (1 - p) / m), eval_subset_se_at=p)
 
     # 1. each rank's stages alone: the bound
-    err = run([sys.executable, "-m", "decoupled.bench.stages", str(plain), str(ranks), str(out / "stages.json")],
-              out / "logs" / "stages.log", 1, timeout, mmap_threshold)
+    err = run(Job(["decoupled.bench.stages", str(plain), str(ranks), str(out / "stages.json")]),
+              out / "logs" / "stages.log", timeout, mmap_threshold)
     stage_s = None
     if err is None:
         result["stages"] = json.loads((out / "stages.json").read_text())
@@ -265,6 +269,7 @@ def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repea
 
     for mode in rows:
         t0 = time.perf_counter()
+        sent = where.tx_bytes()
         row_cfg, row_plain, tuned = cfg, plain, None
         cands = microbatch_candidates(microbatches, B, ranks)
         if tune and (cands or mode not in PIPELINES):  # a pipeline without a count fails as it would untuned
@@ -303,12 +308,15 @@ def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repea
             row["bound_samples_per_s"] = n / slowest if slowest > 0 else None
             row["of_bound"] = row["samples_per_s"] / row["bound_samples_per_s"] if slowest > 0 else None
         row.setdefault("wire_bytes_per_sample", None)  # None: no activation link of the engine's (one process, ddp...)
+        if where.link:  # what each node sent on its link during the row (every run of it, reused ones excepted)
+            row["link"] = where.link
+            row["link_tx_bytes"] = [b - a for a, b in zip(sent, where.tx_bytes())]
         row["bench_wall_s"] = time.perf_counter() - t0
         row["loadavg_1min_after"] = os.getloadavg()[0]  # other users' load skews a row: keep the evidence
         result["rows"].append(row)
         sps = row.get("samples_per_s")
         print(f"  {mode:13s} " + (f"{sps:9.1f} samples/s" if sps else f"FAILED: {row['error']}")
-              + f"  ({row['bench_wall_s']:.0f}s)", flush=True)
+              + f"  ({row['bench_wall_s']:.0f}s{', reused' if row.get('reused') else ''})", flush=True)
 
     info["loadavg_end"] = list(os.getloadavg())
     (out / "bench.json").write_text(json.dumps(result, indent=2))
@@ -320,8 +328,8 @@ def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repea
 def tuning_score(mode: str, cfg_path: Path, d: Path, ranks: int, microbatches: int, split, timeout: float,
                  mmap_threshold: int) -> dict:
     """One tuning candidate (tune.py): the row's process on `cfg_path` in `d`, and its final validation accuracy."""
-    cmd, threads = row_command(mode, cfg_path, d, ranks, microbatches, split)
-    err = run(cmd, d.parent.parent / "logs" / f"tune-{d.name}.log", threads, timeout, mmap_threshold)
+    err = run(row_command(mode, cfg_path, d, ranks, microbatches, split),
+              d.parent.parent / "logs" / f"tune-{d.name}.log", timeout, mmap_threshold)
     if err is None:
         try:
             return {"val_acc": read_val_acc(mode, d, WORKERS)}
@@ -331,23 +339,23 @@ def tuning_score(mode: str, cfg_path: Path, d: Path, ranks: int, microbatches: i
 
 
 def row_command(mode: str, cfg_path: Path, d: Path, ranks: int, microbatches: int,
-                split: list[int] | None = None) -> tuple[list[str], int]:
-    """The process of one row and its thread count."""
+                split: list[int] | None = None) -> Job:
+    """The job of one row: its process (or torchrun ranks) and thread count."""
     train = ["decoupled", "train", "--config", str(cfg_path), "--out", str(d)]
     e2e = ["--set", "train.mode=e2e", "--set", "train.probe_epochs=0"]  # no probes: the e2e network's output only
     if mode in ("e2e", "e2e-Kthreads"):
-        return [sys.executable, "-m", *train, *e2e], ranks if mode == "e2e-Kthreads" else 1
+        return Job([*train, *e2e], threads=ranks if mode == "e2e-Kthreads" else 1)
     if mode == "e2e-checkpoint":  # the memory bar: e2e with activation checkpointing per block
-        return [sys.executable, "-m", *train, *e2e, "--set", "train.activation_checkpointing=true"], 1
+        return Job([*train, *e2e, "--set", "train.activation_checkpointing=true"])
     if mode == "sequential":
-        return [sys.executable, "-m", *train, "--set", "train.mode=sequential"], 1
+        return Job([*train, "--set", "train.mode=sequential"])
     if mode in DECOUPLED:
         sets = [a for o in ["train.mode=" + mode.split("-")[0], *DECOUPLED[mode]] for a in ("--set", o)]
-        return torchrun(ranks, train + sets), 1
+        return Job(train + sets, ranks)
     if mode in DATA_PARALLEL:
-        return torchrun(ranks, ["decoupled.bench.dataparallel", str(cfg_path), str(d / f"{mode}.json"), mode]), 1
+        return Job(["decoupled.bench.dataparallel", str(cfg_path), str(d / f"{mode}.json"), mode], ranks)
     args = ["decoupled.bench.gpipe", str(cfg_path), str(d / f"{mode}.json"), str(microbatches), mode]
-    return torchrun(ranks, args + ([",".join(map(str, split))] if split else [])), 1
+    return Job(args + ([",".join(map(str, split))] if split else []), ranks)
 
 
 def pipeline_baseline_row(mode: str, cfg_path: Path, out: Path, B: int, ranks: int, microbatches, split,
@@ -364,7 +372,8 @@ def pipeline_baseline_row(mode: str, cfg_path: Path, out: Path, B: int, ranks: i
     ok = [r for r in tried if r.get("samples_per_s")]
     best = dict(max(ok, key=lambda r: r["samples_per_s"]) if ok else tried[0])
     best["microbatch_sweep"] = [{"microbatches": r.get("microbatches"), "samples_per_s": r.get("samples_per_s"),
-                                 **({"error": r["error"]} if "error" in r else {})} for r in tried]
+                                 **({"error": r["error"]} if "error" in r else {}),
+                                 **({"reused": True} if r.get("reused") else {})} for r in tried]
     best["split_searched"] = split is not None  # False: even split (no block costs measured)
     return best
 
@@ -372,10 +381,15 @@ def pipeline_baseline_row(mode: str, cfg_path: Path, out: Path, B: int, ranks: i
 def run_row(mode: str, cfg_path: Path, out: Path, n: int, B: int, ranks: int, microbatches: int, timeout: float,
             mmap_threshold: int, split: list[int] | None = None, name: str | None = None) -> dict:
     """Run one row's process (in OUT/<name>, the mode's name by default) and read its numbers; a row
-    with `error` when either fails."""
+    with `error` when either fails. A run that finished in this folder under the same setup is read
+    back instead (Note [finished rows], resume.py)."""
     d = out / (name or mode)
-    cmd, threads = row_command(mode, cfg_path, d, ranks, microbatches, split)
-    err = run(cmd, out / "logs" / f"{name or mode}.log", threads, timeout, mmap_threshold)
+    job = row_command(mode, cfg_path, d, ranks, microbatches, split)
+    setup = setup_of(mode, cfg_path, n, B, ranks, microbatches, split, mmap_threshold, launcher().where)
+    done = finished(d, setup)
+    if done is not None:
+        return done
+    err = run(job, out / "logs" / f"{name or mode}.log", timeout, mmap_threshold)
     row = None
     if err is None:
         try:
@@ -396,7 +410,8 @@ def run_row(mode: str, cfg_path: Path, out: Path, n: int, B: int, ranks: int, mi
             row["run_fields_error"] = repr(e)
     if mode == "e2e-Kthreads":
         row["threads"] = ranks
-    row["cmd"] = " ".join(cmd)
+    row["cmd"] = describe(job)
+    keep(d, setup, row)
     return row
 
 
@@ -478,7 +493,7 @@ def curve_row(mode: str, cfg: JobConfig, out: Path, n: int, ranks: int, timeout:
     first = runs[0]
     if curve.seeds > 1:
         first["seeds"] = [{k: r.get(k) for k in ("seed", "samples_per_s", "final_acc", "time_to_target_s", "curve",
-                                                   "error")} for r in runs]
+                                                   "error", "reused")} for r in runs]
         first.update(seed_summary(runs, curve.target))  # a crashed seed counts as never, not dropped
     return first
 
