@@ -109,7 +109,8 @@ def markdown(result: dict) -> str:
     if "stages" in result:
         ts = ", ".join(f"rank {s['rank']} {s['epoch_s']:.2f}s" for s in result["stages"])
         lines += [f"Stages alone (s/epoch): {ts}; bound = sum/max = {result['bound']:.2f}x, "
-                  f"{result['bound_samples_per_s']:.0f} samples/s", ""]
+                  f"{result['bound_samples_per_s']:.0f} samples/s"
+                  + (" (read back from an earlier bench into this folder)" if result.get("stages_reused") else ""), ""]
     c = result.get("curve")
     if c:
         lines += [f"--curve: {c['epochs']} epochs, test accuracy (last block's head) after each, outside the timed "

@@ -9,8 +9,9 @@ the emulated nodes and link, or this machine). A later bench into the same folde
 instead of running it when its setup is the same; a run that failed, or ran under another setup, runs
 again (its old record is removed first, so a run cut short is never mistaken for a finished one).
 A reused row says so (`reused`: true in bench.json, a line in bench.md): its figures were measured
-then, under that run's machine load. Tuning candidates are reused the same way (tune.py); the stages
-worker, a few seconds, always runs.
+then, under that run's machine load. The stages worker's measurement is reused the same way (the
+pipelines' split, and so their setups, come from its block costs), and so are tuning candidates
+(tune.py).
 """
 from __future__ import annotations
 

@@ -245,20 +245,20 @@ def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repea
             result["curve"].update(eval_every_steps=curve.eval_every_steps, eval_subset=m,
                                    eval_subset_se=math.sqrt(p * (1 - p) / m), eval_subset_se_at=p)
 
-    # 1. each rank's stages alone: the bound
-    err = run(Job(["decoupled.bench.stages", str(plain), str(ranks), str(out / "stages.json")]),
-              out / "logs" / "stages.log", timeout, mmap_threshold)
-    stage_s = None
-    if err is None:
-        result["stages"] = json.loads((out / "stages.json").read_text())
+    # 1. each rank's stages alone: the bound; and the e2e network's block costs
+    measured = measure_stages(plain, out, n, B, ranks, timeout, mmap_threshold)
+    if measured.get("reused"):
+        result["stages_reused"] = True
+    if measured.get("error") is None:
+        result["stages"] = measured["stages"]
         stage_s = [s["epoch_s"] for s in result["stages"]]
         result["bound"] = bound(stage_s)
         result["bound_samples_per_s"] = bound_samples_per_s(n, stage_s)
     else:
-        result["stages_error"] = err
+        result["stages_error"] = measured["error"]
     split = None  # the pipelines' own best split of the e2e network, from its measured block costs
-    if (out / "e2e_block_costs.json").exists():
-        result["e2e_block_costs"] = json.loads((out / "e2e_block_costs.json").read_text())
+    if measured.get("e2e_block_costs"):
+        result["e2e_block_costs"] = measured["e2e_block_costs"]
         if len(result["e2e_block_costs"]) >= ranks:
             split = best_split(result["e2e_block_costs"], ranks)
             result["pipeline_split"] = split
@@ -323,6 +323,28 @@ def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repea
     (out / "bench.md").write_text(markdown(result))
     chart(result, out / "bench.png")
     return result
+
+
+def measure_stages(plain: Path, out: Path, n: int, B: int, ranks: int, timeout: float, mmap_threshold: int) -> dict:
+    """The stages worker's `stages` and `e2e_block_costs` (or `error`). A measurement made in this folder
+    under the same setup is read back (Note [finished rows]): the pipelines' split, and so their runs'
+    setups, come from its block costs."""
+    d = out / "stages"
+    setup = setup_of("stages", plain, n, B, ranks, 0, None, mmap_threshold, launcher().where)
+    done = finished(d, setup)
+    if done is not None:
+        return done
+    for stale in ("stages.json", "e2e_block_costs.json"):
+        (out / stale).unlink(missing_ok=True)
+    err = run(Job(["decoupled.bench.stages", str(plain), str(ranks), str(out / "stages.json")]),
+              out / "logs" / "stages.log", timeout, mmap_threshold)
+    if err is not None:
+        return {"error": err}
+    got = {"stages": json.loads((out / "stages.json").read_text())}
+    if (out / "e2e_block_costs.json").exists():
+        got["e2e_block_costs"] = json.loads((out / "e2e_block_costs.json").read_text())
+    keep(d, setup, got)
+    return got
 
 
 def tuning_score(mode: str, cfg_path: Path, d: Path, ranks: int, microbatches: int, split, timeout: float,
