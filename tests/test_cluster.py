@@ -152,17 +152,21 @@ def test_stale_namespaces_of_dead_benches_go_and_no_other(nodes2):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, None], ids=["sigterm", "ctrl-c", "error"])
 def test_namespaces_removed_on_every_exit_path(nodes2, sig):
     """A bench interrupted (SIGTERM, Ctrl-C) or failing inside the cluster leaves no namespace behind."""
-    code = ("import time\nfrom decoupled.bench.cluster import Cluster\nfrom decoupled.bench.launcher import "
-            "signals_exit\nwith signals_exit(), Cluster(2):\n    print('up', flush=True)\n"
-            + ("    time.sleep(120)\n" if sig else "    raise RuntimeError('a row failed')\n"))
-    p = subprocess.Popen([sys.executable, "-c", code], env=env(), cwd=REPO, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    # the child waits on its stdin, in the cluster: a signal ends the wait, or a line makes it fail
+    code = ("import sys\nfrom decoupled.bench.cluster import Cluster\nfrom decoupled.bench.launcher import "
+            "signals_exit\nwith signals_exit(), Cluster(2):\n    print('up', flush=True)\n    sys.stdin.readline()\n"
+            "    raise RuntimeError('a row failed')\n")
+    p = subprocess.Popen([sys.executable, "-c", code], env=env(), cwd=REPO, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "up", p.stderr.read()
         ours = [n for n in cl.namespaces() if n.startswith(f"{cl.PREFIX}-{p.pid}-")]
         assert len(ours) == 3  # two nodes and the hub
         if sig:
             p.send_signal(sig)
+        else:
+            p.stdin.write("fail\n")
+            p.stdin.flush()
         p.wait(timeout=60)
     finally:
         p.kill()
