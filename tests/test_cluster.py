@@ -7,6 +7,7 @@ The namespace tests need root (CAP_SYS_ADMIN + CAP_NET_ADMIN) and iproute2; else
 the reason. .ci/run sets DECOUPLED_REQUIRE_NAMESPACES=1 when it runs as root: there a skip is a failure."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -22,16 +23,20 @@ from decoupled.config import ConfigError
 from torchrun_utils import MLP, REPO, assert_same_results, env, sets, summary, wait_for
 
 
-@pytest.fixture
-def nodes2():
-    """An entered 2-node Cluster, removed afterwards; a skip (a failure under .ci/run as root) where
-    namespaces cannot be made."""
+def cluster_or_skip(nodes: int = 2) -> cl.Cluster:
+    """An entered Cluster; a skip (a failure under .ci/run as root) where namespaces cannot be made."""
     try:
-        c = cl.Cluster(2).__enter__()
+        return cl.Cluster(nodes).__enter__()
     except ConfigError as e:
         if os.environ.get("DECOUPLED_REQUIRE_NAMESPACES") == "1":
             pytest.fail(f"namespaces could not be made, and .ci/run runs as root: {e}")
         pytest.skip(f"namespaces cannot be made here: {e}")
+
+
+@pytest.fixture
+def nodes2():
+    """An entered 2-node Cluster, removed afterwards."""
+    c = cluster_or_skip()
     try:
         yield c
     finally:
@@ -198,6 +203,45 @@ def test_two_nodes_train_sync_across_a_shaped_link(nodes2, tmp_path, shared_refe
     rank0 = next(r for r in got["ranks"] if r["rank"] == 0)
     assert sent[0] >= rank0["bytes_sent"] > 0, (sent, rank0["bytes_sent"])
     assert (tmp_path / "train.node1.log").read_text().startswith("GLOO_SOCKET_IFNAME=")
+
+
+# 2 blocks of one conv each on 3x8x8 blobs (test_bench.py's TINY): seconds per row
+TINY = {"data.name": "synthetic", "data.synthetic_shape": [3, 8, 8], "data.synthetic_train": 128,
+        "data.synthetic_test": 32, "data.batch_size": 32, "model.name": "vgg", "model.hierarchy": [1, 1],
+        "model.width": 4, "train.device": "cpu"}
+
+
+@pytest.mark.torchrun
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_bench_runs_its_rows_on_every_link_and_goes_on_where_it_stopped(tmp_path):
+    """decoupled bench --nodes 2 --link loopback,100mbit: every rate measured with a raw TCP stream
+    before the rows, each link's rows in OUT/<link> with the link and the bytes each node sent, the
+    sweep's page; the same command again reads every finished row back."""
+    cluster_or_skip().remove()
+    out = tmp_path / "links"
+    cmd = [sys.executable, "-m", "decoupled", "bench", "--nodes", "2", "--link", "loopback,100mbit", "--rows", "sync",
+           "--repeats", "1", "--timeout", "200", "--out", str(out), *sets(TINY)]
+    for attempt in (0, 1):
+        p = subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            stdout, stderr = p.communicate(timeout=500)
+        finally:
+            p.kill()
+        assert p.returncode == 0, stdout[-3000:] + stderr[-3000:]
+        assert not [n for n in cl.namespaces() if cl.owner(n) == p.pid]  # its namespaces went with it
+        links = json.loads((out / "cluster.json").read_text())["links"]
+        assert [r["link"] for r in links] == ["loopback", "100mbit"]
+        assert links[1]["tcp_bytes_per_s"] <= 1.1 * cl.rate_bytes("100mbit") and links[0]["tcp_bytes_per_s"] > 0
+        for link in ("loopback", "100mbit"):
+            res = json.loads((out / link / "bench.json").read_text())
+            (row,) = res["rows"]
+            assert res["cluster"]["link"] == row["link"] == link and "error" not in row
+            assert bool(row.get("reused")) == bool(attempt)
+            if not attempt:  # node 0's rank sent the activations across its link, at most at the link's rate
+                assert row["link_tx_bytes"][0] > 0 and row["ranks"][0]["sent_bytes_per_s"] > 0
+                assert link == "loopback" or row["link_share"] <= 1.1
+        assert "| sync |" in (out / "cluster.md").read_text()
 
 
 def test_ci_fails_a_skipped_namespace_test_as_root():

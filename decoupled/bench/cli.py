@@ -36,11 +36,11 @@ import time
 from pathlib import Path
 
 from ..config import ConfigError
-from .cluster import Cluster, Nodes, parse_links, write_summary
+from .cluster import Cluster, Nodes, parse_links
 from .launcher import signals_exit, using
 from .rows import DEFAULT_ROWS, MICROBATCHES, ROWS, Curve, bench
 from .tune import Tune, parse_tune
-from .report import markdown
+from .report import markdown, write_summary
 from .layouts import layouts
 from .straggler import straggler
 from .guard import main as guard_main

@@ -250,33 +250,3 @@ class Nodes:
                      {"GLOO_SOCKET_IFNAME": IFACE, "NCCL_SOCKET_IFNAME": IFACE, "NCCL_HOSTID": f"{c.name}-node{i}"},
                      "" if i == 0 else f"node{i}")
                 for i, k in enumerate(counts)]
-
-
-def write_summary(out: Path, records: list[dict]) -> str:
-    """OUT/cluster.json and cluster.md of a --nodes bench: every link's measured rate and, for the row
-    bench, each row's throughput per link (from OUT/<link>/bench.json, where it is written yet). Returns
-    the page."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cluster.json").write_text(json.dumps({"nodes": records[0]["nodes"], "links": records}, indent=2))
-    lines = [f"{records[0]['nodes']} emulated nodes (network namespaces behind a bridge; bench/cluster.py); "
-             "bandwidth only: no latency, no loss", "",
-             "| link | tbf rate MB/s | raw TCP stream MB/s | rows in |", "|---|---:|---:|---|"]
-    for r in records:
-        rate = f"{r['rate_bytes_per_s'] / 1e6:.2f}" if r.get("rate_bytes_per_s") else "unshaped"
-        lines.append(f"| {r['link']} | {rate} | {r['tcp_bytes_per_s'] / 1e6:.2f} | {r['folder']}/ |")
-    benches = {r["link"]: json.loads((out / r["folder"] / "bench.json").read_text()) for r in records
-               if (out / r["folder"] / "bench.json").exists()}
-    if benches:
-        modes = list(dict.fromkeys(row["mode"] for b in benches.values() for row in b["rows"]))
-        lines += ["", "samples/s per link:", "", "| row | " + " | ".join(benches) + " |",
-                  "|---|" + "---:|" * len(benches)]
-        for mode in modes:
-            cells = []
-            for b in benches.values():
-                row = next((row for row in b["rows"] if row["mode"] == mode), {})
-                cells.append(f"{row['samples_per_s']:.1f}" if row.get("samples_per_s") else
-                             ("failed" if row else ""))
-            lines.append(f"| {mode} | " + " | ".join(cells) + " |")
-    (out / "cluster.md").write_text("\n".join(lines) + "\n")
-    return "\n".join(lines) + "\n"

@@ -1,6 +1,8 @@
-"""bench.md and bench.png from a bench result (docs/results/ states the targets these numbers meet)."""
+"""bench.md and bench.png from a bench result, cluster.md of a --nodes bench (docs/results/ states the
+targets these numbers meet)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .curve import seed_summary
@@ -168,6 +170,10 @@ def markdown(result: dict) -> str:
                  *([str(r.get("tune", {}).get("chosen_text"))] if t else []), *accuracy_cells(result, r),
                  "-" if r.get("wire_bytes_per_sample") is None else f"{r['wire_bytes_per_sample']:.0f}", per]
         lines.append("| " + " | ".join(cells) + " |")
+    shares = [f"{r['mode']} {r['link_share']:.2f}" for r in result["rows"] if r.get("link_share")]
+    if shares:
+        lines += ["", "Link share (the busiest sender's bytes per wall second of its timed epochs over the raw TCP "
+                  f"stream's rate; near 1 where the link sets the pace): {', '.join(shares)}"]
     return "\n".join(lines) + "\n"
 
 
@@ -198,3 +204,34 @@ def chart(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
+
+def write_summary(out: Path, records: list[dict]) -> str:
+    """OUT/cluster.json and cluster.md of a --nodes bench: every link's measured rate and, for the row
+    bench, each row's throughput per link (from OUT/<link>/bench.json, where it is written yet). Returns
+    the page."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cluster.json").write_text(json.dumps({"nodes": records[0]["nodes"], "links": records}, indent=2))
+    lines = [f"{records[0]['nodes']} emulated nodes (network namespaces behind a bridge; bench/cluster.py); "
+             "bandwidth only: no latency, no loss", "",
+             "| link | tbf rate MB/s | raw TCP stream MB/s | rows in |", "|---|---:|---:|---|"]
+    for r in records:
+        rate = f"{r['rate_bytes_per_s'] / 1e6:.2f}" if r.get("rate_bytes_per_s") else "unshaped"
+        lines.append(f"| {r['link']} | {rate} | {r['tcp_bytes_per_s'] / 1e6:.2f} | {r['folder']}/ |")
+    benches = {r["link"]: json.loads((out / r["folder"] / "bench.json").read_text()) for r in records
+               if (out / r["folder"] / "bench.json").exists()}
+    if benches:
+        modes = list(dict.fromkeys(row["mode"] for b in benches.values() for row in b["rows"]))
+        lines += ["", "samples/s per link (in brackets the link share: the busiest sender's bytes per second over "
+                  "the TCP stream's)", "", "| row | " + " | ".join(benches) + " |",
+                  "|---|" + "---:|" * len(benches)]
+        for mode in modes:
+            cells = []
+            for b in benches.values():
+                row = next((row for row in b["rows"] if row["mode"] == mode), {})
+                share = f" ({row['link_share']:.2f})" if row.get("link_share") else ""
+                cells.append(f"{row['samples_per_s']:.1f}{share}" if row.get("samples_per_s") else
+                             ("failed" if row else ""))
+            lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    (out / "cluster.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"

@@ -123,6 +123,9 @@ def pipeline_row(mode: str, out: Path, n: int, batch: int) -> dict:
             row["optimizer_steps_per_epoch"] = [(b - a) / k for a, b in zip(first, e[-1]["optimizer_steps"])]
         span = e[-1]["time_s"] - e[0]["time_s"]
         row["epoch_s"] = span / k
+        # what it put on its links per wall second (training and evaluation, padding included): on a link
+        # that sets the pace, the link's own rate (bench --nodes: link_share)
+        row["sent_bytes_per_s"] = (e[-1].get("bytes_sent", 0) - e[0].get("bytes_sent", 0)) / span if span > 0 else None
         entered = per("samples_recv") if r["rank"] != summary["ranks"][0]["rank"] else per("samples_trained")
         row["entered_samples_per_s"] = entered * k / span if span > 0 else None
         fresh = entered
@@ -311,6 +314,10 @@ def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repea
         if where.link:  # what each node sent on its link during the row (every run of it, reused ones excepted)
             row["link"] = where.link
             row["link_tx_bytes"] = [b - a for a, b in zip(sent, where.tx_bytes())]
+            # the busiest sender's bytes per wall second over the raw TCP stream's: near 1 where the link
+            # sets the pace (issue 30's goal: >= 0.9), lower where compute or a slower rank does
+            busiest = max((r.get("sent_bytes_per_s") or 0 for r in row["ranks"]), default=0)
+            row["link_share"] = busiest / where.record["tcp_bytes_per_s"] if busiest else None
         row["bench_wall_s"] = time.perf_counter() - t0
         row["loadavg_1min_after"] = os.getloadavg()[0]  # other users' load skews a row: keep the evidence
         result["rows"].append(row)
