@@ -45,7 +45,6 @@ def test_reused_names_rows_seeds_and_microbatch_counts():
     assert resume.reused(rows) == ["e2e", "sync seed 1", "gpipe m2"]
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_bench_cut_short_goes_on_with_the_rows_it_finished(tmp_path, monkeypatch):
     """The first bench ran e2e only (as if cut short after it); the same bench into the same folder
