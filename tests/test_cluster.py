@@ -75,8 +75,8 @@ def test_run_stops_every_process_and_what_it_started(tmp_path, code):
     it started in its own session; each process kept its own log, its command line first."""
     log = tmp_path / "logs" / "job.log"
     with using(Pair(tmp_path, code)):
-        err = run(Job(["unused"]), log, timeout=60 if code else 20)
-    assert err is not None and (f"other: exit code {code}" in err if code else "timed out after 20s" in err), err
+        err = run(Job(["unused"]), log, timeout=60 if code else 10)
+    assert err is not None and (f"other: exit code {code}" in err if code else "timed out after 10s" in err), err
     grandchild = int((tmp_path / "pids").read_text())
     wait_for(lambda: not _alive(grandchild), 30, "the grandchild to be gone")
     assert log.read_text().startswith(sys.executable)
