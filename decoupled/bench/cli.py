@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from ..config import ConfigError
-from .cluster import Cluster, Nodes, parse_links
+from .cluster import MAX_NODES, Cluster, Nodes, parse_links
 from .launcher import signals_exit, using
 from .rows import DEFAULT_ROWS, MICROBATCHES, ROWS, Curve, bench
 from .tune import Tune, parse_tune
@@ -175,9 +175,9 @@ def _links(args) -> list[str] | None:
             raise ConfigError(f"bench: --link {args.link} shapes the links between emulated nodes; add --nodes N "
                               "(e.g. --nodes 2)")
         return None
-    if args.nodes < 2:
+    if not 2 <= args.nodes <= MAX_NODES:
         raise ConfigError(f"bench: --nodes {args.nodes}: emulated nodes need at least 2 (one node is this machine: "
-                          "drop --nodes)")
+                          f"drop --nodes) and at most {MAX_NODES}")
     if args.guard:
         raise ConfigError("bench: --guard measures this machine against committed thresholds; drop --nodes")
     if args.sweep != "straggler" and args.sweep != "depth" and args.ranks < args.nodes:

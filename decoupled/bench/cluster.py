@@ -32,12 +32,13 @@ from ..launch import node_flags, torchrun_command
 from .launcher import Job, Local, Proc
 
 PREFIX = "dlb"
+MAX_NODES = 250  # addresses 127.77.0.1-250
 IFACE = "dlb0"  # every node's interface (namespaces keep the names apart)
 MASTER_PORT = 29400  # node 0's rendezvous: its own namespace's port, free while no other job runs there
 STREAM_PORT = 29399
 LOOPBACK = "loopback"
 HZ_MIN = 100  # the lowest kernel tick rate: tbf refills once a tick, so its burst must hold rate / HZ
-MIN_BURST = 256 * 1024  # and at least a few 64 KiB GSO packets (256 KiB carried 100mbit at 11.3 MB/s here)
+MIN_BURST = 256 * 1024  # and at least a few 64 KiB GSO packets (256 KiB: 100mbit carried 11.95 MB/s here)
 LATENCY_MS = 200  # tbf's queue, as time at RATE
 _SEQ = itertools.count()
 # what to run on real machines instead: the same rows, one torchrun agent per machine

@@ -53,7 +53,6 @@ def env(threads: int, mmap_threshold: int = 0) -> dict:
     return e
 
 
-
 @dataclass(frozen=True)
 class Proc:
     argv: list[str]
