@@ -144,7 +144,7 @@ def test_stale_namespaces_of_dead_benches_go_and_no_other(nodes2):
     try:
         for n in names:
             cl.sh("ip", "netns", "add", n)
-        assert names[0] in cl.reap_stale()
+        cl.reap_stale()  # (a bench starting beside this test may sweep it first: the same outcome)
         left = cl.namespaces()
         assert names[0] not in left and set(names[1:]) <= set(left)
         assert set(nodes2.ns) <= set(left)  # a live bench's own: untouched
