@@ -31,7 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
-from decoupled.bench.runner import run, train_command  # noqa: E402
+from decoupled.bench.launcher import Job, describe, run  # noqa: E402
+from decoupled.bench.runner import train_command  # noqa: E402
 from decoupled.job import ConfigError, load  # noqa: E402
 from decoupled.modes import MODES  # noqa: E402
 
@@ -78,10 +79,10 @@ def point_name(point: list[str]) -> str:
     return "__".join(f"{o.partition('=')[0]}={slug(o.partition('=')[2])}" for o in point)
 
 
-def run_one(cmd: list[str], out: Path, timeout: float) -> str | None:
-    """One run through the bench's runner (fresh process, one thread per rank unless
+def run_one(job: Job, out: Path, timeout: float) -> str | None:
+    """One run through the bench's launcher (fresh process, one thread per rank unless
     OMP_NUM_THREADS says otherwise, a log, a timeout); an error unless summary.json was written."""
-    err = run(cmd, out / "ablate.log", int(os.environ.get("OMP_NUM_THREADS", "1")), timeout)
+    err = run(job, out / "ablate.log", timeout)
     if err is None and not (out / "summary.json").exists():
         err = f"no summary.json (see {out / 'ablate.log'})"
     return err
@@ -146,16 +147,16 @@ def main(argv: list[str] | None = None) -> int:
 
     failed = []
     for i, (name, seed, _, sets, out) in enumerate(jobs, 1):
-        cmd = train_command(args.config, sets, out, args.ranks)
+        job = train_command(args.config, sets, out, args.ranks, int(os.environ.get("OMP_NUM_THREADS", "1")))
         tag = f"[{i}/{len(jobs)}] {name} seed {seed}"
         if (out / "summary.json").exists():
             print(f"{tag}: done, skipped ({out})")
             continue
         if args.dry_run:
-            print(f"{tag}: {' '.join(cmd)}")
+            print(f"{tag}: {describe(job)}")
             continue
         print(f"{tag}: running -> {out}", flush=True)
-        err = run_one(cmd, out, args.timeout)
+        err = run_one(job, out, args.timeout)
         if err:
             failed.append((tag, err))
             print(f"{tag}: FAILED {err}", flush=True)

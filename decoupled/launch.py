@@ -1,7 +1,7 @@
 """Local multi-rank launching, shared by `decoupled train --nproc-per-node N` and `decoupled bench`
 (its sync / async / gpipe rows): torch's own elastic launcher (torch.distributed.run), with the
 semantics and environment of `torchrun --standalone --nproc-per-node N`. On a cluster, call torchrun
-yourself (docs/distributed.md: Launching)."""
+yourself (docs/distributed.md: Launching) with node_flags' flags, as the bench's emulated nodes do."""
 from __future__ import annotations
 
 import os
@@ -10,15 +10,23 @@ import sys
 FLAG = "--nproc-per-node"
 
 
-def torchrun_args(nproc: int, module_args: list[str]) -> list[str]:
+def torchrun_args(nproc: int, module_args: list[str], node: list[str] = ()) -> list[str]:
     """torch.distributed.run's arguments for N local ranks running `python -m MODULE_ARGS...`.
-    --standalone: the agent picks its own free port, so concurrent jobs never race for one."""
-    return ["--standalone", f"{FLAG}={nproc}", "-m", *module_args]
+    --standalone: the agent picks its own free port, so concurrent jobs never race for one. `node`:
+    instead, one agent of a job across machines (node_flags)."""
+    return [*(node or ["--standalone"]), f"{FLAG}={nproc}", "-m", *module_args]
 
 
-def torchrun_command(nproc: int, module_args: list[str]) -> list[str]:
+def node_flags(nnodes: int, node_rank: int, master_addr: str, master_port: int) -> list[str]:
+    """One agent of a job across `nnodes` machines: torchrun's static rendezvous on node 0's address
+    (what the bench's emulated nodes run, bench/cluster.py, and what to run on real machines)."""
+    return [f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--master-addr={master_addr}",
+            f"--master-port={master_port}"]
+
+
+def torchrun_command(nproc: int, module_args: list[str], node: list[str] = ()) -> list[str]:
     """The same as a subprocess command line (the bench runs every row as a fresh process)."""
-    return [sys.executable, "-m", "torch.distributed.run", *torchrun_args(nproc, module_args)]
+    return [sys.executable, "-m", "torch.distributed.run", *torchrun_args(nproc, module_args, node)]
 
 
 def strip_flag(argv: list[str], flag: str = FLAG) -> list[str]:

@@ -21,7 +21,7 @@ def _facts(fn: ast.AST) -> tuple[set, bool, bool]:
     says_launch = spawns = False
     for node in ast.walk(fn):
         if isinstance(node, ast.ImportFrom) and node.module != "torchrun_utils":
-            local |= {a.asname or a.name for a in node.names}  # e.g. bench.runner.torchrun builds a command only
+            local |= {a.asname or a.name for a in node.names}  # e.g. launch.torchrun_command builds a command only
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
             calls.add(node.func.id)
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):

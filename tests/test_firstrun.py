@@ -35,8 +35,8 @@ def test_strip_flag_and_the_shared_command():
     assert strip_flag(argv) == ["train", "--config", "c.toml", "--set", "a.b=1"]
     cmd = torchrun_command(2, ["decoupled", "train"])  # what bench's sync/async rows run
     assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "decoupled", "train"]
-    from decoupled.bench.runner import torchrun
-    assert torchrun(2, ["decoupled", "train"]) == cmd
+    from decoupled.bench.launcher import Job, Local
+    assert Local().render(Job(["decoupled", "train"], 2))[0].argv == cmd
 
 
 @pytest.fixture(scope="module")

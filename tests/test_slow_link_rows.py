@@ -62,27 +62,33 @@ def test_the_registry_keeps_every_row_and_its_command():
     assert DEFAULT_ROWS == ("e2e", "e2e-Kthreads", "e2e-checkpoint", "sequential", "sync", "sync-auto", "async",
                             "ddp", "fsdp", "gpipe", "1f1b")
     c, d = Path("c.toml"), Path("d")
-    train = [sys.executable, "-m", "decoupled", "train", "--config", "c.toml", "--out", "d"]
+    train = ["decoupled", "train", "--config", "c.toml", "--out", "d"]
     e2e = ["--set", "train.mode=e2e", "--set", "train.probe_epochs=0"]
-    assert row_command("e2e", c, d, 2, 0) == (train + e2e, 1)
-    assert row_command("e2e-Kthreads", c, d, 3, 0) == (train + e2e, 3)
+
+    def job(*args, **kw):  # (python -m arguments, ranks: 0 = one process, threads)
+        j = row_command(*args, **kw)
+        return j.module_args, j.nproc, j.threads
+
+    assert job("e2e", c, d, 2, 0) == (train + e2e, 0, 1)
+    assert job("e2e-Kthreads", c, d, 3, 0) == (train + e2e, 0, 3)
     checkpointed = ["--set", "train.activation_checkpointing=true"]
-    assert row_command("e2e-checkpoint", c, d, 2, 0) == (train + e2e + checkpointed, 1)
-    assert row_command("sequential", c, d, 2, 0) == (train + ["--set", "train.mode=sequential"], 1)
-    cmd, threads = row_command("sync-auto", c, d, 2, 0)
-    assert threads == 1 and cmd[-8:] == ["--set", "train.mode=sync", "--set", 'dist.placement="auto"', "--set",
-                                         'dist.replicas="auto"', "--set", 'dist.replica_batch="split"']
-    assert row_command("async", c, d, 2, 0)[0][-4:] == ["--set", "train.mode=async", "--set", 'replay.budget="fresh"']
-    assert row_command("ddp", c, d, 2, 0)[0][-4:] == ["decoupled.bench.dataparallel", "c.toml", "d/ddp.json", "ddp"]
-    assert row_command("gpipe", c, d, 2, 4, [1, 1])[0][-6:] == ["decoupled.bench.gpipe", "c.toml", "d/gpipe.json",
-                                                                "4", "gpipe", "1,1"]
+    assert job("e2e-checkpoint", c, d, 2, 0) == (train + e2e + checkpointed, 0, 1)
+    assert job("sequential", c, d, 2, 0) == (train + ["--set", "train.mode=sequential"], 0, 1)
+    cmd, nproc, threads = job("sync-auto", c, d, 2, 0)
+    assert (nproc, threads) == (2, 1) and cmd[-8:] == ["--set", "train.mode=sync", "--set", 'dist.placement="auto"',
+                                                       "--set", 'dist.replicas="auto"', "--set",
+                                                       'dist.replica_batch="split"']
+    assert job("async", c, d, 2, 0)[0][-4:] == ["--set", "train.mode=async", "--set", 'replay.budget="fresh"']
+    assert job("ddp", c, d, 2, 0)[0][-4:] == ["decoupled.bench.dataparallel", "c.toml", "d/ddp.json", "ddp"]
+    assert job("gpipe", c, d, 2, 4, [1, 1])[0][-6:] == ["decoupled.bench.gpipe", "c.toml", "d/gpipe.json",
+                                                        "4", "gpipe", "1,1"]
     knobs = Knobs(bucket_mb=0.5, powersgd_rank=2, localsgd_period=8)
-    assert row_command("ddp", c, d, 2, 0, knobs=knobs)[0][-2:] == ["--bucket-mb", "0.5"]
-    assert row_command("ddp-powersgd", c, d, 2, 0, knobs=knobs)[0][-7:] == [
+    assert job("ddp", c, d, 2, 0, knobs=knobs)[0][-2:] == ["--bucket-mb", "0.5"]
+    assert job("ddp-powersgd", c, d, 2, 0, knobs=knobs)[0][-7:] == [
         "ddp-powersgd", "--bucket-mb", "0.5", "--powersgd-rank", "2", "--powersgd-start", "2"]
-    assert row_command("localsgd", c, d, 2, 0, knobs=knobs)[0][-6:] == [
+    assert job("localsgd", c, d, 2, 0, knobs=knobs)[0][-6:] == [
         "--bucket-mb", "0.5", "--localsgd-period", "8", "--localsgd-warmup", "0"]
-    assert row_command("ddp-bf16", c, d, 2, 0)[0][-1] == "ddp-bf16"  # torch's default buckets: no flag
+    assert job("ddp-bf16", c, d, 2, 0)[0][-1] == "ddp-bf16"  # torch's default buckets: no flag
     for name in SLOW_LINK:
         assert REGISTRY[name].worker and REGISTRY[name].curve and not REGISTRY[name].default
         assert "bucket_mb" in REGISTRY[name].knobs

@@ -29,8 +29,12 @@ training samples per second of that median epoch.
     decoupled bench --tune optim.lr=0.01,0.03,0.1 --config launch/configs/bench_cpu.toml --out runs/tuned
     decoupled bench --rows ddp,ddp-powersgd,localsgd --tune powersgd-rank=1,2,4 --config ... --out runs/slow
     decoupled bench --guard                     the speed guard (guard.py): ratios against committed thresholds
+    decoupled bench --nodes 2 --link loopback,1gbit,100mbit --config ... --out runs/links
+                                                every row on 2 emulated nodes per link rate (cluster.py)
 
-Writes bench.json, bench.md and bench.png (sweep: sweep.json, sweep.md, sweep.png) into --out.
+Writes bench.json, bench.md and bench.png (sweep: sweep.json, sweep.md, sweep.png) into --out; with
+--nodes, into --out/<link> for each link, beside cluster.json and cluster.md (every link's measured rate,
+the rows' throughput per link). A bench into a folder that holds finished rows reuses them (resume.py).
 """
 from __future__ import annotations
 
@@ -38,10 +42,12 @@ import time
 from pathlib import Path
 
 from ..config import ConfigError
+from .cluster import MAX_NODES, Cluster, Nodes, parse_links
 from .knobs import Knobs, add_arguments, flag, from_args, given
+from .launcher import signals_exit, using
 from .rows import DEFAULT_ROWS, MICROBATCHES, REGISTRY, ROWS, Curve, bench
 from .tune import Tune, parse_tune
-from .report import markdown
+from .report import markdown, write_summary
 from .layouts import layouts
 from .straggler import straggler
 from .guard import main as guard_main
@@ -107,6 +113,12 @@ def add_parser(sub) -> None:
                         "real, trains on the rest (default 0.1)")
     b.add_argument("--timeout", type=float, default=900.0, help="seconds per row before it counts as failed")
     add_arguments(b)  # the data-parallel rows' bench flags (knobs.py)
+    b.add_argument("--nodes", type=int, default=0, metavar="N",
+                   help="run every torchrun job across N emulated nodes (one network namespace each, joined through a "
+                        "bridge; ranks spread evenly, node 0 first); needs root. Each --link rate writes OUT/<link>")
+    b.add_argument("--link", metavar="RATE[,RATE...]",
+                   help="--nodes: every node's link, shaped with tbf to each rate in turn (a sweep), e.g. "
+                        "loopback,1gbit,100mbit; loopback = the same path unshaped (default); bandwidth only")
 
 
 def main(args) -> int:
@@ -122,9 +134,32 @@ def main(args) -> int:
     curve = _curve(args)
     tune = _tune(args)
     knobs = _knobs(args, rows, tune)
+    links = _links(args)
     if args.guard:
         return guard_main(args.out)
     out = args.out or Path("runs") / time.strftime("bench-%Y%m%d-%H%M%S")
+    with signals_exit():  # SIGTERM / SIGHUP: stop the jobs and remove the namespaces on the way out
+        if not links:
+            return _bench(args, out, rows, micro, curve, tune, knobs)
+        codes = []
+        with Cluster(args.nodes) as cluster:
+            records = []
+            for link in links:  # every rate measured before any row runs: a link that cannot be shaped fails now
+                cluster.shape(link)
+                records.append({"nodes": args.nodes, **cluster.measure(), "folder": link})
+                print(f"bench: {args.nodes} nodes, link {link}: a raw TCP stream ran at "
+                      f"{records[-1]['tcp_bytes_per_s'] / 1e6:.2f} MB/s", flush=True)
+            for link, record in zip(links, records):
+                cluster.shape(link)
+                print(f"bench: link {link}, into {out / link}", flush=True)
+                with using(Nodes(cluster, record)):
+                    codes.append(_bench(args, out / link, rows, micro, curve, tune, knobs))
+                print(write_summary(out, records) + f"written: {out}/cluster.json, cluster.md", flush=True)
+        return max(codes)
+
+
+def _bench(args, out: Path, rows: tuple[str, ...], micro: list[int], curve, tune, knobs: Knobs) -> int:
+    """The rows (or a sweep) into `out`, through the launcher in use (Note [one launcher per bench])."""
     if args.sweep == "depth":
         threshold = 65536 if args.mmap_threshold is None else args.mmap_threshold
         sweep_depth(args.config, args.overrides, out, parse_lists(args.hierarchies), args.timeout, threshold)
@@ -143,6 +178,24 @@ def main(args) -> int:
                    args.timeout, args.mmap_threshold or 0, curve, tune, knobs)
     print(markdown(result) + f"written: {out}/bench.json, bench.md, bench.png")
     return 1 if any("error" in r for r in result["rows"]) else 0
+
+
+def _links(args) -> list[str] | None:
+    """--nodes and --link, checked before anything runs: the link rates to sweep, None without --nodes."""
+    if not args.nodes:
+        if args.link:
+            raise ConfigError(f"bench: --link {args.link} shapes the links between emulated nodes; add --nodes N "
+                              "(e.g. --nodes 2)")
+        return None
+    if not 2 <= args.nodes <= MAX_NODES:
+        raise ConfigError(f"bench: --nodes {args.nodes}: emulated nodes need at least 2 (one node is this machine: "
+                          f"drop --nodes) and at most {MAX_NODES}")
+    if args.guard:
+        raise ConfigError("bench: --guard measures this machine against committed thresholds; drop --nodes")
+    if args.sweep != "straggler" and args.sweep != "depth" and args.ranks < args.nodes:
+        raise ConfigError(f"bench: --ranks {args.ranks} over --nodes {args.nodes} would leave a node without a rank; "
+                          f"give --ranks >= {args.nodes}")
+    return parse_links(args.link or "loopback")
 
 
 def _curve(args) -> Curve | None:

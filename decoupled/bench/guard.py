@@ -33,12 +33,12 @@ does not depend on how fast the machine is; each is compared to a threshold comm
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 from ..job import load, to_toml
-from .runner import machine, read_jsonl, run, timed, torchrun
+from .launcher import Job, run
+from .runner import machine, read_jsonl, timed
 
 # figure -> (comparison, threshold). Committed: change one only with a measured reason.
 THRESHOLDS = {
@@ -108,8 +108,8 @@ def _train(d: Path, sets: list[str], ranks: int, timeout: float) -> str | None:
     cfg = load(None, sets)
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.toml").write_text(to_toml(cfg))
-    cmd = torchrun(ranks, ["decoupled", "train", "--config", str(d / "config.toml"), "--out", str(d / "run")])
-    return run(cmd, d / "train.log", 1, timeout)
+    return run(Job(["decoupled", "train", "--config", str(d / "config.toml"), "--out", str(d / "run")], ranks),
+               d / "train.log", timeout)
 
 
 def _epoch_ends(run_dir: Path, rank: int) -> list[dict]:
@@ -180,9 +180,7 @@ def activation_bytes(cfg) -> int:
 
 
 def worker(out: Path, name: str, args: list[str], timeout: float, ranks: int = 0) -> dict:
-    module = ["decoupled.bench.guard_worker", *args]
-    cmd = torchrun(ranks, module) if ranks else [sys.executable, "-m", *module]
-    err = run(cmd, out / f"{name}.log", 1, timeout)
+    err = run(Job(["decoupled.bench.guard_worker", *args], ranks), out / f"{name}.log", timeout)
     if err:
         return {"value": None, "error": err}
     return json.loads(Path(args[-1]).read_text())

@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 
 from ..job import load, to_toml
-from .runner import machine, run, torchrun
+from .launcher import Job, describe, run
+from .runner import machine
 from .straggler import fmt, rank_facts
 
 VARIANTS = [("even", ["dist.placement=[]", "dist.replicas=[]"]),
@@ -35,9 +36,9 @@ def layouts(config: str | None, overrides: list[str], ranks: int, out: Path, tim
         cfg_path = out / _folder(name) / "config.toml"
         cfg_path.parent.mkdir(parents=True, exist_ok=True)
         cfg_path.write_text(to_toml(cfg))
-        cmd = torchrun(ranks, ["decoupled", "train", "--config", str(cfg_path), "--out", str(cfg_path.parent / "run")])
-        err = run(cmd, cfg_path.parent / "train.log", 1, timeout)
-        row = {"mode": f"sync {name}", "layout": name, "world": ranks, "cmd": " ".join(cmd)}
+        job = Job(["decoupled", "train", "--config", str(cfg_path), "--out", str(cfg_path.parent / "run")], ranks)
+        err = run(job, cfg_path.parent / "train.log", timeout)
+        row = {"mode": f"sync {name}", "layout": name, "world": ranks, "cmd": describe(job)}
         if err:
             row["error"] = err
         else:

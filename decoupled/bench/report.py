@@ -1,9 +1,12 @@
-"""bench.md and bench.png from a bench result (docs/results/ states the targets these numbers meet)."""
+"""bench.md and bench.png from a bench result, cluster.md of a --nodes bench (docs/results/ states the
+targets these numbers meet)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .curve import seed_summary
+from .resume import reused
 
 MiB = 2 ** 20
 # rows whose exact training memory is a lower bound (memory.py): FSDP counts its shards, not the
@@ -77,6 +80,15 @@ def accuracy_cells(result: dict, r: dict) -> list[str]:
                     f"{'never' if med is None else format(med, '.1f')} ({k}/{n})"]
 
 
+def link_line(c: dict) -> str:
+    """--nodes: the emulated nodes and their link (bench/cluster.py, Note [emulated cluster])."""
+    shaped = (f"tbf at {c['link']} ({c['rate_bytes_per_s'] / 1e6:.2f} MB/s, burst {c['burst_bytes'] // 1024} KiB) "
+              "on both ends of every node's veth" if c.get("rate_bytes_per_s") else "unshaped veths (loopback)")
+    return (f"Emulated cluster: {c['nodes']} nodes, one network namespace each, behind a bridge; {shaped}; a raw TCP "
+            f"stream between two nodes ran at {c['tcp_bytes_per_s'] / 1e6:.2f} MB/s. Bandwidth only: no latency, no "
+            "loss. Single-process rows (e2e, sequential) run outside the nodes")
+
+
 def mib(b: int | None) -> float:
     return float("nan") if b is None else b / MiB  # nan: an unknown peak is not drawn, and never 0
 
@@ -90,10 +102,17 @@ def markdown(result: dict) -> str:
              f"{timing}; torch {m['torch']}, {m['cpu_count']} CPUs, "
              f"load average at start {m['loadavg_start'][0]:.2f}; MALLOC_MMAP_THRESHOLD_="
              f"{result.get('malloc_mmap_threshold', 'glibc default (dynamic)')}", ""]
+    if result.get("cluster"):
+        lines += [link_line(result["cluster"]), ""]
+    again = reused(result["rows"])
+    if again:
+        lines += ["Read back from an earlier bench into this folder (the same config, link and row; measured then, "
+                  f"bench/resume.py): {', '.join(again)}", ""]
     if "stages" in result:
         ts = ", ".join(f"rank {s['rank']} {s['epoch_s']:.2f}s" for s in result["stages"])
         lines += [f"Stages alone (s/epoch): {ts}; bound = sum/max = {result['bound']:.2f}x, "
-                  f"{result['bound_samples_per_s']:.0f} samples/s", ""]
+                  f"{result['bound_samples_per_s']:.0f} samples/s"
+                  + (" (read back from an earlier bench into this folder)" if result.get("stages_reused") else ""), ""]
     c = result.get("curve")
     if c:
         lines += [f"--curve: {c['epochs']} epochs, test accuracy (last block's head) after each, outside the timed "
@@ -166,6 +185,10 @@ def markdown(result: dict) -> str:
                  *(["-" if r.get("comm_bytes_per_sample") is None else f"{r['comm_bytes_per_sample']:.0f}"]
                    if comm else []), per]
         lines.append("| " + " | ".join(cells) + " |")
+    shares = [f"{r['mode']} {r['link_share']:.2f}" for r in result["rows"] if r.get("link_share")]
+    if shares:
+        lines += ["", "Link share (the busiest sender's bytes per wall second of its timed epochs over the raw TCP "
+                  f"stream's rate; near 1 where the link sets the pace): {', '.join(shares)}"]
     return "\n".join(lines) + "\n"
 
 
@@ -196,3 +219,34 @@ def chart(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
+
+def write_summary(out: Path, records: list[dict]) -> str:
+    """OUT/cluster.json and cluster.md of a --nodes bench: every link's measured rate and, for the row
+    bench, each row's throughput per link (from OUT/<link>/bench.json, where it is written yet). Returns
+    the page."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cluster.json").write_text(json.dumps({"nodes": records[0]["nodes"], "links": records}, indent=2))
+    lines = [f"{records[0]['nodes']} emulated nodes (network namespaces behind a bridge; bench/cluster.py); "
+             "bandwidth only: no latency, no loss", "",
+             "| link | tbf rate MB/s | raw TCP stream MB/s | rows in |", "|---|---:|---:|---|"]
+    for r in records:
+        rate = f"{r['rate_bytes_per_s'] / 1e6:.2f}" if r.get("rate_bytes_per_s") else "unshaped"
+        lines.append(f"| {r['link']} | {rate} | {r['tcp_bytes_per_s'] / 1e6:.2f} | {r['folder']}/ |")
+    benches = {r["link"]: json.loads((out / r["folder"] / "bench.json").read_text()) for r in records
+               if (out / r["folder"] / "bench.json").exists()}
+    if benches:
+        modes = list(dict.fromkeys(row["mode"] for b in benches.values() for row in b["rows"]))
+        lines += ["", "samples/s per link (in brackets the link share: the busiest sender's bytes per second over "
+                  "the TCP stream's)", "", "| row | " + " | ".join(benches) + " |",
+                  "|---|" + "---:|" * len(benches)]
+        for mode in modes:
+            cells = []
+            for b in benches.values():
+                row = next((row for row in b["rows"] if row["mode"] == mode), {})
+                share = f" ({row['link_share']:.2f})" if row.get("link_share") else ""
+                cells.append(f"{row['samples_per_s']:.1f}{share}" if row.get("samples_per_s") else
+                             ("failed" if row else ""))
+            lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    (out / "cluster.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,9 @@ from ..job import ConfigError, JobConfig, load, to_toml
 from .curve import epoch_seconds, pipeline_curve, seed_summary, single_process_curve, time_to_target
 from .knobs import Knobs, to_args
 from .report import chart, markdown
-from .runner import machine, median, read_jsonl, run, timed, torchrun
+from .launcher import Job, describe, launcher, run
+from .resume import finished, keep, setup_of
+from .runner import machine, median, read_jsonl, timed
 from .strategies import STRATEGIES
 from .tune import Tune, read_val_acc, tune_row
 from .worker import data_order_sha, run_fields
@@ -166,6 +167,9 @@ def pipeline_row(mode: str, out: Path, n: int, batch: int) -> dict:
             row["optimizer_steps_per_epoch"] = [(b - a) / k for a, b in zip(first, e[-1]["optimizer_steps"])]
         span = e[-1]["time_s"] - e[0]["time_s"]
         row["epoch_s"] = span / k
+        # what it put on its links per wall second (training and evaluation, padding included): on a link
+        # that sets the pace, the link's own rate (bench --nodes: link_share)
+        row["sent_bytes_per_s"] = (e[-1].get("bytes_sent", 0) - e[0].get("bytes_sent", 0)) / span if span > 0 else None
         # a rank of the source group (a replica too) reads its samples from the loader, not from a link
         entered = per("samples_trained") if 0 in r["blocks"] else per("samples_recv")
         row["entered_samples_per_s"] = entered * k / span if span > 0 else None
@@ -275,6 +279,9 @@ def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repea
                     "n_train": n, "batch_size": B, "ranks": ranks, "repeats": repeats,
                     "microbatches": list(microbatches), "knobs": dataclasses.asdict(knobs),
                     "malloc_mmap_threshold": mmap_threshold or "glibc default (dynamic)"}
+    where = launcher()
+    if where.link:  # --nodes: the emulated nodes and their link, its rate as a raw TCP stream measured it
+        result["cluster"] = where.record
     plain = cfg_path  # rows without a curve (and the stages) run as without --curve: no evaluation
     if curve:
         result["curve"] = {"epochs": cfg.train.epochs, "target_acc": curve.target, "seeds": curve.seeds,
@@ -288,20 +295,20 @@ def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repea
             result["curve"].update(eval_every_steps=curve.eval_every_steps, eval_subset=m,
                                    eval_subset_se=math.sqrt(p * (1 - p) / m), eval_subset_se_at=p)
 
-    # 1. each rank's stages alone: the bound
-    err = run([sys.executable, "-m", "decoupled.bench.stages", str(plain), str(ranks), str(out / "stages.json")],
-              out / "logs" / "stages.log", 1, timeout, mmap_threshold)
-    stage_s = None
-    if err is None:
-        result["stages"] = json.loads((out / "stages.json").read_text())
+    # 1. each rank's stages alone: the bound; and the e2e network's block costs
+    measured = measure_stages(plain, out, n, B, ranks, timeout, mmap_threshold)
+    if measured.get("reused"):
+        result["stages_reused"] = True
+    if measured.get("error") is None:
+        result["stages"] = measured["stages"]
         stage_s = [s["epoch_s"] for s in result["stages"]]
         result["bound"] = bound(stage_s)
         result["bound_samples_per_s"] = bound_samples_per_s(n, stage_s)
     else:
-        result["stages_error"] = err
+        result["stages_error"] = measured["error"]
     split = None  # the pipelines' own best split of the e2e network, from its measured block costs
-    if (out / "e2e_block_costs.json").exists():
-        result["e2e_block_costs"] = json.loads((out / "e2e_block_costs.json").read_text())
+    if measured.get("e2e_block_costs"):
+        result["e2e_block_costs"] = measured["e2e_block_costs"]
         if len(result["e2e_block_costs"]) >= ranks:
             split = best_split(result["e2e_block_costs"], ranks)
             result["pipeline_split"] = split
@@ -315,6 +322,7 @@ def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repea
     for mode in rows:
         t0 = time.perf_counter()
         kind = REGISTRY[mode].kind
+        sent = where.tx_bytes()
         row_cfg, row_plain, row_knobs, tuned = cfg, plain, knobs, None
         cands = microbatch_candidates(microbatches, B, ranks)
         if mode in tuned_rows and (cands or kind != "pipeline"):  # a pipeline without a count fails as untuned
@@ -356,12 +364,19 @@ def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repea
             row["bound_samples_per_s"] = n / slowest if slowest > 0 else None
             row["of_bound"] = row["samples_per_s"] / row["bound_samples_per_s"] if slowest > 0 else None
         row.setdefault("wire_bytes_per_sample", None)  # None: no activation link of the engine's (one process, ddp...)
+        if where.link:  # what each node sent on its link during the row (every run of it, reused ones excepted)
+            row["link"] = where.link
+            row["link_tx_bytes"] = [b - a for a, b in zip(sent, where.tx_bytes())]
+            # the busiest sender's bytes per wall second over the raw TCP stream's: near 1 where the link
+            # sets the pace (issue 30's goal: >= 0.9), lower where compute or a slower rank does
+            busiest = max((r.get("sent_bytes_per_s") or 0 for r in row["ranks"]), default=0)
+            row["link_share"] = busiest / where.record["tcp_bytes_per_s"] if busiest else None
         row["bench_wall_s"] = time.perf_counter() - t0
         row["loadavg_1min_after"] = os.getloadavg()[0]  # other users' load skews a row: keep the evidence
         result["rows"].append(row)
         sps = row.get("samples_per_s")
         print(f"  {mode:13s} " + (f"{sps:9.1f} samples/s" if sps else f"FAILED: {row['error']}")
-              + f"  ({row['bench_wall_s']:.0f}s)", flush=True)
+              + f"  ({row['bench_wall_s']:.0f}s{', reused' if row.get('reused') else ''})", flush=True)
 
     info["loadavg_end"] = list(os.getloadavg())
     (out / "bench.json").write_text(json.dumps(result, indent=2))
@@ -370,12 +385,34 @@ def bench(config: str | None, overrides: list[str], ranks: int, out: Path, repea
     return result
 
 
+def measure_stages(plain: Path, out: Path, n: int, B: int, ranks: int, timeout: float, mmap_threshold: int) -> dict:
+    """The stages worker's `stages` and `e2e_block_costs` (or `error`). A measurement made in this folder
+    under the same setup is read back (Note [finished rows]): the pipelines' split, and so their runs'
+    setups, come from its block costs."""
+    d = out / "stages"
+    setup = setup_of("stages", plain, n, B, ranks, 0, None, mmap_threshold, launcher().where)
+    done = finished(d, setup)
+    if done is not None:
+        return done
+    for stale in ("stages.json", "e2e_block_costs.json"):
+        (out / stale).unlink(missing_ok=True)
+    err = run(Job(["decoupled.bench.stages", str(plain), str(ranks), str(out / "stages.json")]),
+              out / "logs" / "stages.log", timeout, mmap_threshold)
+    if err is not None:
+        return {"error": err}
+    got = {"stages": json.loads((out / "stages.json").read_text())}
+    if (out / "e2e_block_costs.json").exists():
+        got["e2e_block_costs"] = json.loads((out / "e2e_block_costs.json").read_text())
+    keep(d, setup, got)
+    return got
+
+
 def tuning_score(mode: str, cfg_path: Path, d: Path, ranks: int, microbatches: int, split, timeout: float,
                  mmap_threshold: int, knobs: Knobs) -> dict:
     """One tuning candidate (tune.py): the row's process on `cfg_path` with `knobs` in `d`, and its final
     validation accuracy."""
-    cmd, threads = row_command(mode, cfg_path, d, ranks, microbatches, split, knobs)
-    err = run(cmd, d.parent.parent / "logs" / f"tune-{d.name}.log", threads, timeout, mmap_threshold)
+    err = run(row_command(mode, cfg_path, d, ranks, microbatches, split, knobs),
+              d.parent.parent / "logs" / f"tune-{d.name}.log", timeout, mmap_threshold)
     if err is None:
         try:
             return {"val_acc": read_val_acc(mode, d, REGISTRY[mode].worker)}
@@ -385,20 +422,20 @@ def tuning_score(mode: str, cfg_path: Path, d: Path, ranks: int, microbatches: i
 
 
 def row_command(mode: str, cfg_path: Path, d: Path, ranks: int, microbatches: int,
-                split: list[int] | None = None, knobs: Knobs = Knobs()) -> tuple[list[str], int]:
-    """The process of one row and its thread count."""
+                split: list[int] | None = None, knobs: Knobs = Knobs()) -> Job:
+    """The job of one row: its process (or torchrun ranks) and thread count."""
     row = REGISTRY[mode]
     train = ["decoupled", "train", "--config", str(cfg_path), "--out", str(d)]
     sets = [a for o in row.sets for a in ("--set", o)]
     if row.kind == "single":
-        return [sys.executable, "-m", *train, *sets], ranks if row.k_threads else 1
+        return Job([*train, *sets], threads=ranks if row.k_threads else 1)
     if row.kind == "engine":
-        return torchrun(ranks, train + sets), 1
+        return Job(train + sets, ranks)
     if row.kind == "dataparallel":
-        return torchrun(ranks, ["decoupled.bench.dataparallel", str(cfg_path), str(d / f"{mode}.json"), mode,
-                                *to_args(knobs, row.knobs)]), 1
+        return Job(["decoupled.bench.dataparallel", str(cfg_path), str(d / f"{mode}.json"), mode,
+                    *to_args(knobs, row.knobs)], ranks)
     args = ["decoupled.bench.gpipe", str(cfg_path), str(d / f"{mode}.json"), str(microbatches), mode]
-    return torchrun(ranks, args + ([",".join(map(str, split))] if split else [])), 1
+    return Job(args + ([",".join(map(str, split))] if split else []), ranks)
 
 
 def pipeline_baseline_row(mode: str, cfg_path: Path, out: Path, B: int, ranks: int, microbatches, split,
@@ -415,7 +452,8 @@ def pipeline_baseline_row(mode: str, cfg_path: Path, out: Path, B: int, ranks: i
     ok = [r for r in tried if r.get("samples_per_s")]
     best = dict(max(ok, key=lambda r: r["samples_per_s"]) if ok else tried[0])
     best["microbatch_sweep"] = [{"microbatches": r.get("microbatches"), "samples_per_s": r.get("samples_per_s"),
-                                 **({"error": r["error"]} if "error" in r else {})} for r in tried]
+                                 **({"error": r["error"]} if "error" in r else {}),
+                                 **({"reused": True} if r.get("reused") else {})} for r in tried]
     best["split_searched"] = split is not None  # False: even split (no block costs measured)
     return best
 
@@ -424,11 +462,17 @@ def run_row(mode: str, cfg_path: Path, out: Path, n: int, B: int, ranks: int, mi
             mmap_threshold: int, split: list[int] | None = None, name: str | None = None,
             knobs: Knobs = Knobs()) -> dict:
     """Run one row's process (in OUT/<name>, the mode's name by default) and read its numbers; a row
-    with `error` when either fails."""
+    with `error` when either fails. A run that finished in this folder under the same setup is read
+    back instead (Note [finished rows], resume.py)."""
     d = out / (name or mode)
     kind = REGISTRY[mode].kind
-    cmd, threads = row_command(mode, cfg_path, d, ranks, microbatches, split, knobs)
-    err = run(cmd, out / "logs" / f"{name or mode}.log", threads, timeout, mmap_threshold)
+    job = row_command(mode, cfg_path, d, ranks, microbatches, split, knobs)
+    setup = setup_of(mode, cfg_path, n, B, ranks, microbatches, split, mmap_threshold, launcher().where,
+                     to_args(knobs, REGISTRY[mode].knobs))
+    done = finished(d, setup)
+    if done is not None:
+        return done
+    err = run(job, out / "logs" / f"{name or mode}.log", timeout, mmap_threshold)
     row = None
     if err is None:
         try:
@@ -449,7 +493,8 @@ def run_row(mode: str, cfg_path: Path, out: Path, n: int, B: int, ranks: int, mi
             row["run_fields_error"] = repr(e)
     if mode == "e2e-Kthreads":
         row["threads"] = ranks
-    row["cmd"] = " ".join(cmd)
+    row["cmd"] = describe(job)
+    keep(d, setup, row)
     return row
 
 
@@ -533,7 +578,7 @@ def curve_row(mode: str, cfg: JobConfig, out: Path, n: int, ranks: int, timeout:
     first = runs[0]
     if curve.seeds > 1:
         first["seeds"] = [{k: r.get(k) for k in ("seed", "samples_per_s", "final_acc", "time_to_target_s", "curve",
-                                                   "error")} for r in runs]
+                                                   "error", "reused")} for r in runs]
         first.update(seed_summary(runs, curve.target))  # a crashed seed counts as never, not dropped
     return first
 

@@ -1,18 +1,16 @@
-"""Running benchmark and ablation processes, and reading what they leave behind: one fresh process
-(or torchrun job) per measurement, its own thread count, a log, a timeout; the machine's facts.
-Shared by `decoupled bench` and analysis/ablate.py."""
+"""What benchmark and ablation processes share, and reading what they leave behind: one fresh process
+(or torchrun job) per measurement (its launcher, environment, log and timeout: launcher.py); the
+machine's facts. Shared by `decoupled bench` and analysis/ablate.py."""
 from __future__ import annotations
 
 import json
 import os
 import platform
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from ..launch import torchrun_command
+from .launcher import Job
 
 
 def median(xs: list[float]) -> float:
@@ -53,43 +51,8 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def env(threads: int, mmap_threshold: int = 0) -> dict:
-    # One process = `threads` intra-op threads (1 per rank on CPU): no rank steals another's core.
-    e = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    if mmap_threshold:
-        # glibc raises its mmap threshold whenever a large block is freed, so after the first step
-        # activations come from the heap and VmHWM grows with fragmentation (block 0 of a VGG alone:
-        # 45 MiB after one step, 76 MiB after five). A fixed threshold maps every tensor above it
-        # on its own and unmaps it when freed: VmHWM then tracks live tensor bytes. It costs page
-        # faults (train steps 1.3-2.7x slower), so only the memory-only sweep uses it by default.
-        e["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
-    return e
-
-
-def torchrun(k: int, module_args: list[str]) -> list[str]:
-    """K local ranks: the launcher `decoupled train --nproc-per-node K` uses (decoupled/launch.py)."""
-    return torchrun_command(k, module_args)
-
-
-def train_command(config: str | None, sets: list[str], out: Path, ranks: int = 0, threads_env=None) -> list[str]:
-    """`decoupled train` with --set overrides into `out`: one process, or torchrun with `ranks`."""
+def train_command(config: str | None, sets: list[str], out: Path, ranks: int = 0, threads: int = 1) -> Job:
+    """`decoupled train` with --set overrides into `out`: one process, or a torchrun job of `ranks`."""
     args = ["decoupled", "train", *(["--config", str(config)] if config else []),
             *[a for o in sets for a in ("--set", o)], "--out", str(out)]
-    return torchrun(ranks, args) if ranks else [sys.executable, "-m", *args]
-
-
-def run(cmd: list[str], log: Path, threads: int, timeout: float, mmap_threshold: int = 0) -> str | None:
-    """Run one row's process; None if it worked, else the error (exit code + the log's tail)."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        f.write(" ".join(cmd) + "\n\n")
-        f.flush()
-        try:
-            p = subprocess.run(cmd, env=env(threads, mmap_threshold), stdout=f, stderr=subprocess.STDOUT,
-                               timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return f"timed out after {timeout:.0f}s (see {log})"
-    if p.returncode != 0:
-        tail = [l for l in log.read_text().splitlines()[1:] if l.strip()][-6:]  # [0] is the command
-        return f"exit code {p.returncode}: " + " | ".join(tail)
-    return None
+    return Job(args, ranks, threads)

@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 
 from ..job import ConfigError, load, to_toml
-from .runner import machine, run, torchrun
+from .launcher import Job, describe, run
+from .runner import machine
 
 # (row name, overrides): sync, then async under each replay budget
 VARIANTS = [("sync", ["train.mode=sync"]),
@@ -45,9 +46,9 @@ def straggler(config: str | None, overrides: list[str], out: Path, timeout: floa
         cfg_path = out / name / "config.toml"
         cfg_path.parent.mkdir(parents=True, exist_ok=True)
         cfg_path.write_text(to_toml(cfg))
-        cmd = torchrun(k, ["decoupled", "train", "--config", str(cfg_path), "--out", str(out / name / "run")])
-        err = run(cmd, out / name / "train.log", 1, timeout)
-        row = {"mode": name, "cmd": " ".join(cmd)}
+        job = Job(["decoupled", "train", "--config", str(cfg_path), "--out", str(out / name / "run")], k)
+        err = run(job, out / name / "train.log", timeout)
+        row = {"mode": name, "cmd": describe(job)}
         if err:
             row["error"] = err
         else:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 from ..job import to_toml
 from .report import mib, peak
 from .rows import prepare
-from .runner import machine, run, torchrun
+from .launcher import Job, run
+from .runner import machine
 
 # Cascade Tables I/II style depth sweep: VGG stages, one decoupled block (and one rank) per stage.
 DEFAULT_HIERARCHIES = "[1,1,1],[1,1,2,2],[1,1,2,2,2],[2,2,3,3,3],[2,2,4,4,4]"
@@ -38,10 +38,10 @@ def sweep_depth(config: str | None, overrides: list[str], out: Path, hierarchies
         cfg_path.write_text(to_toml(cfg))
         train = ["decoupled", "train", "--config", str(cfg_path)]
         point = {"hierarchy": h, "convs": sum(h), "blocks": len(h)}
-        e = run([sys.executable, "-m", *train, "--set", "train.mode=e2e", "--out", str(out / name / "e2e")],
-                out / name / "e2e.log", 1, timeout, mmap_threshold)
-        s = run(torchrun(len(h), train + ["--set", "train.mode=sync", "--out", str(out / name / "sync")]),
-                out / name / "sync.log", 1, timeout, mmap_threshold)
+        e = run(Job([*train, "--set", "train.mode=e2e", "--out", str(out / name / "e2e")]),
+                out / name / "e2e.log", timeout, mmap_threshold)
+        s = run(Job(train + ["--set", "train.mode=sync", "--out", str(out / name / "sync")], len(h)),
+                out / name / "sync.log", timeout, mmap_threshold)
         if e or s:
             point["error"] = e or s
         else:
