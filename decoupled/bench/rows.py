@@ -170,9 +170,9 @@ def pipeline_row(mode: str, out: Path, n: int, batch: int) -> dict:
         # what it put on its links per wall second (training and evaluation, padding included): on a link
         # that sets the pace, the link's own rate (bench --nodes: link_share)
         row["sent_bytes_per_s"] = (e[-1].get("bytes_sent", 0) - e[0].get("bytes_sent", 0)) / span if span > 0 else None
-        # a rank of the source group (a replica too) reads its samples from the loader, not from a link
-        entered = per("samples_trained") if 0 in r["blocks"] else per("samples_recv")
-        row["entered_samples_per_s"] = entered * k / span if span > 0 else None
+        recv = "train_samples_recv" if "train_samples_recv" in e[-1] else "samples_recv"  # older runs: all
+        entered = per("samples_trained") if 0 in r["blocks"] else per(recv)
+        row["entered_samples_per_s"] = _entered_per_s(r)
         fresh = entered
         if "replay" in e[-1]:  # async: batches received, evicted before ever being trained on, draws
             rp = lambda key: (e[-1]["replay"].get(key, 0) - e[0].get("replay", {}).get(key, 0)) / k  # noqa: E731
@@ -210,6 +210,18 @@ def _fresh_per_s(r: dict, batch: int) -> float | None:
     timed window: a replaying async rank may draw no fresh batch between two of its own epoch ends."""
     fresh = r["replay"]["fresh_draws"] * batch if r.get("replay") else r.get("samples_trained", 0)
     return fresh / r["train_s"] if r.get("train_s") else None
+
+
+def _entered_per_s(r: dict) -> float | None:
+    """Training samples that entered the rank per second of its whole loop: a source-group rank (a
+    replica too) reads them from the loader, any other receives them. Over the whole loop, not the
+    timed window, for the reason of `_fresh_per_s`: an async rank's buffer may have taken in a whole
+    epoch before the window opened (seen under load: 0.0 for a rank that trained on every sample)."""
+    if not r.get("train_s"):
+        return None
+    if 0 in r["blocks"]:  # samples_trained sums over the rank's blocks
+        return r.get("samples_trained", 0) / max(len(r["blocks"]), 1) / r["train_s"]
+    return r.get("train_samples_recv", r.get("samples_recv", 0)) / r["train_s"]
 
 
 def _draws_per_fresh(r: dict) -> float | None:

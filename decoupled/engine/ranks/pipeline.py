@@ -247,4 +247,5 @@ class Pipeline:
                 "samples_sent": sum(link.samples for link in send), "samples_recv": sum(link.samples for link in recv),
                 # training traffic alone (headers, labels, ids, padding included): bytes per training sample
                 "train_bytes_sent": sum(link.train_bytes for link in send),
-                "train_samples_sent": sum(link.train_samples for link in send)}
+                "train_samples_sent": sum(link.train_samples for link in send),
+                "train_samples_recv": sum(link.train_samples for link in recv)}

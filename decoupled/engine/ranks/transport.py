@@ -208,7 +208,8 @@ class Link:
         self.transfers = 0  # point-to-point calls issued (isends, or irecvs posted)
         self.messages = 0
         self.samples = 0  # samples carried by data messages (routing makes this shrink downstream)
-        # training messages alone (sender side): what a training step costs the link, evaluations apart
+        # training messages alone, evaluations apart: what a training step costs the link (bytes: the
+        # sender's), and the training samples carried (either end)
         self.train_bytes = self.train_samples = 0
         self.blocked_s = 0.0  # time spent waiting on this link
         self.stream = None  # the receiver thread's stream (made on first receive, on that thread)
@@ -301,6 +302,8 @@ class Link:
         if kind in BATCHES:
             self.expect = size
             self.samples += int(header[3])
+            if kind == Kind.TRAIN:
+                self.train_samples += int(header[3])
         self.messages += 1
         if kind not in (Kind.STOP, Kind.ABORT):  # more follows: let it land while we handle this one
             self._post(self.expect)
