@@ -206,8 +206,13 @@ def test_guard_verdicts_and_the_sync_figure_from_stamps(tmp_path):
     sync_of_bound from the engine's own stamps is the slowest rank's compute over the slowest window."""
     from decoupled.bench import guard
     assert set(guard.THRESHOLDS) == {"async_blocked_upstream", "async_blocked_steps", "sync_of_bound", "e2e_overhead",
-                                     "wire_bytes_per_sample", "recv_cost"}
+                                     "wire_bytes_per_sample", "recv_cost", "int8_wire_bytes",
+                                     "slow_link_sync_over_ddp"}
     assert guard.verdict("async_blocked_steps", {"value": 0.05})["ok"]
+    # a figure this machine cannot measure (no namespaces) is skipped with its reason, not a miss
+    skipped = guard.verdict("slow_link_sync_over_ddp", {"value": None, "skipped": "needs CAP_NET_ADMIN"})
+    assert skipped["ok"] and skipped["detail"] == "skipped: needs CAP_NET_ADMIN"
+    assert not guard.verdict("int8_wire_bytes", {"value": 0.41})["ok"]
     assert not guard.verdict("async_blocked_steps", {"value": 0.5})["ok"]
     assert not guard.verdict("sync_of_bound", {"value": 0.5})["ok"]
     assert not guard.verdict("recv_cost", {"value": None, "error": "timed out"})["ok"]
