@@ -63,8 +63,11 @@ THRESHOLDS = {
     "recv_cost": ("<=", 1.0),
     # int8 codes carry a quarter of fp32's bytes plus a 4-byte scale per row; issue 30's bound
     "int8_wire_bytes": ("<=", 0.30),
-    # measured SLOW_LINK_THRESHOLD_NOTE
-    "slow_link_sync_over_ddp": (">=", 3.0),
+    # 22.89 and 22.87 in two invocations on 2026-12-07 (2-core VM: sync 10900 samples/s, ddp 476; the link
+    # carried 11.96 MB/s):
+    # ddp all-reduces 1.6 MB of gradients a step where sync sends 64 KB of activations. Under 10, the
+    # engine's path over a real link (gloo's sockets, the transport) has lost most of that advantage
+    "slow_link_sync_over_ddp": (">=", 10.0),
 }
 
 STRAGGLER = ["data.name=synthetic", "data.synthetic_shape=[1,28,28]", "data.synthetic_train=8000",
