@@ -130,8 +130,19 @@ def test_a_folder_that_is_not_a_bench_output_is_one_line_naming_it(tmp_path, cap
                          "--out", str(tmp_path / "map")]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and str(named) in err, err
+    (tmp_path / "ok-empty" / "mlp" / "curves" / "loopback" / "config.toml").unlink()  # the network's name
+    assert cli_main(["report", "--regime", str(tmp_path / "ok-empty"), "--out", str(tmp_path / "map")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config.toml" in err and str(tmp_path / "ok-empty") in err, err
     curves_only_shaped = tmp_path / "shaped-only"
     bench(curves_only_shaped, "100mbit", [row("sync", (0.81,))], target=0.80)
     assert cli_main(["report", "--regime", str(curves_only_shaped), "--out", str(tmp_path / "map")]) == 2
     assert "unshaped loopback" in capsys.readouterr().err
     assert not (tmp_path / "map").exists()  # nothing written on bad input
+
+
+def test_report_takes_folders_or_regime_not_both(tmp_path, capsys):
+    net = network(tmp_path)
+    for argv in (["report"], ["report", str(net), "--regime", str(net)]):
+        assert cli_main([*argv, "--out", str(tmp_path / "map")]) == 2
+        assert "not both" in capsys.readouterr().err

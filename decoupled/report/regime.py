@@ -188,15 +188,23 @@ def markdown(networks: list[dict], figure: Path) -> str:
     return "\n".join(lines)
 
 
+def _fail(message: str) -> int:
+    print(f"decoupled: report --regime: {message}", file=sys.stderr)
+    return 2
+
+
 def main(dirs: list[Path], out: Path) -> int:
     """The map of `dirs` (one network each) into OUT; 2 with one line naming the folder that is not a
     bench output."""
     from .plots import regime_map
-    try:
-        networks = [network(d) for d in dirs]
-    except RegimeError as e:
-        print(f"decoupled: report --regime: {e}", file=sys.stderr)
-        return 2
+    networks = []
+    for d in dirs:
+        try:
+            networks.append(network(d))
+        except RegimeError as e:
+            return _fail(str(e))
+        except (OSError, KeyError, TypeError, ValueError) as e:  # a file or field the bench writes is missing
+            return _fail(f"{d}: not a bench output as `decoupled bench` writes it ({type(e).__name__}: {e})")
     names = [n["network"] for n in networks]
     if len(set(names)) != len(names):  # two folders of one network would draw one panel twice
         for n in networks:
