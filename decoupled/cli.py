@@ -32,8 +32,12 @@ def _parser(raw: list[str] = ()) -> argparse.ArgumentParser:
                    help="then train the end-to-end backprop baseline on the same config into RUN/e2e and print "
                         "a one-line comparison (also in summary.json: e2e_baseline)")
     r = sub.add_parser("report", help="figures (PNG) and a markdown page of run directories and bench folders")
-    r.add_argument("runs", nargs="+", type=Path, metavar="RUN_OR_BENCH",
+    r.add_argument("runs", nargs="*", type=Path, metavar="RUN_OR_BENCH",
                    help="run directories, bench folders, or folders holding them")
+    r.add_argument("--regime", nargs="+", type=Path, metavar="DIR",
+                   help="instead: the regime map (time to target against link rate) into OUT/regime.md, .json and "
+                        ".png, one network per DIR, each holding its `bench --nodes` outputs (curves/, probes/, "
+                        "shaped/; docs/benchmarking.md)")
     r.add_argument("--out", type=Path, default=Path("report"), help="output folder (default ./report)")
     e = sub.add_parser("eval", help="early-exit evaluation of a finished run: per-exit accuracy and the exit "
                                     "curve (accuracy vs inference FLOPs) into its summary.json and exit_curve.png")
@@ -60,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return _eval(args)
     if args.command == "report":
         from .report import main as report_main
-        return report_main(args.runs, args.out)
+        return report_main(args.runs, args.out, args.regime)
     if args.command == "plan":
         from .plan.cli import main as plan_main
         return plan_main(args)

@@ -2,7 +2,8 @@
 the runs' summaries (per-block accuracy, memory and throughput per rank, the exit curve when there is
 one, the end-to-end baseline when the run was compared with one) and of the bench folders' tables;
 given a `decoupled plan` folder too, its predictions against the benches' measurements
-(plan/compare.py: the table, and DIR/plan_vs_bench.json)."""
+(plan/compare.py: the table, and DIR/plan_vs_bench.json). `--regime DIR...` instead: the regime map of
+`decoupled bench --nodes` outputs (regime.py)."""
 from __future__ import annotations
 
 import json
@@ -59,7 +60,14 @@ def markdown(runs: list[Path], bench_dirs: list[Path], figures: list[Path], pred
     return "\n".join(lines)
 
 
-def main(paths: list[Path], out: Path) -> int:
+def main(paths: list[Path], out: Path, regime: list[Path] | None = None) -> int:
+    if bool(paths) == bool(regime):
+        print("decoupled: report: give run or bench folders, or --regime DIR... (the regime map), not both",
+              file=sys.stderr)
+        return 2
+    if regime:
+        from .regime import main as regime_main
+        return regime_main(regime, out)
     from ..plan.compare import find_plans, write
     from .plots import load_all, plot_all
     try:

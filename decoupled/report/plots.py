@@ -13,6 +13,7 @@ ablation point (mean and standard deviation), any other run is its own configura
   memory_per_rank.png    peak memory of every rank (and of every bench row's largest process)
   throughput_vs_ranks.png  samples/s vs number of ranks, per mode (runs: the slowest rank; bench rows)
   accuracy_vs_time.png   bench --curve: test accuracy vs training time (evaluation excluded), one line per row
+  regime.png             `decoupled report --regime` only: time to target vs link rate (report/regime.py)
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.lines  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
 MiB = 2 ** 20
@@ -199,6 +201,41 @@ def accuracy_vs_time(benches, out, written):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     draw_accuracy_vs_time(ax, rows, targets.pop() if len(targets) == 1 else None)
     save(fig, out / "accuracy_vs_time.png", written)
+
+
+def regime_map(networks: list[dict], path: Path) -> Path:
+    """report/regime.py's map: time to target against the link's measured TCP rate (both log), a panel
+    per network, a line per row; measured points filled, computed hollow. "never" and "-" cells have no
+    point (the page's table has them)."""
+    fig, axes = plt.subplots(1, len(networks), figsize=(6.5 * len(networks), 4.8), squeeze=False)
+    for ax, net in zip(axes[0], networks):
+        rate = {rec["link"]: rec["tcp_bytes_per_s"] / 1e6 for rec in net["links"]}
+        for i, row in enumerate(net["rows"]):
+            pts = sorted((rate[c["link"]], c["time_to_target_s"], c["how"]) for c in net["cells"]
+                         if c["row"] == row and c["time_to_target_s"] is not None)
+            never = [c["link"] for c in net["cells"] if c["row"] == row and c["reached_target"] is False]
+            color = f"C{i % 10}"  # a row without a point still has its legend entry, and says why
+            ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], color=color,
+                    label=row + (f" (never at {', '.join(never)})" if never else ""))
+            for x, y, how in pts:
+                ax.plot(x, y, "o", color=color, mfc=color if how == "measured" else "none")
+        for link, x in rate.items():  # every link named where it sits: loopback at its own measured rate
+            ax.axvline(x, ls=":", c="grey", lw=0.8)
+            ax.text(x, 0.02, f" {link} ({x:.4g} MB/s)", transform=ax.get_xaxis_transform(), rotation=90,
+                    va="bottom", ha="right", fontsize=7)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):  # plain numbers (6, 20, 300), not 6 x 10^0
+            axis.set_major_formatter(matplotlib.ticker.LogFormatter())
+            axis.set_minor_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False))
+        ax.set_xlabel("link rate (raw TCP stream, MB/s)")
+        ax.set_ylabel(f"time to test accuracy {net['target_acc']} (s)")
+        ax.set_title(net["network"], fontsize=9)
+        marks = [matplotlib.lines.Line2D([], [], marker="o", ls="", color="k", label="measured"),
+                 matplotlib.lines.Line2D([], [], marker="o", ls="", color="k", mfc="none", label="computed")]
+        ax.legend(handles=ax.get_legend_handles_labels()[0] + marks, fontsize=7)
+    save(fig, path, [])
+    return path
 
 
 def plot_all(groups, benches, out: Path) -> list[Path]:
