@@ -107,7 +107,7 @@ class FakeLink:
 
     def __init__(self, messages):
         self.messages, self.read = list(messages), 0
-        self.samples = self.bytes = 0
+        self.samples = self.bytes = self.train_samples = 0  # the counters Pipeline.rank_metrics reads
         self.peer, self.device = 0, torch.device("cpu")
 
     def recv(self):
