@@ -79,17 +79,21 @@ def test_every_worker_reports_the_validation_accuracy(tmp_path, mode):
     assert 0.0 <= acc <= 1.0 and round(acc * held_out) == pytest.approx(acc * held_out)  # a count over the hold-out
 
 
+def _tuned_bench(out, rows: str, tune: str) -> dict:
+    """`decoupled bench --rows ROWS --tune TUNE` on 2 ranks of the tiny config, its bench.json."""
+    cmd = [sys.executable, "-m", "decoupled", "bench", "--rows", rows, "--ranks", "2", "--repeats", "1",
+           "--tune", tune, "--val-fraction", "0.25", "--out", str(out), "--timeout", "150", *sets(TINY)]
+    p = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=550)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return json.loads((out / "bench.json").read_text())
+
+
 @pytest.mark.torchrun
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_tuned_bench_runs_each_row_at_its_chosen_value(tmp_path):
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "decoupled", "bench", "--rows", "e2e,sync", "--ranks", "2", "--repeats", "1",
-           "--tune", "optim.lr=0.001,0.05", "--val-fraction", "0.25", "--out", str(out), "--timeout", "150",
-           *sets(TINY)]
-    p = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=550)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    res = json.loads((out / "bench.json").read_text())
+    res = _tuned_bench(out, "e2e,sync", "optim.lr=0.001,0.05")
     assert res["tune"]["key"] == "optim.lr" and res["tune"]["grid"] == [0.001, 0.05]
     assert res["n_train"] == 128 - 34  # the real runs train on the rest of the tuning hold-out
     for row in res["rows"]:
@@ -107,12 +111,7 @@ def test_a_bench_flag_is_tuned_on_the_rows_that_read_it(tmp_path):
     """--tune powersgd-rank=1,2 (a bench flag, knobs.py): ddp-powersgd scores both ranks on the hold-out
     and runs at its choice; ddp reads no such flag and runs once, untuned ("-" in bench.md's column)."""
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "decoupled", "bench", "--rows", "ddp,ddp-powersgd", "--ranks", "2", "--repeats", "1",
-           "--tune", "powersgd-rank=1,2", "--val-fraction", "0.25", "--out", str(out), "--timeout", "150",
-           *sets(TINY)]
-    p = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=550)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    res = json.loads((out / "bench.json").read_text())
+    res = _tuned_bench(out, "ddp,ddp-powersgd", "powersgd-rank=1,2")
     assert res["tune"]["key"] == "powersgd-rank" and res["tune"]["grid"] == [1, 2]
     assert res["tune"]["rows"] == ["ddp-powersgd"]
     ddp, powersgd = res["rows"]
