@@ -32,4 +32,8 @@ for net in $NETS; do
       --rows sync,sync-int8,async,ddp,ddp-powersgd,localsgd,fsdp,1f1b --out "$O/probes"
   # 3. async depends on timing: its full curves on every shaped link
   "${B[@]}" --link 1gbit,100mbit "${CURVE[@]}" --set data.val_fraction=0.1 --rows async --out "$O/shaped"
+  # 5. the baselines' fastest settings of the sweep at the slowest link: what they would gain by trading
+  #    accuracy for speed (a bound for the page; outside the network's folder, so not a row of its map)
+  "${B[@]}" --link 100mbit --set data.limit_train=1280 --set data.val_fraction=0.1 --repeats 2 \
+      --powersgd-rank 1 --localsgd-period 64 --rows ddp-powersgd,localsgd --out "$OUT/extra/$net-fast-knobs"
 done
