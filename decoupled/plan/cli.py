@@ -146,7 +146,9 @@ def _plan(args) -> int:
 
 ASSUMPTIONS = [
     "a rank has a core (or device) of its own: on a machine with fewer cores than ranks the measured times exceed "
-    "the prediction, and gloo's TCP traffic takes CPU from the same cores (not modelled)",
+    "the prediction; on gloo the communication's host work (constants: allreduce_host, send_host, recv_host) "
+    "takes that core's time, measured between two local processes; on a device planned from FLOPs (NCCL) "
+    "collectives take no host time",
     "links: bandwidth only, no latency; each rank sends on a link of its own (full duplex)",
     "a block's time at r rows is linear in r through its two measured batch sizes (methods.at_rows)",
 ]
