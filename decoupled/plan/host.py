@@ -11,20 +11,20 @@ included), so a busy machine slows the measurement's clock but not what it count
   per byte a rank sends in the ring (2 (W-1)/W of the buffer);
 - `send`, `recv`: the project's transport (engine/ranks/transport.Link, the decoupled ranks' links)
   carrying training messages of a few sizes (transport.message_bytes), each side's CPU per message
-  (the fewest of ROUNDS rounds, the sizes in turn, after a warm-up) fitted as a fixed part plus a part per byte. The sender
-  pauses PACE_S before each message, as a training step separates them: back to back, gloo's
+  (the fewest of ROUNDS rounds, the sizes in turn, after a warm-up) fitted as a fixed part plus a
+  part per byte. The sender pauses PACE_S before each message, as a training step separates them: back to back, gloo's
   receiving threads stay busy between messages (on this 2-core machine, under load, 2-3 ms of CPU a
   5 kB message against ~0.2 ms paced), which training does not see.
 
 Two processes on loopback: a link's rate does not enter (that is the model's wire term); what is
-left is the host's work. `measure_host` spawns them (a few seconds: two fresh interpreters import torch).
+left is the host's work. `measure_host` spawns them (seconds: two fresh interpreters import torch).
 """
 from __future__ import annotations
 
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 ALLREDUCE_NUMEL = (1024, 262_144, 2_097_152)  # 4 KiB, 1 MiB, 8 MiB of float32
 MESSAGE_WIDTHS = (16, 1024, 8192)  # float32 features a sample, 64 samples a message: ~5 KiB .. ~2 MiB
@@ -130,7 +130,3 @@ def measure_host(steps: int = 5, messages: int = 30, timeout_s: float = 300.0) -
     ar = max((got[r]["allreduce"] for r in (0, 1)), key=lambda f: (f.s_per_byte, f.fixed_s))
     return {"allreduce": ar, "send": got[0]["message"], "recv": got[1]["message"],
             "points": {"send": got[0]["points"], "recv": got[1]["points"]}}
-
-
-def as_dict(fit: HostFit) -> dict:
-    return asdict(fit)

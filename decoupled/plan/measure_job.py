@@ -10,7 +10,7 @@ from ..device import resolve_device
 from ..engine.build import build_rank_stages
 from ..flops import stage_costs
 from ..optim import build_optimizer
-from .host import as_dict, measure_host
+from .host import measure_host
 from .measure import profile
 from .methods import PlanError, Profile, on_device
 

@@ -423,7 +423,9 @@ def on_device(p: Profile, flops_local: list[float], flops_e2e: list[float], flop
                                host=device_host(p, rate, launch_s), notes=[*p.notes, note, host_note])
 
 
-SEND_LAUNCHES, RECV_LAUNCHES = 4, 3  # pack (header upload, concatenation, padding) + isend; irecv, header download, repost
+# kernels a transport message takes: pack (header upload, concatenation, padding) and isend; irecv, the
+# header's download and the next irecv posted
+SEND_LAUNCHES, RECV_LAUNCHES = 4, 3
 # kernels of one encode / decode (engine/wire.Codec, precision.Precision.to_wire's finiteness fold): a scaled
 # code's row scales, division, clamp, rounding, cast and concatenation; a cast's one cast; float32's none
 CODEC_LAUNCHES = {"scaled": (15, 3), "cast": (1, 1), "float32": (0, 0)}
