@@ -2,19 +2,22 @@
 (docs/plan.md, "The model": the host terms; plan/model.py Note [host costs]).
 
 On gloo a collective's TCP copies and reductions, and the transport's packing, copies and
-rendezvous, run on the same cores as the ranks' compute: what they take is CPU time a rank does not
-compute in. Measured here as CPU time (time.process_time: every thread of the process, gloo's
-included), so a busy machine slows the measurement's clock but not what it counts:
+rendezvous, run on the same cores as the ranks' compute: time a rank does not compute in.
 
 - `allreduce`: measure.host_allreduce on torch.distributed's all_reduce (the very collective DDP,
   local SGD and a replica group run) at a few sizes, fitted as a fixed part per call plus a part
-  per byte a rank sends in the ring (2 (W-1)/W of the buffer);
-- `send`, `recv`: the project's transport (engine/ranks/transport.Link, the decoupled ranks' links)
-  carrying training messages of a few sizes (transport.message_bytes), each side's CPU per message
-  (the fewest of ROUNDS rounds, the sizes in turn, after a warm-up) fitted as a fixed part plus a
-  part per byte. The sender pauses PACE_S before each message, as a training step separates them: back to back, gloo's
-  receiving threads stay busy between messages (on this 2-core machine, under load, 2-3 ms of CPU a
-  5 kB message against ~0.2 ms paced), which training does not see.
+  per byte a rank sends in the ring (2 (W-1)/W of the buffer): wall-clock time on an unlimited link,
+  the time the rank spends in the collective (its CPU alone, time.process_time, is kept beside it:
+  about a third of it here, the rest the handshakes of the ring's steps);
+- `send`, `recv`: the CPU time (time.process_time: every thread of the process, gloo's included; a
+  busy machine slows the measurement's clock but not what it counts) of the project's transport
+  (engine/ranks/transport.Link, the decoupled ranks' links: its sends and its receiver thread run
+  beside the compute) carrying training messages of a few sizes (transport.message_bytes), each
+  side's per message (the fewest of ROUNDS rounds, the sizes in turn, after a warm-up) fitted as a
+  fixed part plus a part per byte. The sender pauses PACE_S before each message, as a training
+  step separates them: back to back, gloo's receiving threads stay busy between messages (on this
+  2-core machine, under load, 2-3 ms of CPU a 5 kB message against ~0.3 ms paced), which training
+  does not see.
 
 Two processes on loopback: a link's rate does not enter (that is the model's wire term); what is
 left is the host's work. `measure_host` spawns them (seconds: two fresh interpreters import torch).
@@ -73,7 +76,7 @@ def _worker(rank: int, port: int, steps: int, messages: int, queue) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         cpu = torch.device("cpu")
-        ar = host_allreduce(dist.all_reduce, ALLREDUCE_NUMEL, cpu, 2, steps)
+        ar, ar_cpu = host_allreduce(dist.all_reduce, ALLREDUCE_NUMEL, cpu, 2, steps)
         group = dist.new_group([0, 1])
         link = Link(group, 1 - rank, cpu, 120.0, MESSAGE_ROWS, max_inflight=2)
         n = MESSAGE_ROWS
@@ -101,7 +104,7 @@ def _worker(rank: int, port: int, steps: int, messages: int, queue) -> None:
                 best[w] = min(best[w], cpu_per_message(w, messages))
         points = [(float(message_bytes(n, CODECS["float32"].row_bytes(w))), best[w]) for w in MESSAGE_WIDTHS]
         dist.barrier(group)
-        queue.put((rank, {"allreduce": ar, "message": fit_line(points), "points": points}))
+        queue.put((rank, {"allreduce": ar, "allreduce_cpu": ar_cpu, "message": fit_line(points), "points": points}))
     finally:
         dist.destroy_process_group()
 
@@ -128,5 +131,7 @@ def measure_host(steps: int = 5, messages: int = 30, timeout_s: float = 300.0) -
             if p.is_alive():
                 p.kill()
     ar = max((got[r]["allreduce"] for r in (0, 1)), key=lambda f: (f.s_per_byte, f.fixed_s))
+    ar_cpu = max((got[r]["allreduce_cpu"] for r in (0, 1)), key=lambda f: (f.s_per_byte, f.fixed_s))
     return {"allreduce": ar, "send": got[0]["message"], "recv": got[1]["message"],
-            "points": {"send": got[0]["points"], "recv": got[1]["points"]}}
+            "points": {"send": got[0]["points"], "recv": got[1]["points"],
+                       "allreduce_cpu": {"fixed_s": ar_cpu.fixed_s, "s_per_byte": ar_cpu.s_per_byte}}}

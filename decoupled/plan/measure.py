@@ -79,15 +79,21 @@ def _allreduce_s(all_reduce, numel: int, device: torch.device, steps: int, clock
 
 
 def host_allreduce(all_reduce, numels, device: torch.device, world: int, steps: int = 5):
-    """The CPU one rank spends in `all_reduce` (gloo: its TCP copies and reductions, on the cores that
-    compute; docs/plan.md's host term), per call and per byte the rank sends in the ring (2 (W-1)/W
-    of the buffer): at each of `numels` float32 elements, the fewest CPU seconds (time.process_time:
-    other load only adds) of 3 medians of `steps` calls, fitted on a line (host.fit_line)."""
+    """The time one rank spends in `all_reduce` on an unlimited link (two local gloo processes: its
+    TCP copies, its reductions and the handshakes between them, on the cores that compute;
+    docs/plan.md's host term), per call and per byte the rank sends in the ring (2 (W-1)/W of the
+    buffer): at each of `numels` float32 elements, the fewest seconds of 3 medians of `steps` calls
+    (other load only adds), fitted on a line (host.fit_line). Returns (wall-clock fit, CPU fit): the
+    model charges the first (the rank computes nothing meanwhile); the second, its CPU alone
+    (time.process_time, every thread), is kept for comparison."""
     from .host import fit_line
     _allreduce_s(all_reduce, max(numels), device, 1)  # warm-up: the ring's connections and buffers
-    points = [(2 * (world - 1) / world * 4 * n,
-               min(_allreduce_s(all_reduce, n, device, steps, time.process_time) for _ in range(3))) for n in numels]
-    return fit_line(points)
+    wall, cpu = [], []
+    for n in numels:
+        nbytes = 2 * (world - 1) / world * 4 * n
+        wall.append((nbytes, min(_allreduce_s(all_reduce, n, device, steps) for _ in range(3))))
+        cpu.append((nbytes, min(_allreduce_s(all_reduce, n, device, steps, time.process_time) for _ in range(3))))
+    return fit_line(wall), fit_line(cpu)
 
 
 def measure_codecs(shapes, rows: int, codecs, device: torch.device, steps: int = 3) -> dict:
