@@ -198,6 +198,20 @@ def test_plan_from_flops_is_deterministic(tmp_path):
     assert runs[0][1]["terms"]["host_s"] == 0.0
 
 
+def test_ranks_per_node(tmp_path):
+    """--ranks-per-node G: K / G nodes at every K, the sweep's too; ranks of a node reach each other at
+    --intra-link, so DDP over 2 nodes of 2 is as fast as over the slow link alone allows."""
+    out = tmp_path / "p"
+    assert plan_main(parse_argv([*TINY, "--ranks", "4", "--link", "1mbit", "--ranks-per-node", "2", "--intra-link",
+                                 "100gbit", "--device-tflops", "100", "--methods", "ddp", "--out", str(out)])) == 0
+    res = json.loads((out / "plan.json").read_text())
+    assert res["rows"][0]["nodes"] == 2 and res["ranks_per_node"] == 2
+    nodes = {r["ranks"]: r["nodes"] for r in res["sweep"]}
+    assert nodes[2] == 1 and nodes[3] == 2 and nodes[64] == 32
+    one = [r for r in res["sweep"] if r["ranks"] == 2][0]  # one node: the intra link
+    assert one["terms"]["comm_s"] < res["rows"][0]["terms"]["comm_s"]
+
+
 @pytest.mark.parametrize("argv,names", [
     (["--ranks", "2", "--link", "100 megabits"], "--link '100 megabits'"),
     (["--ranks", "2", "--link", "1gbit", "--intra-link", "fast"], "--intra-link 'fast'"),
@@ -205,6 +219,7 @@ def test_plan_from_flops_is_deterministic(tmp_path):
     (["--ranks", "2,8", "--link", "1gbit"], "--ranks 2,8"),
     (["--ranks", "2", "--link", "1gbit", "--methods", "sync,zero"], "--methods"),
     (["--ranks", "2", "--link", "1gbit", "--set", "model.hierarchy=[1]"], "model.hierarchy"),
+    (["--ranks", "2", "--link", "1gbit", "--nodes", "1", "--ranks-per-node", "2"], "--ranks-per-node"),
 ])
 def test_bad_input_is_one_line_naming_the_option(capsys, argv, names):
     assert plan_main(parse_argv([*TINY, *argv])) == 2

@@ -62,6 +62,9 @@ def add_parser(sub) -> None:
                    help="the link between nodes: 100mbit, 1gbit, 10gbit, ... or loopback (no limit)")
     p.add_argument("--nodes", type=int, default=0, metavar="N",
                    help="ranks spread evenly over N nodes, consecutive ranks per node (default: one rank a node)")
+    p.add_argument("--ranks-per-node", type=int, default=0, metavar="G",
+                   help="instead of --nodes: G ranks a node at every K (K / G nodes, rounded up; a cluster of GPU "
+                        "servers, e.g. 8 with --intra-link 400gbit)")
     p.add_argument("--intra-link", default="loopback", metavar="RATE",
                    help="the link between ranks of one node (default loopback: no limit)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
@@ -98,6 +101,8 @@ def _plan(args) -> int:
         raise PlanError(f"--methods: unknown {bad}; choose from {','.join(METHODS)}")
     if args.nodes < 0 or (args.nodes and args.nodes > min(ranks)):
         raise PlanError(f"--nodes {args.nodes}: expected 1 to {min(ranks)} (the fewest --ranks), or 0: a node a rank")
+    if args.ranks_per_node < 0 or (args.ranks_per_node and args.nodes):
+        raise PlanError(f"--ranks-per-node {args.ranks_per_node}: a positive count, and not with --nodes")
     for option, v in (("--device-tflops", args.device_tflops), ("--efficiency", args.efficiency),
                       ("--launch-us", args.launch_us), ("--measure-batch", args.measure_batch),
                       ("--powersgd-rank", args.powersgd_rank), ("--localsgd-period", args.localsgd_period)):
@@ -121,8 +126,9 @@ def _plan(args) -> int:
                  powersgd_rank=args.powersgd_rank, localsgd_period=args.localsgd_period)
 
     def row(method: str, k: int, link: tuple[str, float]) -> dict:
-        c = Cluster(k, link[1], args.nodes, intra)
-        head = {"method": method, "mode": method, "ranks": k, "nodes": args.nodes or k, "link": link[0],
+        nodes = math.ceil(k / args.ranks_per_node) if args.ranks_per_node else args.nodes
+        c = Cluster(k, link[1], nodes, intra)
+        head = {"method": method, "mode": method, "ranks": k, "nodes": nodes or k, "link": link[0],
                 "link_bytes_per_s": None if math.isinf(link[1]) else link[1]}
         try:
             return {**head, **predict(prof, c, s, method)}
@@ -134,7 +140,8 @@ def _plan(args) -> int:
     out = args.out or Path("runs") / f"plan-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     result = {**info, "settings": {k: v for k, v in vars(s).items() if k != "message"},
-              "nodes": args.nodes, "intra_link": args.intra_link, "notes": prof.notes,
+              "nodes": args.nodes, "ranks_per_node": args.ranks_per_node, "intra_link": args.intra_link,
+              "notes": prof.notes,
               "assumptions": ASSUMPTIONS, "rows": rows, "sweep": sweep}
     (out / "plan.json").write_text(json.dumps(result, indent=2, default=float))
     from .report import chart, table
