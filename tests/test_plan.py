@@ -198,6 +198,24 @@ def test_plan_from_flops_is_deterministic(tmp_path):
     assert runs[0][1]["terms"]["host_s"] == 0.0
 
 
+def test_host_terms_zero_and_a_failed_measurement(tmp_path, capsys, monkeypatch):
+    """--host-terms zero: no measurement, the host constants 0 and the notes say so; a measurement
+    that fails is one line naming the option."""
+    out = tmp_path / "z"
+    assert plan_main(parse_argv([*TINY, "--ranks", "2", "--link", "1gbit", "--methods", "ddp", "--host-terms", "zero",
+                                 "--out", str(out)])) == 0
+    res = json.loads((out / "plan.json").read_text())
+    assert res["constants"]["allreduce_host"]["s_per_byte"] == 0 and res["rows"][0]["terms"]["host_s"] == 0
+    assert any("--host-terms zero" in n for n in res["notes"])
+
+    def fails():
+        raise RuntimeError("the two gloo processes failed (exit codes [1])")
+    monkeypatch.setattr("decoupled.plan.measure_job.measure_host", fails)
+    assert plan_main(parse_argv([*TINY, "--ranks", "2", "--link", "1gbit", "--out", str(tmp_path / "f")])) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--host-terms" in err and "exit codes" in err and len(err.splitlines()) == 1
+
+
 def test_ranks_per_node(tmp_path):
     """--ranks-per-node G: K / G nodes at every K, the sweep's too; ranks of a node reach each other at
     --intra-link, so DDP over 2 nodes of 2 is as fast as over the slow link alone allows."""

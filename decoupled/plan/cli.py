@@ -77,6 +77,9 @@ def add_parser(sub) -> None:
                    help=f"with --device-tflops: the floor of one kernel launch (default {LAUNCH_US:g} us)")
     p.add_argument("--measure-batch", type=int, metavar="B",
                    help="measure at B rows instead of data.batch_size and scale (a network too big to measure)")
+    p.add_argument("--host-terms", choices=("measure", "zero"), default="measure",
+                   help="on a CPU job: measure gloo's all-reduce and the transport's host costs between two local "
+                        "processes (default), or leave them 0")
     p.add_argument("--powersgd-rank", type=int, default=4, help="ddp-powersgd: the rank of its factors (default 4)")
     p.add_argument("--localsgd-period", type=int, default=16,
                    help="localsgd: steps between parameter averages (default 16)")

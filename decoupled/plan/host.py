@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from queue import Empty
 from dataclasses import dataclass
 
 ALLREDUCE_NUMEL = (1024, 262_144, 2_097_152)  # 4 KiB, 1 MiB, 8 MiB of float32
@@ -123,8 +124,14 @@ def measure_host(steps: int = 5, messages: int = 30, timeout_s: float = 300.0) -
     deadline = time.monotonic() + timeout_s
     try:
         while len(got) < 2:
-            rank, res = queue.get(timeout=max(1.0, deadline - time.monotonic()))
-            got[rank] = res
+            try:
+                rank, res = queue.get(timeout=1.0)
+                got[rank] = res
+            except Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead or time.monotonic() > deadline:
+                    why = f"failed (exit codes {dead})" if dead else f"timed out after {timeout_s:g} s"
+                    raise RuntimeError(f"the two gloo processes {why}")
     finally:
         for p in procs:
             p.join(timeout=10)

@@ -60,8 +60,15 @@ def measure_job(cfg, args) -> tuple[Profile, dict]:
                          layers, tensors, args.device_tflops, args.efficiency, args.launch_us * 1e-6)
         info["device"] = {"tflops": args.device_tflops, "efficiency": args.efficiency, "launch_us": args.launch_us}
         backend = "nccl (a device planned from FLOPs)"
+    elif device.type == "cpu" and getattr(args, "host_terms", "measure") == "zero":
+        backend = "gloo, host terms not measured (--host-terms zero): 0"
+        prof.notes.append("--host-terms zero: the all-reduce's and the transport's host terms are 0, not measured")
     elif device.type == "cpu":  # gloo: the communication's host work, between two local processes (host.py)
-        got = measure_host()
+        try:
+            got = measure_host()
+        except (RuntimeError, OSError) as e:
+            raise PlanError(f"--host-terms: measuring gloo's host costs between two local processes failed ({e}); "
+                            "plan without them with --host-terms zero") from None
         prof.host.allreduce, prof.host.send, prof.host.recv = (
             (got[k].fixed_s, got[k].s_per_byte) for k in ("allreduce", "send", "recv"))
         info["host_points"] = got["points"]
