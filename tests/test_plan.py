@@ -414,6 +414,13 @@ def test_a_device_from_flops_has_no_host_collective_term():
     assert 0 < d.host.powersgd_s < 1e-3
     ddp = predict(d, Cluster(4, math.inf), Settings(message_bytes), "ddp")
     assert ddp["terms"]["host_s"] == 0.0 and ddp["step_s"] == pytest.approx(ddp["terms"]["compute_s"])
+    # every codec of the registry gets its kind's launches: a scaled code's, a cast's, float32's none
+    from decoupled.plan.methods import CODEC_LAUNCHES
+    every = on_device(_with(p, codec={name: _codec(n, 1.0, 1.0) for name in CODECS}), [1e6] * n, [3e6] * n,
+                      [1e6] * n, [1] * n, 2 * n, 100.0, 0.5, 1e-5)
+    for name, c in CODECS.items():
+        kind = "float32" if name == "float32" else "scaled" if c.scaled else "cast"
+        assert every.host.codec[name]["encode_s"][0] == pytest.approx(CODEC_LAUNCHES[kind][0] * 1e-5), name
 
 
 def test_fit_line():

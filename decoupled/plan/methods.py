@@ -437,11 +437,10 @@ def device_host(p: Profile, rate: float, launch_s: float) -> HostCosts:
     kernel launches per message and per encode / decode, PowerSGD's compression from its FLOPs (per
     gradient it compresses, n x m at rank r: three products of 2 n m r and an orthogonalisation of
     about 4 n r^2) at the profile's PowerSGD rank."""
-    from ..engine.wire import CODECS
     n = len(p.local.step_s)
     codec = {}
-    for name in p.host.codec:
-        kind = "float32" if name == "float32" else "scaled" if CODECS[name].scaled else "cast"
+    for name in p.host.codec:  # engine/wire.CODECS' names: the scaled codes are int8 and the float8s
+        kind = "float32" if name == "float32" else "scaled" if name == "int8" or name.startswith("float8") else "cast"
         enc, dec = (x * launch_s for x in CODEC_LAUNCHES[kind])
         codec[name] = {"encode_s": [enc] * n, "encode_fixed_s": [enc] * n, "decode_s": [dec] * n,
                        "decode_fixed_s": [dec] * n}
