@@ -238,6 +238,8 @@ def test_ranks_per_node(tmp_path):
     (["--ranks", "2", "--link", "1gbit", "--methods", "sync,zero"], "--methods"),
     (["--ranks", "2", "--link", "1gbit", "--set", "model.hierarchy=[1]"], "model.hierarchy"),
     (["--ranks", "2", "--link", "1gbit", "--nodes", "1", "--ranks-per-node", "2"], "--ranks-per-node"),
+    (["--ranks", "2", "--link", "1gbit", "--set", "train.mode=sync", "--set", "dist.placement=[1,1]"],
+     "dist.placement"),
 ])
 def test_bad_input_is_one_line_naming_the_option(capsys, argv, names):
     assert plan_main(parse_argv([*TINY, *argv])) == 2
@@ -380,6 +382,20 @@ def test_each_host_term_is_zero_at_zero_and_raises_the_step_time(term, values, s
             assert len(set(steps)) == 1, (term, method, steps)
         else:
             assert steps == sorted(steps) and steps[-1] > steps[0], (term, method, steps)
+
+
+def test_a_placement_given_is_predicted_as_the_engine_runs_it():
+    """dist.placement as a list (the bench's even split, a user's own): the decoupled rows predict that
+    layout at its K, so a plan is checked against the run it stands for; at another K the plan searches."""
+    p, slow = _profile(), Cluster(2, parse_rate("10mbit"))
+    searched = predict(p, slow, Settings(message_bytes), "sync")
+    assert searched["layout"]["placement"] == [[0, 1], [2, 3]]  # the 4-wide cut after block 1
+    for method in ("sync", "sync-int8", "async"):
+        given = predict(p, slow, Settings(message_bytes, placement=(1, 3)), method)
+        assert given["layout"]["placement"] == [[0], [1, 2, 3]], method
+    assert given["wire_bytes_per_sample"] > searched["wire_bytes_per_sample"]
+    assert predict(p, Cluster(3, parse_rate("10mbit")), Settings(message_bytes, placement=(1, 3)),
+                   "sync")["layout"]["placement"] != [[0], [1, 2, 3]]
 
 
 def test_host_terms_on_a_slow_link_still_never_predict_faster_training():

@@ -123,10 +123,15 @@ def _plan(args) -> int:
         raise PlanError(f"--ranks {args.ranks}: {', '.join(narrow)} hold at least one block per rank and the model "
                         f"has {n} blocks; plan at most {n} ranks for them, use sync-auto (replicas) or ddp / fsdp "
                         "(--methods), or split the model finer (model.blocks)")
+    placement = cfg.dist.placement if isinstance(cfg.dist.placement, list) else []
+    if placement and sum(placement) != n:
+        raise PlanError(f"dist.placement={list(placement)} places {sum(placement)} blocks and the model has {n}: "
+                        "give one count per rank that sum to the blocks, or leave it empty (the plan searches)")
     from ..engine.ranks.transport import message_bytes
     s = Settings(message_bytes, wire=cfg.dist.wire_dtype, max_inflight=cfg.dist.max_inflight,
                  replay_capacity=cfg.replay.capacity, bucket_bytes=cfg.dist.allreduce_bucket_mb * 2 ** 20,
-                 powersgd_rank=args.powersgd_rank, localsgd_period=args.localsgd_period)
+                 powersgd_rank=args.powersgd_rank, localsgd_period=args.localsgd_period,
+                 placement=tuple(int(b) for b in placement))
 
     def row(method: str, k: int, link: tuple[str, float]) -> dict:
         nodes = math.ceil(k / args.ranks_per_node) if args.ranks_per_node else args.nodes

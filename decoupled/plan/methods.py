@@ -98,6 +98,9 @@ class Settings:
     powersgd_rank: int = 4
     localsgd_period: int = 16
     microbatches: tuple[int, ...] = ()  # the pipelines' candidates; () = every power of two dividing B
+    # dist.placement as a list (blocks per rank): sync / sync-int8 / async predicted at that layout where its
+    # length is the plan's K, as the engine runs it, instead of the best split; () = search
+    placement: tuple[int, ...] = ()
 
 
 def per_byte(rate: float) -> float:
@@ -164,8 +167,11 @@ def decoupled(p: Profile, c: Cluster, s: Settings, method: str) -> dict:
     else:
         if k > n:
             raise Infeasible(f"{k} ranks > {n} blocks")
-        counts = best_split(costs.step_s, k, cut_s=lambda i, g: costs.transfer_s([i], 1, g),
-                            extra_s=lambda j, i: sum(costs.host_s(range(j, i))))
+        if len(s.placement) == k:  # the job's own layout (cli.py checked that it covers the blocks)
+            counts = list(s.placement)
+        else:
+            counts = best_split(costs.step_s, k, cut_s=lambda i, g: costs.transfer_s([i], 1, g),
+                                extra_s=lambda j, i: sum(costs.host_s(range(j, i))))
         reps = [1] * k
     groups = groups_of(counts)
     firsts = [sum(reps[:g]) for g in range(len(groups))]
