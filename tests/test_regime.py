@@ -146,3 +146,21 @@ def test_report_takes_folders_or_regime_not_both(tmp_path, capsys):
     for argv in (["report"], ["report", str(net), "--regime", str(net)]):
         assert cli_main([*argv, "--out", str(tmp_path / "map")]) == 2
         assert "not both" in capsys.readouterr().err
+
+
+def test_a_codec_row_is_compared_with_its_float32_row_seed_by_seed(tmp_path):
+    """sync-int8 against sync on the seeds both ran (issue 30: paired seeds), not on their means."""
+    def seeded(mode, finals):
+        r = row(mode, (0.7, 0.81))
+        r["seeds"] = [{"seed": s, "final_acc": a, "curve": r["curve"]} for s, a in finals]
+        return r
+    net = tmp_path / "mlp"
+    bench(net / "curves", "loopback", [seeded("sync", [(0, 0.80), (1, 0.78), (2, 0.82)]),
+                                       seeded("sync-int8", [(0, 0.79), (1, 0.78), (3, 0.90)]),
+                                       row("ddp", (0.6, 0.75))], target=0.80)
+    bench(net / "probes", "100mbit", [row("sync"), row("sync-int8")])
+    out, nets, _ = regime(tmp_path, net)
+    (p,) = nets[0]["paired"]
+    assert (p["row"], p["against"], p["seeds"]) == ("sync-int8", "sync", [0, 1])
+    assert [round(d, 6) for d in p["diffs"]] == [-0.01, 0.0] and round(p["mean"], 6) == -0.005
+    assert "| sync-int8 | sync | 0, 1 | -1.00, +0.00 | -0.50 |" in (out / "regime.md").read_text()
