@@ -15,9 +15,21 @@ from decoupled.engine.ranks.transport import HEADER_BYTES, Kind, Message, header
 from decoupled.engine.wire import CODECS
 from decoupled.job import load
 from decoupled.plan.cli import main as plan_main, parse_argv, parse_rate
-from decoupled.plan.methods import Cluster, Profile, Settings, powersgd_bytes, predict
+from decoupled.plan.host import HostFit, fit_line
+from decoupled.plan.methods import Cluster, HostCosts, Profile, Settings, on_device, powersgd_bytes, predict
 from decoupled.plan.model import best_split
 from torchrun_utils import check, summary, torchrun
+
+# what host.measure_host returns, without its two processes (tests/test_plan.py's own plans are quick);
+# test_host_measurement runs the real one
+FAKE_HOST = {"allreduce": HostFit(1e-4, 1e-9), "send": HostFit(2e-4, 3e-10), "recv": HostFit(1e-4, 2e-10),
+             "points": {"send": [], "recv": []}}
+
+
+@pytest.fixture(autouse=True)
+def _fake_host(monkeypatch, request):
+    if request.node.originalname != "test_host_measurement":
+        monkeypatch.setattr("decoupled.plan.measure_job.measure_host", lambda: FAKE_HOST)
 
 B = 64
 WIDTHS = [64, 4, 64, 64, 64, 64]  # an MLP whose cut after block 1 is 16x cheaper than any other
@@ -156,6 +168,15 @@ def test_plan_json_schema_and_plot(tmp_path, capsys):
     assert big["samples_per_s"] is None and "64 ranks > 4 blocks" in big["error"]
     assert (out / "plan.png").stat().st_size > 0
     assert res["measured"]["batch"] == 32 and res["profile"]["step_s"] and res["assumptions"]
+    # the host terms' constants, frozen with the plan: the measured communication, codecs, PowerSGD
+    k = res["constants"]
+    assert k["backend"].startswith("gloo")
+    assert (k["allreduce_host"]["fixed_s"], k["allreduce_host"]["s_per_byte"]) == (1e-4, 1e-9)
+    assert (k["send_host"]["fixed_s"], k["recv_host"]["s_per_byte"]) == (2e-4, 2e-10)
+    assert set(k["codec"]) == {"float32", "int8"} and len(k["codec"]["int8"]["encode_s"]) == 4
+    assert k["powersgd_s"] > 0 and k["powersgd_rank"] == 4
+    ddp = [r for r in res["rows"] if r["method"] == "ddp"][0]
+    assert ddp["terms"]["host_s"] > 0
 
 
 def test_plan_from_flops_is_deterministic(tmp_path):
@@ -168,6 +189,45 @@ def test_plan_from_flops_is_deterministic(tmp_path):
         runs.append(json.loads((tmp_path / str(i) / "plan.json").read_text())["rows"])
     assert [r["samples_per_s"] for r in runs[0]] == [r["samples_per_s"] for r in runs[1]]
     assert runs[0][0]["layout"]["placement"] == [[0, 1], [2, 3]]
+    # NCCL on a device planned from FLOPs: no host collective term, and plan.json says so
+    res = json.loads((tmp_path / "0" / "plan.json").read_text())
+    assert res["constants"]["backend"].startswith("nccl")
+    assert res["constants"]["allreduce_host"]["fixed_s"] == res["constants"]["allreduce_host"]["s_per_byte"] == 0
+    assert res["constants"]["send_host"]["s_per_byte"] == 0 and res["constants"]["send_host"]["fixed_s"] > 0
+    assert any("host" in n and "NCCL" in n for n in res["notes"])
+    assert runs[0][1]["terms"]["host_s"] == 0.0
+
+
+def test_host_terms_zero_and_a_failed_measurement(tmp_path, capsys, monkeypatch):
+    """--host-terms zero: no measurement, the host constants 0 and the notes say so; a measurement
+    that fails is one line naming the option."""
+    out = tmp_path / "z"
+    assert plan_main(parse_argv([*TINY, "--ranks", "2", "--link", "1gbit", "--methods", "ddp", "--host-terms", "zero",
+                                 "--out", str(out)])) == 0
+    res = json.loads((out / "plan.json").read_text())
+    assert res["constants"]["allreduce_host"]["s_per_byte"] == 0 and res["rows"][0]["terms"]["host_s"] == 0
+    assert any("--host-terms zero" in n for n in res["notes"])
+
+    def fails():
+        raise RuntimeError("the two gloo processes failed (exit codes [1])")
+    monkeypatch.setattr("decoupled.plan.measure_job.measure_host", fails)
+    assert plan_main(parse_argv([*TINY, "--ranks", "2", "--link", "1gbit", "--out", str(tmp_path / "f")])) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--host-terms" in err and "exit codes" in err and len(err.splitlines()) == 1
+
+
+def test_ranks_per_node(tmp_path):
+    """--ranks-per-node G: K / G nodes at every K, the sweep's too; ranks of a node reach each other at
+    --intra-link, so DDP over 2 nodes of 2 is as fast as over the slow link alone allows."""
+    out = tmp_path / "p"
+    assert plan_main(parse_argv([*TINY, "--ranks", "4", "--link", "1mbit", "--ranks-per-node", "2", "--intra-link",
+                                 "100gbit", "--device-tflops", "100", "--methods", "ddp", "--out", str(out)])) == 0
+    res = json.loads((out / "plan.json").read_text())
+    assert res["rows"][0]["nodes"] == 2 and res["ranks_per_node"] == 2
+    nodes = {r["ranks"]: r["nodes"] for r in res["sweep"]}
+    assert nodes[2] == 1 and nodes[3] == 2 and nodes[64] == 32
+    one = [r for r in res["sweep"] if r["ranks"] == 2][0]  # one node: the intra link
+    assert one["terms"]["comm_s"] < res["rows"][0]["terms"]["comm_s"]
 
 
 @pytest.mark.parametrize("argv,names", [
@@ -177,6 +237,9 @@ def test_plan_from_flops_is_deterministic(tmp_path):
     (["--ranks", "2,8", "--link", "1gbit"], "--ranks 2,8"),
     (["--ranks", "2", "--link", "1gbit", "--methods", "sync,zero"], "--methods"),
     (["--ranks", "2", "--link", "1gbit", "--set", "model.hierarchy=[1]"], "model.hierarchy"),
+    (["--ranks", "2", "--link", "1gbit", "--nodes", "1", "--ranks-per-node", "2"], "--ranks-per-node"),
+    (["--ranks", "2", "--link", "1gbit", "--set", "train.mode=sync", "--set", "dist.placement=[1,1]"],
+     "dist.placement"),
 ])
 def test_bad_input_is_one_line_naming_the_option(capsys, argv, names):
     assert plan_main(parse_argv([*TINY, *argv])) == 2
@@ -276,3 +339,119 @@ def test_plan_memory_matches_the_bench_workers(tmp_path):
         assert p.returncode == 0, p.stderr[-3000:]
         measured = [r["exact_train_mem_bytes"] for r in json.loads(out.read_text())["ranks"]]
         assert rows[mode]["exact_mem_per_rank"] == pytest.approx(measured, rel=0.10), mode
+
+
+# ---------------------------------------------------------------------------- the host terms (docs/plan.md)
+
+def _with(p: Profile, **host) -> Profile:
+    return dataclasses.replace(p, host=dataclasses.replace(p.host, **host))
+
+
+def _step(p: Profile, method: str, k: int = 2, link: str = "1gbit") -> float:
+    return predict(p, Cluster(k, parse_rate(link)), Settings(message_bytes), method)["step_s"]
+
+
+def _codec(n: int, enc: float, dec: float) -> dict:
+    return {"encode_s": [enc] * n, "encode_fixed_s": [0.0] * n, "decode_s": [dec] * n, "decode_fixed_s": [0.0] * n}
+
+
+# (the term's HostCosts field, its values from zero upwards, the methods it slows, (method, K) it leaves alone)
+TERMS = [
+    ("allreduce", [(0.0, 0.0), (1e-4, 0.0), (1e-4, 1e-9), (1e-3, 1e-8)],
+     [("ddp", 2), ("ddp-powersgd", 2), ("localsgd", 2), ("fsdp", 2), ("sync-auto", 8)], [("sync", 2), ("gpipe", 2)]),
+    ("send", [(0.0, 0.0), (1e-4, 0.0), (1e-4, 1e-8), (1e-3, 1e-7)],
+     [("sync", 2), ("sync-int8", 2), ("sync-auto", 2), ("async", 2), ("gpipe", 2), ("1f1b", 2)], [("ddp", 2)]),
+    ("recv", [(0.0, 0.0), (1e-4, 0.0), (1e-4, 1e-8), (1e-3, 1e-7)],
+     [("sync", 2), ("async", 2), ("gpipe", 2), ("1f1b", 2)], [("fsdp", 2)]),
+    ("powersgd_s", [0.0, 1e-4, 1e-3, 1e-2], [("ddp-powersgd", 2)], [("ddp", 2), ("sync", 2)]),
+    ("codec", [{}, {"int8": _codec(4, 1e-5, 1e-5)}, {"int8": _codec(4, 1e-4, 1e-4)},
+               {"int8": _codec(4, 1e-3, 2e-3)}], [("sync-int8", 2)], [("sync", 2), ("ddp", 2)]),
+]
+
+
+@pytest.mark.parametrize("term,values,slowed,untouched", TERMS, ids=[t[0] for t in TERMS])
+def test_each_host_term_is_zero_at_zero_and_raises_the_step_time(term, values, slowed, untouched):
+    """A term whose constant is 0 predicts exactly what the model without it does; a positive one
+    slows the methods it applies to, more as it grows, and leaves the others as they are."""
+    p = _profile()
+    assert _with(p, **{term: values[0]}) == dataclasses.replace(p, host=HostCosts())
+    for method, k in slowed + untouched:
+        steps = [_step(_with(p, **{term: v}), method, k) for v in values]
+        assert steps[0] == _step(p, method, k), (term, method)
+        if (method, k) in untouched:
+            assert len(set(steps)) == 1, (term, method, steps)
+        else:
+            assert steps == sorted(steps) and steps[-1] > steps[0], (term, method, steps)
+
+
+def test_a_placement_given_is_predicted_as_the_engine_runs_it():
+    """dist.placement as a list (the bench's even split, a user's own): the decoupled rows predict that
+    layout at its K, so a plan is checked against the run it stands for; at another K the plan searches."""
+    p, slow = _profile(), Cluster(2, parse_rate("10mbit"))
+    searched = predict(p, slow, Settings(message_bytes), "sync")
+    assert searched["layout"]["placement"] == [[0, 1], [2, 3]]  # the 4-wide cut after block 1
+    for method in ("sync", "sync-int8", "async"):
+        given = predict(p, slow, Settings(message_bytes, placement=(1, 3)), method)
+        assert given["layout"]["placement"] == [[0], [1, 2, 3]], method
+    assert given["wire_bytes_per_sample"] > searched["wire_bytes_per_sample"]
+    assert predict(p, Cluster(3, parse_rate("10mbit")), Settings(message_bytes, placement=(1, 3)),
+                   "sync")["layout"]["placement"] != [[0], [1, 2, 3]]
+
+
+def test_host_terms_on_a_slow_link_still_never_predict_faster_training():
+    p = _with(_profile(), allreduce=(1e-4, 1e-9), send=(2e-4, 1e-9), recv=(1e-4, 1e-9), powersgd_s=1e-3)
+    for method in ("sync", "async", "ddp", "ddp-powersgd", "localsgd", "fsdp", "gpipe", "1f1b"):
+        rates = [predict(p, Cluster(2, parse_rate(r)), Settings(message_bytes), method)["samples_per_s"]
+                 for r in ("1mbit", "100mbit", "10gbit", "loopback")]
+        assert rates == sorted(rates), method
+
+
+def test_a_per_message_cost_makes_the_pipeline_take_fewer_microbatches():
+    """Without a per-message cost the bubble (K-1)/(M+K-1) shrinks with M, so M = B wins; each
+    microbatch's messages cost a fixed host time, so then fewer, larger microbatches win."""
+    p = _profile()
+    for method in ("gpipe", "1f1b"):
+        free = predict(p, Cluster(2, math.inf), Settings(message_bytes), method)
+        assert free["layout"]["microbatches"] == B
+        paid = predict(_with(p, send=(1e-4, 0.0), recv=(1e-4, 0.0)), Cluster(2, math.inf), Settings(message_bytes),
+                       method)
+        assert paid["layout"]["microbatches"] < B and paid["step_s"] > free["step_s"]
+
+
+def test_a_device_from_flops_has_no_host_collective_term():
+    """on_device (NCCL): the all-reduce's host term and the transport's per byte are 0, so ddp on an
+    unlimited link is its compute alone; a message costs kernel launches."""
+    p = _with(_profile(), allreduce=(1e-3, 1e-8), send=(1e-3, 1e-8), recv=(1e-3, 1e-8), powersgd_s=1.0,
+              codec={"float32": _codec(4, 0.0, 0.0), "int8": _codec(4, 1.0, 1.0)})
+    n = len(p.fwd_s)
+    d = on_device(p, [1e6] * n, [3e6] * n, [1e6] * n, [1] * n, 2 * n, 100.0, 0.5, 1e-5)
+    assert d.host.allreduce == (0.0, 0.0) and d.host.send[1] == d.host.recv[1] == 0.0
+    assert d.host.send[0] > 0 and d.host.codec["int8"]["encode_s"][0] > d.host.codec["float32"]["encode_s"][0] == 0
+    assert 0 < d.host.powersgd_s < 1e-3
+    ddp = predict(d, Cluster(4, math.inf), Settings(message_bytes), "ddp")
+    assert ddp["terms"]["host_s"] == 0.0 and ddp["step_s"] == pytest.approx(ddp["terms"]["compute_s"])
+    # every codec of the registry gets its kind's launches: a scaled code's, a cast's, float32's none
+    from decoupled.plan.methods import CODEC_LAUNCHES
+    every = on_device(_with(p, codec={name: _codec(n, 1.0, 1.0) for name in CODECS}), [1e6] * n, [3e6] * n,
+                      [1e6] * n, [1] * n, 2 * n, 100.0, 0.5, 1e-5)
+    for name, c in CODECS.items():
+        kind = "float32" if name == "float32" else "scaled" if c.scaled else "cast"
+        assert every.host.codec[name]["encode_s"][0] == pytest.approx(CODEC_LAUNCHES[kind][0] * 1e-5), name
+
+
+def test_fit_line():
+    assert fit_line([(0.0, 1.0), (10.0, 2.0), (20.0, 3.0)]) == HostFit(1.0, 0.1)
+    assert fit_line([(1.0, 2.0), (2.0, 1.0)]) == HostFit(1.5, 0.0)  # a negative slope: all fixed
+    fit = fit_line([(10.0, 0.0), (20.0, 3.0)])  # a negative intercept: all per byte
+    assert fit.fixed_s == 0.0 and fit.s_per_byte > 0
+
+
+@pytest.mark.slow
+def test_host_measurement():
+    """host.measure_host's two gloo processes: every constant measured and non-negative, a message's
+    and an all-reduce's CPU positive."""
+    from decoupled.plan.host import measure_host
+    got = measure_host(steps=2, messages=5)
+    for k in ("allreduce", "send", "recv"):
+        assert got[k].fixed_s >= 0 and got[k].s_per_byte >= 0, got
+        assert got[k].fixed_s + got[k].s_per_byte > 0, got

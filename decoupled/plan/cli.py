@@ -62,6 +62,9 @@ def add_parser(sub) -> None:
                    help="the link between nodes: 100mbit, 1gbit, 10gbit, ... or loopback (no limit)")
     p.add_argument("--nodes", type=int, default=0, metavar="N",
                    help="ranks spread evenly over N nodes, consecutive ranks per node (default: one rank a node)")
+    p.add_argument("--ranks-per-node", type=int, default=0, metavar="G",
+                   help="instead of --nodes: G ranks a node at every K (K / G nodes, rounded up; a cluster of GPU "
+                        "servers, e.g. 8 with --intra-link 400gbit)")
     p.add_argument("--intra-link", default="loopback", metavar="RATE",
                    help="the link between ranks of one node (default loopback: no limit)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
@@ -74,6 +77,9 @@ def add_parser(sub) -> None:
                    help=f"with --device-tflops: the floor of one kernel launch (default {LAUNCH_US:g} us)")
     p.add_argument("--measure-batch", type=int, metavar="B",
                    help="measure at B rows instead of data.batch_size and scale (a network too big to measure)")
+    p.add_argument("--host-terms", choices=("measure", "zero"), default="measure",
+                   help="on a CPU job: measure gloo's all-reduce and the transport's host costs between two local "
+                        "processes (default), or leave them 0")
     p.add_argument("--powersgd-rank", type=int, default=4, help="ddp-powersgd: the rank of its factors (default 4)")
     p.add_argument("--localsgd-period", type=int, default=16,
                    help="localsgd: steps between parameter averages (default 16)")
@@ -98,6 +104,8 @@ def _plan(args) -> int:
         raise PlanError(f"--methods: unknown {bad}; choose from {','.join(METHODS)}")
     if args.nodes < 0 or (args.nodes and args.nodes > min(ranks)):
         raise PlanError(f"--nodes {args.nodes}: expected 1 to {min(ranks)} (the fewest --ranks), or 0: a node a rank")
+    if args.ranks_per_node < 0 or (args.ranks_per_node and args.nodes):
+        raise PlanError(f"--ranks-per-node {args.ranks_per_node}: a positive count, and not with --nodes")
     for option, v in (("--device-tflops", args.device_tflops), ("--efficiency", args.efficiency),
                       ("--launch-us", args.launch_us), ("--measure-batch", args.measure_batch),
                       ("--powersgd-rank", args.powersgd_rank), ("--localsgd-period", args.localsgd_period)):
@@ -115,14 +123,20 @@ def _plan(args) -> int:
         raise PlanError(f"--ranks {args.ranks}: {', '.join(narrow)} hold at least one block per rank and the model "
                         f"has {n} blocks; plan at most {n} ranks for them, use sync-auto (replicas) or ddp / fsdp "
                         "(--methods), or split the model finer (model.blocks)")
+    placement = cfg.dist.placement if isinstance(cfg.dist.placement, list) else []
+    if placement and sum(placement) != n:
+        raise PlanError(f"dist.placement={list(placement)} places {sum(placement)} blocks and the model has {n}: "
+                        "give one count per rank that sum to the blocks, or leave it empty (the plan searches)")
     from ..engine.ranks.transport import message_bytes
     s = Settings(message_bytes, wire=cfg.dist.wire_dtype, max_inflight=cfg.dist.max_inflight,
                  replay_capacity=cfg.replay.capacity, bucket_bytes=cfg.dist.allreduce_bucket_mb * 2 ** 20,
-                 powersgd_rank=args.powersgd_rank, localsgd_period=args.localsgd_period)
+                 powersgd_rank=args.powersgd_rank, localsgd_period=args.localsgd_period,
+                 placement=tuple(int(b) for b in placement))
 
     def row(method: str, k: int, link: tuple[str, float]) -> dict:
-        c = Cluster(k, link[1], args.nodes, intra)
-        head = {"method": method, "mode": method, "ranks": k, "nodes": args.nodes or k, "link": link[0],
+        nodes = math.ceil(k / args.ranks_per_node) if args.ranks_per_node else args.nodes
+        c = Cluster(k, link[1], nodes, intra)
+        head = {"method": method, "mode": method, "ranks": k, "nodes": nodes or k, "link": link[0],
                 "link_bytes_per_s": None if math.isinf(link[1]) else link[1]}
         try:
             return {**head, **predict(prof, c, s, method)}
@@ -134,7 +148,8 @@ def _plan(args) -> int:
     out = args.out or Path("runs") / f"plan-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     result = {**info, "settings": {k: v for k, v in vars(s).items() if k != "message"},
-              "nodes": args.nodes, "intra_link": args.intra_link, "notes": prof.notes,
+              "nodes": args.nodes, "ranks_per_node": args.ranks_per_node, "intra_link": args.intra_link,
+              "notes": prof.notes,
               "assumptions": ASSUMPTIONS, "rows": rows, "sweep": sweep}
     (out / "plan.json").write_text(json.dumps(result, indent=2, default=float))
     from .report import chart, table
@@ -146,7 +161,9 @@ def _plan(args) -> int:
 
 ASSUMPTIONS = [
     "a rank has a core (or device) of its own: on a machine with fewer cores than ranks the measured times exceed "
-    "the prediction, and gloo's TCP traffic takes CPU from the same cores (not modelled)",
+    "the prediction; on gloo the communication's host work (constants: allreduce_host, send_host, recv_host) "
+    "takes that core's time, measured between two local processes; on a device planned from FLOPs (NCCL) "
+    "collectives take no host time",
     "links: bandwidth only, no latency; each rank sends on a link of its own (full duplex)",
     "a block's time at r rows is linear in r through its two measured batch sizes (methods.at_rows)",
 ]

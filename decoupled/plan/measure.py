@@ -21,14 +21,15 @@ from ..memory import ExactMemory
 from .model import BlockCosts
 
 
-def median_s(fn, device: torch.device, steps: int) -> float:
-    """Seconds of one call of `fn`: the median of `steps` calls after one warm-up."""
+def median_s(fn, device: torch.device, steps: int, clock=time.perf_counter) -> float:
+    """Seconds of one call of `fn`: the median of `steps` calls after one warm-up (`clock`: wall
+    time, or time.process_time for the CPU the process spends, every thread of it)."""
     times = []
     for _ in range(steps + 1):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
         synchronize(device)
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return sorted(times[1:])[len(times[1:]) // 2]
 
 
@@ -67,14 +68,79 @@ def measure_allreduce(all_reduce, nbytes: float, device: torch.device, world: in
     which a ring moves 2 (W-1)/W x per rank."""
     if world < 2 or nbytes <= 0:
         return 0.0, 0.0
-
-    def timed(numel: int) -> float:
-        buf = torch.zeros(numel, device=device)
-        synchronize(device)
-        return median_s(lambda: all_reduce(buf), device, steps)
-
-    latency, full = timed(1), timed(max(1, int(nbytes) // 4))
+    latency, full = (_allreduce_s(all_reduce, n, device, steps) for n in (1, max(1, int(nbytes) // 4)))
     return latency, max(full - latency, 0.0) / (2 * (world - 1) / world * nbytes)
+
+
+def _allreduce_s(all_reduce, numel: int, device: torch.device, steps: int, clock=time.perf_counter) -> float:
+    buf = torch.zeros(numel, device=device)
+    synchronize(device)
+    return median_s(lambda: all_reduce(buf), device, steps, clock)
+
+
+def host_allreduce(all_reduce, numels, device: torch.device, world: int, steps: int = 5):
+    """The time one rank spends in `all_reduce` on an unlimited link (two local gloo processes: its
+    TCP copies, its reductions and the handshakes between them, on the cores that compute;
+    docs/plan.md's host term), per call and per byte the rank sends in the ring (2 (W-1)/W of the
+    buffer): at each of `numels` float32 elements, the fewest seconds of 3 medians of `steps` calls
+    (other load only adds), fitted on a line (host.fit_line). Returns (wall-clock fit, CPU fit): the
+    model charges the first (the rank computes nothing meanwhile); the second, its CPU alone
+    (time.process_time, every thread), is kept for comparison."""
+    from .host import fit_line
+    _allreduce_s(all_reduce, max(numels), device, 1)  # warm-up: the ring's connections and buffers
+    wall, cpu = [], []
+    for n in numels:
+        nbytes = 2 * (world - 1) / world * 4 * n
+        wall.append((nbytes, min(_allreduce_s(all_reduce, n, device, steps) for _ in range(3))))
+        cpu.append((nbytes, min(_allreduce_s(all_reduce, n, device, steps, time.process_time) for _ in range(3))))
+    return fit_line(wall), fit_line(cpu)
+
+
+def measure_codecs(shapes, rows: int, codecs, device: torch.device, steps: int = 3) -> dict:
+    """Per codec (engine/wire.CODECS names): the seconds of its encode (Precision.to_wire) and decode
+    (from_wire) of each block's output, `rows` samples of each shape in `shapes`."""
+    from ..engine.wire import CODECS
+    g = torch.Generator().manual_seed(0)
+    hs = [torch.randn((rows, *shape), generator=g).to(device) for shape in shapes]
+    out = {}
+    for name in codecs:
+        c = CODECS[name]
+        enc, dec = [], []
+        for h, shape in zip(hs, shapes):
+            x = c.encode(h)
+            enc.append(median_s(lambda: c.encode(h), device, steps))
+            dec.append(median_s(lambda: c.decode(x, shape), device, steps))
+        out[name] = {"encode_s": enc, "decode_s": dec}
+    return out
+
+
+def powersgd_work(matrices, rank: int, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
+    """(gradient, Q, error) of each gradient PowerSGD compresses at `rank` (methods.powersgd_bytes' rule)."""
+    g = torch.Generator().manual_seed(0)
+    work = []
+    for n, m in matrices:
+        r = min(n, m, rank)
+        if (n + m) * r * 2 < n * m:
+            work.append(tuple(t.to(device) for t in (torch.randn(n, m, generator=g), torch.randn(m, r, generator=g),
+                                                     torch.zeros(n, m))))
+    return work
+
+
+def measure_powersgd(matrices, rank: int, device: torch.device, steps: int = 3) -> float:
+    """Seconds of PowerSGD's compression arithmetic in one step (torch's powerSGD_hook, per gradient it
+    compresses): the error fed back in, P = M Q, P orthogonalised (the hook's _orthogonalize), Q = M^T P,
+    the approximation P Q^T and the new error; the all-reduces are not in it."""
+    from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _orthogonalize
+    work = powersgd_work(matrices, rank, device)
+
+    def step():
+        for grad, q, err in work:
+            m = grad + err
+            p = m @ q
+            _orthogonalize(p.unsqueeze(0))
+            q2 = m.t() @ p
+            torch.sub(m, p @ q2.t(), out=err)
+    return median_s(step, device, steps) if work else 0.0
 
 
 def e2e_step(stage, last: bool):
@@ -138,13 +204,16 @@ def measure_e2e(stages, x: torch.Tensor, y: torch.Tensor, device: torch.device, 
 
 
 def profile(build, x: torch.Tensor, y: torch.Tensor, batch: int, device: torch.device, optimizer, steps: int = 3,
-            classes: int | None = None):
+            classes: int | None = None, codecs=("float32", "int8"), powersgd_rank: int = 4):
     """The planner's measurement (methods.Profile) of the network `build()` makes (fresh stages), for
     training at `batch` rows: the decoupled steps and the e2e network, each at len(x) rows and at a
     quarter of them (the per-call part of a step: methods.at_rows), activations scaled by
-    batch / len(x) where the two differ (plan.json says so), parameters and bytes exact."""
+    batch / len(x) where the two differ (plan.json says so), parameters and bytes exact; the
+    encode and decode of every block's output by each of `codecs` (the same two sizes) and
+    PowerSGD's compression arithmetic at `powersgd_rank` (the host terms measured in this process;
+    host.py measures the communication's)."""
     from ..engine.wire import CODECS
-    from .methods import Profile
+    from .methods import HostCosts, Profile
     b0 = len(x)
     b1 = max(2, b0 // 4)
     local, parts, e2e, stages = _measure_at(build(), x, y, device, optimizer, steps)
@@ -178,6 +247,16 @@ def profile(build, x: torch.Tensor, y: torch.Tensor, batch: int, device: torch.d
     head = list(stages[-1].objective.head.parameters())
     params[-1] += sum(p.numel() * p.element_size() for p in head)
     shapes = [p.shape for s in stages for p in s.block.parameters()] + [p.shape for p in head]
+    matrices = [(s[0], math.prod(s[1:])) if len(s) > 1 else (math.prod(s), 1) for s in shapes]
+    outs = [s.out_shape for s in stages]
+    coded = measure_codecs(outs, b0, codecs, device, steps)
+    coded1 = measure_codecs(outs, b1, codecs, device, steps) if b1 < b0 else coded
+    for name in codecs:
+        for what in ("encode", "decode"):
+            at, fixed = fit(coded[name][f"{what}_s"], coded1[name][f"{what}_s"])
+            coded[name][f"{what}_s"], coded[name][f"{what}_fixed_s"] = at, fixed
+    host = HostCosts(codec=coded, powersgd_s=measure_powersgd(matrices, powersgd_rank, device, steps),
+                     powersgd_rank=powersgd_rank)
     notes = [] if b0 == batch else [f"measured at batch {b0} (and {b1}) and scaled to {batch}: times on the line "
                                     "through the two sizes, activations in proportion to the rows"]
     return Profile(batch=batch, local=local, local_mem=parts,
@@ -185,8 +264,8 @@ def profile(build, x: torch.Tensor, y: torch.Tensor, batch: int, device: torch.d
                    fwd_s=[t * s for t, s in zip(both, share)], bwd_s=[t * (1 - s) for t, s in zip(both, share)],
                    e2e_fixed_s=e2e_fixed, e2e_act=[a * scale for a in e2e.act], e2e_mem=e2e.mem,
                    e2e_params=[float(p) for p in params], opt_s=e2e.opt_s,
-                   matrices=[(s[0], math.prod(s[1:])) if len(s) > 1 else (math.prod(s), 1) for s in shapes],
-                   classes=int(y.max()) + 1 if classes is None else classes, notes=notes)
+                   matrices=matrices, classes=int(y.max()) + 1 if classes is None else classes, notes=notes,
+                   host=host)
 
 
 def _measure_at(stages, x, y, device, optimizer, steps: int):

@@ -29,6 +29,27 @@ class Infeasible(ValueError):
 
 
 @dataclass
+class HostCosts:
+    """What communication and its encodings cost the ranks' own processors (docs/plan.md, the host
+    terms; model.py Note [host costs]), each measured (host.py, measure.py) or, on a device planned
+    from FLOPs, counted in kernel launches (on_device). Seconds; all 0: the terms vanish."""
+    allreduce: tuple[float, float] = (0.0, 0.0)  # CPU per all-reduce call, per byte a rank sends in the ring (gloo)
+    send: tuple[float, float] = (0.0, 0.0)  # a transport message sent: per message, per byte
+    recv: tuple[float, float] = (0.0, 0.0)  # a transport message received: per message, per byte
+    # per codec (engine/wire.CODECS): per block, its output's encode (to_wire) and decode (from_wire)
+    # at data.batch_size rows ("encode_s", "decode_s") and their per-call parts ("encode_fixed_s", ...)
+    codec: dict = field(default_factory=dict)
+    powersgd_s: float = 0.0  # one step's PowerSGD compression arithmetic, at rank powersgd_rank
+    powersgd_rank: int = 4  # (--powersgd-rank: the plan's Settings.powersgd_rank)
+
+    def coded(self, name: str, what: str, j: int) -> tuple[float, float]:
+        """(seconds at data.batch_size, per-call part) of codec `name`'s `what` ("encode" or "decode")
+        of block j's output; (0, 0) where not measured."""
+        c = self.codec.get(name)
+        return (c[f"{what}_s"][j], c[f"{what}_fixed_s"][j]) if c else (0.0, 0.0)
+
+
+@dataclass
 class Profile:
     """One measurement of a network at the batch B it trains with (measure.profile)."""
     batch: int
@@ -46,6 +67,7 @@ class Profile:
     matrices: list[tuple[int, int]]  # e2e gradients as PowerSGD reshapes them: (rows, cols); vectors (n, 1)
     classes: int = 0  # an evaluation message carries the running ensemble: this many float32 a sample
     notes: list[str] = field(default_factory=list)  # what was scaled or assumed: plan.json says it
+    host: HostCosts = field(default_factory=HostCosts)  # the host terms (docs/plan.md); zero: none
 
 
 @dataclass
@@ -76,6 +98,9 @@ class Settings:
     powersgd_rank: int = 4
     localsgd_period: int = 16
     microbatches: tuple[int, ...] = ()  # the pipelines' candidates; () = every power of two dividing B
+    # dist.placement as a list (blocks per rank): sync / sync-int8 / async predicted at that layout where its
+    # length is the plan's K, as the engine runs it, instead of the best split; () = search
+    placement: tuple[int, ...] = ()
 
 
 def per_byte(rate: float) -> float:
@@ -100,11 +125,31 @@ def _sum(dicts: list[dict], key: str) -> float:
 # ---------------------------------------------------------------------------- decoupled: sync, async
 
 def _costs(p: Profile, c: Cluster, s: Settings, codec: str, split: bool) -> BlockCosts:
-    """The engine's cost model (model.py) on this cluster: the cut's messages at the link's rate."""
-    return dataclasses.replace(p.local, out_bytes=[float(s.message(p.batch, b)) for b in p.row_bytes[codec]],
+    """The engine's cost model (model.py) on this cluster: the cut's messages at the link's rate, the
+    transport's and the all-reduce's host work (Note [host costs]), and every block's step with
+    `codec` at its boundaries instead of the job's (codec_s)."""
+    step, fixed = codec_s(p, s, codec)
+    return dataclasses.replace(p.local, step_s=step, fixed_s=fixed,
+                               out_bytes=[float(s.message(p.batch, b)) for b in p.row_bytes[codec]],
                                link_s_per_byte=per_byte(c.link), comm_s_per_byte=per_byte(c.link),
                                ranks_per_node=c.per_node if c.nodes else 0, intra_s_per_byte=per_byte(c.intra),
-                               split=split)
+                               split=split, send_host=p.host.send, recv_host=p.host.recv,
+                               allreduce_host=p.host.allreduce)
+
+
+def codec_s(p: Profile, s: Settings, codec: str) -> tuple[list[float], list[float]]:
+    """Every block's decoupled step (and its per-call part) with `codec` on the wire: the measured step
+    (Stage.train_step) already encodes its output in the job's codec (s.wire) and reads a float32
+    input; a block reads what its upstream encoded, so it decodes too (block 0 reads the data):
+    step + encode(codec) - encode(job's) + decode(codec) of the input."""
+    h, n = p.host, len(p.local.step_s)
+    step, fixed = list(p.local.step_s), list(p.local.fixed_s or [0.0] * n)
+    for j in range(n):
+        for (t, f), sign in ((h.coded(codec, "encode", j), 1), (h.coded(s.wire, "encode", j), -1),
+                             (h.coded(codec, "decode", j - 1) if j else (0.0, 0.0), 1)):
+            step[j], fixed[j] = step[j] + sign * t, fixed[j] + sign * f
+        step[j], fixed[j] = max(step[j], 0.0), min(max(fixed[j], 0.0), max(step[j], 0.0))
+    return step, fixed
 
 
 def decoupled(p: Profile, c: Cluster, s: Settings, method: str) -> dict:
@@ -122,7 +167,12 @@ def decoupled(p: Profile, c: Cluster, s: Settings, method: str) -> dict:
     else:
         if k > n:
             raise Infeasible(f"{k} ranks > {n} blocks")
-        counts, reps = best_split(costs.step_s, k, cut_s=lambda i, g: costs.transfer_s([i], 1, g)), [1] * k
+        if len(s.placement) == k:  # the job's own layout (cli.py checked that it covers the blocks)
+            counts = list(s.placement)
+        else:
+            counts = best_split(costs.step_s, k, cut_s=lambda i, g: costs.transfer_s([i], 1, g),
+                                extra_s=lambda j, i: sum(costs.host_s(range(j, i))))
+        reps = [1] * k
     groups = groups_of(counts)
     firsts = [sum(reps[:g]) for g in range(len(groups))]
     compute = [costs.group_s(b, r, f) for b, r, f in zip(groups, reps, firsts)]
@@ -240,24 +290,34 @@ def data_parallel(p: Profile, c: Cluster, s: Settings, method: str) -> dict:
     fwd, bwd = _e2e_s(p, rows)
     grads, params = p.e2e_mem["grads_bytes"], p.e2e_mem["params_bytes"]
     sec = per_byte(c.ring)
-    state = 0.0
+    state = extra = 0.0
+
+    def host(calls: float, ring_bytes: float) -> float:  # the CPU a rank's collectives take (gloo; 0 on NCCL)
+        return calls * p.host.allreduce[0] + ring_bytes * p.host.allreduce[1]
     if method == "ddp":  # buckets all-reduce as backward fills them; the last (the first layers') after it
         sent = _ring(grads, c)
-        last = sent * sec * min(1.0, s.bucket_bytes / grads) if grads else 0.0
-        step = fwd + max(bwd, sent * sec - last) + last + p.opt_s
+        frac = min(1.0, s.bucket_bytes / grads) if grads else 0.0
+        last = sent * sec * frac
+        hosted = host(math.ceil(grads / s.bucket_bytes), sent) if grads else 0.0
+        host_last = host(1, sent * frac) if grads else 0.0
+        # the host's share competes with backward for the cores; the wire's does not
+        step = fwd + max(bwd + hosted - host_last, sent * sec - last) + max(last, host_last) + p.opt_s
     elif method == "ddp-powersgd":  # one bucket (gloo needs it: docs/plan.md), compressed after backward
         nbytes, pq = powersgd_bytes(p, s.powersgd_rank)
-        sent, state = _ring(nbytes, c), grads + pq
-        step = fwd + bwd + sent * sec + p.opt_s
+        sent, state, extra = _ring(nbytes, c), grads + pq, p.host.powersgd_s
+        hosted = host(3, sent)  # the hook's all-reduces: the uncompressed tensors, the Ps, the Qs
+        step = fwd + bwd + extra + max(sent * sec, hosted) + p.opt_s
     elif method == "localsgd":
         sent, state = _ring(params, c) / s.localsgd_period, params
-        step = fwd + bwd + p.opt_s + sent * sec
+        hosted = host(1, _ring(params, c)) / s.localsgd_period  # one flat all-reduce of the parameters
+        step = fwd + bwd + p.opt_s + max(sent * sec, hosted)
     else:  # fsdp: all-gather twice, reduce-scatter once, (K-1)/K of the bytes each
         sent = 3 * (k - 1) / k * params
-        step = max(fwd + bwd, sent * sec) + p.opt_s / k
+        hosted = host(3 * len(p.fwd_s), sent)  # three collectives per block (each block its own unit)
+        step = max(fwd + bwd + hosted, sent * sec) + p.opt_s / k
     mem = _replicated_mem(p, rows, k if method == "fsdp" else 1, state)
     return {"samples_per_s": p.batch / step, "step_s": step,
-            "terms": {"compute_s": fwd + bwd + p.opt_s, "comm_s": sent * sec},
+            "terms": {"compute_s": fwd + bwd + p.opt_s + extra, "comm_s": sent * sec, "host_s": hosted},
             "layout": {"placement": [list(range(len(p.fwd_s)))], "replicas": [k], "microbatches": None},
             "exact_train_mem_bytes": mem["total_bytes"], "exact_mem": mem,
             "exact_mem_per_rank": [mem["total_bytes"]] * k,
@@ -287,15 +347,24 @@ def pipeline(p: Profile, c: Cluster, s: Settings, method: str) -> dict:
         same = c.nodes and g // c.per_node == (g + 1) // c.per_node
         return per_byte(c.intra if same else c.link)
     best = None
+    h = p.host
+
+    def host(j: int, i: int, m: int) -> float:
+        """The host work of a stage of blocks j..i-1 per batch as m microbatches: on each edge it has,
+        per microbatch one message sent and one received (activations one way, their gradients the
+        other), float32 with no header (Note [host costs]: the transport's constants)."""
+        edges = [e for e, on in ((j - 1, j > 0), (i - 1, i < n)) if on]
+        return sum(m * (h.send[0] + h.recv[0]) + (h.send[1] + h.recv[1]) * 4 * p.numel[e] * p.batch for e in edges)
     for m in ms:
         per = [m * sum(_e2e_s(p, p.batch / m, [j])) for j in range(n)]  # a batch as m microbatches
         cut = [4 * p.numel[j] * p.batch for j in range(n)]  # float32 activations (and their gradients back)
-        groups = groups_of(best_split(per, k, cut_s=lambda i, g: cut[i] * hop(g)))
+        groups = groups_of(best_split(per, k, cut_s=lambda i, g: cut[i] * hop(g),
+                                      extra_s=lambda j, i: host(j, i, m)))
         stage = []
         for g, blocks in enumerate(groups):  # a stage sends activations on and gradients back on its link
             out = cut[blocks[-1]] * hop(g) if g + 1 < k else 0.0
             back = cut[groups[g - 1][-1]] * hop(g - 1) if g else 0.0
-            stage.append(max(sum(per[j] for j in blocks), out + back))
+            stage.append(max(sum(per[j] for j in blocks) + host(blocks[0], blocks[-1] + 1, m), out + back))
         step = max(stage) * (m + k - 1) / m + max(p.opt_s * sum(p.e2e_params[j] for j in b) / sum(p.e2e_params)
                                                    for b in groups)
         if best is None or step < best[0]:
@@ -352,5 +421,39 @@ def on_device(p: Profile, flops_local: list[float], flops_e2e: list[float], flop
     bwd = [(e - f) * b / rate + 2 * n * launch_s for e, f, n in zip(flops_e2e, flops_fwd, layers)]
     note = (f"times from FLOPs at {tflops:g} TFLOPS x {efficiency:g} efficiency, {launch_s * 1e6:g} us per kernel "
             "launch (3 per layer a training step), not measured")
+    host_note = ("host terms on a device planned from FLOPs (NCCL): collectives and transfers take no host CPU "
+                 "(all-reduce host term 0, transport per-byte 0); a transport message costs "
+                 f"{SEND_LAUNCHES} kernel launches to send and {RECV_LAUNCHES} to receive, a codec's encode and "
+                 "decode their launches (docs/plan.md), PowerSGD's compression its FLOPs; assumed, not measured")
     return dataclasses.replace(p, local=local, fwd_s=fwd, bwd_s=bwd, e2e_fixed_s=fixed, opt_s=tensors * launch_s,
-                               notes=[*p.notes, note])
+                               host=device_host(p, rate, launch_s), notes=[*p.notes, note, host_note])
+
+
+# kernels a transport message takes: pack (header upload, concatenation, padding) and isend; irecv, the
+# header's download and the next irecv posted
+SEND_LAUNCHES, RECV_LAUNCHES = 4, 3
+# kernels of one encode / decode (engine/wire.Codec, precision.Precision.to_wire's finiteness fold): a scaled
+# code's row scales, division, clamp, rounding, cast and concatenation; a cast's one cast; float32's none
+CODEC_LAUNCHES = {"scaled": (15, 3), "cast": (1, 1), "float32": (0, 0)}
+POWERSGD_LAUNCHES = 10  # per gradient compressed: error in, 3 matrix products, orthogonalisation, error out
+
+
+def device_host(p: Profile, rate: float, launch_s: float) -> HostCosts:
+    """The host terms on a device planned from FLOPs at `rate` FLOP/s (on_device): no host copies (NCCL),
+    kernel launches per message and per encode / decode, PowerSGD's compression from its FLOPs (per
+    gradient it compresses, n x m at rank r: three products of 2 n m r and an orthogonalisation of
+    about 4 n r^2) at the profile's PowerSGD rank."""
+    n = len(p.local.step_s)
+    codec = {}
+    for name in p.host.codec:  # engine/wire.CODECS' names: the scaled codes are int8 and the float8s
+        kind = "float32" if name == "float32" else "scaled" if name == "int8" or name.startswith("float8") else "cast"
+        enc, dec = (x * launch_s for x in CODEC_LAUNCHES[kind])
+        codec[name] = {"encode_s": [enc] * n, "encode_fixed_s": [enc] * n, "decode_s": [dec] * n,
+                       "decode_fixed_s": [dec] * n}
+    psgd = 0.0
+    for nn_, m in p.matrices:
+        r = min(nn_, m, p.host.powersgd_rank)
+        if (nn_ + m) * r * 2 < nn_ * m:
+            psgd += (6 * nn_ * m * r + 4 * nn_ * r * r) / rate + POWERSGD_LAUNCHES * launch_s
+    return HostCosts(send=(SEND_LAUNCHES * launch_s, 0.0), recv=(RECV_LAUNCHES * launch_s, 0.0), codec=codec,
+                     powersgd_s=psgd, powersgd_rank=p.host.powersgd_rank)

@@ -19,6 +19,15 @@ a stage's step time is the slower of the two, max(compute, transfer), and the la
 minimises the slowest stage's. Only the sending side is charged: links are full duplex, and what a
 group receives is its upstream's transfer, already that group's term. The last group sends nothing.
 With no link known (link_s_per_byte = 0) a stage's time is its compute: the search is unchanged.
+
+Note [host costs]. On a CPU backend (gloo) the transport's copies and a collective's TCP traffic and
+reductions run on the cores that compute, so they are compute, not link: `send_host` and
+`recv_host` (fixed seconds per message, seconds per byte; decoupled/plan/host.py measures them
+between two local gloo processes) add to the group's compute for the message it sends on and the
+one it receives, and `allreduce_host` (per call, per byte a rank sends in the ring) makes a
+replica's blocking all-reduce the slower of its wire time and its host time. All three are 0 unless
+given (the engine's dist.placement = "auto" measures the all-reduce it runs instead: comm_*), and 0
+for a device planned from FLOPs on NCCL, whose transfers need no host copies.
 """
 from __future__ import annotations
 
@@ -47,6 +56,10 @@ class BlockCosts:
     # one node reach each other at intra_s_per_byte, for their all-reduces and their sends alike
     ranks_per_node: int = 0
     intra_s_per_byte: float = 0.0
+    # Note [host costs]: (fixed seconds, seconds per byte) of the CPU a message or an all-reduce takes
+    send_host: tuple[float, float] = (0.0, 0.0)  # per message sent, per byte of it
+    recv_host: tuple[float, float] = (0.0, 0.0)  # per message received, per byte of it
+    allreduce_host: tuple[float, float] = (0.0, 0.0)  # per all-reduce call, per byte a rank sends in the ring
 
     def _rates(self, first: int | None, count: int) -> tuple[float, float]:
         """(all-reduce, send) seconds per byte among the ranks first..first+count-1."""
@@ -58,16 +71,31 @@ class BlockCosts:
     def group_s(self, blocks: range | list[int], replicas: int, first: int | None = None) -> float:
         """Compute seconds per batch of the source, for the group of `blocks` held by `replicas` ranks
         (the first of them `first`, where the ranks' nodes matter)."""
+        blocks = list(blocks)
         t = sum(self.step_s[j] for j in blocks)
         comm = 0.0
         if replicas > 1:
-            nbytes = sum(self.grad_bytes[j] for j in blocks)
+            nbytes = 2 * (replicas - 1) / replicas * sum(self.grad_bytes[j] for j in blocks)
             per_byte = self._rates(first, replicas)[0]
-            comm = len(blocks) * self.comm_latency_s + 2 * (replicas - 1) / replicas * nbytes * per_byte
+            # a blocking all-reduce: the slower of its wire and its host work (Note [host costs])
+            comm = max(len(blocks) * self.comm_latency_s + nbytes * per_byte,
+                       len(blocks) * self.allreduce_host[0] + nbytes * self.allreduce_host[1])
+        msg_fixed, msg_bytes = self.host_s(blocks)
         if not self.split:
-            return (t + comm) / replicas
-        fixed = sum(self.fixed_s[j] for j in blocks) if self.fixed_s else 0.0
-        return fixed + (t - fixed) / replicas + comm
+            return (t + msg_fixed + msg_bytes + comm) / replicas
+        fixed = (sum(self.fixed_s[j] for j in blocks) if self.fixed_s else 0.0) + msg_fixed
+        return fixed + (t + msg_fixed - fixed + msg_bytes) / replicas + comm
+
+    def host_s(self, blocks: range | list[int]) -> tuple[float, float]:
+        """(per-message part, per-byte part) of the CPU a group's transport takes per batch of the
+        source (Note [host costs]): sending its last block's output on, receiving its first block's input."""
+        blocks = list(blocks)
+        fixed = per = 0.0
+        if self.out_bytes and blocks[-1] < len(self.step_s) - 1:
+            fixed, per = self.send_host[0], self.send_host[1] * self.out_bytes[blocks[-1]]
+        if self.out_bytes and blocks[0] > 0:
+            fixed, per = fixed + self.recv_host[0], per + self.recv_host[1] * self.out_bytes[blocks[0] - 1]
+        return fixed, per
 
     def transfer_s(self, blocks: range | list[int], replicas: int, first: int | None = None) -> float:
         """Seconds per batch of the source a replica of the group spends sending (Note [link-aware
@@ -93,11 +121,12 @@ class BlockCosts:
 
 
 def best_split(costs: list[float], k: int, mem=None, cap: float = 0.0, replicas: list[int] | None = None,
-               cut_s=None) -> list[int]:
+               cut_s=None, extra_s=None) -> list[int]:
     """Blocks per group (like dist.placement) of the contiguous split of `costs` (seconds per batch) into
     `k` non-empty groups whose slowest group is fastest; a group's time is its summed cost, divided by
     replicas[g] when given, or its transfer `cut_s(i, g)` (group g ending with block i, not the last)
-    when that is slower (Note [link-aware stages]); with `mem` and `cap`, only splits whose every group
+    when that is slower (Note [link-aware stages]), plus `extra_s(j, i)` when given (the group of blocks
+    j..i-1: its transport's host work, Note [host costs]); with `mem` and `cap`, only splits whose every group
     needs at most `cap` bytes (`mem`: a group's bytes, BlockCosts.group_mem, or each block's, summed).
     Exact (dynamic programming, O(k n^2)); among equal maxima the split with the earliest, then
     smallest, first groups wins, so the answer is deterministic."""
@@ -120,7 +149,8 @@ def best_split(costs: list[float], k: int, mem=None, cap: float = 0.0, replicas:
             for j in range(g - 1, i):  # the g-th group is blocks j..i-1
                 if need is not None and need(range(j, i)) > cap:
                     continue  # would not fit in dist.max_stage_mem_mb
-                v = max(best[g - 1][j], (prefix[i] - prefix[j]) / reps, send)
+                own = prefix[i] - prefix[j] + (extra_s(j, i) if extra_s is not None else 0.0)
+                v = max(best[g - 1][j], own / reps, send)
                 if v < best[g][i] - 1e-12 * max(1.0, abs(v)):
                     best[g][i], cut[g][i] = v, j
     if best[k][n] == inf:

@@ -51,7 +51,13 @@ def chart(result: dict, path: Path) -> None:
         ax.set_title(f"link {link}")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"decoupled plan: {result['model']} on {result['dataset']}, batch {result['batch_size']}")
+    where = (f"{result['ranks_per_node']} ranks a node" if result.get("ranks_per_node") else
+             f"{result['nodes']} nodes" if result.get("nodes") else "a node a rank")
+    if where != "a node a rank":
+        where += f", {result.get('intra_link', 'loopback')} within a node"
+    dev = result.get("device")
+    fig.suptitle(f"decoupled plan: {result['model']} on {result['dataset']}, batch {result['batch_size']}; {where}"
+                 + (f"; {dev['tflops']:g} TFLOPS x {dev['efficiency']:g} (from FLOPs)" if dev else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
