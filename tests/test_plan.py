@@ -240,6 +240,7 @@ def test_ranks_per_node(tmp_path):
     (["--ranks", "2", "--link", "1gbit", "--nodes", "1", "--ranks-per-node", "2"], "--ranks-per-node"),
     (["--ranks", "2", "--link", "1gbit", "--set", "train.mode=sync", "--set", "dist.placement=[1,1]"],
      "dist.placement"),
+    (["--ranks", "2", "--link", "1gbit", "--microbatches", "2,four"], "--microbatches"),
 ])
 def test_bad_input_is_one_line_naming_the_option(capsys, argv, names):
     assert plan_main(parse_argv([*TINY, *argv])) == 2
@@ -396,6 +397,17 @@ def test_a_placement_given_is_predicted_as_the_engine_runs_it():
     assert given["wire_bytes_per_sample"] > searched["wire_bytes_per_sample"]
     assert predict(p, Cluster(3, parse_rate("10mbit")), Settings(message_bytes, placement=(1, 3)),
                    "sync")["layout"]["placement"] != [[0], [1, 2, 3]]
+
+
+def test_the_pipelines_choose_among_the_microbatch_counts_given():
+    """--microbatches (the bench's sweep): the plan picks among those counts only, so it predicts the
+    layout a bench row can have run."""
+    p = _with(_profile(), send=(1e-4, 0.0), recv=(1e-4, 0.0))
+    for method in ("gpipe", "1f1b"):
+        free = predict(p, Cluster(2, math.inf), Settings(message_bytes), method)["layout"]["microbatches"]
+        given = [m for m in (2, 4, 8) if m != free][:2]
+        got = predict(p, Cluster(2, math.inf), Settings(message_bytes, microbatches=tuple(given)), method)
+        assert got["layout"]["microbatches"] in given, method
 
 
 def test_host_terms_on_a_slow_link_still_never_predict_faster_training():

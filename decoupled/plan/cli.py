@@ -80,6 +80,9 @@ def add_parser(sub) -> None:
     p.add_argument("--host-terms", choices=("measure", "zero"), default="measure",
                    help="on a CPU job: measure gloo's all-reduce and the transport's host costs between two local "
                         "processes (default), or leave them 0")
+    p.add_argument("--microbatches", metavar="M[,M...]",
+                   help="gpipe / 1f1b: the microbatch counts to choose from, as the bench's --microbatches "
+                        "(default: every power of two dividing data.batch_size)")
     p.add_argument("--powersgd-rank", type=int, default=4, help="ddp-powersgd: the rank of its factors (default 4)")
     p.add_argument("--localsgd-period", type=int, default=16,
                    help="localsgd: steps between parameter averages (default 16)")
@@ -113,6 +116,9 @@ def _plan(args) -> int:
             raise PlanError(f"{option} {v}: expected a positive number")
     if args.efficiency > 1:
         raise PlanError(f"--efficiency {args.efficiency}: a fraction of peak, at most 1")
+    microbatches = tuple(_ints(args.microbatches, "--microbatches")) if args.microbatches else ()
+    if any(m < 1 for m in microbatches):
+        raise PlanError(f"--microbatches {args.microbatches}: each count at least 1")
     from ..api import load_config
     from .measure_job import measure_job
     cfg = load_config(args.config, args.overrides)
@@ -131,7 +137,7 @@ def _plan(args) -> int:
     s = Settings(message_bytes, wire=cfg.dist.wire_dtype, max_inflight=cfg.dist.max_inflight,
                  replay_capacity=cfg.replay.capacity, bucket_bytes=cfg.dist.allreduce_bucket_mb * 2 ** 20,
                  powersgd_rank=args.powersgd_rank, localsgd_period=args.localsgd_period,
-                 placement=tuple(int(b) for b in placement))
+                 placement=tuple(int(b) for b in placement), microbatches=microbatches)
 
     def row(method: str, k: int, link: tuple[str, float]) -> dict:
         nodes = math.ceil(k / args.ranks_per_node) if args.ranks_per_node else args.nodes
