@@ -77,7 +77,7 @@ def _worker(rank: int, port: int, steps: int, messages: int, queue) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         cpu = torch.device("cpu")
-        ar, ar_cpu = host_allreduce(dist.all_reduce, ALLREDUCE_NUMEL, cpu, 2, steps)
+        ar, ar_cpu = (fit_line(p) for p in host_allreduce(dist.all_reduce, ALLREDUCE_NUMEL, cpu, 2, steps))
         group = dist.new_group([0, 1])
         link = Link(group, 1 - rank, cpu, 120.0, MESSAGE_ROWS, max_inflight=2)
         n = MESSAGE_ROWS

@@ -83,17 +83,16 @@ def host_allreduce(all_reduce, numels, device: torch.device, world: int, steps: 
     TCP copies, its reductions and the handshakes between them, on the cores that compute;
     docs/plan.md's host term), per call and per byte the rank sends in the ring (2 (W-1)/W of the
     buffer): at each of `numels` float32 elements, the fewest seconds of 3 medians of `steps` calls
-    (other load only adds), fitted on a line (host.fit_line). Returns (wall-clock fit, CPU fit): the
-    model charges the first (the rank computes nothing meanwhile); the second, its CPU alone
-    (time.process_time, every thread), is kept for comparison."""
-    from .host import fit_line
+    (other load only adds). Returns (wall-clock points, CPU points), each [(bytes sent, seconds)],
+    for host.fit_line: the model charges the first (the rank computes nothing meanwhile); the
+    second, its CPU alone (time.process_time, every thread), is kept for comparison."""
     _allreduce_s(all_reduce, max(numels), device, 1)  # warm-up: the ring's connections and buffers
     wall, cpu = [], []
     for n in numels:
         nbytes = 2 * (world - 1) / world * 4 * n
         wall.append((nbytes, min(_allreduce_s(all_reduce, n, device, steps) for _ in range(3))))
         cpu.append((nbytes, min(_allreduce_s(all_reduce, n, device, steps, time.process_time) for _ in range(3))))
-    return fit_line(wall), fit_line(cpu)
+    return wall, cpu
 
 
 def measure_codecs(shapes, rows: int, codecs, device: torch.device, steps: int = 3) -> dict:
